@@ -1,0 +1,386 @@
+"""lora_gemm: out = a @ b + s @ c (+ bias) in one GEMM, the low-rank expand run as extra K-steps.
+
+Forward of a multi-LoRA layer: a = x (T, d_in), b = W^T, s = S' (T, R) from the shrink, c = b_cat^T.
+Backward (dx):                  a = dY (T, d_out), b = W, s = dS (T, R), c = a_cat.
+
+Two kernels:
+- `_lora_gemm_kernel`: pointer loads, runs everywhere (and under the interpreter). With FUSE_SHRINK it
+  also computes the shrink itself (x a_cat^T, mapping, scale) alongside the main K loop and applies the
+  expand in the epilogue: one launch for the whole layer. It recomputes the shrink in every column
+  block (R / BLOCK_N extra work), which only pays when the layer is memory-bound (few tokens).
+- `_lora_gemm_tma_kernel`: Hopper, persistent grid, tensor-memory-accelerator loads of the two big
+  operands; the short low-rank tail uses plain loads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .shrink import alloc_rows, map_and_scale, t_bucket
+from .utils import block_for, check_runnable, dot_precision, inner_precision, is_interpreting, num_sms
+
+
+@triton.jit
+def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row blocks share each column block of b while it is in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                  stride_sm, stride_sr, stride_cr, stride_cn,
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps."""
+    for r0 in range(0, R, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)
+        r_mask = offs_r < R
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(s, c, acc, input_precision=PREC)
+    return acc
+
+
+def _configs():
+    if is_interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfgs = []
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    # Few tokens: large row blocks are wasted work. The fused shrink keeps an R-wide block on chip.
+    T = named_args["T"]
+    out = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(T))]
+    if kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)):
+        out = [c for c in out if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128]
+    return out or configs[-1:]
+
+
+@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "FUSE_SHRINK", "HAS_MAP", "SAVE"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, s_ptr, c_ptr, bias_ptr, out_ptr,
+    al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr,
+    T, N, K, R, MR, T_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_sm, stride_sr, stride_cr, stride_cn,
+    stride_om, stride_on,
+    stride_alr, stride_alk,
+    stride_amm, stride_amr, stride_bmr, stride_bmm,
+    stride_ssm, stride_sum, stride_spm,
+    HAS_BIAS: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    SAVE: tl.constexpr,
+    PREC: tl.constexpr,
+    INNER_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_MR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < T
+    n_mask = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SHRINK:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if FUSE_SHRINK:
+            al = tl.load(al_ptr + offs_r[None, :] * stride_alr + offs_k[:, None] * stride_alk,
+                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            acc_s = tl.dot(a, al, acc_s, input_precision=PREC)
+
+    if FUSE_SHRINK:
+        u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
+                                 stride_amm, stride_amr, stride_bmr, stride_bmm,
+                                 HAS_MAP, BLOCK_MR, INNER_PREC)
+        sp = sp.to(a_ptr.dtype.element_ty)
+        c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(sp, c, acc, input_precision=PREC)
+        if SAVE:
+            if pid_n == 0:
+                mr_mask = m_mask[:, None] & r_mask[None, :]
+                tl.store(save_s_ptr + offs_m[:, None] * stride_ssm + offs_r[None, :], acc_s, mask=mr_mask)
+                tl.store(save_sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :], sp, mask=mr_mask)
+                if HAS_MAP:
+                    offs_mr = tl.arange(0, BLOCK_MR)
+                    tl.store(save_u_ptr + offs_m[:, None] * stride_sum + offs_mr[None, :], u,
+                             mask=m_mask[:, None] & (offs_mr[None, :] < MR))
+    else:
+        acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hopper: persistent, TMA loads of a and b.
+
+def _tma_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                      pre_hook=_set_block_shapes)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
+        ]
+    ]
+
+
+def _set_block_shapes(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+    nargs["out_desc"].block_shape = [bm, bn]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    T = named_args["T"]
+    out = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(T))]
+    return out or configs[-1:]
+
+
+@triton.autotune(configs=_tma_configs(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "B_NK"],
+                 prune_configs_by={"early_config_prune": _prune_tma})
+@triton.jit
+def _lora_gemm_tma_kernel(
+    a_desc, b_desc, out_desc, s_ptr, c_ptr, bias_ptr,
+    T, N, K, R, T_BUCKET,
+    stride_sm, stride_sr, stride_cr, stride_cn,
+    B_NK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            if B_NK:
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, input_precision=PREC)
+            else:
+                b = b_desc.load([ki * BLOCK_K, off_n])
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < T
+        n_mask = offs_n < N
+        acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch functions
+
+_TMA_OK: Optional[bool] = None
+
+
+def _tma_available(device: torch.device) -> bool:
+    global _TMA_OK
+    if _TMA_OK is None:
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+            _TMA_OK = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        except ImportError:
+            _TMA_OK = False
+    return _TMA_OK
+
+
+def _tma_compatible(*ts: torch.Tensor) -> bool:
+    for t in ts:
+        es = t.element_size()
+        if t.data_ptr() % 16 or min(t.stride()) != 1 or any((st * es) % 16 for st in t.stride() if st != 1):
+            return False
+    return True
+
+
+# Dispatch switches, settable for benchmarks and tests: "auto" picks TMA on Hopper when the operands
+# allow it; "portable" forces the pointer kernel.
+GEMM_IMPL = "auto"
+
+
+def _check_gemm_args(a, b, s, c, bias):
+    check_runnable("a", a)
+    T, K = a.shape
+    if b.dim() != 2 or b.shape[0] != K:
+        raise ValueError(f"b must have shape ({K}, N) to match a {tuple(a.shape)}, got {tuple(b.shape)}")
+    N = b.shape[1]
+    if s is not None:
+        if s.dim() != 2 or s.shape[0] != T:
+            raise ValueError(f"s must have shape ({T}, R), got {tuple(s.shape)}")
+        R = s.shape[1]
+        if c is None or c.dim() != 2 or tuple(c.shape) != (R, N):
+            raise ValueError(f"c must have shape ({R}, {N}), got {None if c is None else tuple(c.shape)}")
+    for name, t in (("b", b), ("s", s), ("c", c), ("bias", bias)):
+        if t is not None and (t.device != a.device or t.dtype != a.dtype):
+            raise ValueError(f"{name} must be {a.dtype} on {a.device} like a, got {t.dtype} on {t.device}")
+    return T, K, N
+
+
+def lora_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: Optional[torch.Tensor] = None,
+    c: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out = a @ b + s @ c + bias.  a: (T, K), b: (K, N), s: (T, R), c: (R, N), bias: (N,).
+
+    Any strides (b is typically a transposed weight view). Accumulates in float32; returns (T, N)
+    in a's dtype.
+    """
+    T, K, N = _check_gemm_args(a, b, s, c, bias)
+    out = torch.empty((T, N), dtype=a.dtype, device=a.device)
+    if T == 0 or N == 0:
+        return out
+    R = s.shape[1] if s is not None else 0
+    s_ = s if s is not None else a
+    c_ = c if c is not None else b
+    bias_ = bias if bias is not None else a
+
+    if GEMM_IMPL == "auto" and a.is_cuda and _tma_available(a.device) and a.dtype != torch.float32 \
+            and T >= 64 and _tma_compatible(a, b, out):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        b_nk = b.stride(0) == 1  # b is W^T: load W's (N, K) rows directly
+        bt = b.t() if b_nk else b
+        dummy = [1, 1]
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), dummy)
+        b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), dummy)
+        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), dummy)
+        sms = num_sms(a.device)
+        grid = lambda meta: (min(sms, triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        _lora_gemm_tma_kernel[grid](
+            a_desc, b_desc, out_desc, s_, c_, bias_,
+            T, N, K, R, t_bucket(T),
+            s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
+            B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
+        )
+        return out
+
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _lora_gemm_kernel[grid](
+        a, b, s_, c_, bias_, out,
+        a, a, a, a, a, a, a,
+        T, N, K, R, 1, t_bucket(T),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
+        out.stride(0), out.stride(1),
+        0, 0, 0, 0, 0, 0, 0, 0, 0,
+        HAS_BIAS=bias is not None, FUSE_SHRINK=False, HAS_MAP=False, SAVE=False,
+        PREC=dot_precision(a.dtype), INNER_PREC=inner_precision(a.dtype), BLOCK_R=16, BLOCK_MR=16,
+    )
+    return out
+
+
+def lora_gemm_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_cat: torch.Tensor,
+    b_cat: torch.Tensor,
+    scale: torch.Tensor,
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    save: bool = False,
+):
+    """The whole layer in one launch (shrink recomputed per column block; for few tokens).
+
+    x: (T, d_in); weight: (d_out, d_in); a_cat: (R, d_in); b_cat: (d_out, R); scale (R,) float32.
+    Returns (y, sp, s, u) like shrink + lora_gemm: y (T, d_out); when save, sp = S' (T, R) in x's
+    dtype, s = S (T, R) and u = U (T, m) in float32 (u None without a mapping), else all None.
+    """
+    check_runnable("x", x)
+    T, D = x.shape
+    N = weight.shape[0]
+    R = a_cat.shape[0]
+    has_map = a_map is not None
+    MR = a_map.shape[0] if has_map else 1
+    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    sp = alloc_rows(T, R, x.dtype, x.device) if save else None
+    s = torch.empty((T, R), dtype=torch.float32, device=x.device) if save else None
+    u = torch.empty((T, MR), dtype=torch.float32, device=x.device) if (save and has_map) else None
+    if T == 0 or N == 0:
+        return y, sp, s, u
+    wt = weight.t()
+    ct = b_cat.t()
+    dummy = x
+    am = a_map if has_map else scale
+    bm = b_map if has_map else scale
+    s_, u_, sp_ = (s if save else dummy), (u if u is not None else dummy), (sp if save else dummy)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _lora_gemm_kernel[grid](
+        x, wt, dummy, ct, bias if bias is not None else dummy, y,
+        a_cat, scale, am, bm, s_, u_, sp_,
+        T, N, D, R, MR, t_bucket(T),
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
+        0, 0, ct.stride(0), ct.stride(1),
+        y.stride(0), y.stride(1),
+        a_cat.stride(0), a_cat.stride(1),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        s_.stride(0), u_.stride(0), sp_.stride(0),
+        HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
+        PREC=dot_precision(x.dtype), INNER_PREC=inner_precision(x.dtype),
+        BLOCK_R=block_for(R), BLOCK_MR=block_for(MR),
+    )
+    return y, sp, s, u

@@ -1,0 +1,349 @@
+"""Shrink: the thin d_in -> R half of a multi-LoRA layer, with everything that acts on the R-wide row
+(per-column scale, the LoraMap R -> m -> R mapping) applied while the row is still on chip.
+
+Forward:  S = x a_cat^T;  [U = S a_map^T;  V = U b_map^T | V = S];  S' = V * scale
+Backward: dS' = dY b_cat;  dV = dS' * scale;  [dB_map = dV^T U;  dU = dV b_map;  dA_map = dU^T S;
+          dS = dU a_map | dS = dV];  dscale = sum_t dS' * V
+
+x is read once; S' (T x R) is the only intermediate that goes back to memory (the expand reads it).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import block_for, check_runnable, inner_precision, is_interpreting, num_sms
+
+
+@triton.jit
+def map_and_scale(
+    s,
+    offs_r,
+    scale_ptr,
+    a_map_ptr,
+    b_map_ptr,
+    R,
+    M,
+    stride_amm,
+    stride_amr,
+    stride_bmr,
+    stride_bmm,
+    HAS_MAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """s: (BLOCK_T, BLOCK_R) float32 rows of x a_cat^T.  Returns (u, v, s') where u = s a_map^T
+    (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale."""
+    r_mask = offs_r < R
+    if HAS_MAP:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        # a_map is (m, R): read it transposed, (BLOCK_R, BLOCK_M).
+        am_t = tl.load(
+            a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+            mask=m_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        u = tl.dot(s, am_t, input_precision=PREC)
+        # b_map is (R, m): read it transposed, (BLOCK_M, BLOCK_R).
+        bm_t = tl.load(
+            b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+            mask=r_mask[None, :] & m_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        v = tl.dot(u, bm_t, input_precision=PREC)
+    else:
+        u = s
+        v = s
+    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    return u, v, v * scale[None, :]
+
+
+def _fwd_configs():
+    if is_interpreting():
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_D": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bt in (16, 32, 64, 128)
+        for bd in (64, 128, 256)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (bt == 128 and bd == 256)
+    ]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["T_BUCKET", "D", "R", "M", "HAS_MAP", "SAVE"])
+@triton.jit
+def _shrink_fwd_kernel(
+    x_ptr, a_ptr, scale_ptr, a_map_ptr, b_map_ptr,
+    sp_ptr, s_ptr, u_ptr,
+    T, D, R, M, T_BUCKET,
+    stride_xt, stride_xd,
+    stride_ar, stride_ad,
+    stride_amm, stride_amr,
+    stride_bmr, stride_bmm,
+    stride_spt, stride_st, stride_ut,
+    HAS_MAP: tl.constexpr,
+    SAVE: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    t_mask = offs_t < T
+    r_mask = offs_r < R
+
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+            mask=t_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        # a_cat is (R, d_in): read it transposed, (BLOCK_D, BLOCK_R).
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_d[:, None] * stride_ad,
+            mask=r_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(x, a, acc, input_precision=PREC)
+
+    u, v, sp = map_and_scale(
+        acc, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M,
+        stride_amm, stride_amr, stride_bmr, stride_bmm,
+        HAS_MAP, BLOCK_M, PREC,
+    )
+    tr_mask = t_mask[:, None] & r_mask[None, :]
+    tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+             sp.to(sp_ptr.dtype.element_ty), mask=tr_mask)
+    if SAVE:
+        tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], acc, mask=tr_mask)
+        if HAS_MAP:
+            offs_m = tl.arange(0, BLOCK_M)
+            tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u,
+                     mask=t_mask[:, None] & (offs_m[None, :] < M))
+
+
+def alloc_rows(T: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (T, width) buffer whose rows start on 16-byte boundaries (tensor-memory-accelerator rule)."""
+    per16 = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    padded = triton.cdiv(max(width, 1), per16) * per16
+    return torch.empty((T, padded), dtype=dtype, device=device)[:, :width]
+
+
+def t_bucket(T: int) -> int:
+    """Autotuning key for the token count: a new power of two re-tunes, other sizes reuse."""
+    return triton.next_power_of_2(max(T, 1))
+
+
+def shrink(
+    x: torch.Tensor,
+    a_cat: torch.Tensor,
+    scale: torch.Tensor,
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    save: bool = False,
+):
+    """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
+
+    Returns (sp, s, u): sp = S' (T, R) in x's dtype; when save, s = S (T, R) and u = U (T, m) in
+    float32 (u is None without a mapping), else both None.
+    """
+    check_runnable("x", x)
+    T, D = x.shape
+    R = a_cat.shape[0]
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    sp = alloc_rows(T, R, x.dtype, x.device)
+    s = torch.empty((T, R), dtype=torch.float32, device=x.device) if save else sp
+    u = torch.empty((T, M), dtype=torch.float32, device=x.device) if (save and has_map) else s
+    if T == 0:
+        return sp, (s if save else None), (u if save and has_map else None)
+    am = a_map if has_map else scale
+    bm = b_map if has_map else scale
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
+    _shrink_fwd_kernel[grid](
+        x, a_cat, scale, am, bm,
+        sp, s, u,
+        T, D, R, M, t_bucket(T),
+        x.stride(0), x.stride(1),
+        a_cat.stride(0), a_cat.stride(1),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        sp.stride(0), s.stride(0), u.stride(0),
+        HAS_MAP=has_map, SAVE=save, PREC=inner_precision(x.dtype),
+        BLOCK_R=block_for(R), BLOCK_M=block_for(M),
+    )
+    return sp, (s if save else None), (u if save and has_map else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+
+
+def _bwd_configs():
+    if is_interpreting():
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_N": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bt in (16, 32, 64, 128)
+        for bn in (64, 128, 256)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (bt == 128 and bn == 256)
+    ]
+
+
+@triton.autotune(configs=_bwd_configs(), key=["T_BUCKET", "N", "R", "M", "HAS_MAP", "NEED_DS", "NEED_DMAP",
+                                              "NEED_DSCALE"])
+@triton.jit
+def _shrink_bwd_kernel(
+    dy_ptr, b_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, u_ptr,
+    ds_ptr, dscale_ptr, da_map_ptr, db_map_ptr,
+    T, N, R, M, T_BUCKET,
+    stride_dyt, stride_dyn,
+    stride_bn, stride_br,
+    stride_amm, stride_amr,
+    stride_bmr, stride_bmm,
+    stride_st, stride_ut, stride_dst,
+    HAS_MAP: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    NEED_DMAP: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # A fixed number of programs, each striding over row blocks, so that the partial sums for the
+    # reductions over T (dscale, da_map, db_map) have one slot per program whatever BLOCK_T the
+    # autotuner picks: deterministic, no atomics.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_m = tl.arange(0, BLOCK_M)
+    r_mask = offs_r < R
+    m_mask = offs_m < M
+    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    if HAS_MAP:
+        # a_map (m, R) and b_map (R, m) as stored; both tiny.
+        am = tl.load(a_map_ptr + offs_m[:, None] * stride_amm + offs_r[None, :] * stride_amr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        bm = tl.load(b_map_ptr + offs_r[:, None] * stride_bmr + offs_m[None, :] * stride_bmm,
+                     mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+    dscale_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    da_map_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    db_map_acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+
+    for tb in range(pid, tl.cdiv(T, BLOCK_T), nprog):
+        offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < T
+        dsp = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            dy = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn,
+                         mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            dsp = tl.dot(dy, b, dsp, input_precision=PREC)
+        dv = dsp * scale[None, :]
+        tr_mask = t_mask[:, None] & r_mask[None, :]
+        if HAS_MAP:
+            u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :],
+                        mask=t_mask[:, None] & m_mask[None, :], other=0.0)
+            if NEED_DSCALE:
+                v = tl.dot(u, tl.trans(bm), input_precision=PREC)
+                dscale_acc += tl.sum(dsp * v, axis=0)
+            du = tl.dot(dv, bm, input_precision=PREC)
+            if NEED_DMAP:
+                s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
+                db_map_acc += tl.dot(tl.trans(dv), u, input_precision=PREC)
+                da_map_acc += tl.dot(tl.trans(du), s, input_precision=PREC)
+            ds = tl.dot(du, am, input_precision=PREC)
+        else:
+            if NEED_DSCALE:
+                s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
+                dscale_acc += tl.sum(dsp * s, axis=0)
+            ds = dv
+        if NEED_DS:
+            tl.store(ds_ptr + offs_t[:, None] * stride_dst + offs_r[None, :],
+                     ds.to(ds_ptr.dtype.element_ty), mask=tr_mask)
+
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + pid * R + offs_r, dscale_acc, mask=r_mask)
+    if NEED_DMAP:
+        tl.store(da_map_ptr + pid * M * R + offs_m[:, None] * R + offs_r[None, :], da_map_acc,
+                 mask=m_mask[:, None] & r_mask[None, :])
+        tl.store(db_map_ptr + pid * R * M + offs_r[:, None] * M + offs_m[None, :], db_map_acc,
+                 mask=r_mask[:, None] & m_mask[None, :])
+
+
+def shrink_backward(
+    dy: torch.Tensor,
+    b_cat: torch.Tensor,
+    scale: torch.Tensor,
+    s: Optional[torch.Tensor],
+    u: Optional[torch.Tensor],
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    need_ds: bool = True,
+    need_dmap: bool = False,
+    need_dscale: bool = False,
+):
+    """dy: (T, d_out), b_cat: (d_out, R) in dy's dtype; s: (T, R), u: (T, m) float32 from shrink(save=True).
+
+    Returns (ds, dscale, da_map, db_map): ds = dS (T, R) in dy's dtype (the operand of dx and
+    da_cat), dscale (R,), da_map (m, R), db_map (R, m) in float32; each None unless asked for.
+    """
+    check_runnable("grad_output", dy)
+    T, N = dy.shape
+    R = b_cat.shape[1]
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    need_dmap = need_dmap and has_map
+    dev = dy.device
+    nprog = max(1, min(triton.cdiv(T, 16), 2 * num_sms(dev)))
+    ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
+    dscale_p = torch.empty((nprog, R), dtype=torch.float32, device=dev) if need_dscale else None
+    da_p = torch.empty((nprog, M, R), dtype=torch.float32, device=dev) if need_dmap else None
+    db_p = torch.empty((nprog, R, M), dtype=torch.float32, device=dev) if need_dmap else None
+    if T == 0:
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)
+        return (ds, z(R) if need_dscale else None, z(M, R) if need_dmap else None,
+                z(R, M) if need_dmap else None)
+    dummy = scale
+    am = a_map if has_map else dummy
+    bm = b_map if has_map else dummy
+    s_ = s if s is not None else dummy
+    u_ = u if u is not None else dummy
+    _shrink_bwd_kernel[(nprog,)](
+        dy, b_cat, scale, am, bm, s_, u_,
+        ds if need_ds else dummy, dscale_p if need_dscale else dummy,
+        da_p if need_dmap else dummy, db_p if need_dmap else dummy,
+        T, N, R, M, t_bucket(T),
+        dy.stride(0), dy.stride(1),
+        b_cat.stride(0), b_cat.stride(1),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        s_.stride(0) if s is not None else 0, u_.stride(0) if u is not None else 0,
+        ds.stride(0) if need_ds else 0,
+        HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
+        PREC=inner_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M),
+    )
+    return (
+        ds,
+        dscale_p.sum(0) if need_dscale else None,
+        da_p.sum(0) if need_dmap else None,
+        db_p.sum(0) if need_dmap else None,
+    )

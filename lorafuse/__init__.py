@@ -1,0 +1,12 @@
+"""lorafuse: fused Triton kernels for composing several LoRA adapters on one linear layer.
+
+    y = lorafuse.lora_linear(x, weight, bias, a_cat, b_cat, scale, a_map=None, b_map=None)
+    layer = lorafuse.MultiLoraLinear(nn.Linear(...), [(A1, B1, s1), (A2, B2, s2)], method="loramap", map_rank=16)
+"""
+from .modules import MultiLoraLinear
+from .ops import lora_linear, use_backend
+from .reference import lora_linear_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["lora_linear", "lora_linear_reference", "MultiLoraLinear", "use_backend", "__version__"]

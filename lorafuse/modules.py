@@ -1,0 +1,196 @@
+"""MultiLoraLinear: an nn.Linear carrying K LoRA adapters composed one of several ways, run by
+lorafuse.lora_linear (one fused pass on the GPU)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .ops import lora_linear
+
+AdapterTriple = Tuple[Tensor, Tensor, float]
+
+METHODS = ("sum", "weighted", "concat", "loramap")
+MAP_INITS = ("lora", "sum")
+
+
+def _check_adapters(adapters, d_in: int, d_out: int):
+    if isinstance(adapters, (tuple, list)) and len(adapters) == 3 and isinstance(adapters[0], Tensor):
+        raise TypeError("adapters must be a list of (A, B, scale) triples; wrap a single adapter in a list")
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("adapters must hold at least one (A, B, scale) triple, got an empty list")
+    out = []
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, (tuple, list)) or len(ad) != 3:
+            raise TypeError(f"adapters[{i}] must be an (A, B, scale) triple, got {type(ad).__name__}")
+        a, b, s = ad
+        if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != d_in:
+            raise ValueError(f"adapters[{i}] A must have shape (r, {d_in}) (d_in of the base layer), "
+                             f"got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+        r = a.shape[0]
+        if r == 0:
+            raise ValueError(f"adapters[{i}] has rank 0")
+        if not isinstance(b, Tensor) or tuple(b.shape) != (d_out, r):
+            raise ValueError(f"adapters[{i}] B must have shape ({d_out}, {r}) (d_out, rank of its A), "
+                             f"got {tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        if isinstance(s, Tensor):
+            if s.numel() != 1:
+                raise ValueError(f"adapters[{i}] scale must be a number, got a tensor of shape {tuple(s.shape)}")
+            s = float(s)
+        if not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"adapters[{i}] scale must be a finite number, got {s!r}")
+        out.append((a, b, float(s)))
+    return out
+
+
+class MultiLoraLinear(nn.Module):
+    """An nn.Linear with K LoRA adapters, y = base(x) + ((x a_cat^T [a_map^T b_map^T]) * scale) b_cat^T.
+
+    Args:
+        base: the frozen nn.Linear (d_out x d_in).
+        adapters: list of (A (r_i, d_in), B (d_out, r_i), s_i) in the order given; s_i is the
+            adapter's own scale (peft: lora_alpha / r, rsLoRA: lora_alpha / sqrt(r)).
+        method: "sum" (naive summation, nothing trains), "weighted" (scale_i = s_i * w_i, the K
+            weights train; LoraHub and averaging), "concat" (LoraConcat: a_cat and b_cat train),
+            "loramap" (LoraMap: only a_map (m, R) and b_map (R, m) train).
+        weights: K numbers for "weighted" (default 1/K each: averaging).
+        map_rank: m for "loramap" (required).
+        map_init: "lora" (default): a_map Kaiming-uniform and b_map zero, as LoRA initialises A and B,
+            so the layer starts as the base layer and the mapping learns from there; "sum": the best
+            rank-m approximation of the plain sum of the adapters (exactly the sum when m >= R).
+
+    Public attributes: base_layer, a_cat (R, d_in), b_cat (d_out, R), scale (R,) (the effective
+    per-column scale, s_i * w_i over adapter i's rank block), weights (K,), a_map, b_map (LoraMap),
+    ranks (r_1..r_K), method.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        adapters: Sequence[AdapterTriple],
+        method: str = "sum",
+        weights: Optional[Sequence[float]] = None,
+        map_rank: Optional[int] = None,
+        map_init: str = "lora",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        d_out, d_in = base.weight.shape
+        adapters = _check_adapters(adapters, d_in, d_out)
+        K = len(adapters)
+        if weights is not None and method != "weighted":
+            raise ValueError(f"weights are only used with method='weighted', got method={method!r}")
+        if method == "weighted":
+            weights = [1.0 / K] * K if weights is None else [float(w) for w in weights]
+            if len(weights) != K:
+                raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
+        else:
+            weights = [1.0] * K
+        if method == "loramap":
+            if map_rank is None or int(map_rank) < 1:
+                raise ValueError(f"map_rank must be a positive integer for method='loramap', got {map_rank!r}")
+            if map_init not in MAP_INITS:
+                raise ValueError(f"map_init must be one of {MAP_INITS}, got {map_init!r}")
+        elif map_rank is not None:
+            raise ValueError(f"map_rank is only used with method='loramap', got method={method!r}")
+
+        self.method = method
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.ranks = [a.shape[0] for a, _, _ in adapters]
+        dev, dt = base.weight.device, base.weight.dtype
+        # Trainable low-rank factors are kept in float32 (as peft does); frozen ones in the base dtype.
+        fdt = torch.float32 if method == "concat" else dt
+        a_cat = torch.cat([a.detach().to(dev, fdt) for a, _, _ in adapters], 0)
+        b_cat = torch.cat([b.detach().to(dev, fdt) for _, b, _ in adapters], 1)
+        self.a_cat = nn.Parameter(a_cat, requires_grad=method == "concat")
+        self.b_cat = nn.Parameter(b_cat, requires_grad=method == "concat")
+        self.weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32, device=dev),
+                                    requires_grad=method == "weighted")
+        self.register_buffer("adapter_scales", torch.tensor([s for _, _, s in adapters], dtype=torch.float32,
+                                                            device=dev))
+        self.register_buffer("rank_index", torch.repeat_interleave(
+            torch.arange(K, device=dev), torch.tensor(self.ranks, device=dev)))
+        if method == "loramap":
+            self.map_rank = int(map_rank)
+            self.map_init = map_init
+            a_map, b_map = self._init_map(int(map_rank), map_init)
+            self.a_map = nn.Parameter(a_map)
+            self.b_map = nn.Parameter(b_map)
+        else:
+            self.map_rank = None
+            self.map_init = None
+            self.a_map = None
+            self.b_map = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def scale(self) -> Tensor:
+        """(R,) float32: s_i * w_i repeated over adapter i's rank block."""
+        return (self.adapter_scales * self.weights)[self.rank_index]
+
+    def _init_map(self, m: int, how: str) -> Tuple[Tensor, Tensor]:
+        R = self.a_cat.shape[0]
+        dev = self.a_cat.device
+        if how == "lora":
+            a_map = torch.empty((m, R), dtype=torch.float32, device=dev)
+            nn.init.kaiming_uniform_(a_map, a=math.sqrt(5))
+            return a_map, torch.zeros((R, m), dtype=torch.float32, device=dev)
+        # "sum": M = b_map a_map (R x R) minimises || B diag(s) (M - I) A ||_F over rank m.
+        if m >= R:
+            eye = torch.eye(R, dtype=torch.float32, device=dev)
+            pad = torch.zeros((m - R, R), dtype=torch.float32, device=dev)
+            return torch.cat([eye, pad], 0), torch.cat([eye, pad], 0).t().contiguous()
+        f64 = torch.float64
+        bs = self.b_cat.detach().to(f64) * self.scale.detach().to(f64)
+        _, rb = torch.linalg.qr(bs)                     # B diag(s) = Qb Rb
+        _, ra = torch.linalg.qr(self.a_cat.detach().to(f64).t())  # A^T = Qa Ra
+        u, sv, vh = torch.linalg.svd(rb @ ra.t())       # core of the summed delta, R x R
+        root = sv[:m].sqrt()
+        b_map = torch.linalg.pinv(rb) @ (u[:, :m] * root)
+        a_map = (root[:, None] * vh[:m]) @ torch.linalg.pinv(ra.t())
+        return a_map.to(torch.float32), b_map.to(torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.base_layer.weight
+        return lora_linear(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.a_map, self.b_map)
+
+    @torch.no_grad()
+    def lowrank_factors(self) -> Tuple[Tensor, Tensor]:
+        """The composition as one plain LoRA with the scale folded into B: delta W = B' A'.
+
+        sum / weighted / concat: A' = a_cat (R, d_in), B' = b_cat diag(scale) (d_out, R);
+        loramap: A' = a_map a_cat (m, d_in), B' = b_cat diag(scale) b_map (d_out, m). float32.
+        """
+        a = self.a_cat.detach().float()
+        b = self.b_cat.detach().float() * self.scale.detach()
+        if self.a_map is not None:
+            return self.a_map.detach().float() @ a, b @ self.b_map.detach().float()
+        return a, b
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """The dense (d_out, d_in) weight delta of the composition, float32 (for merging)."""
+        a, b = self.lowrank_factors()
+        return b @ a
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, ranks={self.ranks}"
+        if self.map_rank is not None:
+            s += f", map_rank={self.map_rank}, map_init={self.map_init}"
+        return s

@@ -1,0 +1,286 @@
+"""The functional op with autograd and dispatch: every module of lorafuse calls through here.
+
+    y = lora_linear(x, weight, bias, a_cat, b_cat, scale, a_map=None, b_map=None)
+
+CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels through two
+torch.library custom ops, `lorafuse::lora_linear_fwd` and `lorafuse::lora_linear_bwd`, so that
+torch.compile traces through the layer without a graph break; other tensors run the same math in
+plain torch.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
+from lorafuse.kernels.shrink import alloc_rows
+from lorafuse.kernels.utils import can_run
+
+__all__ = ["lora_linear", "use_backend", "check_lora_args"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# "auto": kernels where they can run, plain torch elsewhere; "torch": always plain torch;
+# "triton": always the kernels (an error where they cannot run).
+_BACKEND = "auto"
+
+# Up to this many tokens the whole layer runs as one launch (the shrink recomputed per column
+# block); above it, shrink + one GEMM with the expand as extra K-steps. Tuned on an H100.
+FUSED_MAX_T = 64
+FUSED_MAX_R = 128
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the implementation inside the block: "auto", "torch" or "triton"."""
+    global _BACKEND
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {name!r}")
+    old, _BACKEND = _BACKEND, name
+    try:
+        yield
+    finally:
+        _BACKEND = old
+
+
+def _use_kernels(x: Tensor) -> bool:
+    if _BACKEND == "torch":
+        return False
+    ok = can_run(x) and x.dtype in _KERNEL_DTYPES
+    if _BACKEND == "triton" and not ok:
+        raise ValueError(
+            f"backend 'triton' needs x on CUDA (or CPU with TRITON_INTERPRET=1) in float16/bfloat16/float32, "
+            f"got {x.dtype} on {x.device}"
+        )
+    return ok
+
+
+def check_lora_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    a_map: Optional[Tensor] = None,
+    b_map: Optional[Tensor] = None,
+) -> None:
+    """Raise a ValueError/TypeError naming the argument and the expected shape, dtype or device."""
+    named = {"x": x, "weight": weight, "a_cat": a_cat, "b_cat": b_cat, "scale": scale}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("a_map", a_map), ("b_map", b_map)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., d_in), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (d_out, d_in), got {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x must have shape (..., {d_in}) to match weight {tuple(weight.shape)}, got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    if a_cat.dim() != 2 or a_cat.shape[1] != d_in:
+        raise ValueError(f"a_cat must have shape (R, {d_in}), got {tuple(a_cat.shape)}")
+    R = a_cat.shape[0]
+    if tuple(b_cat.shape) != (d_out, R):
+        raise ValueError(f"b_cat must have shape ({d_out}, {R}) (d_out, R of a_cat), got {tuple(b_cat.shape)}")
+    if tuple(scale.shape) != (R,):
+        raise ValueError(f"scale must have shape ({R},) (one entry per rank column of a_cat), got {tuple(scale.shape)}")
+    if (a_map is None) != (b_map is None):
+        raise ValueError("a_map and b_map must be given together (LoraMap needs both), got only "
+                         + ("a_map" if b_map is None else "b_map"))
+    if a_map is not None:
+        if a_map.dim() != 2 or a_map.shape[1] != R:
+            raise ValueError(f"a_map must have shape (m, {R}), got {tuple(a_map.shape)}")
+        m = a_map.shape[0]
+        if tuple(b_map.shape) != (R, m):
+            raise ValueError(f"b_map must have shape ({R}, {m}), got {tuple(b_map.shape)}")
+    for name, t in list(named.items())[1:] + [("bias", bias), ("a_map", a_map), ("b_map", b_map)]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    for name, t in (("a_cat", a_cat), ("b_cat", b_cat), ("scale", scale), ("a_map", a_map), ("b_map", b_map)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain torch: the same math as the kernels (shrink in float32, S' rounded to x's dtype).
+
+
+def _torch_path(x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = x.to(acc) @ a_cat.to(acc).t()
+    if a_map is not None:
+        s = (s @ a_map.to(acc).t()) @ b_map.to(acc).t()
+    sp = (s * scale.to(acc)).to(x.dtype)
+    return F.linear(x, weight, bias) + sp @ b_cat.to(x.dtype).t()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel path as custom ops.
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafuse::lora_linear_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    a_map: Optional[Tensor],
+    b_map: Optional[Tensor],
+    save: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (T, d_in) -> (y (T, d_out), S' (T, R), S (T, R) f32, U (T, m) f32); the last three are
+    empty unless `save` (they are what the backward needs)."""
+    T = x.shape[0]
+    R = a_cat.shape[0]
+    if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
+        y, sp, s, u = lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save)
+    else:
+        sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
+        y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
+    if not save:
+        return y, _empty(x), _empty(x), _empty(x)
+    return y, sp, s, (u if u is not None else _empty(x))
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save):
+    T, R = x.shape[0], a_cat.shape[0]
+    y = x.new_empty((T, weight.shape[0]))
+    if not save:
+        return y, _empty(x), _empty(x), _empty(x)
+    sp = alloc_rows(T, R, x.dtype, x.device)
+    s = x.new_empty((T, R), dtype=torch.float32)
+    u = x.new_empty((T, a_map.shape[0]), dtype=torch.float32) if a_map is not None else _empty(x)
+    return y, sp, s, u
+
+
+# needs = [x, weight, bias, a_cat, b_cat, scale, a_map, b_map]
+@torch.library.custom_op("lorafuse::lora_linear_bwd", mutates_args=())
+def _bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    a_map: Optional[Tensor],
+    b_map: Optional[Tensor],
+    sp: Tensor,
+    s: Tensor,
+    u: Tensor,
+    needs: List[bool],
+) -> List[Tensor]:
+    """Gradients for [x, weight, bias, a_cat, b_cat, scale, a_map, b_map]; empty where not needed."""
+    n_x, n_w, n_b, n_a, n_bc, n_sc, n_am, n_bm = needs
+    has_map = a_map is not None
+    dy = dy.contiguous()
+    need_ds = n_x or n_a
+    ds, dscale, da_map, db_map = shrink_backward(
+        dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
+        need_ds=need_ds, need_dmap=(n_am or n_bm), need_dscale=n_sc,
+    )
+    e = lambda: _empty(x)  # noqa: E731  (outputs must not alias each other)
+    return [
+        lora_gemm(dy, weight, ds, a_cat) if n_x else e(),
+        dy.t() @ x if n_w else e(),
+        dy.sum(0, dtype=torch.float32).to(dy.dtype) if n_b else e(),
+        ds.t() @ x if n_a else e(),
+        dy.t() @ sp if n_bc else e(),
+        dscale if n_sc else e(),
+        da_map if (n_am and has_map) else e(),
+        db_map if (n_bm and has_map) else e(),
+    ]
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs):
+    f32 = torch.float32
+    shapes = [
+        (x.shape, x.dtype), (weight.shape, x.dtype), ((weight.shape[0],), x.dtype), (a_cat.shape, x.dtype),
+        (b_cat.shape, x.dtype), (scale.shape, f32),
+        (a_map.shape if a_map is not None else None, f32), (b_map.shape if b_map is not None else None, f32),
+    ]
+    return [x.new_empty(shp, dtype=dt) if (n and shp is not None) else _empty(x) for n, (shp, dt) in zip(needs, shapes)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save = inputs
+    y, sp, s, u = output
+    ctx.mark_non_differentiable(sp, s, u)
+    ctx.save_for_backward(x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u)
+    ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_cat, b_cat, scale, a_map, b_map)]
+
+
+def _backward(ctx, dy, _dsp, _ds, _du):
+    x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:8])
+    if not any(needs):
+        return (None,) * 9
+    grads = torch.ops.lorafuse.lora_linear_bwd(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
+    return (*[g.to(dt) if n else None for n, g, dt in zip(needs, grads, ctx.dtypes)], None)
+
+
+torch.library.register_autograd("lorafuse::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    a_map: Optional[Tensor] = None,
+    b_map: Optional[Tensor] = None,
+) -> Tensor:
+    """y = x W^T + b + ((x a_cat^T [a_map^T b_map^T]) * scale) b_cat^T.
+
+    x: (..., d_in); weight: (d_out, d_in); bias: (d_out,) or None; a_cat: (R, d_in);
+    b_cat: (d_out, R); scale: (R,); a_map: (m, R) and b_map: (R, m) for LoraMap, else None.
+    Returns (..., d_out) in x's dtype. weight and bias must have x's dtype; a_cat and b_cat are used
+    in x's dtype and scale, a_map and b_map in float32 (their gradients come back in their own
+    dtype). Differentiable in every tensor argument; only the gradients asked for are computed.
+    """
+    check_lora_args(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
+    lead = x.shape[:-1]
+    d_in = x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    if x2.shape[0] == 0 or not _use_kernels(x2):
+        y = _torch_path(x2, weight, bias, a_cat, b_cat, scale, a_map, b_map)
+        return y.reshape(*lead, weight.shape[0])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1 and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    a_c = a_cat.to(x.dtype)
+    b_c = b_cat.to(x.dtype)
+    sc = scale.to(torch.float32)
+    tensors = (x2, weight, bias, a_c, b_c, sc, a_map, b_map)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y = torch.ops.lorafuse.lora_linear_fwd(x2, weight, bias, a_c, b_c, sc, a_map, b_map, save)[0]
+    return y.reshape(*lead, weight.shape[0])
