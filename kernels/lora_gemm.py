@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .shrink import alloc_rows, map_and_scale, t_bucket
-from .utils import block_for, check_runnable, dot_precision, inner_precision, is_interpreting, num_sms
+from .utils import (block_for, check_runnable, dot_precision, inner_precision, is_interpreting, new_empty,
+                    num_sms)
 
 
 @triton.jit
@@ -290,7 +291,7 @@ def lora_gemm(
     in a's dtype.
     """
     T, K, N = _check_gemm_args(a, b, s, c, bias)
-    out = torch.empty((T, N), dtype=a.dtype, device=a.device)
+    out = new_empty((T, N), a.dtype, a.device)
     if T == 0 or N == 0:
         return out
     R = s.shape[1] if s is not None else 0
@@ -355,10 +356,10 @@ def lora_gemm_fused(
     R = a_cat.shape[0]
     has_map = a_map is not None
     MR = a_map.shape[0] if has_map else 1
-    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    y = new_empty((T, N), x.dtype, x.device)
     sp = alloc_rows(T, R, x.dtype, x.device) if save else None
-    s = torch.empty((T, R), dtype=torch.float32, device=x.device) if save else None
-    u = torch.empty((T, MR), dtype=torch.float32, device=x.device) if (save and has_map) else None
+    s = new_empty((T, R), torch.float32, x.device) if save else None
+    u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     if T == 0 or N == 0:
         return y, sp, s, u
     wt = weight.t()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_for, check_runnable, inner_precision, is_interpreting, num_sms
+from .utils import block_for, check_runnable, inner_precision, is_interpreting, new_empty, num_sms
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def alloc_rows(T: int, width: int, dtype: torch.dtype, device: torch.device) -> 
     """A (T, width) buffer whose rows start on 16-byte boundaries (tensor-memory-accelerator rule)."""
     per16 = max(1, 16 // torch.empty((), dtype=dtype).element_size())
     padded = triton.cdiv(max(width, 1), per16) * per16
-    return torch.empty((T, padded), dtype=dtype, device=device)[:, :width]
+    return new_empty((T, padded), dtype, device)[:, :width]
 
 
 def t_bucket(T: int) -> int:
@@ -164,8 +164,8 @@ def shrink(
     has_map = a_map is not None
     M = a_map.shape[0] if has_map else 1
     sp = alloc_rows(T, R, x.dtype, x.device)
-    s = torch.empty((T, R), dtype=torch.float32, device=x.device) if save else sp
-    u = torch.empty((T, M), dtype=torch.float32, device=x.device) if (save and has_map) else s
+    s = new_empty((T, R), torch.float32, x.device) if save else sp
+    u = new_empty((T, M), torch.float32, x.device) if (save and has_map) else s
     if T == 0:
         return sp, (s if save else None), (u if save and has_map else None)
     am = a_map if has_map else scale
@@ -315,9 +315,9 @@ def shrink_backward(
     dev = dy.device
     nprog = max(1, min(triton.cdiv(T, 16), 2 * num_sms(dev)))
     ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
-    dscale_p = torch.empty((nprog, R), dtype=torch.float32, device=dev) if need_dscale else None
-    da_p = torch.empty((nprog, M, R), dtype=torch.float32, device=dev) if need_dmap else None
-    db_p = torch.empty((nprog, R, M), dtype=torch.float32, device=dev) if need_dmap else None
+    dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
+    da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
+    db_p = new_empty((nprog, R, M), torch.float32, dev) if need_dmap else None
     if T == 0:
         z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)
         return (ds, z(R) if need_dscale else None, z(M, R) if need_dmap else None,

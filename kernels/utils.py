@@ -68,6 +68,18 @@ def check_runnable(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
+# Tests set this so that every buffer a launch function allocates starts as NaN: an element a
+# kernel fails to write then shows up instead of passing as leftover memory (often zeros).
+POISON_OUTPUTS = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and t.numel():
+        t.fill_(float("nan"))
+    return t
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4

@@ -1,0 +1,181 @@
+"""Each Triton kernel against a float64 plain-torch reference, on fresh random inputs and odd shapes.
+
+Runs under the Triton interpreter on CPU (float32, float16) and on CUDA when present (adds
+bfloat16 and larger shapes). Tolerances: conftest.TOL.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
+
+# (T, d_in, d_out, R, m); m None = no mapping. Odd sizes on purpose: T = 1, 37, 300; d = 24, 40,
+# 1000; R = 1, 5, 48; m = 1, 4, 16.
+CASES = [
+    (1, 24, 40, 1, None),
+    (37, 40, 24, 5, 4),
+    (300, 24, 40, 48, 16),
+    (37, 1000, 40, 5, 1),
+    (1, 1000, 24, 48, 16),
+    (300, 40, 1000, 1, None),
+    (37, 24, 24, 48, None),
+]
+if HAS_CUDA:
+    CASES += [
+        (2048, 4096, 4096, 48, 16),
+        (4099, 1000, 3000, 64, 8),
+        (64, 4096, 14336, 128, 16),
+        (17, 14336, 4096, 24, None),
+        (8192, 4096, 4096, 512, 16),
+    ]
+IDS = [f"T{c[0]}-din{c[1]}-dout{c[2]}-R{c[3]}-m{c[4]}" for c in CASES]
+
+# float32 intermediates (S, U, partial sums) computed from rounded inputs: summation order only.
+F32_TOL = 1e-5
+
+
+def _inputs(T, d_in, d_out, R, m, dtype):
+    dev = DEVICE
+    x = torch.randn(T, d_in, device=dev).to(dtype)
+    a_cat = (torch.randn(R, d_in, device=dev) / d_in ** 0.5).to(dtype)
+    b_cat = (torch.randn(d_out, R, device=dev) / R ** 0.5).to(dtype)
+    scale = torch.rand(R, device=dev) + 0.5
+    a_map = torch.randn(m, R, device=dev) / R ** 0.5 if m else None
+    b_map = torch.randn(R, m, device=dev) / m ** 0.5 if m else None
+    return x, a_cat, b_cat, scale, a_map, b_map
+
+
+def _ref_shrink(x, a_cat, scale, a_map, b_map):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    s = d(x) @ d(a_cat).t()
+    u = s @ d(a_map).t() if a_map is not None else None
+    v = u @ d(b_map).t() if a_map is not None else s
+    return s, u, v, v * d(scale)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_shrink_forward(T, d_in, d_out, R, m, dtype, seeded):
+    x, a_cat, _, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    for save in (False, True):
+        sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
+        assert sp.dtype == dtype and sp.shape == (T, R)
+        assert rel_err(sp, sp_ref) < TOL[dtype]
+        if save:
+            assert s.dtype == torch.float32 and rel_err(s, s_ref) < F32_TOL
+            if m:
+                assert rel_err(u, u_ref) < F32_TOL
+            else:
+                assert u is None
+        else:
+            assert s is None and u is None
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_shrink_backward(T, d_in, d_out, R, m, dtype, seeded):
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    dsp = d(dy) @ d(b_cat)
+    dv = dsp * d(scale)
+    dscale_ref = (dsp * v_ref).sum(0)
+    if m:
+        db_map_ref = dv.t() @ u_ref
+        du = dv @ d(b_map)
+        da_map_ref = du.t() @ s_ref
+        ds_ref = du @ d(a_map)
+    else:
+        ds_ref = dv
+    s32 = s_ref.float()
+    u32 = u_ref.float() if m else None
+    ds, dscale, da_map, db_map = shrink_backward(dy, b_cat, scale, s32, u32, a_map, b_map,
+                                                 need_ds=True, need_dmap=True, need_dscale=True)
+    assert ds.dtype == dtype and rel_err(ds, ds_ref) < TOL[dtype]
+    # Reductions over T of products of dtype-rounded values: float32 accumulation.
+    red_tol = max(F32_TOL * 10, TOL[dtype] / 10) if dtype != torch.float32 else 1e-4
+    assert rel_err(dscale, dscale_ref) < red_tol
+    if m:
+        assert rel_err(da_map, da_map_ref) < red_tol
+        assert rel_err(db_map, db_map_ref) < red_tol
+    else:
+        assert da_map is None and db_map is None
+    # Only what is asked for.
+    ds2, dscale2, da2, db2 = shrink_backward(dy, b_cat, scale, s32, u32, a_map, b_map,
+                                             need_ds=True, need_dmap=False, need_dscale=False)
+    assert dscale2 is None and da2 is None and db2 is None
+    assert rel_err(ds2, ds_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_lora_gemm(T, d_in, d_out, R, m, dtype, seeded):
+    dev = DEVICE
+    a = torch.randn(T, d_in, device=dev).to(dtype)
+    w = (torch.randn(d_out, d_in, device=dev) / d_in ** 0.5).to(dtype)
+    s = torch.randn(T, R, device=dev).to(dtype)
+    c_store = (torch.randn(d_out, R, device=dev) / R ** 0.5).to(dtype)
+    bias = torch.randn(d_out, device=dev).to(dtype)
+    # Forward layout (b = W^T, c = b_cat^T: transposed views) and backward layout (row-major).
+    for b, c in ((w.t(), c_store.t()), (w.t().contiguous(), c_store.t().contiguous())):
+        for bias_ in (bias, None):
+            out = lora_gemm(a, b, s, c, bias_)
+            ref = a.double() @ b.double() + s.double() @ c.double()
+            if bias_ is not None:
+                ref = ref + bias_.double()
+            assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    # Without a low-rank part it is a plain GEMM.
+    assert rel_err(lora_gemm(a, w.t()), a.double() @ w.double().t()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
+def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, seeded):
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE).to(dtype)
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    y_ref = x.double() @ w.double().t() + bias.double() + sp_ref @ b_cat.double().t()
+    y, sp, s, u = lora_gemm_fused(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(sp, sp_ref) < TOL[dtype]
+    assert rel_err(s, s_ref) < F32_TOL
+    if m:
+        assert rel_err(u, u_ref) < F32_TOL
+    y2, sp2, s2, u2 = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False)
+    assert sp2 is None and s2 is None and u2 is None
+    assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
+
+
+def test_empty_batch():
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(0, 24, 40, 5, 4, torch.float32)
+    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=True)
+    assert sp.shape == (0, 5) and s.shape == (0, 5) and u.shape == (0, 4)
+    w = torch.randn(40, 24, device=DEVICE)
+    assert lora_gemm(x, w.t(), sp, b_cat.t()).shape == (0, 40)
+    ds, dscale, da, db = shrink_backward(torch.randn(0, 40, device=DEVICE), b_cat, scale, s, u, a_map, b_map,
+                                         need_ds=True, need_dmap=True, need_dscale=True)
+    assert ds.shape == (0, 5)
+    assert torch.equal(dscale, torch.zeros_like(dscale)) and torch.equal(da, torch.zeros(4, 5, device=DEVICE))
+
+
+def test_launchers_refuse_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 24)
+    with pytest.raises(ValueError, match="x is on cpu.*CUDA"):
+        shrink(x, torch.randn(3, 24), torch.ones(3))
+    with pytest.raises(ValueError, match="a is on cpu.*CUDA"):
+        lora_gemm(x, torch.randn(24, 8))
+
+
+def test_lora_gemm_shape_errors():
+    a = torch.randn(4, 24, device=DEVICE)
+    with pytest.raises(ValueError, match=r"b must have shape \(24, N\)"):
+        lora_gemm(a, torch.randn(23, 8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"c must have shape \(3, 8\)"):
+        lora_gemm(a, torch.randn(24, 8, device=DEVICE), torch.randn(4, 3, device=DEVICE), torch.randn(3, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="b must be torch.float32"):
+        lora_gemm(a, torch.randn(24, 8, device=DEVICE).half())

@@ -1,0 +1,176 @@
+"""MultiLoraLinear: each method's output and trainable set, LoraMap inits, errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import DEVICE, HAS_CUDA, TOL, rel_err
+from lorafuse import MultiLoraLinear
+
+D_IN, D_OUT = 40, 24
+RANKS = [3, 5, 2]
+
+
+def _adapters(ranks=RANKS, dtype=torch.float32):
+    return [
+        (torch.randn(r, D_IN, device=DEVICE, dtype=dtype) / D_IN ** 0.5,
+         torch.randn(D_OUT, r, device=DEVICE, dtype=dtype) / r ** 0.5,
+         float(torch.rand(()) * 2 + 0.1))
+        for r in ranks
+    ]
+
+
+def _base(dtype=torch.float32):
+    return nn.Linear(D_IN, D_OUT).to(DEVICE, dtype)
+
+
+def _dense_sum(adapters, weights=None):
+    weights = weights or [1.0] * len(adapters)
+    return sum(w * s * b.double() @ a.double() for (a, b, s), w in zip(adapters, weights))
+
+
+def _out_ref(base, x, delta):
+    return x.double() @ (base.weight.double() + delta).t() + base.bias.double()
+
+
+TRAINABLE = {"sum": set(), "weighted": {"weights"}, "concat": {"a_cat", "b_cat"}, "loramap": {"a_map", "b_map"}}
+
+
+@pytest.mark.parametrize("method", list(TRAINABLE))
+def test_trainable_set_and_grads(method, seeded):
+    adapters = _adapters()
+    # The "sum" init, so that both mapping factors get a non-zero gradient at the first step.
+    kw = {"map_rank": 4, "map_init": "sum"} if method == "loramap" else {}
+    layer = MultiLoraLinear(_base(), adapters, method=method, **kw)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == TRAINABLE[method]
+    x = torch.randn(37, D_IN, device=DEVICE, requires_grad=True)
+    layer(x).square().sum().backward()
+    for n, p in layer.named_parameters():
+        if n in TRAINABLE[method]:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("method", ["sum", "weighted", "concat"])
+def test_output_matches_summed_delta(method, seeded):
+    adapters = _adapters()
+    weights = [0.3, -1.2, 0.7] if method == "weighted" else None
+    base = _base()
+    layer = MultiLoraLinear(base, adapters, method=method, weights=weights)
+    x = torch.randn(2, 37, D_IN, device=DEVICE)
+    ref = _out_ref(base, x, _dense_sum(adapters, weights))
+    assert rel_err(layer(x), ref) < TOL[torch.float32]
+    assert rel_err(layer.delta_weight(), _dense_sum(adapters, weights)) < 1e-5
+
+
+def test_weighted_defaults_to_averaging_and_keeps_order(seeded):
+    adapters = _adapters()
+    layer = MultiLoraLinear(_base(), adapters, method="weighted")
+    assert torch.allclose(layer.weights, torch.full((3,), 1 / 3, device=DEVICE))
+    assert layer.ranks == RANKS
+    assert torch.equal(layer.a_cat, torch.cat([a for a, _, _ in adapters]))
+    assert torch.equal(layer.b_cat, torch.cat([b for _, b, _ in adapters], 1))
+    want_scale = torch.cat([torch.full((r,), s / 3) for (_, _, s), r in zip(adapters, RANKS)]).to(DEVICE)
+    assert torch.allclose(layer.scale, want_scale)
+
+
+def test_loramap_lora_init_starts_at_base(seeded):
+    base = _base()
+    layer = MultiLoraLinear(base, _adapters(), method="loramap", map_rank=4)
+    x = torch.randn(37, D_IN, device=DEVICE)
+    assert torch.equal(layer.b_map, torch.zeros_like(layer.b_map))
+    assert rel_err(layer(x), base(x).double()) < 1e-6
+    # As with LoRA's A and B: b_map learns first, a_map's gradient is zero until b_map moves.
+    layer(x).square().sum().backward()
+    assert layer.b_map.grad.abs().sum() > 0 and torch.all(layer.a_map.grad == 0)
+
+
+@pytest.mark.parametrize("m", [10, 16])
+def test_loramap_sum_init_full_rank_is_the_sum(m, seeded):
+    adapters = _adapters()
+    base = _base()
+    layer = MultiLoraLinear(base, adapters, method="loramap", map_rank=m, map_init="sum")
+    x = torch.randn(37, D_IN, device=DEVICE)
+    assert rel_err(layer(x), _out_ref(base, x, _dense_sum(adapters))) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_loramap_sum_init_is_best_rank_m_approximation(m, seeded):
+    adapters = _adapters()
+    layer = MultiLoraLinear(_base(), adapters, method="loramap", map_rank=m, map_init="sum")
+    full = _dense_sum(adapters)
+    sv = torch.linalg.svdvals(full)
+    best_err = sv[m:].square().sum().sqrt()
+    err = (layer.delta_weight().double() - full).norm()
+    assert torch.isclose(err, best_err, rtol=1e-4), (err, best_err)
+    a, b = layer.lowrank_factors()
+    assert a.shape == (m, D_IN) and b.shape == (D_OUT, m)
+
+
+def test_lowrank_factors_reproduce_loramap_delta(seeded):
+    layer = MultiLoraLinear(_base(), _adapters(), method="loramap", map_rank=4)
+    with torch.no_grad():
+        layer.b_map.normal_()
+    a, b = layer.lowrank_factors()
+    dense = (layer.b_cat.double() * layer.scale.double()) @ layer.b_map.double() @ layer.a_map.double() \
+        @ layer.a_cat.double()
+    assert rel_err(b @ a, dense) < 1e-5
+    x = torch.randn(7, D_IN, device=DEVICE)
+    base = layer.base_layer
+    assert rel_err(layer(x), _out_ref(base, x, dense)) < TOL[torch.float32]
+
+
+def test_base_is_frozen_and_state_dict_round_trips(seeded):
+    layer = MultiLoraLinear(_base(), _adapters(), method="loramap", map_rank=4)
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    sd = layer.state_dict()
+    other = MultiLoraLinear(_base(), _adapters(), method="loramap", map_rank=4)
+    other.load_state_dict(sd)
+    x = torch.randn(5, D_IN, device=DEVICE)
+    assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bfloat16 kernels run on the GPU only")
+@pytest.mark.parametrize("method", list(TRAINABLE))
+def test_bf16_module(method, seeded):
+    adapters = _adapters(dtype=torch.bfloat16)
+    base = _base(torch.bfloat16)
+    kw = {"map_rank": 16, "map_init": "sum"} if method == "loramap" else {}
+    layer = MultiLoraLinear(base, adapters, method=method, **kw)
+    x = torch.randn(300, D_IN, device=DEVICE, dtype=torch.bfloat16)
+    ref = _out_ref(base, x, _dense_sum(adapters, [1 / 3] * 3 if method == "weighted" else None))
+    assert rel_err(layer(x), ref) < TOL[torch.bfloat16]
+
+
+BAD = [
+    (dict(method="mean"), ValueError, "method must be one of"),
+    (dict(method="weighted", weights=[1.0, 2.0]), ValueError, r"weights must have one entry per adapter \(3\)"),
+    (dict(method="sum", weights=[1.0, 2.0, 3.0]), ValueError, "weights are only used with method='weighted'"),
+    (dict(method="loramap"), ValueError, "map_rank must be a positive integer"),
+    (dict(method="loramap", map_rank=4, map_init="svd"), ValueError, "map_init must be one of"),
+    (dict(method="sum", map_rank=4), ValueError, "map_rank is only used with method='loramap'"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD, ids=[m for _, _, m in BAD])
+def test_bad_arguments(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        MultiLoraLinear(_base(), _adapters(), **kw)
+
+
+def test_bad_adapters():
+    a, b, s = _adapters()[0]
+    with pytest.raises(ValueError, match="at least one"):
+        MultiLoraLinear(_base(), [])
+    with pytest.raises(TypeError, match="list of"):
+        MultiLoraLinear(_base(), (a, b, s))
+    with pytest.raises(ValueError, match=r"adapters\[1\] A must have shape \(r, 40\)"):
+        MultiLoraLinear(_base(), [(a, b, s), (a[:, :30], b, s)])
+    with pytest.raises(ValueError, match=r"adapters\[0\] B must have shape \(24, 3\)"):
+        MultiLoraLinear(_base(), [(a, b[:, :2], s)])
+    with pytest.raises(ValueError, match=r"adapters\[0\] scale must be a finite number"):
+        MultiLoraLinear(_base(), [(a, b, float("nan"))])
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        MultiLoraLinear(nn.Conv1d(3, 3, 1), [(a, b, s)])

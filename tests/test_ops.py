@@ -1,0 +1,183 @@
+"""lorafuse.lora_linear: forward and every gradient against float64 autograd of the reference,
+dispatch (fused / split / plain torch), torch.compile, edge cases and input errors."""
+import pytest
+import torch
+
+import lorafuse
+import lorafuse.ops as ops
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+from lorafuse.reference import lora_linear_reference
+
+CASES = [
+    (1, 24, 40, 1, None),
+    (37, 40, 24, 5, 4),
+    (300, 24, 40, 48, 16),
+    (37, 1000, 40, 5, 1),
+    (300, 40, 1000, 48, None),
+]
+if HAS_CUDA:
+    CASES += [(2048, 4096, 4096, 48, 16), (4099, 1000, 3000, 64, 8), (16, 4096, 14336, 48, 16)]
+IDS = [f"T{c[0]}-din{c[1]}-dout{c[2]}-R{c[3]}-m{c[4]}" for c in CASES]
+NAMES = ["x", "weight", "bias", "a_cat", "b_cat", "scale", "a_map", "b_map"]
+
+# Gradients go through one more rounding to the dtype (dS, S') than the forward.
+GRAD_TOL = {dt: 2 * t for dt, t in TOL.items()}
+
+
+def _args(T, d_in, d_out, R, m, dtype, bias=True):
+    dev = DEVICE
+    return [
+        torch.randn(T, d_in, device=dev).to(dtype),
+        (torch.randn(d_out, d_in, device=dev) / d_in ** 0.5).to(dtype),
+        torch.randn(d_out, device=dev).to(dtype) if bias else None,
+        (torch.randn(R, d_in, device=dev) / d_in ** 0.5).to(dtype),
+        (torch.randn(d_out, R, device=dev) / R ** 0.5).to(dtype),
+        torch.rand(R, device=dev) + 0.5,
+        torch.randn(m, R, device=dev) / R ** 0.5 if m else None,
+        torch.randn(R, m, device=dev) / m ** 0.5 if m else None,
+    ]
+
+
+def _check_against_reference(args, dtype, grad_mask=None):
+    grad_mask = grad_mask or [True] * 8
+    leaves = [a.detach().requires_grad_(g) if a is not None else None for a, g in zip(args, grad_mask)]
+    y = lorafuse.lora_linear(*leaves)
+    ref_leaves = [a.detach().double().requires_grad_(g) if a is not None else None for a, g in zip(args, grad_mask)]
+    y_ref = lora_linear_reference(*ref_leaves)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < TOL[dtype], "forward"
+    dy = torch.randn_like(y)
+    want = [i for i, a in enumerate(leaves) if a is not None and a.requires_grad]
+    grads = torch.autograd.grad(y, [leaves[i] for i in want], dy)
+    grads_ref = torch.autograd.grad(y_ref, [ref_leaves[i] for i in want], dy.double())
+    for i, g, g_ref in zip(want, grads, grads_ref):
+        assert g.dtype == leaves[i].dtype, NAMES[i]
+        assert rel_err(g, g_ref) < GRAD_TOL[dtype], f"grad of {NAMES[i]}"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_forward_and_all_grads(T, d_in, d_out, R, m, dtype, seeded):
+    _check_against_reference(_args(T, d_in, d_out, R, m, dtype), dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_fused_and_split_paths(path, dtype, monkeypatch, seeded):
+    # The same small batch through the one-launch path and through shrink + GEMM.
+    monkeypatch.setattr(ops, "FUSED_MAX_T", 10 ** 9 if path == "fused" else 0)
+    _check_against_reference(_args(37, 40, 24, 5, 4, dtype), dtype)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [True, False, False, False, False, False, False, False],  # frozen layer, x needs grad
+        [False, False, False, False, False, False, True, True],  # LoraMap training, inputs frozen
+        [True, False, False, False, False, True, False, False],  # weighted: scale trains
+        [False, False, False, True, True, False, False, False],  # LoraConcat
+        [False, True, True, False, False, False, False, False],  # base layer trains
+    ],
+    ids=["x", "maps", "scale", "concat", "base"],
+)
+def test_only_requested_grads(mask, monkeypatch, seeded):
+    calls = []
+    orig = ops.shrink_backward
+
+    def spy(*a, **k):
+        calls.append(k)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(ops, "shrink_backward", spy)
+    args = _args(37, 40, 24, 5, 4, torch.float32)
+    _check_against_reference(args, torch.float32, grad_mask=mask)
+    assert calls, "the kernel backward was not used"
+    assert calls[0]["need_dmap"] == (mask[6] or mask[7])
+    assert calls[0]["need_dscale"] == mask[5]
+    assert calls[0]["need_ds"] == (mask[0] or mask[3])
+
+
+def test_no_bias_and_3d_input(seeded):
+    args = _args(37, 40, 24, 5, 4, torch.float32, bias=False)
+    args[0] = torch.randn(2, 3, 40, device=DEVICE)
+    _check_against_reference(args, torch.float32)
+
+
+def test_noncontiguous_inputs(seeded):
+    args = _args(37, 40, 24, 5, 4, torch.float32)
+    args[0] = torch.randn(40, 37, device=DEVICE).t()  # transposed view
+    args[1] = torch.randn(24 * 2, 40, device=DEVICE)[::2]  # row-strided weight
+    args[3] = torch.randn(40, 5, device=DEVICE).t()
+    _check_against_reference(args, torch.float32)
+
+
+def test_empty_batch(seeded):
+    args = _args(0, 40, 24, 5, 4, torch.float32)
+    leaves = [a.requires_grad_() if a is not None else None for a in args]
+    y = lorafuse.lora_linear(*leaves)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert leaves[0].grad.shape == (0, 40) and torch.all(leaves[6].grad == 0)
+
+
+def test_torch_backend_matches_kernels(seeded):
+    args = _args(37, 40, 24, 5, 4, torch.float32)
+    y_k = lorafuse.lora_linear(*args)
+    with lorafuse.use_backend("torch"):
+        y_t = lorafuse.lora_linear(*args)
+    assert rel_err(y_k, y_t.double()) < 1e-5
+    with pytest.raises(ValueError, match="backend must be"):
+        with lorafuse.use_backend("cuda"):
+            pass
+
+
+def test_float64_takes_torch_path_and_triton_backend_refuses(seeded):
+    args = [a.double() if a is not None else None for a in _args(5, 24, 40, 5, None, torch.float32)]
+    y = lorafuse.lora_linear(*args)
+    assert rel_err(y, lora_linear_reference(*args)) < 1e-12
+    with lorafuse.use_backend("triton"):
+        with pytest.raises(ValueError, match="backend 'triton' needs"):
+            lorafuse.lora_linear(*args)
+
+
+def test_torch_compile_fullgraph(seeded):
+    args = _args(37, 40, 24, 5, 4, torch.float32)
+    leaves = [a.requires_grad_() for a in args]
+
+    def f(*t):
+        return lorafuse.lora_linear(*t).square().sum()
+
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    loss_ref = f(*leaves)
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    assert rel_err(loss, loss_ref) < 1e-5
+    for g, gr in zip(grads, grads_ref):
+        assert rel_err(g, gr) < 1e-5
+
+
+BAD = [
+    (0, lambda a: a.__setitem__(0, torch.randn(3, 41, device=DEVICE)), "x must have shape"),
+    (1, lambda a: a.__setitem__(1, torch.randn(24, device=DEVICE)), "weight must have shape"),
+    (2, lambda a: a.__setitem__(2, torch.randn(23, device=DEVICE)), r"bias must have shape \(24,\)"),
+    (3, lambda a: a.__setitem__(3, torch.randn(5, 39, device=DEVICE)), r"a_cat must have shape \(R, 40\)"),
+    (4, lambda a: a.__setitem__(4, torch.randn(24, 6, device=DEVICE)), r"b_cat must have shape \(24, 5\)"),
+    (5, lambda a: a.__setitem__(5, torch.ones(4, device=DEVICE)), r"scale must have shape \(5,\)"),
+    (6, lambda a: a.__setitem__(6, torch.randn(4, 6, device=DEVICE)), r"a_map must have shape \(m, 5\)"),
+    (7, lambda a: a.__setitem__(7, torch.randn(5, 3, device=DEVICE)), r"b_map must have shape \(5, 4\)"),
+    (7, lambda a: a.__setitem__(7, None), "a_map and b_map must be given together"),
+    (1, lambda a: a.__setitem__(1, a[1].half()), "weight must have x's dtype"),
+    (3, lambda a: a.__setitem__(3, a[3].long()), "a_cat must be a floating-point tensor"),
+    (1, lambda a: a.__setitem__(1, a[1].to("meta")), "weight must be on"),
+    (0, lambda a: a.__setitem__(0, [1.0, 2.0]), "x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("i,mutate,msg", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_names_the_argument(i, mutate, msg):
+    args = _args(3, 40, 24, 5, 4, torch.float32)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=msg):
+        lorafuse.lora_linear(*args)
