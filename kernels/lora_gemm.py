@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .shrink import alloc_rows, map_and_scale, t_bucket
-from .utils import (block_for, check_runnable, dot_precision, inner_precision, is_interpreting, new_empty,
-                    num_sms)
+from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, inner_precision, is_interpreting,
+                    launch_kwargs, new_empty, num_sms)
 
 
 @triton.jit
@@ -52,19 +52,39 @@ def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
     return acc
 
 
-def _configs():
+def _cfg(bm, bn, bk, w, s, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **extra}, num_warps=w,
+                         num_stages=s)
+
+
+def gemm_candidates():
+    """Candidate configs of the pointer kernel (the autotuner's list, and the tuning sweep's)."""
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    cfgs = []
-    for bm, bn, bk, w, s in [
+    return [_cfg(*c) for c in [
         (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
         (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
         (16, 128, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=w, num_stages=s))
-    return cfgs
+    ]]
+
+
+def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0) -> triton.Config:
+    """Heuristic config of the pointer kernel: big tiles when T is large (tensor-core bound),
+    small row blocks and many column blocks when T is small (memory bound on b)."""
+    if is_interpreting():
+        return gemm_candidates()[0]
+    if fused:
+        bm = max(16, min(64, triton.next_power_of_2(T)))
+        bk = 128 if block_for(R) <= 64 else 64
+        return _cfg(bm, 64, bk, 4, 3)
+    if T >= 1024:
+        return _cfg(128, 256, 64, 8, 3)
+    if T >= 256:
+        return _cfg(128, 128, 64, 8, 4)
+    if T >= 64:
+        return _cfg(64, 128, 64, 4, 4)
+    return _cfg(max(16, triton.next_power_of_2(T)), 64, 128, 4, 4)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -76,8 +96,6 @@ def _prune(configs, named_args, **kwargs):
     return out or configs[-1:]
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "FUSE_SHRINK", "HAS_MAP", "SAVE"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _lora_gemm_kernel(
     a_ptr, b_ptr, s_ptr, c_ptr, bias_ptr, out_ptr,
@@ -101,6 +119,7 @@ def _lora_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -110,6 +129,8 @@ def _lora_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < T
     n_mask = offs_n < N
+    offs_m_c = tl.where(m_mask, offs_m, 0)
+    offs_n_c = tl.where(n_mask, offs_n, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
@@ -118,11 +139,17 @@ def _lora_gemm_kernel(
         acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        # Out-of-range rows/columns are clamped rather than masked (their results are never stored);
+        # only a ragged K needs masking, since it feeds the sum.
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_ptrs = a_ptr + offs_m_c[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n_c[None, :] * stride_bn
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         if FUSE_SHRINK:
             al = tl.load(al_ptr + offs_r[None, :] * stride_alr + offs_k[:, None] * stride_alk,
@@ -158,17 +185,23 @@ def _lora_gemm_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Hopper: persistent, TMA loads of a and b.
+# Hopper: persistent grid, tensor-memory-accelerator loads of a and b.
 
-def _tma_configs():
+
+def tma_candidates():
+    """Candidate configs of the Hopper kernel."""
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
-                      pre_hook=_set_block_shapes)
-        for bm, bn, bk, w, s in [
-            (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-        ]
+        _cfg(*c, FLATTEN=f, WARP_SPECIALIZE=False)
+        for c in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                  (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
+        for f in (False, True)
     ]
+
+
+def tma_config(T: int, N: int, K: int) -> triton.Config:
+    if T >= 1024:
+        return _cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
+    return _cfg(128, 128, 64, 8, 4, FLATTEN=False, WARP_SPECIALIZE=False)
 
 
 def _set_block_shapes(nargs):
@@ -178,14 +211,6 @@ def _set_block_shapes(nargs):
     nargs["out_desc"].block_shape = [bm, bn]
 
 
-def _prune_tma(configs, named_args, **kwargs):
-    T = named_args["T"]
-    out = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(T))]
-    return out or configs[-1:]
-
-
-@triton.autotune(configs=_tma_configs(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "B_NK"],
-                 prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def _lora_gemm_tma_kernel(
     a_desc, b_desc, out_desc, s_ptr, c_ptr, bias_ptr,
@@ -199,18 +224,21 @@ def _lora_gemm_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
+            # Out-of-bounds parts of a tile are filled with zeros by the copy engine.
             a = a_desc.load([off_m, ki * BLOCK_K])
             if B_NK:
                 b = b_desc.load([off_n, ki * BLOCK_K])
@@ -228,6 +256,15 @@ def _lora_gemm_tma_kernel(
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+_lora_gemm_tuned = triton.autotune(
+    configs=gemm_candidates(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "FUSE_SHRINK", "HAS_MAP", "SAVE"],
+    prune_configs_by={"early_config_prune": _prune})(_lora_gemm_kernel)
+_lora_gemm_tma_tuned = triton.autotune(
+    configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
+             for c in tma_candidates()],
+    key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "B_NK"])(_lora_gemm_tma_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,15 +285,19 @@ def _tma_available(device: torch.device) -> bool:
 
 
 def _tma_compatible(*ts: torch.Tensor) -> bool:
+    """Tensor-memory-accelerator rules: 16-byte aligned base and strides, unit last stride."""
     for t in ts:
         es = t.element_size()
-        if t.data_ptr() % 16 or min(t.stride()) != 1 or any((st * es) % 16 for st in t.stride() if st != 1):
+        if t.data_ptr() % 16 or t.stride(-1) != 1 and t.stride(0) != 1:
+            return False
+        if any((st * es) % 16 for st in t.stride() if st != 1):
             return False
     return True
 
 
-# Dispatch switches, settable for benchmarks and tests: "auto" picks TMA on Hopper when the operands
-# allow it; "portable" forces the pointer kernel.
+# "auto": the Hopper kernel on sm_90 when the operands allow tensor-memory-accelerator loads and T
+# is large enough to fill its tiles; "portable": always the pointer kernel; "tma": Hopper whenever
+# the operands allow it.
 GEMM_IMPL = "auto"
 
 
@@ -284,11 +325,14 @@ def lora_gemm(
     s: Optional[torch.Tensor] = None,
     c: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    impl: Optional[str] = None,
+    config: Optional[triton.Config] = None,
 ) -> torch.Tensor:
     """out = a @ b + s @ c + bias.  a: (T, K), b: (K, N), s: (T, R), c: (R, N), bias: (N,).
 
     Any strides (b is typically a transposed weight view). Accumulates in float32; returns (T, N)
-    in a's dtype.
+    in a's dtype. impl: "auto" / "tma" / "portable" (default: module-level GEMM_IMPL); config: an
+    explicit launch config (for tuning), else the heuristic table.
     """
     T, K, N = _check_gemm_args(a, b, s, c, bias)
     out = new_empty((T, N), a.dtype, a.device)
@@ -298,28 +342,35 @@ def lora_gemm(
     s_ = s if s is not None else a
     c_ = c if c is not None else b
     bias_ = bias if bias is not None else a
+    tuned = AUTOTUNE and config is None
 
-    if GEMM_IMPL == "auto" and a.is_cuda and _tma_available(a.device) and a.dtype != torch.float32 \
-            and T >= 64 and _tma_compatible(a, b, out):
+    impl = impl or GEMM_IMPL
+    use_tma = impl == "tma" or (impl == "auto" and T >= 64 and a.dtype != torch.float32)
+    if use_tma and a.is_cuda and _tma_available(a.device) and _tma_compatible(a, b, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
         b_nk = b.stride(0) == 1  # b is W^T: load W's (N, K) rows directly
         bt = b.t() if b_nk else b
-        dummy = [1, 1]
-        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), dummy)
-        b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), dummy)
-        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), dummy)
+        cfg = config or tma_config(T, N, K)
+        bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
+        b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
+        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
         sms = num_sms(a.device)
         grid = lambda meta: (min(sms, triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-        _lora_gemm_tma_kernel[grid](
+        kernel = _lora_gemm_tma_tuned if tuned else _lora_gemm_tma_kernel
+        kernel[grid](
             a_desc, b_desc, out_desc, s_, c_, bias_,
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
+            **({} if tuned else launch_kwargs(cfg)),
         )
         return out
 
+    kernel = _lora_gemm_tuned if tuned else _lora_gemm_kernel
+    cfg = {} if tuned else launch_kwargs(config or gemm_config(T, N, K))
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
+    kernel[grid](
         a, b, s_, c_, bias_, out,
         a, a, a, a, a, a, a,
         T, N, K, R, 1, t_bucket(T),
@@ -329,8 +380,14 @@ def lora_gemm(
         0, 0, 0, 0, 0, 0, 0, 0, 0,
         HAS_BIAS=bias is not None, FUSE_SHRINK=False, HAS_MAP=False, SAVE=False,
         PREC=dot_precision(a.dtype), INNER_PREC=inner_precision(a.dtype), BLOCK_R=16, BLOCK_MR=16,
+        EVEN_K=_even_k(K, cfg), **cfg,
     )
     return out
+
+
+def _even_k(K: int, cfg: dict) -> bool:
+    # Under autotuning BLOCK_K is unknown here: keep the masks.
+    return "BLOCK_K" in cfg and K % cfg["BLOCK_K"] == 0
 
 
 def lora_gemm_fused(
@@ -343,6 +400,7 @@ def lora_gemm_fused(
     a_map: Optional[torch.Tensor] = None,
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
+    config: Optional[triton.Config] = None,
 ):
     """The whole layer in one launch (shrink recomputed per column block; for few tokens).
 
@@ -368,8 +426,11 @@ def lora_gemm_fused(
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
     s_, u_, sp_ = (s if save else dummy), (u if u is not None else dummy), (sp if save else dummy)
+    tuned = AUTOTUNE and config is None
+    kernel = _lora_gemm_tuned if tuned else _lora_gemm_kernel
+    cfg = {} if tuned else launch_kwargs(config or gemm_config(T, N, D, fused=True, R=R))
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
+    kernel[grid](
         x, wt, dummy, ct, bias if bias is not None else dummy, y,
         a_cat, scale, am, bm, s_, u_, sp_,
         T, N, D, R, MR, t_bucket(T),
@@ -382,6 +443,6 @@ def lora_gemm_fused(
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), INNER_PREC=inner_precision(x.dtype),
-        BLOCK_R=block_for(R), BLOCK_MR=block_for(MR),
+        BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
     )
     return y, sp, s, u

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_for, check_runnable, inner_precision, is_interpreting, new_empty, num_sms
+from .utils import (AUTOTUNE, block_for, check_runnable, inner_precision, is_interpreting, launch_kwargs, new_empty,
+                    num_sms)
 
 
 @triton.jit
@@ -62,11 +63,12 @@ def map_and_scale(
     return u, v, v * scale[None, :]
 
 
-def _fwd_configs():
+def _row_configs(inner: str):
+    """Candidate configs of the memory-bound row kernels (rows x the reduced dimension)."""
     if is_interpreting():
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_D": 64}, num_warps=4)]
+        return [triton.Config({"BLOCK_T": 32, inner: 64}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_T": bt, inner: bd}, num_warps=w, num_stages=s)
         for bt in (16, 32, 64, 128)
         for bd in (64, 128, 256)
         for w in (4, 8)
@@ -75,7 +77,18 @@ def _fwd_configs():
     ]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["T_BUCKET", "D", "R", "M", "HAS_MAP", "SAVE"])
+def row_config(T: int, R: int, inner: str, dtype: torch.dtype) -> triton.Config:
+    """Heuristic config for the shrink kernels: R-wide float32 accumulators must fit in registers
+    and the (inner x R) operand tile in shared memory; more rows per program when T is large."""
+    if is_interpreting():
+        return _row_configs(inner)[0]
+    br = block_for(R)
+    bt = 16 if T <= 1024 else 32 if T <= 4096 else 64
+    bt = min(bt, max(16, 4096 // br))
+    bd = max(32, min(128 if dtype != torch.float32 else 64, 16384 // br))
+    return triton.Config({"BLOCK_T": bt, inner: bd}, num_warps=4, num_stages=3)
+
+
 @triton.jit
 def _shrink_fwd_kernel(
     x_ptr, a_ptr, scale_ptr, a_map_ptr, b_map_ptr,
@@ -133,6 +146,10 @@ def _shrink_fwd_kernel(
                      mask=t_mask[:, None] & (offs_m[None, :] < M))
 
 
+_shrink_fwd_tuned = triton.autotune(configs=_row_configs("BLOCK_D"),
+                                    key=["T_BUCKET", "D", "R", "M", "HAS_MAP", "SAVE"])(_shrink_fwd_kernel)
+
+
 def alloc_rows(T: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A (T, width) buffer whose rows start on 16-byte boundaries (tensor-memory-accelerator rule)."""
     per16 = max(1, 16 // torch.empty((), dtype=dtype).element_size())
@@ -152,6 +169,7 @@ def shrink(
     a_map: Optional[torch.Tensor] = None,
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
+    config: Optional[triton.Config] = None,
 ):
     """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
 
@@ -171,7 +189,10 @@ def shrink(
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
-    _shrink_fwd_kernel[grid](
+    tuned = AUTOTUNE and config is None
+    kernel = _shrink_fwd_tuned if tuned else _shrink_fwd_kernel
+    cfg = {} if tuned else launch_kwargs(config or row_config(T, R, "BLOCK_D", x.dtype))
+    kernel[grid](
         x, a_cat, scale, am, bm,
         sp, s, u,
         T, D, R, M, t_bucket(T),
@@ -181,7 +202,7 @@ def shrink(
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s.stride(0), u.stride(0),
         HAS_MAP=has_map, SAVE=save, PREC=inner_precision(x.dtype),
-        BLOCK_R=block_for(R), BLOCK_M=block_for(M),
+        BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
     return sp, (s if save else None), (u if save and has_map else None)
 
@@ -190,21 +211,6 @@ def shrink(
 # Backward
 
 
-def _bwd_configs():
-    if is_interpreting():
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_N": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bt in (16, 32, 64, 128)
-        for bn in (64, 128, 256)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bt == 128 and bn == 256)
-    ]
-
-
-@triton.autotune(configs=_bwd_configs(), key=["T_BUCKET", "N", "R", "M", "HAS_MAP", "NEED_DS", "NEED_DMAP",
-                                              "NEED_DSCALE"])
 @triton.jit
 def _shrink_bwd_kernel(
     dy_ptr, b_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, u_ptr,
@@ -289,6 +295,11 @@ def _shrink_bwd_kernel(
                  mask=r_mask[:, None] & m_mask[None, :])
 
 
+_shrink_bwd_tuned = triton.autotune(configs=_row_configs("BLOCK_N"),
+                                    key=["T_BUCKET", "N", "R", "M", "HAS_MAP", "NEED_DS", "NEED_DMAP",
+                                         "NEED_DSCALE"])(_shrink_bwd_kernel)
+
+
 def shrink_backward(
     dy: torch.Tensor,
     b_cat: torch.Tensor,
@@ -300,6 +311,7 @@ def shrink_backward(
     need_ds: bool = True,
     need_dmap: bool = False,
     need_dscale: bool = False,
+    config: Optional[triton.Config] = None,
 ):
     """dy: (T, d_out), b_cat: (d_out, R) in dy's dtype; s: (T, R), u: (T, m) float32 from shrink(save=True).
 
@@ -327,7 +339,10 @@ def shrink_backward(
     bm = b_map if has_map else dummy
     s_ = s if s is not None else dummy
     u_ = u if u is not None else dummy
-    _shrink_bwd_kernel[(nprog,)](
+    tuned = AUTOTUNE and config is None
+    kernel = _shrink_bwd_tuned if tuned else _shrink_bwd_kernel
+    cfg = {} if tuned else launch_kwargs(config or row_config(T, R, "BLOCK_N", dy.dtype))
+    kernel[(nprog,)](
         dy, b_cat, scale, am, bm, s_, u_,
         ds if need_ds else dummy, dscale_p if need_dscale else dummy,
         da_p if need_dmap else dummy, db_p if need_dmap else dummy,
@@ -339,7 +354,7 @@ def shrink_backward(
         s_.stride(0) if s is not None else 0, u_.stride(0) if u is not None else 0,
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
-        PREC=inner_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M),
+        PREC=inner_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
     return (
         ds,

@@ -9,6 +9,17 @@ import triton
 import triton.language as tl
 
 
+# Opt-in autotuning (LORAFUSE_AUTOTUNE=1): every new shape then benchmarks the candidate configs
+# once. By default each launch takes a config from a small table measured on an H100, so nothing
+# is compiled beyond what runs.
+AUTOTUNE = os.environ.get("LORAFUSE_AUTOTUNE", "0") == "1"
+
+
+def launch_kwargs(cfg: triton.Config) -> dict:
+    """A triton.Config as keyword arguments of a direct kernel launch."""
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def is_interpreting() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, read when kernels were defined)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,249 @@
+"""Kernel microbenchmarks: one multi-LoRA linear layer, lorafuse against the base GEMM and peers.
+
+    python bench/bench_kernels.py                 # the full grid, on a GPU
+    python bench/bench_kernels.py --smoke         # a tiny grid (also runs on CPU under the interpreter)
+
+For every shape (T tokens, d_in, d_out, K adapters of rank r, LoraMap rank m) and implementation,
+the median time of the forward and of forward+backward (x requires grad; each method's own
+parameters too), as a ratio to the base layer alone (F.linear: cuBLAS) measured in the same run,
+and the peak memory of forward+backward beyond the inputs. Timing: triton.testing.do_bench,
+warm-up first, the L2 cache flushed before every timed call, median. For T <= 64 the host-side
+cost per eager call is recorded too (decoding runs are often bound by it).
+
+Implementations:
+  base              F.linear(x, W)                                    (x)
+  lorafuse_sum      MultiLoraLinear(method="sum")                     (x)
+  lorafuse_concat   MultiLoraLinear(method="concat")                  (x, a_cat, b_cat)
+  lorafuse_loramap  MultiLoraLinear(method="loramap", map_rank=m)     (x, a_map, b_map)
+  peft              peft LoRA, K adapters active at once (bf16 weights) (x, every A_i, B_i)
+  eager_loop        base + sum_i s_i (x A_i^T) B_i^T, one adapter at a time  (x)
+  eager_cat         base + ((x A_cat^T) * s) B_cat^T                  (x, A_cat, B_cat)
+  eager_map         base + ((((x A_cat^T) A_map^T) B_map^T) * s) B_cat^T  (x, A_map, B_map)
+  compile_map       torch.compile(eager_map, dynamic=True)            (x, A_map, B_map)
+In parentheses: what requires grad in forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, save_json  # noqa: E402
+
+import lorafuse  # noqa: E402
+
+FULL = dict(T=[16, 512, 2048, 8192, 16384], dims=[(4096, 4096), (4096, 14336), (14336, 4096)],
+            K=[1, 3, 8], r=[8, 16, 64], m=16)
+SMOKE = dict(T=[1, 37], dims=[(40, 24)], K=[1, 3], r=[5], m=4)
+IMPLS = ["base", "lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat",
+         "eager_map", "compile_map"]
+
+
+def _peft_layer(base: nn.Linear, adapters, r, dtype):
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = base
+
+        def forward(self, x):
+            return self.lin(x)
+
+    names = [f"a{i}" for i in range(len(adapters))]
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], lora_dropout=0.0)
+    model = get_peft_model(Wrap(), cfg, adapter_name=names[0], autocast_adapter_dtype=False)
+    for n in names[1:]:
+        model.add_adapter(n, cfg)
+    lin = model.base_model.model.lin
+    with torch.no_grad():
+        for n, (a, b, _) in zip(names, adapters):
+            lin.lora_A[n].weight.copy_(a)
+            lin.lora_B[n].weight.copy_(b)
+    model.base_model.set_adapter(names)
+    model.to(dtype)
+    return model, [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+class Case:
+    """Inputs and callables of one shape for every implementation."""
+
+    def __init__(self, T, d_in, d_out, K, r, m, dtype, device):
+        g = torch.Generator(device="cpu").manual_seed(T * 7 + d_in + d_out + K * 31 + r)
+        rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+        self.base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.base.weight.copy_(rnd(d_out, d_in) / math.sqrt(d_in))
+        self.base.requires_grad_(False)
+        s = 2.0  # lora_alpha = 2 r
+        self.adapters = [(rnd(r, d_in) / math.sqrt(d_in), rnd(d_out, r) / math.sqrt(r), s) for _ in range(K)]
+        self.x = rnd(T, d_in)
+        self.dy = rnd(T, d_out)
+        self.r, self.m, self.K = r, m, K
+        self.dtype, self.device = dtype, device
+
+    def build(self, impl):
+        """Returns (forward callable, tensors that require grad in forward+backward)."""
+        base, x, ads = self.base, self.x, self.adapters
+        W = base.weight
+        if impl == "base":
+            return (lambda xx: F.linear(xx, W)), []
+        if impl.startswith("lorafuse_"):
+            method = impl.split("_", 1)[1]
+            kw = {"map_rank": self.m, "map_init": "sum"} if method == "loramap" else {}
+            layer = lorafuse.MultiLoraLinear(base, ads, method=method, **kw)
+            return layer, [p for p in layer.parameters() if p.requires_grad]
+        if impl == "peft":
+            model, params = _peft_layer(base, ads, self.r, self.dtype)
+            return model, params
+        a_cat = torch.cat([a for a, _, _ in ads]).requires_grad_(False)
+        b_cat = torch.cat([b for _, b, _ in ads], 1).requires_grad_(False)
+        scale = torch.cat([torch.full((a.shape[0],), s) for a, _, s in ads]).to(self.device, self.dtype)
+        if impl == "eager_loop":
+            def f(xx):
+                y = F.linear(xx, W)
+                for a, b, s in ads:
+                    y = y + F.linear(F.linear(xx, a), b) * s
+                return y
+            return f, []
+        if impl == "eager_cat":
+            return (lambda xx: F.linear(xx, W) + F.linear(F.linear(xx, a_cat) * scale, b_cat)), [a_cat, b_cat]
+        R = a_cat.shape[0]
+        layer = lorafuse.MultiLoraLinear(base, ads, method="loramap", map_rank=self.m, map_init="sum")
+        a_map = layer.a_map.detach().to(self.dtype).requires_grad_(False)
+        b_map = layer.b_map.detach().to(self.dtype).requires_grad_(False)
+
+        def chain(xx, a_map, b_map):
+            return F.linear(xx, W) + F.linear(F.linear(F.linear(F.linear(xx, a_cat), a_map), b_map) * scale, b_cat)
+        if impl == "eager_map":
+            return (lambda xx: chain(xx, a_map, b_map)), [a_map, b_map]
+        if impl == "compile_map":
+            compiled = torch.compile(chain, dynamic=True)
+            return (lambda xx: compiled(xx, a_map, b_map)), [a_map, b_map]
+        raise ValueError(impl)
+
+
+def time_ms(fn, quick=False):
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 40, return_mode="median")
+
+
+def host_us_per_call(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def run_case(case: Case, impls, quick):
+    row = {}
+    cuda = torch.cuda.is_available()
+    for impl in impls:
+        entry = {}
+        try:
+            f, params = case.build(impl)
+            x = case.x
+            with torch.no_grad():
+                y = f(x)
+                entry["fwd_ms"] = time_ms(lambda: f(x), quick)
+                if cuda and x.shape[0] <= 64:
+                    entry["fwd_host_us"] = host_us_per_call(lambda: f(x))
+            xg = x.detach().requires_grad_(True)
+            for p in params:
+                p.requires_grad_(True)
+            inputs = [xg] + list(params)
+
+            def fb():
+                return torch.autograd.grad(f(xg), inputs, case.dy)
+            fb()
+            entry["fb_ms"] = time_ms(fb, quick)
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                g = fb()
+                torch.cuda.synchronize()
+                entry["fb_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+                del g
+            for p in params:
+                p.requires_grad_(False)
+            del f, params, y
+        except Exception as e:  # a peer that fails at a shape is reported, not fatal
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            traceback.print_exc()
+        row[impl] = entry
+        gc.collect()
+    base = row.get("base", {})
+    for impl, e in row.items():
+        if "fwd_ms" in e and base.get("fwd_ms"):
+            e["fwd_ratio"] = e["fwd_ms"] / base["fwd_ms"]
+        if "fb_ms" in e and base.get("fb_ms"):
+            e["fb_ratio"] = e["fb_ms"] / base["fb_ms"]
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny grid; runs on CPU too (TRITON_INTERPRET=1)")
+    p.add_argument("--T", type=int, nargs="*", help="override the token counts")
+    p.add_argument("--dims", type=str, nargs="*", help="override (d_in,d_out) pairs, e.g. 4096x14336")
+    p.add_argument("--K", type=int, nargs="*")
+    p.add_argument("--r", type=int, nargs="*")
+    p.add_argument("--impls", type=str, nargs="*", default=IMPLS, choices=IMPLS)
+    p.add_argument("--quick", action="store_true", help="shorter timing windows")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--prefix", default="kernels")
+    args = p.parse_args(argv)
+    grid = dict(SMOKE if args.smoke else FULL)
+    if args.T:
+        grid["T"] = args.T
+    if args.dims:
+        grid["dims"] = [tuple(int(v) for v in d.split("x")) for d in args.dims]
+    if args.K:
+        grid["K"] = args.K
+    if args.r:
+        grid["r"] = args.r
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    doc = {"env": env_info([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+           "dtype": str(dtype), "grid": {k: v for k, v in grid.items()}, "rows": []}
+    t_start = time.time()
+    shapes = list(itertools.product(grid["dims"], grid["K"], grid["r"], grid["T"]))
+    for (d_in, d_out), K, r, T in shapes:
+        case = Case(T, d_in, d_out, K, r, grid["m"], dtype, device)
+        row = run_case(case, args.impls, args.quick)
+        doc["rows"].append({"T": T, "d_in": d_in, "d_out": d_out, "K": K, "r": r, "m": grid["m"], "impls": row})
+        short = " ".join(f"{k.replace('lorafuse_', 'lf_')}={v['fwd_ratio']:.2f}/{v.get('fb_ratio', float('nan')):.2f}"
+                         for k, v in row.items() if "fwd_ratio" in v and k != "base")
+        print(f"T={T} {d_in}x{d_out} K={K} r={r} base={row['base'].get('fwd_ms', float('nan')):.4f}ms "
+              f"[fwd/fb ratios] {short}  ({time.time() - t_start:.0f}s)", flush=True)
+        save_json(doc, args.out, args.prefix)  # after every shape, so a cut-off run keeps its rows
+        del case
+        if cuda:
+            torch.cuda.empty_cache()
+    path = save_json(doc, args.out, args.prefix)
+    print("wrote", path)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""What every benchmark result file records, and how it is written."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from typing import List, Optional
+
+
+def git_commit() -> str:
+    """The commit the benchmark ran from (the device copy of the tree has no .git: pass it in
+    LORAFUSE_COMMIT), with '+dirty' when the tree differs from it."""
+    env = os.environ.get("LORAFUSE_COMMIT")
+    if env:
+        return env
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.check_output(["git", "-C", here, "rev-parse", "HEAD"], text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.call(["git", "-C", here, "diff", "--quiet", "HEAD"], stderr=subprocess.DEVNULL)
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def gpu_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name().lower()).strip("-")
+
+
+def env_info(argv: Optional[List[str]] = None) -> dict:
+    import torch
+    import triton
+
+    info = {
+        "gpu": gpu_name(),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + list(argv or [])),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import peft
+        import transformers
+
+        info["peft"] = peft.__version__
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["sms"] = p.multi_processor_count
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def save_json(doc: dict, out_dir: str, prefix: str) -> str:
+    """Atomically write out_dir/<prefix>-<gpu>-<date>.json (temp file in the same folder, then rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    date = _dt.date.today().isoformat()
+    path = os.path.join(out_dir, f"{prefix}-{gpu_slug()}-{date}.json")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

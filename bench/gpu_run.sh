@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU job in one command: install lorafuse (offline), then the steps asked for, in order:
+#   test    the GPU suite (kernel/op/module tests on CUDA: bf16 and fp16 included, large shapes)
+#   tune    bench/tune.py, the launch-config sweep
+#   bench   bench/bench_kernels.py, the full kernel benchmark grid
+#   smoke   bench/bench_kernels.py --smoke --quick
+#   extra:<cmd>  any other command (e.g. "extra:python3 bench/bench_routing.py")
+# Logs and JSON go to $OUT (default ./gpu-out). Example:
+#   OUT=/tmp/out bash bench/gpu_run.sh test bench
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+$PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+status=0
+for step in "$@"; do
+  t0=$(date +%s)
+  case "$step" in
+    test)
+      $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops.py tests/test_modules.py \
+        ${TEST_EXTRA:-} >"$OUT/test.log" 2>&1
+      rc=$?; tail -n 25 "$OUT/test.log"; [ $rc -eq 0 ] || status=$rc ;;
+    tune)
+      $PY bench/tune.py --out "$OUT" ${TUNE_ARGS:-} >"$OUT/tune.log" 2>&1
+      rc=$?; grep -E "^\[|wrote|Error" "$OUT/tune.log" | tail -n 60; [ $rc -eq 0 ] || status=$rc ;;
+    bench)
+      $PY bench/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+      rc=$?; grep -E "^T=|wrote|Error" "$OUT/bench.log" | tail -n 70; [ $rc -eq 0 ] || status=$rc ;;
+    smoke)
+      $PY bench/bench_kernels.py --smoke --quick --out "$OUT" --prefix smoke >"$OUT/smoke.log" 2>&1
+      rc=$?; tail -n 12 "$OUT/smoke.log"; [ $rc -eq 0 ] || status=$rc ;;
+    extra:*)
+      bash -c "${step#extra:}" >"$OUT/extra.log" 2>&1
+      rc=$?; tail -n 40 "$OUT/extra.log"; [ $rc -eq 0 ] || status=$rc ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  echo "== $step: $(( $(date +%s) - t0 ))s"
+done
+exit $status
