@@ -37,6 +37,9 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+SAVE = None  # set by main: writes what has been measured so far (a cut-off run keeps it)
+
+
 def sweep(name, shapes, make, configs, run, check, results, budget_s):
     t0 = time.time()
     for shape in shapes:
@@ -65,6 +68,8 @@ def sweep(name, shapes, make, configs, run, check, results, budget_s):
         print(f"[{name}] {shape}: {base_s}best {b}", flush=True)
         del inputs
         torch.cuda.empty_cache()
+        if SAVE is not None:
+            SAVE()
 
 
 def main():
@@ -77,6 +82,9 @@ def main():
     dt = torch.bfloat16
     dev = "cuda"
     results = []
+    doc = {"env": env_info(sys.argv), "results": results}
+    global SAVE
+    SAVE = lambda: save_json(doc, args.out, "tune")  # noqa: E731
     only = set(filter(None, args.only.split(",")))
     want = lambda k: not only or k in only  # noqa: E731
 
@@ -106,17 +114,17 @@ def main():
                   lg._cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=True)]
         sweep("tma", big, make_gemm, cands,
               lambda i, cfg: lg.lora_gemm(i["a"], i["b"], i["s"], i["c"], impl="tma", config=cfg),
-              check_gemm, results, budget_s=150)
+              check_gemm, results, budget_s=110)
         sweep("tma_bwd_layout", [(8192, 4096, 4096, 48)], lambda *s: make_gemm(*s, layout="bwd"),
               [lg.tma_config(8192, 4096, 4096)] + cands[:4],
               lambda i, cfg: lg.lora_gemm(i["a"], i["b"], i["s"], i["c"], impl="tma", config=cfg),
-              check_gemm, results, budget_s=30)
+              check_gemm, results, budget_s=20)
     if want("portable"):
         sweep("portable", [(8192, 4096, 4096, 48), (512, 4096, 4096, 48), (64, 4096, 4096, 48),
                            (16, 4096, 4096, 48), (16, 4096, 14336, 48)],
               make_gemm, lg.gemm_candidates(),
               lambda i, cfg: lg.lora_gemm(i["a"], i["b"], i["s"], i["c"], impl="portable", config=cfg),
-              check_gemm, results, budget_s=90)
+              check_gemm, results, budget_s=60)
 
     def make_fused(T, D, N, R, M):
         x = torch.randn(T, D, device=dev, dtype=dt)
@@ -141,7 +149,7 @@ def main():
         sweep("fused", small, make_fused, fused_cands,
               lambda i, cfg: lg.lora_gemm_fused(i["x"], i["w"], None, i["a"], i["b"], i["scale"], i["am"], i["bm"],
                                                 config=cfg)[0],
-              check_fused, results, budget_s=120)
+              check_fused, results, budget_s=90)
 
         # The split path at the same small shapes, for the FUSED_MAX_T crossover.
         def run_split(i, cfg):
@@ -153,7 +161,7 @@ def main():
               lambda i, cfg: run_split(i, cfg) if "FLATTEN" not in cfg.kwargs else lg.lora_gemm(
                   i["x"], i["w"].t(), sh.shrink(i["x"], i["a"], i["scale"], i["am"], i["bm"])[0], i["b"].t(),
                   impl="tma", config=cfg),
-              check_fused, results, budget_s=40)
+              check_fused, results, budget_s=30)
 
     def make_shrink(T, D, R, M):
         i = make_fused(T, D, 8, R, M)
@@ -172,7 +180,7 @@ def main():
     if want("shrink"):
         sweep("shrink", shrink_shapes, make_shrink, row_cands,
               lambda i, cfg: sh.shrink(i["x"], i["a"], i["scale"], i["am"], i["bm"], save=True, config=cfg)[0],
-              check_shrink, results, budget_s=120)
+              check_shrink, results, budget_s=90)
 
     def make_bwd(T, N, R, M):
         i = make_fused(T, 8, N, R, M)
@@ -191,9 +199,8 @@ def main():
         sweep("shrink_bwd", shrink_shapes[:4], make_bwd, bwd_cands,
               lambda i, cfg: sh.shrink_backward(i["dy"], i["b"], i["scale"], i["s"], i["u"], i["am"], i["bm"],
                                                 need_ds=True, need_dmap=True, need_dscale=False, config=cfg)[0],
-              check_bwd, results, budget_s=90)
+              check_bwd, results, budget_s=60)
 
-    doc = {"env": env_info(sys.argv), "results": results}
     path = save_json(doc, args.out, "tune")
     print("wrote", path)
 

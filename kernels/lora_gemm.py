@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .shrink import alloc_rows, map_and_scale, t_bucket
-from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, inner_precision, is_interpreting,
+from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting,
                     launch_kwargs, new_empty, num_sms)
 
 
@@ -112,7 +112,6 @@ def _lora_gemm_kernel(
     HAS_MAP: tl.constexpr,
     SAVE: tl.constexpr,
     PREC: tl.constexpr,
-    INNER_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_MR: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -159,7 +158,7 @@ def _lora_gemm_kernel(
     if FUSE_SHRINK:
         u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
                                  stride_amm, stride_amr, stride_bmr, stride_bmm,
-                                 HAS_MAP, BLOCK_MR, INNER_PREC)
+                                 HAS_MAP, BLOCK_MR, "ieee")
         sp = sp.to(a_ptr.dtype.element_ty)
         c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -379,7 +378,7 @@ def lora_gemm(
         out.stride(0), out.stride(1),
         0, 0, 0, 0, 0, 0, 0, 0, 0,
         HAS_BIAS=bias is not None, FUSE_SHRINK=False, HAS_MAP=False, SAVE=False,
-        PREC=dot_precision(a.dtype), INNER_PREC=inner_precision(a.dtype), BLOCK_R=16, BLOCK_MR=16,
+        PREC=dot_precision(a.dtype), BLOCK_R=16, BLOCK_MR=16,
         EVEN_K=_even_k(K, cfg), **cfg,
     )
     return out
@@ -442,7 +441,7 @@ def lora_gemm_fused(
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
-        PREC=dot_precision(x.dtype), INNER_PREC=inner_precision(x.dtype),
+        PREC=dot_precision(x.dtype), 
         BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
     )
     return y, sp, s, u

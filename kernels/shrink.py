@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AUTOTUNE, block_for, check_runnable, inner_precision, is_interpreting, launch_kwargs, new_empty,
-                    num_sms)
+from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting, launch_kwargs, new_empty, num_sms)
 
 
 @triton.jit
@@ -37,7 +36,11 @@ def map_and_scale(
     PREC: tl.constexpr,
 ):
     """s: (BLOCK_T, BLOCK_R) float32 rows of x a_cat^T.  Returns (u, v, s') where u = s a_map^T
-    (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale."""
+    (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale.
+
+    Callers pass PREC="ieee": tf32 would round the float32 rows to 10 mantissa bits (~1e-3 error)
+    and these R x m products are too small to matter for speed. The same holds for the small
+    products of the backward."""
     r_mask = offs_r < R
     if HAS_MAP:
         offs_m = tl.arange(0, BLOCK_M)
@@ -133,7 +136,7 @@ def _shrink_fwd_kernel(
     u, v, sp = map_and_scale(
         acc, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M,
         stride_amm, stride_amr, stride_bmr, stride_bmm,
-        HAS_MAP, BLOCK_M, PREC,
+        HAS_MAP, BLOCK_M, "ieee",
     )
     tr_mask = t_mask[:, None] & r_mask[None, :]
     tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
@@ -201,7 +204,7 @@ def shrink(
         am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s.stride(0), u.stride(0),
-        HAS_MAP=has_map, SAVE=save, PREC=inner_precision(x.dtype),
+        HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype),
         BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
     return sp, (s if save else None), (u if save and has_map else None)
@@ -269,14 +272,14 @@ def _shrink_bwd_kernel(
             u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :],
                         mask=t_mask[:, None] & m_mask[None, :], other=0.0)
             if NEED_DSCALE:
-                v = tl.dot(u, tl.trans(bm), input_precision=PREC)
+                v = tl.dot(u, tl.trans(bm), input_precision="ieee")
                 dscale_acc += tl.sum(dsp * v, axis=0)
-            du = tl.dot(dv, bm, input_precision=PREC)
+            du = tl.dot(dv, bm, input_precision="ieee")
             if NEED_DMAP:
                 s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
-                db_map_acc += tl.dot(tl.trans(dv), u, input_precision=PREC)
-                da_map_acc += tl.dot(tl.trans(du), s, input_precision=PREC)
-            ds = tl.dot(du, am, input_precision=PREC)
+                db_map_acc += tl.dot(tl.trans(dv), u, input_precision="ieee")
+                da_map_acc += tl.dot(tl.trans(du), s, input_precision="ieee")
+            ds = tl.dot(du, am, input_precision="ieee")
         else:
             if NEED_DSCALE:
                 s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
@@ -354,7 +357,7 @@ def shrink_backward(
         s_.stride(0) if s is not None else 0, u_.stride(0) if u is not None else 0,
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
-        PREC=inner_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
+        PREC=dot_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
     return (
         ds,

@@ -45,9 +45,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def inner_precision(dtype: torch.dtype) -> str:
-    """Precision of the small on-chip float32 products (mapping, gates): exact for float32 inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def check_tensor(
