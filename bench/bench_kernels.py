@@ -166,6 +166,14 @@ def run_case(case: Case, impls, quick):
                 entry["fwd_ms"] = time_ms(lambda: f(x), quick)
                 if cuda and x.shape[0] <= 64:
                     entry["fwd_host_us"] = host_us_per_call(lambda: f(x))
+            if isinstance(f, lorafuse.MultiLoraLinear):
+                # Every timed lorafuse row is checked against float32 torch on the same weights.
+                with torch.no_grad():
+                    ref = lorafuse.lora_linear_reference(
+                        x.float(), f.base_layer.weight.float(), None, f.a_cat.float(), f.b_cat.float(), f.scale,
+                        f.a_map, f.b_map)
+                    entry["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+                    del ref
             xg = x.detach().requires_grad_(True)
             for p in params:
                 p.requires_grad_(True)
@@ -228,12 +236,17 @@ def main(argv=None):
            "dtype": str(dtype), "grid": {k: v for k, v in grid.items()}, "rows": []}
     t_start = time.time()
     shapes = list(itertools.product(grid["dims"], grid["K"], grid["r"], grid["T"]))
+    # The reference configuration (K = 3, r = 16) first: a run cut short keeps the rows that matter.
+    shapes.sort(key=lambda sh: (not (sh[1] == 3 and sh[2] == 16), sh[1], sh[2]))
     for (d_in, d_out), K, r, T in shapes:
         case = Case(T, d_in, d_out, K, r, grid["m"], dtype, device)
         row = run_case(case, args.impls, args.quick)
         doc["rows"].append({"T": T, "d_in": d_in, "d_out": d_out, "K": K, "r": r, "m": grid["m"], "impls": row})
         short = " ".join(f"{k.replace('lorafuse_', 'lf_')}={v['fwd_ratio']:.2f}/{v.get('fb_ratio', float('nan')):.2f}"
                          for k, v in row.items() if "fwd_ratio" in v and k != "base")
+        bad = [k for k, v in row.items() if v.get("rel_err", 0) > 2e-2 or "error" in v]
+        if bad:
+            short += f"  CHECK: {bad}"
         print(f"T={T} {d_in}x{d_out} K={K} r={r} base={row['base'].get('fwd_ms', float('nan')):.4f}ms "
               f"[fwd/fb ratios] {short}  ({time.time() - t_start:.0f}s)", flush=True)
         save_json(doc, args.out, args.prefix)  # after every shape, so a cut-off run keeps its rows

@@ -29,7 +29,13 @@ for step in "$@"; do
       # Triton compiles each specialisation on the CPU: spread the suite over processes.
       timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_PROCS:-12}" --tb=line -rfE \
         tests/test_kernels.py tests/test_ops.py tests/test_modules.py ${TEST_EXTRA:-} >"$OUT/test.log" 2>&1
-      rc=$?; grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/test.log" | tail -n 40; [ $rc -eq 0 ] || status=$rc ;;
+      rc=$?; grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/test.log" | tail -n 40; [ $rc -eq 0 ] || status=$rc
+      # The shrink has two implementations; if the default split grid fails here, later steps
+      # measure the one-kernel path (which the same suite also checks) instead of a broken one.
+      if grep -qE "FAILED.*shrink.*split" "$OUT/test.log"; then
+        export LORAFUSE_SHRINK=single
+        echo "shrink split path failed on this GPU: later steps use LORAFUSE_SHRINK=single"
+      fi ;;
     tune)
       timeout "${TUNE_TIMEOUT:-560}" $PY bench/tune.py --out "$OUT" ${TUNE_ARGS:-} >"$OUT/tune.log" 2>&1
       rc=$?; grep -E "^\[|wrote|Error" "$OUT/tune.log" | tail -n 60; [ $rc -eq 0 ] || status=$rc ;;

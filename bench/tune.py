@@ -1,5 +1,5 @@
 """Sweep launch configs of every kernel on the GPU at hand; the winners feed the heuristic tables
-in kernels/ (gemm_config, tma_config, row_config, FUSED_MAX_T in lorafuse/ops.py).
+in kernels/ (gemm_config, tma_config, split_config, row_config; FUSED_MAX_T in lorafuse/ops.py).
 
     python bench/tune.py [--quick] [--out bench/results]
 
@@ -25,8 +25,11 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, save_json  # noqa: E402
 
-from lorafuse.kernels import lora_gemm as lg  # noqa: E402
-from lorafuse.kernels import shrink as sh  # noqa: E402
+import importlib  # noqa: E402
+
+# The modules, not the functions lorafuse.kernels exports under the same names.
+lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+sh = importlib.import_module("lorafuse.kernels.shrink")
 
 
 def bench(fn, rep=40):
@@ -51,7 +54,8 @@ def sweep(name, shapes, make, configs, run, check, results, budget_s):
             if time.time() - t0 > budget_s:
                 row["truncated"] = True
                 break
-            entry = {"config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+            entry = {"config": dict(cfg) if isinstance(cfg, dict) else
+                     {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
             try:
                 out = run(inputs, cfg)
                 entry["err"] = rel(out, ref)
@@ -76,7 +80,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
-    p.add_argument("--only", default="", help="comma list of sweeps: tma,portable,fused,shrink,shrink_bwd")
+    p.add_argument("--only", default="", help="comma list of sweeps: tma,portable,fused,shrink,shrink_single,shrink_bwd")
     args = p.parse_args()
     assert torch.cuda.is_available(), "tune.py needs a GPU"
     dt = torch.bfloat16
@@ -177,9 +181,16 @@ def main():
                  if not (bt == 128 and bd == 256)]
     shrink_shapes = [(8192, 4096, 48, 16), (2048, 4096, 48, 16), (8192, 14336, 48, 16), (8192, 4096, 512, 16),
                      (512, 4096, 48, 16), (16384, 4096, 128, 16)]
+    split_cands = [{"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": sp, "num_warps": w, "num_stages": 3}
+                   for bt in (16, 32, 64) for bk in (128, 256) for br in (64, 128) for sp in (1, 2, 4) for w in (4,)]
     if want("shrink"):
-        sweep("shrink", shrink_shapes, make_shrink, row_cands,
+        sweep("shrink_split", shrink_shapes, make_shrink, split_cands,
               lambda i, cfg: sh.shrink(i["x"], i["a"], i["scale"], i["am"], i["bm"], save=True, config=cfg)[0],
+              check_shrink, results, budget_s=90)
+    if want("shrink_single"):
+        sweep("shrink_single", shrink_shapes, make_shrink, row_cands,
+              lambda i, cfg: sh._shrink_single(i["x"], i["a"], i["scale"], i["am"], i["bm"], save=True,
+                                               config=cfg)[0],
               check_shrink, results, budget_s=90)
 
     def make_bwd(T, N, R, M):
@@ -197,8 +208,9 @@ def main():
                                num_warps=c.num_warps, num_stages=c.num_stages) for c in row_cands]
     if want("shrink_bwd"):
         sweep("shrink_bwd", shrink_shapes[:4], make_bwd, bwd_cands,
-              lambda i, cfg: sh.shrink_backward(i["dy"], i["b"], i["scale"], i["s"], i["u"], i["am"], i["bm"],
-                                                need_ds=True, need_dmap=True, need_dscale=False, config=cfg)[0],
+              lambda i, cfg: sh._shrink_backward_single(i["dy"], i["b"], i["scale"], i["s"], i["u"], i["am"], i["bm"],
+                                                        need_ds=True, need_dmap=True, need_dscale=False,
+                                                        config=cfg)[0],
               check_bwd, results, budget_s=60)
 
     path = save_json(doc, args.out, "tune")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -165,7 +167,7 @@ def t_bucket(T: int) -> int:
     return triton.next_power_of_2(max(T, 1))
 
 
-def shrink(
+def _shrink_single(
     x: torch.Tensor,
     a_cat: torch.Tensor,
     scale: torch.Tensor,
@@ -303,7 +305,7 @@ _shrink_bwd_tuned = triton.autotune(configs=_row_configs("BLOCK_N"),
                                          "NEED_DSCALE"])(_shrink_bwd_kernel)
 
 
-def shrink_backward(
+def _shrink_backward_single(
     dy: torch.Tensor,
     b_cat: torch.Tensor,
     scale: torch.Tensor,
@@ -358,6 +360,334 @@ def shrink_backward(
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         PREC=dot_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
+    )
+    return (
+        ds,
+        dscale_p.sum(0) if need_dscale else None,
+        da_p.sum(0) if need_dmap else None,
+        db_p.sum(0) if need_dmap else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Split path (the default): the x-read as a grid over (R chunks, d splits, row blocks) writing
+# float32 partial sums, then a small finishing kernel that adds the partials and applies the
+# mapping and scale in R chunks. Measured on an H100 (bench/results/tune-*.json), the one-kernel
+# path above keeps an R-wide float32 block per program: at R = 512 that spills (0.36 ms and worse
+# for an 8192 x 4096 x; the base GEMM takes 0.35 ms), and at T = 2048 its 32 row blocks cannot
+# pull the memory bandwidth (62 us for 16 MB). Splitting R and d gives every shape enough
+# programs with small accumulators, for one extra write and read of T x R float32.
+
+# "split" (default) or "single" (the one-kernel path; LORAFUSE_SHRINK=single selects it).
+SHRINK_IMPL = os.environ.get("LORAFUSE_SHRINK", "split")
+
+
+@triton.jit
+def _rows_partial_kernel(
+    a_ptr, b_ptr, part_ptr,
+    T, K, R, K_PER_SPLIT,
+    stride_at, stride_ak, stride_bk, stride_br,
+    stride_ps, stride_pt,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """part[split, t, r] = sum over k in the split of a[t, k] * b[k, r] (float32).
+    Grid (R chunks, splits, row blocks): the R chunks of one row block run side by side, so their
+    repeated reads of the same rows of a come from L2."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_mask = offs_t < T
+    r_mask = offs_r < R
+    offs_t_c = tl.where(t_mask, offs_t, 0)
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        a = tl.load(a_ptr + offs_t_c[:, None] * stride_at + offs_k[None, :] * stride_ak,
+                    mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_r[None, :] * stride_br,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], acc,
+             mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask,
+                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for i in range(n_splits):
+        acc += tl.load(part_ptr + i * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], mask=mask,
+                       other=0.0)
+    return acc
+
+
+@triton.jit
+def _shrink_finish_kernel(
+    part_ptr, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+    T, R, M, n_splits,
+    stride_ps, stride_pt,
+    stride_amm, stride_amr, stride_bmr, stride_bmm,
+    stride_spt, stride_st, stride_ut,
+    HAS_MAP: tl.constexpr,
+    SAVE_S: tl.constexpr,
+    SAVE_U: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    u = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        tr_mask = t_mask[:, None] & r_mask[None, :]
+        s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+        if SAVE_S:
+            tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
+        if HAS_MAP:
+            am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+                           mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
+            u = tl.dot(s, am_t, u, input_precision="ieee")
+        else:
+            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                     (s * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=tr_mask)
+    if HAS_MAP:
+        if SAVE_U:
+            tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u, mask=t_mask[:, None] & m_mask[None, :])
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+                           mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
+            v = tl.dot(u, bm_t, input_precision="ieee")
+            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                     (v * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _shrink_bwd_finish_kernel(
+    part_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, u_ptr,
+    ds_ptr, dscale_ptr, da_map_ptr, db_map_ptr,
+    T, R, M, n_splits,
+    stride_ps, stride_pt,
+    stride_amm, stride_amr, stride_bmr, stride_bmm,
+    stride_st, stride_ut, stride_dst,
+    HAS_MAP: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    NEED_DMAP: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """From dS' (the summed partials of dY b_cat): dV = dS' * scale; [dB_map = dV^T U; dU = dV b_map;
+    dA_map = dU^T S; dS = dU a_map | dS = dV]; dscale = sum_t dS' * V. The reductions over T are
+    written per program (one slot each) and summed by the caller."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if HAS_MAP:
+        u = tl.load(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], mask=t_mask[:, None] & m_mask[None, :],
+                    other=0.0)
+    du = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        tr_mask = t_mask[:, None] & r_mask[None, :]
+        dsp = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+        scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        dv = dsp * scale[None, :]
+        if HAS_MAP:
+            # b_map rows of this chunk, (BLOCK_R, BLOCK_M).
+            bm = tl.load(b_map_ptr + offs_r[:, None] * stride_bmr + offs_m[None, :] * stride_bmm,
+                         mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+            if NEED_DSCALE:
+                v = tl.dot(u, tl.trans(bm), input_precision="ieee")
+                tl.store(dscale_ptr + pid * R + offs_r, tl.sum(dsp * v, axis=0), mask=r_mask)
+            du = tl.dot(dv, bm, du, input_precision="ieee")
+            if NEED_DMAP:
+                tl.store(db_map_ptr + pid * R * M + offs_r[:, None] * M + offs_m[None, :],
+                         tl.dot(tl.trans(dv), u, input_precision="ieee"), mask=r_mask[:, None] & m_mask[None, :])
+        else:
+            if NEED_DSCALE:
+                s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
+                tl.store(dscale_ptr + pid * R + offs_r, tl.sum(dsp * s, axis=0), mask=r_mask)
+            if NEED_DS:
+                tl.store(ds_ptr + offs_t[:, None] * stride_dst + offs_r[None, :], dv.to(ds_ptr.dtype.element_ty),
+                         mask=tr_mask)
+    if HAS_MAP:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            tr_mask = t_mask[:, None] & r_mask[None, :]
+            am = tl.load(a_map_ptr + offs_m[:, None] * stride_amm + offs_r[None, :] * stride_amr,
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            if NEED_DS:
+                ds = tl.dot(du, am, input_precision="ieee")
+                tl.store(ds_ptr + offs_t[:, None] * stride_dst + offs_r[None, :], ds.to(ds_ptr.dtype.element_ty),
+                         mask=tr_mask)
+            if NEED_DMAP:
+                s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
+                tl.store(da_map_ptr + pid * M * R + offs_m[:, None] * R + offs_r[None, :],
+                         tl.dot(tl.trans(du), s, input_precision="ieee"), mask=m_mask[:, None] & r_mask[None, :])
+
+
+def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch shape of the partial kernel: R chunks of at most 128 columns, enough programs
+    (splits of K) to fill the GPU twice over, rows per program growing with T."""
+    if is_interpreting():
+        # Small blocks so that the CPU tests exercise several R chunks and K splits.
+        br = min(block_for(R), 32)
+        bk = 32
+        splits = 2 if K > 2 * bk else 1
+        return {"BLOCK_T": 16, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4, "num_stages": 1}
+    br = min(block_for(R), 128)
+    bt = 16 if T <= 256 else 32 if T <= 4096 else 64
+    # The one-kernel sweep's winners read 256 columns of x per step (32 or 64 rows, 3 stages).
+    bk = 256 if (dtype != torch.float32 and br <= 64) else 128 if dtype != torch.float32 else 64
+    programs = triton.cdiv(R, br) * triton.cdiv(T, bt)
+    splits = max(1, min(triton.cdiv(2 * num_sms(device), programs), K // 512))
+    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
+
+
+FINISH_BLOCK_T = 32
+
+
+def _rows_partial(a, b, T, K, R, cfg, part=None):
+    """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
+    splits = cfg["SPLITS"]
+    k_per = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(K, k_per)
+    if part is None:
+        part = new_empty((splits, T, R), torch.float32, a.device)
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), splits, triton.cdiv(T, cfg["BLOCK_T"]))
+    _rows_partial_kernel[grid](
+        a, b, part, T, K, R, k_per,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
+        PREC=dot_precision(a.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return part, splits
+
+
+def shrink(
+    x: torch.Tensor,
+    a_cat: torch.Tensor,
+    scale: torch.Tensor,
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    save: bool = False,
+    config: Optional[dict] = None,
+):
+    """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
+
+    Returns (sp, s, u): sp = S' (T, R) in x's dtype; when save, s = S (T, R) and u = U (T, m) in
+    float32 (u is None without a mapping), else both None. config: the partial kernel's launch
+    shape (split_config's keys), for tuning.
+    """
+    if SHRINK_IMPL == "single":
+        return _shrink_single(x, a_cat, scale, a_map, b_map, save=save)
+    check_runnable("x", x)
+    T, D = x.shape
+    R = a_cat.shape[0]
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    sp = alloc_rows(T, R, x.dtype, x.device)
+    s = new_empty((T, R), torch.float32, x.device) if save else None
+    u = new_empty((T, M), torch.float32, x.device) if (save and has_map) else None
+    if T == 0:
+        return sp, s, u
+    cfg = config or split_config(T, D, R, x.dtype, x.device)
+    # With one split the partial sums are S itself: write them straight into the saved buffer.
+    part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg, part=s if (save and cfg["SPLITS"] == 1) else None)
+    dummy = part
+    am = a_map if has_map else scale
+    bm = b_map if has_map else scale
+    _shrink_finish_kernel[(triton.cdiv(T, FINISH_BLOCK_T),)](
+        part, scale, am, bm, sp, s if save else dummy, u if u is not None else dummy,
+        T, R, M, splits,
+        part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        sp.stride(0), s.stride(0) if save else 0, u.stride(0) if u is not None else 0,
+        HAS_MAP=has_map, SAVE_S=save and part is not s, SAVE_U=u is not None,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
+    )
+    return sp, s, u
+
+
+def shrink_backward(
+    dy: torch.Tensor,
+    b_cat: torch.Tensor,
+    scale: torch.Tensor,
+    s: Optional[torch.Tensor],
+    u: Optional[torch.Tensor],
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    need_ds: bool = True,
+    need_dmap: bool = False,
+    need_dscale: bool = False,
+    config: Optional[dict] = None,
+):
+    """dy: (T, d_out), b_cat: (d_out, R) in dy's dtype; s: (T, R), u: (T, m) float32 from shrink(save=True).
+
+    Returns (ds, dscale, da_map, db_map): ds = dS (T, R) in dy's dtype (the operand of dx and
+    da_cat), dscale (R,), da_map (m, R), db_map (R, m) in float32; each None unless asked for.
+    """
+    if SHRINK_IMPL == "single":
+        return _shrink_backward_single(dy, b_cat, scale, s, u, a_map, b_map, need_ds=need_ds, need_dmap=need_dmap,
+                                       need_dscale=need_dscale)
+    check_runnable("grad_output", dy)
+    T, N = dy.shape
+    R = b_cat.shape[1]
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    need_dmap = need_dmap and has_map
+    dev = dy.device
+    z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)  # noqa: E731
+    ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
+    if T == 0:
+        return (ds, z(R) if need_dscale else None, z(M, R) if need_dmap else None,
+                z(R, M) if need_dmap else None)
+    cfg = config or split_config(T, N, R, dy.dtype, dev)
+    part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
+    nprog = triton.cdiv(T, FINISH_BLOCK_T)
+    dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
+    da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
+    db_p = new_empty((nprog, R, M), torch.float32, dev) if need_dmap else None
+    dummy = part
+    am = a_map if has_map else scale
+    bm = b_map if has_map else scale
+    _shrink_bwd_finish_kernel[(nprog,)](
+        part, scale, am, bm, s if s is not None else dummy, u if u is not None else dummy,
+        ds if need_ds else dummy, dscale_p if need_dscale else dummy,
+        da_p if need_dmap else dummy, db_p if need_dmap else dummy,
+        T, R, M, splits,
+        part.stride(0), part.stride(1),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        s.stride(0) if s is not None else 0, u.stride(0) if u is not None else 0,
+        ds.stride(0) if need_ds else 0,
+        HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
     )
     return (
         ds,

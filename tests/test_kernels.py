@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+import importlib
+
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
+
+shrink_module = importlib.import_module("lorafuse.kernels.shrink")
+
+
+@pytest.fixture(params=["split", "single"])
+def shrink_impl(request, monkeypatch):
+    """Both shrink implementations: the split grid (default) and the one-kernel path."""
+    monkeypatch.setattr(shrink_module, "SHRINK_IMPL", request.param)
+    return request.param
 
 # (T, d_in, d_out, R, m); m None = no mapping. Odd sizes on purpose: T = 1, 37, 300; d = 24, 40,
 # 1000; R = 1, 5, 48; m = 1, 4, 16.
@@ -52,7 +63,7 @@ def _ref_shrink(x, a_cat, scale, a_map, b_map):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
-def test_shrink_forward(T, d_in, d_out, R, m, dtype, seeded):
+def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
     x, a_cat, _, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
     s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
     for save in (False, True):
@@ -71,7 +82,7 @@ def test_shrink_forward(T, d_in, d_out, R, m, dtype, seeded):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
-def test_shrink_backward(T, d_in, d_out, R, m, dtype, seeded):
+def test_shrink_backward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
     s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
     dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
@@ -147,7 +158,7 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
-def test_empty_batch():
+def test_empty_batch(shrink_impl):
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(0, 24, 40, 5, 4, torch.float32)
     sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=True)
     assert sp.shape == (0, 5) and s.shape == (0, 5) and u.shape == (0, 4)
