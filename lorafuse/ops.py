@@ -59,6 +59,27 @@ def _use_kernels(x: Tensor) -> bool:
     return ok
 
 
+def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
+    """The common case in one expression; check_lora_args explains any failure."""
+    try:
+        d_out, d_in = weight.shape
+        R = a_cat.shape[0]
+        dev, dt = x.device, x.dtype
+        ok = (x.shape[-1] == d_in and a_cat.shape[1] == d_in and b_cat.shape == (d_out, R)
+              and scale.shape == (R,) and weight.dtype == dt and x.is_floating_point()
+              and a_cat.is_floating_point() and b_cat.is_floating_point() and scale.is_floating_point()
+              and weight.device == dev and a_cat.device == dev and b_cat.device == dev and scale.device == dev)
+        if bias is not None:
+            ok = ok and bias.shape == (d_out,) and bias.dtype == dt and bias.device == dev
+        if a_map is not None or b_map is not None:
+            m = a_map.shape[0]
+            ok = ok and a_map.shape == (m, R) and b_map.shape == (R, m) and a_map.device == dev \
+                and b_map.device == dev and a_map.is_floating_point() and b_map.is_floating_point()
+        return bool(ok)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
 def check_lora_args(
     x: Tensor,
     weight: Tensor,
@@ -70,6 +91,8 @@ def check_lora_args(
     b_map: Optional[Tensor] = None,
 ) -> None:
     """Raise a ValueError/TypeError naming the argument and the expected shape, dtype or device."""
+    if _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
+        return
     named = {"x": x, "weight": weight, "a_cat": a_cat, "b_cat": b_cat, "scale": scale}
     for name, t in named.items():
         if not isinstance(t, Tensor):
@@ -137,6 +160,39 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=torch.float32)
 
 
+def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool):
+    """x (T, d_in) -> (y (T, d_out), S' (T, R), S (T, R) f32, U (T, m) f32); the last three are
+    None unless `save` (they are what the backward needs)."""
+    T = x.shape[0]
+    R = a_cat.shape[0]
+    if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
+        return lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save)
+    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
+    y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
+    return y, (sp if save else None), s, u
+
+
+def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs):
+    """Gradients for [x, weight, bias, a_cat, b_cat, scale, a_map, b_map]; None where not needed."""
+    n_x, n_w, n_b, n_a, n_bc, n_sc, n_am, n_bm = needs
+    has_map = a_map is not None
+    dy = dy.contiguous()
+    ds, dscale, da_map, db_map = shrink_backward(
+        dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
+        need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc,
+    )
+    return [
+        lora_gemm(dy, weight, ds, a_cat) if n_x else None,
+        dy.t() @ x if n_w else None,
+        dy.sum(0, dtype=torch.float32).to(dy.dtype) if n_b else None,
+        ds.t() @ x if n_a else None,
+        dy.t() @ sp if n_bc else None,
+        dscale if n_sc else None,
+        da_map if (n_am and has_map) else None,
+        db_map if (n_bm and has_map) else None,
+    ]
+
+
 @torch.library.custom_op("lorafuse::lora_linear_fwd", mutates_args=())
 def _fwd_op(
     x: Tensor,
@@ -149,15 +205,8 @@ def _fwd_op(
     b_map: Optional[Tensor],
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x (T, d_in) -> (y (T, d_out), S' (T, R), S (T, R) f32, U (T, m) f32); the last three are
-    empty unless `save` (they are what the backward needs)."""
-    T = x.shape[0]
-    R = a_cat.shape[0]
-    if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
-        y, sp, s, u = lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save)
-    else:
-        sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
-        y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
+    """The forward as a custom op for torch.compile (outputs cannot be None: empty instead)."""
+    y, sp, s, u = _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save)
     if not save:
         return y, _empty(x), _empty(x), _empty(x)
     return y, sp, s, (u if u is not None else _empty(x))
@@ -191,26 +240,10 @@ def _bwd_op(
     u: Tensor,
     needs: List[bool],
 ) -> List[Tensor]:
-    """Gradients for [x, weight, bias, a_cat, b_cat, scale, a_map, b_map]; empty where not needed."""
-    n_x, n_w, n_b, n_a, n_bc, n_sc, n_am, n_bm = needs
-    has_map = a_map is not None
-    dy = dy.contiguous()
-    need_ds = n_x or n_a
-    ds, dscale, da_map, db_map = shrink_backward(
-        dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
-        need_ds=need_ds, need_dmap=(n_am or n_bm), need_dscale=n_sc,
-    )
-    e = lambda: _empty(x)  # noqa: E731  (outputs must not alias each other)
-    return [
-        lora_gemm(dy, weight, ds, a_cat) if n_x else e(),
-        dy.t() @ x if n_w else e(),
-        dy.sum(0, dtype=torch.float32).to(dy.dtype) if n_b else e(),
-        ds.t() @ x if n_a else e(),
-        dy.t() @ sp if n_bc else e(),
-        dscale if n_sc else e(),
-        da_map if (n_am and has_map) else e(),
-        db_map if (n_bm and has_map) else e(),
-    ]
+    """The backward as a custom op for torch.compile; empty tensors where not needed."""
+    grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
+    # Outputs must not alias each other: a fresh empty tensor for each missing gradient.
+    return [g if g is not None else _empty(x) for g in grads]
 
 
 @_bwd_op.register_fake
@@ -242,6 +275,26 @@ def _backward(ctx, dy, _dsp, _ds, _du):
 
 
 torch.library.register_autograd("lorafuse::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """The eager path: same implementation as the custom ops, without their dispatch cost (about
+    70 us of Python per call with autograd on a 2-core CPU, measured by bench/host_overhead.py),
+    which small batches on a GPU would otherwise pay on every layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
+        y, sp, s, u = _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, True)
+        ctx.save_for_backward(x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u)
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_cat, b_cat, scale, a_map, b_map)]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad)
+        grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
+        return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,5 +335,10 @@ def lora_linear(
     sc = scale.to(torch.float32)
     tensors = (x2, weight, bias, a_c, b_c, sc, a_map, b_map)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y = torch.ops.lorafuse.lora_linear_fwd(x2, weight, bias, a_c, b_c, sc, a_map, b_map, save)[0]
+    if torch.compiler.is_compiling():
+        y = torch.ops.lorafuse.lora_linear_fwd(*tensors, save)[0]
+    elif save:
+        y = _LoraLinearFunction.apply(*tensors)
+    else:
+        y = _forward_impl(*tensors, False)[0]
     return y.reshape(*lead, weight.shape[0])
