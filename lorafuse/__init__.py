@@ -10,3 +10,9 @@ from .reference import lora_linear_reference
 __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "lora_linear_reference", "MultiLoraLinear", "use_backend", "__version__"]
+
+from .adapters import LoraAdapter, load_adapter, load_adapters  # noqa: E402
+from .compose import compose, decompose, get_composition, merge, unmerge  # noqa: E402
+
+__all__ += ["LoraAdapter", "load_adapter", "load_adapters", "compose", "decompose", "get_composition", "merge",
+            "unmerge"]

@@ -1,0 +1,414 @@
+"""compose(): equivalence with peft itself on tiny random Llama, BERT and GPT-2 models (float32, CPU),
+per-layer adapter subsets, PeftModel input, merge / unmerge / decompose, and bad input.
+
+The helpers at the top (tiny models, random peft adapters saved to disk) are shared with the other
+composition test files.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import rel_err
+from lorafuse import MultiLoraLinear, use_backend
+from lorafuse.compose import compose, decompose, get_composition, merge, unmerge
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = ("llama", "bert", "gpt2")
+VOCAB = 101
+
+# Per family: three adapter configs with different ranks, alphas, targets (so layers carry subsets of
+# the adapters) and one rsLoRA adapter. A rank_pattern / alpha_pattern entry checks per-module scales.
+ADAPTER_SPECS = {
+    "llama": [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"], use_rslora=True),
+        dict(r=3, lora_alpha=6, target_modules=["v_proj", "gate_proj"], rank_pattern={"gate_proj": 5},
+             alpha_pattern={"layers.1.self_attn.v_proj": 2}),
+    ],
+    "bert": [
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
+        dict(r=2, lora_alpha=5, target_modules=["query", "key", "dense"], use_rslora=True),
+        dict(r=3, lora_alpha=3, target_modules=["value", "dense"]),
+    ],
+    "gpt2": [
+        dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
+        dict(r=2, lora_alpha=5, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_rslora=True),
+        dict(r=3, lora_alpha=6, target_modules=["c_fc", "c_proj"], fan_in_fan_out=True),
+    ],
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A 2-layer random transformers model, hidden 32, float32, eval mode (no dropout)."""
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                             max_position_embeddings=64))
+    elif family == "bert":
+        model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def randomize_lora(peft_model) -> None:
+    """peft initialises lora_B to zero; give every LoRA factor random values of a useful size."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def peft_with_adapters(family: str, specs=None, seed: int = 0):
+    """(fresh base model copy, PeftModel with adapters a0..a{K-1} loaded, random factors)."""
+    from peft import LoraConfig, get_peft_model
+
+    specs = ADAPTER_SPECS[family] if specs is None else specs
+    base = tiny_model(family, seed)
+    fresh = copy.deepcopy(base)
+    names = [f"a{i}" for i in range(len(specs))]
+    peft_model = get_peft_model(base, LoraConfig(**specs[0]), adapter_name=names[0])
+    for n, spec in zip(names[1:], specs[1:]):
+        peft_model.add_adapter(n, LoraConfig(**spec))
+    randomize_lora(peft_model)
+    return fresh, peft_model.eval(), names
+
+
+def save_adapters(peft_model, names, root) -> list:
+    """Save each adapter in its own directory; returns the directory paths in order."""
+    peft_model.save_pretrained(str(root), selected_adapters=names)
+    return [os.path.join(str(root), n) for n in names]
+
+
+def model_inputs(family: str, batch: int = 2, seq: int = 7):
+    ids = torch.randint(0, VOCAB, (batch, seq))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def model_output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def peft_all_active(peft_model, names, inputs) -> torch.Tensor:
+    peft_model.base_model.set_adapter(list(names))
+    return model_output(peft_model, inputs)
+
+
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Per family: (fresh base state dict, PeftModel, names, adapter dirs), built once for the module."""
+    out = {}
+    for fam in FAMILIES:
+        fresh, peft_model, names = peft_with_adapters(fam)
+        dirs = save_adapters(peft_model, names, tmp_path_factory.mktemp(fam))
+        out[fam] = (fresh.state_dict(), peft_model, names, dirs)
+    return out
+
+
+def fresh_model(saved, family):
+    model = tiny_model(family, seed=123)  # other random init, then the saved base weights
+    model.load_state_dict(saved[family][0])
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sum_equals_peft_all_active(saved, family, seeded):
+    _, peft_model, names, dirs = saved[family]
+    inputs = model_inputs(family)
+    ref = peft_all_active(peft_model, names, inputs)
+    model = compose(fresh_model(saved, family), dirs, method="sum")
+    with use_backend("torch"):
+        out = model_output(model, inputs)
+    assert rel_err(out, ref) < TOL
+    # the adapters change the output: the comparison is not base vs base
+    peft_model.base_model.set_adapter(names[0])
+    assert rel_err(out, model_output(peft_model, inputs)) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weighted_equals_peft_cat(saved, family, seeded):
+    _, peft_model, names, dirs = saved[family]
+    weights = (torch.rand(3) * 3 - 1.5).tolist()
+    inputs = model_inputs(family)
+    merged_name = f"cat{seeded}"
+    peft_model.add_weighted_adapter(names, weights, merged_name, combination_type="cat")
+    peft_model.set_adapter(merged_name)
+    ref = model_output(peft_model, inputs)
+    peft_model.delete_adapter(merged_name)
+    model = compose(fresh_model(saved, family), dirs, method="weighted", weights=weights)
+    with use_backend("torch"):
+        out = model_output(model, inputs)
+    assert rel_err(out, ref) < TOL
+
+
+def test_weighted_default_is_average_over_all_adapters(saved, seeded):
+    _, peft_model, names, dirs = saved["llama"]
+    model = compose(fresh_model(saved, "llama"), dirs, method="weighted")
+    comp = get_composition(model)
+    for key, layer in comp.layers().items():
+        assert torch.allclose(layer.weights, torch.full((len(comp.slots[key].adapter_indices),), 1 / 3))
+    inputs = model_inputs("llama")
+    peft_model.add_weighted_adapter(names, [1 / 3] * 3, "avg", combination_type="cat")
+    peft_model.set_adapter("avg")
+    ref = model_output(peft_model, inputs)
+    peft_model.delete_adapter("avg")
+    with use_backend("torch"):
+        assert rel_err(model_output(model, inputs), ref) < TOL
+
+
+def test_per_layer_subsets_in_global_order(saved):
+    _, _, names, dirs = saved["llama"]
+    model = compose(fresh_model(saved, "llama"), dirs, method="weighted", weights=[0.5, -1.0, 2.0])
+    comp = get_composition(model)
+    carried = comp.layer_adapters()
+    assert carried["model.layers.0.self_attn.q_proj"] == ["a0", "a1"]
+    assert carried["model.layers.0.self_attn.v_proj"] == ["a0", "a2"]
+    assert carried["model.layers.1.mlp.gate_proj"] == ["a2"]
+    layer = comp.layers()["model.layers.0.self_attn.v_proj"]
+    assert layer.weights.tolist() == [0.5, 2.0]
+    assert layer.ranks == [4, 3]
+    assert comp.layers()["model.layers.0.mlp.gate_proj"].ranks == [5]  # rank_pattern
+    # alpha_pattern: a2 on layers.1 v_proj has alpha 2 (rank 3), elsewhere 6 / 3
+    assert comp.layers()["model.layers.1.self_attn.v_proj"].adapter_scales[1].item() == pytest.approx(2 / 3)
+    assert comp.layers()["model.layers.0.self_attn.v_proj"].adapter_scales[1].item() == pytest.approx(2.0)
+    # rsLoRA: alpha / sqrt(r)
+    assert comp.layers()["model.layers.0.self_attn.k_proj"].adapter_scales[0].item() == pytest.approx(3 / 2 ** 0.5)
+    untouched = model.model.layers[0].mlp.up_proj
+    assert isinstance(untouched, MultiLoraLinear) and untouched.ranks == [2]
+
+
+def test_base_frozen_and_trainable_set(saved):
+    _, _, _, dirs = saved["bert"]
+    model = compose(fresh_model(saved, "bert"), dirs, method="loramap", map_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("a_map", "b_map")) for n in trainable)
+    decompose(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_concat_and_loramap_sum_init_equal_sum(saved, family, seeded):
+    _, peft_model, names, dirs = saved[family]
+    inputs = model_inputs(family)
+    ref = peft_all_active(peft_model, names, inputs)
+    concat = compose(fresh_model(saved, family), dirs, method="concat")
+    lmap = compose(fresh_model(saved, family), dirs, method="loramap", map_rank=16, map_init="sum")
+    base = model_output(fresh_model(saved, family), inputs)
+    lmap_zero = compose(fresh_model(saved, family), dirs, method="loramap", map_rank=4)
+    with use_backend("torch"):
+        assert rel_err(model_output(concat, inputs), ref) < TOL
+        assert rel_err(model_output(lmap, inputs), ref) < 1e-4
+        # default LoRA-style map init: B_map = 0, so the model starts as the base model
+        assert rel_err(model_output(lmap_zero, inputs), base) < TOL
+    assert any(p.requires_grad for p in concat.parameters())
+
+
+def test_fused_kernel_path_matches_peft(saved):
+    """The same comparison through the Triton kernels (interpreter on CPU, real kernels on CUDA)."""
+    _, peft_model, names, dirs = saved["gpt2"]
+    inputs = model_inputs("gpt2", batch=1, seq=5)
+    ref = peft_all_active(peft_model, names, inputs)
+    model = compose(fresh_model(saved, "gpt2"), dirs, method="weighted", weights=[1.0, 1.0, 1.0])
+    with use_backend("triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                     else "torch"):
+        out = model_output(model, inputs)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_peft_model_input(saved, seeded):
+    from peft import PeftModel
+
+    fresh_sd, _, names, dirs = saved["llama"]
+    base = fresh_model(saved, "llama")
+    peft_model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
+    for n, d in zip(names[1:], dirs[1:]):
+        peft_model.load_adapter(d, adapter_name=n)
+    inputs = model_inputs("llama")
+    ref = peft_all_active(peft_model, names, inputs)
+    wrappers = {k: m for k, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    out_model = compose(peft_model, adapter_names=names, method="sum")
+    assert out_model is peft_model
+    with use_backend("torch"):
+        assert rel_err(model_output(peft_model, inputs), ref) < TOL
+    # a subset of the loaded adapters
+    decompose(peft_model)
+    for k, m in peft_model.base_model.model.named_modules():
+        if k in wrappers:
+            assert m is wrappers[k]
+    compose(peft_model, adapter_names=names[:2], method="sum")
+    assert get_composition(peft_model).adapter_names == names[:2]
+    with use_backend("torch"):
+        out = model_output(peft_model, inputs)
+    decompose(peft_model)
+    assert rel_err(out, peft_all_active(peft_model, names[:2], inputs)) < TOL
+    assert rel_err(out, ref) > 1e-3
+    with pytest.raises(ValueError, match="adapter_names: 'nope'"):
+        compose(peft_model, adapter_names=["nope"])
+
+
+def test_state_dict_input_equals_dir_input(saved):
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    _, _, _, dirs = saved["bert"]
+    pairs = []
+    for d in dirs:
+        cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+        pairs.append((load_file(os.path.join(d, "adapter_model.safetensors")), LoraConfig(**{
+            k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})))
+    inputs = model_inputs("bert")
+    a = compose(fresh_model(saved, "bert"), dirs, method="sum")
+    b = compose(fresh_model(saved, "bert"), pairs, method="sum")
+    with use_backend("torch"):
+        assert rel_err(model_output(b, inputs), model_output(a, inputs)) < 1e-6
+    with pytest.raises(TypeError, match="state_dict, LoraConfig"):
+        compose(fresh_model(saved, "bert"), [pairs[0][0]])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_unmerge_decompose(saved, family, seeded):
+    _, _, _, dirs = saved[family]
+    inputs = model_inputs(family)
+    model = fresh_model(saved, family)
+    originals = {n: m for n, m in model.named_modules()}
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_out = model_output(model, inputs)
+    compose(model, dirs, method="weighted", weights=[0.3, -0.7, 1.1])
+    with use_backend("torch"):
+        composed_out = model_output(model, inputs)
+    merge(model)
+    assert not any(isinstance(m, MultiLoraLinear) for m in model.modules())
+    assert all(type(m) is nn.Linear for k, m in model.named_modules() if k in get_composition(model).slots)
+    assert rel_err(model_output(model, inputs), composed_out) < 1e-5
+    unmerge(model)
+    with use_backend("torch"):
+        assert rel_err(model_output(model, inputs), composed_out) < 1e-6
+    merge(model)
+    decompose(model)
+    for n, m in model.named_modules():
+        assert m is originals[n], n
+    for n, p in model.named_parameters():
+        assert torch.equal(p, base_weights[n]), n
+    assert torch.equal(model_output(model, inputs), base_out)
+    with pytest.raises(ValueError, match="no lorafuse composition"):
+        merge(model)
+
+
+def test_rejects_bad_method_and_weights(saved):
+    _, _, _, dirs = saved["llama"]
+    model = fresh_model(saved, "llama")
+    with pytest.raises(ValueError, match=r"method must be one of \(.*'sum'.*'loramap'"):
+        compose(model, dirs, method="average")
+    with pytest.raises(ValueError, match=r"weights must have one entry per adapter \(3\), got 2"):
+        compose(model, dirs, method="weighted", weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="map_rank"):
+        compose(model, dirs, method="loramap")
+    with pytest.raises(ValueError, match="already composed"):
+        compose(compose(model, dirs), dirs)
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snap):
+    types, params = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = dict(model.named_parameters())
+    assert set(now) == set(params)
+    for n, (t, rg) in params.items():
+        assert torch.equal(now[n], t) and now[n].requires_grad == rg, n
+    assert not hasattr(model, "_lorafuse_composition")
+
+
+def test_missing_paths(saved, tmp_path):
+    _, _, _, dirs = saved["llama"]
+    model = fresh_model(saved, "llama")
+    snap = _snapshot(model)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        compose(model, [dirs[0], missing])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        compose(model, [dirs[0], str(empty)])
+    (empty / "adapter_config.json").write_text(open(os.path.join(dirs[0], "adapter_config.json")).read())
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        compose(model, [dirs[0], str(empty)])
+    _assert_unchanged(model, snap)
+
+
+def test_wrong_architecture_and_hidden_size(saved, tmp_path):
+    _, _, _, llama_dirs = saved["llama"]
+    _, _, _, bert_dirs = saved["bert"]
+    model = fresh_model(saved, "llama")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query.*does not have"):
+        compose(model, [llama_dirs[0], bert_dirs[0]])
+    # same architecture, other hidden size
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*32 -> 32.*\(2, 32\).*\(2, 48\)"):
+        compose(model, [llama_dirs[0], str(tmp_path / "wide")], method="weighted", weights=[1, 1])
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("feature,spec,match", [
+    ("dora", dict(use_dora=True), "DoRA"),
+    ("bias", dict(bias="lora_only"), "bias='lora_only'"),
+    ("lora_bias", dict(lora_bias=True), "LoRA bias"),
+    ("modules_to_save", dict(modules_to_save=["lm_head"]), "modules_to_save"),
+])
+def test_unsupported_features(saved, tmp_path, feature, spec, match):
+    from peft import LoraConfig, get_peft_model
+
+    _, _, _, dirs = saved["llama"]
+    get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], **spec)).save_pretrained(
+        str(tmp_path / feature))
+    model = fresh_model(saved, "llama")
+    snap = _snapshot(model)
+    with pytest.raises(NotImplementedError, match=match):
+        compose(model, [dirs[0], str(tmp_path / feature)])
+    _assert_unchanged(model, snap)
+
+
+def test_embedding_target_rejected(saved, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["embed_tokens"])).save_pretrained(
+        str(tmp_path / "emb"))
+    model = fresh_model(saved, "llama")
+    with pytest.raises(NotImplementedError, match="embedding"):
+        compose(model, [str(tmp_path / "emb")])
+
+
+def test_layer_construction_error_leaves_model_unchanged(saved):
+    _, _, _, dirs = saved["gpt2"]
+    model = fresh_model(saved, "gpt2")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="map_init"):
+        compose(model, dirs, method="loramap", map_rank=2, map_init="bogus")
+    _assert_unchanged(model, snap)
