@@ -1,0 +1,145 @@
+"""export_peft: write a composition (or a LoraAdapter) as ONE standard peft LoRA adapter directory.
+
+sum / weighted / concat export at rank R = sum of the layer's ranks, a LoraMap at rank m
+(B' = b_cat diag(s) b_map, A' = a_map a_cat), with the scale folded into B' (lora_alpha = r per
+layer, so peft's scale is 1). Layers of different ranks use peft's rank_pattern / alpha_pattern.
+The directory is written to a temporary sibling and renamed into place: never half-written.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHT_NAMES, LoraAdapter
+
+__all__ = ["export_peft", "EXPORTABLE_METHODS"]
+
+# Compositions that are one fixed LoRA; routing depends on the input and is not.
+EXPORTABLE_METHODS = ("sum", "weighted", "concat", "loramap")
+
+
+def _factors_of_model(model: nn.Module) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], Dict[str, Any]]:
+    from .compose import get_composition
+
+    comp = get_composition(model)
+    factors = {}
+    for key, slot in comp.slots.items():
+        layer = slot.composed
+        if layer.method not in EXPORTABLE_METHODS:
+            raise ValueError(f"cannot export a {layer.method!r} composition (module {key!r}) as one peft adapter: "
+                             f"its delta depends on the input; exportable methods are {EXPORTABLE_METHODS}")
+        a, b = layer.lowrank_factors()
+        factors[key] = (a, b)
+    first = comp.adapters[0].config if comp.adapters else None
+    meta = {
+        "fan_in_fan_out": any(s.conv1d is not None for s in comp.slots.values()),
+        "task_type": getattr(first, "task_type", None),
+        "base_model_name_or_path": getattr(first, "base_model_name_or_path", None),
+    }
+    config = getattr(comp.root, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if name:
+        meta["base_model_name_or_path"] = name
+    return factors, meta
+
+
+def _factors_of_adapter(adapter: LoraAdapter) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], Dict[str, Any]]:
+    factors = {k: (a.detach().float(), s * b.detach().float()) for k, (a, b, s) in adapter.layers.items()}
+    cfg = adapter.config
+    meta = {"fan_in_fan_out": bool(getattr(cfg, "fan_in_fan_out", False) or adapter.info.get("fan_in_fan_out")),
+            "task_type": getattr(cfg, "task_type", None),
+            "base_model_name_or_path": getattr(cfg, "base_model_name_or_path", None)}
+    return factors, meta
+
+
+def _lora_config(factors: Dict[str, Tuple[Tensor, Tensor]], meta: Dict[str, Any]):
+    from peft import LoraConfig
+
+    ranks = {k: a.shape[0] for k, (a, _) in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    # Full module paths, escaped, as patterns: peft matches them as regexes anchored at the end.
+    other = {re.escape(k): v for k, v in ranks.items() if v != r}
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,  # scale 1: the scale is folded into lora_B
+        target_modules=sorted(factors),
+        rank_pattern=dict(other),
+        alpha_pattern=dict(other),
+        fan_in_fan_out=meta["fan_in_fan_out"],
+        bias="none",
+        lora_dropout=0.0,
+        task_type=meta["task_type"],
+        base_model_name_or_path=meta["base_model_name_or_path"],
+        inference_mode=True,
+    )
+
+
+def export_peft(
+    model_or_adapter: Union[nn.Module, LoraAdapter],
+    out_dir: Union[str, os.PathLike],
+    dtype: torch.dtype = torch.float32,
+    base_model_name_or_path: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
+    """Write the composition of a composed model (lorafuse.compose) or a LoraAdapter (e.g. from
+    lorafuse.merge_adapters) as one peft LoRA adapter: out_dir/adapter_config.json and
+    out_dir/adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_model, out_dir).
+
+    Args:
+        dtype: the dtype of the saved factors (float32 by default).
+        base_model_name_or_path: recorded in the config (default: the model's own name, if any).
+        overwrite: replace an existing out_dir (default: refuse with FileExistsError).
+    Returns out_dir as a string.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_adapter, LoraAdapter):
+        factors, meta = _factors_of_adapter(model_or_adapter)
+    elif isinstance(model_or_adapter, nn.Module):
+        factors, meta = _factors_of_model(model_or_adapter)
+    else:
+        raise TypeError(f"export_peft needs a composed model or a LoraAdapter, got {type(model_or_adapter).__name__}")
+    if not factors:
+        raise ValueError("nothing to export: the composition has no layers")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if base_model_name_or_path is not None:
+        meta["base_model_name_or_path"] = base_model_name_or_path
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"out_dir already exists: {out_dir!r} (pass overwrite=True to replace it)")
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the parent directory of out_dir does not exist: {parent!r}")
+
+    config = _lora_config(factors, meta)
+    tensors = {}
+    for key, (a, b) in factors.items():
+        tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous()
+
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, WEIGHT_NAMES[0]), metadata={"format": "pt"})
+        assert os.path.isfile(os.path.join(tmp, CONFIG_NAME))
+        if os.path.exists(out_dir):  # overwrite: move the old one aside, then swap in the new one
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "x"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

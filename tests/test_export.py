@@ -1,0 +1,110 @@
+"""export_peft: the exported adapter, loaded by peft itself, reproduces the composed model's outputs."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import rel_err
+from lorafuse import use_backend
+from lorafuse.compose import compose, get_composition
+from lorafuse.export import export_peft
+from test_compose import FAMILIES, model_inputs, model_output, peft_with_adapters, save_adapters, tiny_model
+
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for fam in FAMILIES:
+        fresh, peft_model, names = peft_with_adapters(fam)
+        out[fam] = (fresh.state_dict(), save_adapters(peft_model, names, tmp_path_factory.mktemp(fam)))
+    return out
+
+
+def fresh_model(saved, family):
+    model = tiny_model(family, seed=7)
+    model.load_state_dict(saved[family][0])
+    return model
+
+
+def _perturb(model):
+    """Stand-in for training: random values in every trainable tensor of the composition."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def _reload(saved, family, out_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(fresh_model(saved, family), out_dir).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,kw", [
+    ("sum", {}),
+    ("weighted", {"weights": [0.4, -1.2, 0.9]}),
+    ("concat", {}),
+    ("loramap", {"map_rank": 3}),
+])
+def test_export_reloads_in_peft(saved, tmp_path, family, method, kw, seeded):
+    model = compose(fresh_model(saved, family), saved[family][1], method=method, **kw)
+    if method in ("concat", "loramap", "weighted"):
+        _perturb(model)
+    inputs = model_inputs(family)
+    with use_backend("torch"):
+        ref = model_output(model, inputs)
+    out_dir = export_peft(model, tmp_path / "exported")
+    assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.listdir(tmp_path) == ["exported"]  # no temporary left behind
+    reloaded = _reload(saved, family, out_dir)
+    out = model_output(reloaded, inputs)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out, model_output(fresh_model(saved, family), inputs)) > 1e-3
+
+    cfg = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    comp = get_composition(model)
+    want = {k: (3 if method == "loramap" else sum(layer.ranks)) for k, layer in comp.layers().items()}
+    got = {k: m.lora_A["default"].weight.shape[0] for k, m in reloaded.base_model.model.named_modules()
+           if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert got == want
+    assert all(m.scaling["default"] == 1.0 for m in reloaded.base_model.model.modules()
+               if hasattr(m, "lora_A") and "default" in m.scaling)
+    assert cfg["r"] in want.values() and cfg["bias"] == "none"
+
+
+def test_export_refuses_routing_and_existing_dir(saved, tmp_path):
+    model = compose(fresh_model(saved, "llama"), saved["llama"][1], method="sum")
+    export_peft(model, tmp_path / "a")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_peft(model, tmp_path / "a")
+    before = open(tmp_path / "a" / "adapter_model.safetensors", "rb").read()
+    # overwrite replaces the directory in one rename
+    layer = next(iter(get_composition(model).layers().values()))
+    with torch.no_grad():
+        layer.b_cat.mul_(2)
+    export_peft(model, tmp_path / "a", overwrite=True)
+    assert open(tmp_path / "a" / "adapter_model.safetensors", "rb").read() != before
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+    # a layer whose composition depends on the input cannot be exported
+    layer.method = "route"
+    with pytest.raises(ValueError, match="cannot export a 'route' composition.*exportable methods"):
+        export_peft(model, tmp_path / "b")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+    layer.method = "sum"
+    with pytest.raises(FileNotFoundError, match="parent directory"):
+        export_peft(model, tmp_path / "missing" / "x")
+    with pytest.raises(ValueError, match="no lorafuse composition"):
+        export_peft(tiny_model("llama"), tmp_path / "c")
+
+
+def test_export_bfloat16_factors(saved, tmp_path):
+    from safetensors.torch import load_file
+
+    model = compose(fresh_model(saved, "bert"), saved["bert"][1], method="sum")
+    out_dir = export_peft(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(os.path.join(out_dir, "adapter_model.safetensors")).values()} == {
+        torch.bfloat16}
