@@ -94,7 +94,7 @@ class Case:
 
     def build(self, impl):
         """Returns (forward callable, tensors that require grad in forward+backward)."""
-        base, x, ads = self.base, self.x, self.adapters
+        base, ads = self.base, self.adapters
         W = base.weight
         if impl == "base":
             return (lambda xx: F.linear(xx, W)), []
@@ -118,7 +118,6 @@ class Case:
             return f, []
         if impl == "eager_cat":
             return (lambda xx: F.linear(xx, W) + F.linear(F.linear(xx, a_cat) * scale, b_cat)), [a_cat, b_cat]
-        R = a_cat.shape[0]
         layer = lorafuse.MultiLoraLinear(base, ads, method="loramap", map_rank=self.m, map_init="sum")
         a_map = layer.a_map.detach().to(self.dtype).requires_grad_(False)
         b_map = layer.b_map.detach().to(self.dtype).requires_grad_(False)
@@ -163,9 +162,9 @@ def run_case(case: Case, impls, quick):
             x = case.x
             with torch.no_grad():
                 y = f(x)
-                entry["fwd_ms"] = time_ms(lambda: f(x), quick)
+                entry["fwd_ms"] = time_ms(lambda f=f: f(x), quick)
                 if cuda and x.shape[0] <= 64:
-                    entry["fwd_host_us"] = host_us_per_call(lambda: f(x))
+                    entry["fwd_host_us"] = host_us_per_call(lambda f=f: f(x))
             if isinstance(f, lorafuse.MultiLoraLinear):
                 # Every timed lorafuse row is checked against float32 torch on the same weights.
                 with torch.no_grad():
@@ -179,7 +178,7 @@ def run_case(case: Case, impls, quick):
                 p.requires_grad_(True)
             inputs = [xg] + list(params)
 
-            def fb():
+            def fb(f=f, xg=xg, inputs=inputs):
                 return torch.autograd.grad(f(xg), inputs, case.dy)
             fb()
             entry["fb_ms"] = time_ms(fb, quick)

@@ -38,7 +38,6 @@ def stub_kernels():
                         need_dscale=False, config=None):
         T, R = dy.shape[0], b_cat.shape[1]
         M = a_map.shape[0] if a_map is not None else 1
-        f = torch.float32
         return (dy.new_empty((T, R)) if need_ds else None, torch.zeros(R) if need_dscale else None,
                 torch.zeros(M, R) if need_dmap and a_map is not None else None,
                 torch.zeros(R, M) if need_dmap and a_map is not None else None)

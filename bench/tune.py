@@ -11,7 +11,6 @@ reported, never picked).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -59,7 +58,7 @@ def sweep(name, shapes, make, configs, run, check, results, budget_s):
             try:
                 out = run(inputs, cfg)
                 entry["err"] = rel(out, ref)
-                entry["ms"] = bench(lambda: run(inputs, cfg))
+                entry["ms"] = bench(lambda inputs=inputs, cfg=cfg: run(inputs, cfg))
             except Exception as e:  # a config that does not compile or fit is recorded, not fatal
                 entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             row["configs"].append(entry)
@@ -80,7 +79,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
-    p.add_argument("--only", default="", help="comma list of sweeps: tma,portable,fused,shrink,shrink_single,shrink_bwd")
+    p.add_argument("--only", default="",
+                   help="comma list of sweeps: tma,portable,fused,shrink,shrink_single,shrink_bwd")
     args = p.parse_args()
     assert torch.cuda.is_available(), "tune.py needs a GPU"
     dt = torch.bfloat16

@@ -468,7 +468,7 @@ def lora_gemm_fused(
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
-        PREC=dot_precision(x.dtype), 
+        PREC=dot_precision(x.dtype),
         BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
     )
     return y, sp, s, u

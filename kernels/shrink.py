@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting, launch_kwargs, new_empty, num_sms)
+from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting, launch_kwargs, new_empty,
+                    num_sms)
 
 
 @triton.jit

@@ -190,7 +190,8 @@ class MultiLoraLinear(nn.Module):
         return b @ a
 
     def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, ranks={self.ranks}"
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
+             f"ranks={self.ranks}")
         if self.map_rank is not None:
             s += f", map_rank={self.map_rank}, map_init={self.map_init}"
         return s

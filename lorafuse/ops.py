@@ -10,7 +10,7 @@ plain torch.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ def check_lora_args(
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if x.dim() < 1:
-        raise ValueError(f"x must have shape (..., d_in), got a 0-d tensor")
+        raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (d_out, d_in), got {tuple(weight.shape)}")
     d_out, d_in = weight.shape

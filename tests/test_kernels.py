@@ -184,6 +184,7 @@ def test_lora_gemm_shape_errors():
     with pytest.raises(ValueError, match=r"b must have shape \(24, N\)"):
         lora_gemm(a, torch.randn(23, 8, device=DEVICE))
     with pytest.raises(ValueError, match=r"c must have shape \(3, 8\)"):
-        lora_gemm(a, torch.randn(24, 8, device=DEVICE), torch.randn(4, 3, device=DEVICE), torch.randn(3, 9, device=DEVICE))
+        lora_gemm(a, torch.randn(24, 8, device=DEVICE), torch.randn(4, 3, device=DEVICE),
+                  torch.randn(3, 9, device=DEVICE))
     with pytest.raises(ValueError, match="b must be torch.float32"):
         lora_gemm(a, torch.randn(24, 8, device=DEVICE).half())
