@@ -15,6 +15,7 @@ from .adapters import LoraAdapter, load_adapter, load_adapters  # noqa: E402
 from .compose import compose, decompose, get_composition, merge, unmerge  # noqa: E402
 from .export import export_peft  # noqa: E402
 from . import analysis  # noqa: E402
+from .merging import merge_adapters  # noqa: E402
 
 __all__ += ["LoraAdapter", "load_adapter", "load_adapters", "compose", "decompose", "get_composition", "merge",
-            "unmerge", "export_peft", "analysis"]
+            "unmerge", "export_peft", "analysis", "merge_adapters"]

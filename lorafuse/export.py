@@ -53,10 +53,10 @@ def _factors_of_model(model: nn.Module) -> Tuple[Dict[str, Tuple[Tensor, Tensor]
 
 def _factors_of_adapter(adapter: LoraAdapter) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], Dict[str, Any]]:
     factors = {k: (a.detach().float(), s * b.detach().float()) for k, (a, b, s) in adapter.layers.items()}
-    cfg = adapter.config
-    meta = {"fan_in_fan_out": bool(getattr(cfg, "fan_in_fan_out", False) or adapter.info.get("fan_in_fan_out")),
-            "task_type": getattr(cfg, "task_type", None),
-            "base_model_name_or_path": getattr(cfg, "base_model_name_or_path", None)}
+    # Adapters read from peft carry these in their config; merged ones (merge_adapters) in info.
+    meta = {k: adapter.info.get(k, getattr(adapter.config, k, None))
+            for k in ("fan_in_fan_out", "task_type", "base_model_name_or_path")}
+    meta["fan_in_fan_out"] = bool(meta["fan_in_fan_out"])
     return factors, meta
 
 
