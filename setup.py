@@ -20,7 +20,8 @@ setup(
         "peft>=0.17",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "nevergrad>=1.0"],
+        "lorahub": ["nevergrad>=1.0"],
     },
     entry_points={"console_scripts": ["lorafuse=lorafuse.cli:main"]},
 )

@@ -16,6 +16,8 @@ from .compose import compose, decompose, get_composition, merge, unmerge  # noqa
 from .export import export_peft  # noqa: E402
 from . import analysis  # noqa: E402
 from .merging import merge_adapters  # noqa: E402
+from .lorahub import lorahub_search, lorahub_train  # noqa: E402
 
 __all__ += ["LoraAdapter", "load_adapter", "load_adapters", "compose", "decompose", "get_composition", "merge",
-            "unmerge", "export_peft", "analysis", "merge_adapters"]
+            "unmerge", "export_peft", "analysis", "merge_adapters",
+            "lorahub_search", "lorahub_train"]
