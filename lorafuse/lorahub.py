@@ -42,7 +42,8 @@ class LoraHubResult:
     """weights: the K weights found (global adapter order), also left set in the model.
     objective: loss + l1 * mean|w| at those weights; loss: the mean task loss (or -metric) alone.
     composition: "exact" or "factorwise"; method: the optimiser ("NGOpt", "adam", ...);
-    history: (weights, objective) of every evaluation or step, in order; adapters: their names.
+    history: (weights, objective) of every evaluation or step, in order; adapters: their names;
+    seed: the search's seed (None for gradient training, which draws nothing at random).
     """
 
     weights: List[float]
@@ -51,7 +52,7 @@ class LoraHubResult:
     composition: str
     method: str
     adapters: List[str]
-    seed: int
+    seed: Optional[int]
     l1: float
     history: List[Tuple[List[float], float]] = field(default_factory=list)
     info: Dict[str, Any] = field(default_factory=dict)
@@ -250,7 +251,6 @@ def lorahub_train(
     steps: int = 50,
     lr: float = 0.05,
     l1: float = 0.05,
-    seed: int = 42,
     composition: str = "exact",
     per_layer: bool = False,
     init: Optional[Sequence[float]] = None,
@@ -275,7 +275,6 @@ def lorahub_train(
     w0 = [1.0 / K] * K if init is None else [float(x) for x in init]
     if len(w0) != K:
         raise ValueError(f"init must have one entry per adapter ({K}), got {len(w0)}")
-    torch.manual_seed(seed)
     set_lorahub_weights(model, w0)
     layers = [s.composed for s in comp.slots.values()]
     index = [torch.as_tensor(s.adapter_indices) for s in comp.slots.values()]
@@ -318,8 +317,9 @@ def lorahub_train(
                     for layer, idx in zip(layers, index):
                         grad.index_add_(0, idx, _weight_grad(layer).cpu())
                     w.grad = grad + (w.grad if w.grad is not None else 0)
-            history.append((w.detach().tolist() if not per_layer else
-                            [float("nan")] * K, float(task) + float(pen)))
+            # per_layer: no global weights to record (each layer has its own .weights)
+            step_w = [float("nan")] * K if per_layer else w.detach().tolist()
+            history.append((step_w, float(task) + float(pen)))
             opt.step()
     finally:
         for p, flag in own:
@@ -334,7 +334,7 @@ def lorahub_train(
         task = float(_mean_loss(model, batches, loss_fn, False))
         flat = torch.cat([p.detach().reshape(-1) for p in params])
     return LoraHubResult(weights=final, objective=task + l1 * float(flat.abs().mean()), loss=task,
-                         composition=composition, method="adam", adapters=comp.adapter_names, seed=seed, l1=l1,
+                         composition=composition, method="adam", adapters=comp.adapter_names, seed=None, l1=l1,
                          history=history, info={"steps": steps, "lr": lr, "per_layer": per_layer})
 
 
