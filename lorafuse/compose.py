@@ -306,6 +306,17 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _follow_device(module: nn.Module) -> None:
+    """A peft wrapper's LoRA factors were outside the model while it was composed, so model.to(device)
+    did not move them: put them on the device of the base layer they wrap."""
+    base = _base_of(module)
+    if base is module or getattr(base, "weight", None) is None:
+        return
+    device = base.weight.device
+    if any(p.device != device for p in module.parameters()):
+        module.to(device=device)
+
+
 @torch.no_grad()
 def decompose(model: nn.Module) -> nn.Module:
     """Undo compose() (merged or not): the original modules, the same objects, and every parameter's
@@ -318,8 +329,10 @@ def decompose(model: nn.Module) -> nn.Module:
             if lin_w.data_ptr() != slot.conv1d.weight.data_ptr() or lin_w.dtype != slot.conv1d.weight.dtype:
                 slot.conv1d.weight.data = lin_w.data.t()
         _set_module(comp.root, key, slot.original)
+        _follow_device(slot.original)
     for key, wrapper in comp.unwrapped.items():
         _set_module(comp.root, key, wrapper)
+        _follow_device(wrapper)
     delattr(model, _ATTR)
     for n, p in model.named_parameters():
         if n in comp.requires_grad:

@@ -223,14 +223,34 @@ def test_concat_and_loramap_sum_init_equal_sum(saved, family, seeded):
 
 def test_fused_kernel_path_matches_peft(saved):
     """The same comparison through the Triton kernels (interpreter on CPU, real kernels on CUDA)."""
+    from conftest import DEVICE
+
     _, peft_model, names, dirs = saved["gpt2"]
     inputs = model_inputs("gpt2", batch=1, seq=5)
     ref = peft_all_active(peft_model, names, inputs)
-    model = compose(fresh_model(saved, "gpt2"), dirs, method="weighted", weights=[1.0, 1.0, 1.0])
-    with use_backend("triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-                     else "torch"):
-        out = model_output(model, inputs)
-    assert rel_err(out, ref) < 1e-4
+    model = compose(fresh_model(saved, "gpt2"), dirs, method="weighted", weights=[1.0, 1.0, 1.0]).to(DEVICE)
+    with use_backend("triton"):
+        out = model_output(model, {k: v.to(DEVICE) for k, v in inputs.items()})
+    assert rel_err(out, ref) < (1e-3 if DEVICE.type == "cuda" else 1e-4)
+    decompose(model)  # the Conv1D layers come back on the model's device
+    assert all(p.device.type == DEVICE.type for p in model.parameters())
+
+
+def test_dtype_change_while_composed_reaches_restored_modules(saved):
+    """model.double() while composed: decompose gives back Conv1D layers and peft wrappers in step."""
+    from peft import PeftModel
+
+    _, _, names, dirs = saved["gpt2"]
+    model = compose(fresh_model(saved, "gpt2"), dirs, method="sum").double()
+    decompose(model)
+    conv = model.transformer.h[0].attn.c_attn
+    assert conv.weight.dtype == torch.float64 and conv.bias.dtype == torch.float64
+    inputs = model_inputs("gpt2")
+    assert rel_err(model_output(model, inputs), model_output(fresh_model(saved, "gpt2"), inputs)) < 1e-6
+    peft_model = PeftModel.from_pretrained(fresh_model(saved, "gpt2"), dirs[0], adapter_name=names[0])
+    compose(peft_model, adapter_names=names[:1]).double()
+    decompose(peft_model)
+    assert model_output(peft_model, inputs).dtype == torch.float64
 
 
 def test_peft_model_input(saved, seeded):
@@ -412,3 +432,17 @@ def test_layer_construction_error_leaves_model_unchanged(saved):
     with pytest.raises(ValueError, match="map_init"):
         compose(model, dirs, method="loramap", map_rank=2, map_init="bogus")
     _assert_unchanged(model, snap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_matches_peft(saved, family, dtype):
+    """The fused kernels on the GPU, in 16-bit, against peft in float32 on the CPU."""
+    _, peft_model, names, dirs = saved[family]
+    inputs = model_inputs(family)
+    ref = peft_all_active(peft_model, names, inputs)
+    model = compose(fresh_model(saved, family).to("cuda", dtype), dirs, method="weighted", weights=[1.0, 1.0, 1.0])
+    with use_backend("triton"):
+        out = model_output(model, {k: v.cuda() for k, v in inputs.items()})
+    assert rel_err(out.float(), ref) < 3e-2
