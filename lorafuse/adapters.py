@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 
 __all__ = ["LoraAdapter", "load_adapter", "load_adapters", "adapters_from_peft", "PEFT_PREFIX"]

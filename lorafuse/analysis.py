@@ -92,8 +92,9 @@ class DeltaAnalysis:
         for i in range(K):
             for j in range(i + 1, K):
                 pair = f"{self.names[i]} / {self.names[j]}"
-                lines.append(f"{pair:<30} {self.overall_cosine[i, j].item():>11.4f} {self.rms_cosine[i, j].item():>8.4f}"
-                             f" {self.mean_column_overlap[i, j].item():>11.4f} {self.mean_row_overlap[i, j].item():>11.4f}")
+                row = (self.overall_cosine[i, j], self.rms_cosine[i, j], self.mean_column_overlap[i, j],
+                       self.mean_row_overlap[i, j])
+                lines.append(f"{pair:<30} {row[0]:>11.4f} {row[1]:>8.4f} {row[2]:>11.4f} {row[3]:>11.4f}")
         return "\n".join(lines)
 
 

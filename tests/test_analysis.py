@@ -54,7 +54,7 @@ def test_against_dense(seeded):
     res = delta_cosine(ads)
     assert res.names == ["x", "y", "z"] and res.modules == ["l0.q", "l0.v", "l1.q"]
     flat = []
-    for i, ad in enumerate(ads):
+    for ad in ads:
         flat.append(torch.cat([_dense(ad, k).flatten() if k in ad.layers else torch.zeros(SHAPES[k]).double().flatten()
                                for k in res.modules]))
     for key in res.modules:

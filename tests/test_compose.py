@@ -7,6 +7,7 @@ composition test files.
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_weighted_default_is_average_over_all_adapters(saved, seeded):
 
 
 def test_per_layer_subsets_in_global_order(saved):
-    _, _, names, dirs = saved["llama"]
+    dirs = saved["llama"][3]
     model = compose(fresh_model(saved, "llama"), dirs, method="weighted", weights=[0.5, -1.0, 2.0])
     comp = get_composition(model)
     carried = comp.layer_adapters()
@@ -256,7 +257,7 @@ def test_dtype_change_while_composed_reaches_restored_modules(saved):
 def test_peft_model_input(saved, seeded):
     from peft import PeftModel
 
-    fresh_sd, _, names, dirs = saved["llama"]
+    _, _, names, dirs = saved["llama"]
     base = fresh_model(saved, "llama")
     peft_model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
     for n, d in zip(names[1:], dirs[1:]):
@@ -291,7 +292,7 @@ def test_state_dict_input_equals_dir_input(saved):
     _, _, _, dirs = saved["bert"]
     pairs = []
     for d in dirs:
-        cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+        cfg = json.loads(Path(d, "adapter_config.json").read_text())
         pairs.append((load_file(os.path.join(d, "adapter_model.safetensors")), LoraConfig(**{
             k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})))
     inputs = model_inputs("bert")
@@ -371,7 +372,7 @@ def test_missing_paths(saved, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         compose(model, [dirs[0], str(empty)])
-    (empty / "adapter_config.json").write_text(open(os.path.join(dirs[0], "adapter_config.json")).read())
+    (empty / "adapter_config.json").write_text(Path(dirs[0], "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         compose(model, [dirs[0], str(empty)])
     _assert_unchanged(model, snap)

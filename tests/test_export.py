@@ -1,6 +1,7 @@
 """export_peft: the exported adapter, loaded by peft itself, reproduces the composed model's outputs."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def fresh_model(saved, family):
 def _perturb(model):
     """Stand-in for training: random values in every trainable tensor of the composition."""
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
 
@@ -65,7 +66,7 @@ def test_export_reloads_in_peft(saved, tmp_path, family, method, kw, seeded):
     assert rel_err(out, ref) < TOL
     assert rel_err(out, model_output(fresh_model(saved, family), inputs)) > 1e-3
 
-    cfg = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    cfg = json.loads(Path(out_dir, "adapter_config.json").read_text())
     comp = get_composition(model)
     want = {k: (3 if method == "loramap" else sum(layer.ranks)) for k, layer in comp.layers().items()}
     got = {k: m.lora_A["default"].weight.shape[0] for k, m in reloaded.base_model.model.named_modules()
@@ -81,13 +82,13 @@ def test_export_refuses_routing_and_existing_dir(saved, tmp_path):
     export_peft(model, tmp_path / "a")
     with pytest.raises(FileExistsError, match="already exists"):
         export_peft(model, tmp_path / "a")
-    before = open(tmp_path / "a" / "adapter_model.safetensors", "rb").read()
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     # overwrite replaces the directory in one rename
     layer = next(iter(get_composition(model).layers().values()))
     with torch.no_grad():
         layer.b_cat.mul_(2)
     export_peft(model, tmp_path / "a", overwrite=True)
-    assert open(tmp_path / "a" / "adapter_model.safetensors", "rb").read() != before
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != before
     assert sorted(os.listdir(tmp_path)) == ["a"]
     # a layer whose composition depends on the input cannot be exported
     layer.method = "route"
