@@ -447,3 +447,28 @@ def test_cuda_half_precision_matches_peft(saved, family, dtype):
     with use_backend("triton"):
         out = model_output(model, {k: v.cuda() for k, v in inputs.items()})
     assert rel_err(out.float(), ref) < 3e-2
+
+
+def test_new_methods_and_keywords_pass_through(saved, monkeypatch):
+    """A method added to MultiLoraLinear later (e.g. routing) and its keyword arguments reach every layer."""
+    import sys
+
+    import lorafuse.modules as modules_mod
+
+    compose_mod = sys.modules["lorafuse.compose"]  # the package attribute `compose` is the function
+
+    seen = []
+
+    class Recording(MultiLoraLinear):
+        def __init__(self, base, adapters, method="sum", router_top_k=None, **kw):
+            seen.append((method, router_top_k, len(adapters), kw.get("weights")))
+            super().__init__(base, adapters, method="sum")
+
+    monkeypatch.setattr(modules_mod, "METHODS", modules_mod.METHODS + ("route",))
+    monkeypatch.setattr(compose_mod, "MultiLoraLinear", Recording)
+    dirs = saved["llama"][3]
+    model = compose(fresh_model(saved, "llama"), dirs, method="route", router_top_k=2, weights=[1.0, 2.0, 3.0])
+    comp = get_composition(model)
+    assert len(seen) == len(comp.slots)
+    assert all(m == "route" and k == 2 for m, k, _, _ in seen)
+    assert ("route", 2, 1, [3.0]) in seen  # gate_proj carries only a2: its weight only
