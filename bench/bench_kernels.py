@@ -20,6 +20,8 @@ Implementations:
   eager_cat         base + ((x A_cat^T) * s) B_cat^T                  (x, A_cat, B_cat)
   eager_map         base + ((((x A_cat^T) A_map^T) B_map^T) * s) B_cat^T  (x, A_map, B_map)
   compile_map       torch.compile(eager_map, dynamic=True)            (x, A_map, B_map)
+  graph_base, graph_loramap   forward only, replayed from a CUDA graph (T <= 2048): the cost without
+                    host launches, as decoding loops (or torch.compile(mode="reduce-overhead")) run it
 In parentheses: what requires grad in forward+backward.
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ FULL = dict(T=[16, 512, 2048, 8192, 16384], dims=[(4096, 4096), (4096, 14336), (
             K=[1, 3, 8], r=[8, 16, 64], m=16)
 SMOKE = dict(T=[1, 37], dims=[(40, 24)], K=[1, 3], r=[5], m=4)
 IMPLS = ["base", "lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat",
-         "eager_map", "compile_map"]
+         "eager_map", "compile_map", "graph_base", "graph_loramap"]
+GRAPH_MAX_T = 2048
 
 
 def _peft_layer(base: nn.Linear, adapters, r, dtype):
@@ -129,7 +132,29 @@ class Case:
         if impl == "compile_map":
             compiled = torch.compile(chain, dynamic=True)
             return (lambda xx: compiled(xx, a_map, b_map)), [a_map, b_map]
+        if impl.startswith("graph_"):
+            inner, _ = self.build("base" if impl == "graph_base" else "lorafuse_loramap")
+            return _graphed(inner, self.x), None
         raise ValueError(impl)
+
+
+def _graphed(f, x):
+    """f(x) captured once in a CUDA graph (no grad); calling the result replays it on the same x."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):  # compile and warm up outside the capture
+            f(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = f(x)
+
+    def replay(_x=None):
+        graph.replay()
+        return out
+    replay.module = f
+    return replay
 
 
 def time_ms(fn, quick=False):
@@ -157,6 +182,8 @@ def run_case(case: Case, impls, quick):
     cuda = torch.cuda.is_available()
     for impl in impls:
         entry = {}
+        if impl.startswith("graph_") and (not cuda or case.x.shape[0] > GRAPH_MAX_T):
+            continue
         try:
             f, params = case.build(impl)
             x = case.x
@@ -165,14 +192,19 @@ def run_case(case: Case, impls, quick):
                 entry["fwd_ms"] = time_ms(lambda f=f: f(x), quick)
                 if cuda and x.shape[0] <= 64:
                     entry["fwd_host_us"] = host_us_per_call(lambda f=f: f(x))
-            if isinstance(f, lorafuse.MultiLoraLinear):
+            layer = getattr(f, "module", f)
+            if isinstance(layer, lorafuse.MultiLoraLinear):
                 # Every timed lorafuse row is checked against float32 torch on the same weights.
                 with torch.no_grad():
                     ref = lorafuse.lora_linear_reference(
-                        x.float(), f.base_layer.weight.float(), None, f.a_cat.float(), f.b_cat.float(), f.scale,
-                        f.a_map, f.b_map)
+                        x.float(), layer.base_layer.weight.float(), None, layer.a_cat.float(), layer.b_cat.float(),
+                        layer.scale, layer.a_map, layer.b_map)
                     entry["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
                     del ref
+            if params is None:  # forward-only variant
+                row[impl] = entry
+                del f, y, layer
+                continue
             xg = x.detach().requires_grad_(True)
             for p in params:
                 p.requires_grad_(True)

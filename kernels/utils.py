@@ -1,6 +1,7 @@
 """Shared helpers for the launch functions: input checks, block sizes, the interpreter switch."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -43,8 +44,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
 
 
 def check_tensor(
@@ -91,4 +90,10 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    # Cached: the property query costs tens of microseconds per launch on the host.
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -119,6 +119,8 @@ class MultiLoraLinear(nn.Module):
                                                             device=dev))
         self.register_buffer("rank_index", torch.repeat_interleave(
             torch.arange(K, device=dev), torch.tensor(self.ranks, device=dev)))
+        self._scale_key = None
+        self._scale_cache = None
         if method == "loramap":
             self.map_rank = int(map_rank)
             self.map_init = map_init
@@ -142,7 +144,17 @@ class MultiLoraLinear(nn.Module):
     @property
     def scale(self) -> Tensor:
         """(R,) float32: s_i * w_i repeated over adapter i's rank block."""
-        return (self.adapter_scales * self.weights)[self.rank_index]
+        w, s = self.weights, self.adapter_scales
+        if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return (s * w)[self.rank_index]
+        # Frozen weights: the (R,) vector is computed once and kept while the weights, the scales and
+        # their storage stay the same (in-place edits bump _version), which saves two small kernel
+        # launches per call, a large share of a decoding step.
+        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self.rank_index.data_ptr())
+        if self._scale_key != key:
+            self._scale_cache = (s * w)[self.rank_index].detach()
+            self._scale_key = key
+        return self._scale_cache
 
     def _init_map(self, m: int, how: str) -> Tuple[Tensor, Tensor]:
         R = self.a_cat.shape[0]

@@ -76,6 +76,27 @@ def test_weighted_defaults_to_averaging_and_keeps_order(seeded):
     assert torch.allclose(layer.scale, want_scale)
 
 
+def test_scale_follows_weight_edits_when_frozen(seeded):
+    # The (R,) scale is cached for frozen weights: an in-place edit (as LoraHub's search does) and a
+    # replaced tensor must both show in the next output.
+    adapters = _adapters()
+    layer = MultiLoraLinear(_base(), adapters, method="weighted", weights=[0.2, 0.3, 0.5])
+    layer.weights.requires_grad_(False)
+    x = torch.randn(7, D_IN, device=DEVICE)
+    for w in ([0.2, 0.3, 0.5], [1.0, -2.0, 0.5]):
+        with torch.no_grad():
+            layer.weights.copy_(torch.tensor(w))
+            y = layer(x)
+        assert rel_err(y, _out_ref(layer.base_layer, x, _dense_sum(adapters, w))) < TOL[torch.float32]
+    layer.weights = torch.nn.Parameter(torch.tensor([0.0, 1.0, 0.0], device=DEVICE), requires_grad=False)
+    with torch.no_grad():
+        y = layer(x)
+    assert rel_err(y, _out_ref(layer.base_layer, x, _dense_sum(adapters, [0.0, 1.0, 0.0]))) < TOL[torch.float32]
+    assert torch.equal(layer.scale, torch.tensor([s for a, _, s in adapters for _ in range(a.shape[0])],
+                                                 device=DEVICE) * torch.tensor([0.0] * 3 + [1.0] * 5 + [0.0] * 2,
+                                                                                device=DEVICE))
+
+
 def test_loramap_lora_init_starts_at_base(seeded):
     base = _base()
     layer = MultiLoraLinear(base, _adapters(), method="loramap", map_rank=4)

@@ -1,0 +1,71 @@
+"""Where the host time of one eager lorafuse call goes, on a GPU (cProfile over many calls).
+
+    python bench/profile_host.py [--T 16 512] [--method loramap]
+
+Prints the wall time per call (host-bound when the GPU is faster than the launches), then the
+functions with the most own time. Used to find launch and dispatch overhead.
+"""
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn as nn
+
+import lorafuse
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="*", default=[16, 512])
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--method", default="loramap")
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    base = nn.Linear(args.d, args.d, bias=False, device=dev, dtype=dt)
+    ads = [(torch.randn(16, args.d, device=dev, dtype=dt) * 0.01, torch.randn(args.d, 16, device=dev, dtype=dt) * 0.01,
+            2.0) for _ in range(3)]
+    kw = {"map_rank": 16} if args.method == "loramap" else {}
+    layer = lorafuse.MultiLoraLinear(base, ads, method=args.method, **kw)
+    for T in args.T:
+        x = torch.randn(T, args.d, device=dev, dtype=dt)
+        for mode in ("forward", "forward+backward"):
+            if mode == "forward":
+                def call():
+                    with torch.no_grad():
+                        return layer(x)
+            else:
+                xg = x.detach().requires_grad_(True)
+                dy = torch.randn(T, args.d, device=dev, dtype=dt)
+
+                def call():
+                    return torch.autograd.grad(layer(xg), [xg] + [q for q in layer.parameters() if q.requires_grad], dy)
+            for _ in range(20):
+                call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - t0) / args.calls * 1e6
+            base_t0 = time.perf_counter()
+            for _ in range(args.calls):
+                with torch.no_grad():
+                    base(x)
+            torch.cuda.synchronize()
+            base_us = (time.perf_counter() - base_t0) / args.calls * 1e6
+            print(f"\n=== T={T} {mode}: {us:.1f} us per call (base layer forward {base_us:.1f} us)")
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
