@@ -195,3 +195,33 @@ def test_bad_adapters():
         MultiLoraLinear(_base(), [(a, b, float("nan"))])
     with pytest.raises(TypeError, match="base must be an nn.Linear"):
         MultiLoraLinear(nn.Conv1d(3, 3, 1), [(a, b, s)])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("T", [16, 300])
+def test_cuda_graph_and_reduce_overhead_compile(T, seeded):
+    # Decoding runs lorafuse layers inside CUDA graphs: capture, replay on new inputs, and
+    # torch.compile(mode="reduce-overhead") must all give the eager output.
+    layer = MultiLoraLinear(_base(torch.bfloat16), _adapters(dtype=torch.bfloat16), method="loramap", map_rank=4,
+                            map_init="sum")
+    x = torch.randn(T, D_IN, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x2 = torch.randn_like(x)
+        x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, layer(x2)) < TOL[torch.bfloat16]
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            y = compiled(x2)
+        assert rel_err(y, layer(x2)) < TOL[torch.bfloat16]
+        assert rel_err(eager, layer(x2)) > 0.1  # the inputs did change
