@@ -21,3 +21,5 @@ from .lorahub import lorahub_search, lorahub_train  # noqa: E402
 __all__ += ["LoraAdapter", "load_adapter", "load_adapters", "compose", "decompose", "get_composition", "merge",
             "unmerge", "export_peft", "analysis", "merge_adapters",
             "lorahub_search", "lorahub_train"]
+from .segmented import LoraLibrary, lora_linear_segmented  # noqa: E402,F401
+__all__ += ["LoraLibrary", "lora_linear_segmented"]

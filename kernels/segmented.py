@@ -1,0 +1,356 @@
+"""Per-request adapters: every row t of a batch uses its own adapter idx[t] from a library of slots
+(-1: none), added onto the base product y = x W^T + b computed by cuBLAS.
+
+Library layout (slots, zero-padded to the largest rank): fac (N, r_max, D) with fac[i, :r_i] the
+rank-r_i factor of slot i (A_i for the shrink, B_i^T for the expand), ranks (N,), scales (N,).
+Loads beyond a slot's rank are masked, so padding costs no memory traffic.
+
+    shrink:  S[t] = fac_in[idx[t], :r] x[t]              (float32, written as split partial sums)
+    expand:  y[t] += round(S[t] * scale[idx[t]]) fac_out[idx[t], :r]   (in place)
+
+The backward of x is the same pair with the factors swapped (shrink of dY with B^T, expand into
+dY W with A), so it reuses these kernels.
+
+Two schedules, neither of which reads anything back to the host (fixed shapes: CUDA-graph capturable):
+- gathered (BGMV-like; few rows, decoding): one program per row (and per slice of D in the shrink,
+  so that a handful of rows still fills the GPU); each program loads its row's adapter by index.
+  No sorting, two launches. The adapter is re-read for every row (from L2 when rows share it).
+- grouped (SGMV-like; many rows): rows are sorted by adapter on the GPU (torch.sort), cut into
+  blocks of BLOCK_T rows that share one adapter, and each block runs tensor-core dots. The number
+  of blocks is bounded by cdiv(T, BLOCK_T) + min(N, T), so the grid is sized by that bound and
+  surplus programs exit after one load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import block_for, check_runnable, dot_precision, is_interpreting, new_empty, num_sms
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathered schedule (one row per program)
+
+
+@triton.jit
+def _gathered_shrink_kernel(
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT,
+    stride_xt, stride_xd,
+    stride_fn, stride_fr, stride_fd,
+    stride_ps, stride_pt,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    slot = tl.load(idx_ptr + t).to(tl.int64)
+    valid = slot >= 0
+    slot = tl.maximum(slot, 0)
+    rank = tl.load(ranks_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    d_lo = split * D_PER_SPLIT
+    # Rows without an adapter skip the loop (their partials are written as zeros, never read).
+    d_hi = tl.where(valid, tl.minimum(d_lo + D_PER_SPLIT, D), d_lo)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        xv = tl.load(x_ptr + t * stride_xt + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+        f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_d[None, :] * stride_fd,
+                    mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(f * xv[None, :], axis=1)
+    tl.store(part_ptr + split * stride_ps + t * stride_pt + offs_r, acc, mask=offs_r < R_MAX)
+
+
+@triton.jit
+def _gathered_expand_kernel(
+    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    N, SPLITS,
+    stride_ot, stride_on,
+    stride_ps, stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    slot = tl.load(idx_ptr + t).to(tl.int64)
+    valid = slot >= 0
+    slot = tl.maximum(slot, 0)
+    rank = tl.load(ranks_ptr + slot)
+    scale = tl.load(scales_ptr + slot).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    # (Scalar conditions folded into the bounds: the interpreter rejects scalar & vector masks.)
+    r_mask = offs_r < tl.where(valid, rank, 0)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(0, SPLITS):
+        s += tl.load(part_ptr + k * stride_ps + t * stride_pt + offs_r, mask=r_mask, other=0.0)
+    # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
+    s = (s * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.where(valid, N, 0)
+    f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(f * s[:, None], axis=0)
+    o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
+    y = tl.load(o_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped schedule (blocks of rows sharing one adapter)
+
+
+@dataclass
+class GroupPlan:
+    """Rows grouped by adapter, all on the device (no host read-back).
+
+    perm (T,): row numbers sorted by slot (rows without an adapter last);
+    seg_start, seg_end (N,): slot i's rows are perm[seg_start[i]:seg_end[i]];
+    blk_end (N,): cumulative count of BLOCK_T-row blocks up to and including slot i;
+    blk_slot (num_programs,): the slot of program p's block (N: no block, the program exits).
+    """
+
+    perm: torch.Tensor
+    seg_start: torch.Tensor
+    seg_end: torch.Tensor
+    blk_end: torch.Tensor
+    blk_slot: torch.Tensor
+    block_t: int
+    num_slots: int
+
+    @property
+    def num_programs(self) -> int:
+        return self.blk_slot.shape[0]
+
+
+def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
+    """Sort rows by slot and lay out the row blocks. idx (T,) integer, values in [-1, num_slots)."""
+    T = idx.shape[0]
+    # -1 -> num_slots: rows without an adapter sort after every slot and belong to no block.
+    key = torch.remainder(idx.to(torch.int64), num_slots + 1)
+    sorted_key, perm = torch.sort(key, stable=True)
+    slots = torch.arange(num_slots, device=idx.device, dtype=torch.int64)
+    seg_start = torch.searchsorted(sorted_key, slots, right=False)
+    seg_end = torch.searchsorted(sorted_key, slots, right=True)
+    blk_end = torch.cumsum(torch.div(seg_end - seg_start + block_t - 1, block_t, rounding_mode="floor"), 0)
+    # Every slot's rows fill whole blocks but its last: at most cdiv(T, block_t) + min(N, T) blocks.
+    max_blocks = triton.cdiv(T, block_t) + min(num_slots, T)
+    programs = torch.arange(max_blocks, device=idx.device, dtype=torch.int64)
+    blk_slot = torch.searchsorted(blk_end, programs, right=True)
+    return GroupPlan(perm, seg_start, seg_end, blk_end, blk_slot, block_t, num_slots)
+
+
+@triton.jit
+def _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr, perm_ptr, NUM_SLOTS,
+                BLOCK_T: tl.constexpr):
+    """(slot, rows (BLOCK_T,), row mask, valid) of program pid's block."""
+    slot = tl.load(blk_slot_ptr + pid)
+    valid = slot < NUM_SLOTS
+    slot = tl.minimum(slot, NUM_SLOTS - 1)
+    start = tl.load(seg_start_ptr + slot)
+    end = tl.load(seg_end_ptr + slot)
+    first_block = tl.load(blk_end_ptr + slot) - (end - start + BLOCK_T - 1) // BLOCK_T
+    offs = start + (pid - first_block) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs < tl.where(valid, end, 0)
+    rows = tl.load(perm_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+    return slot, rows, t_mask, valid
+
+
+@triton.jit
+def _grouped_shrink_kernel(
+    x_ptr, fac_ptr, ranks_ptr, part_ptr,
+    blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr, perm_ptr,
+    D, R_MAX, NUM_SLOTS,
+    stride_xt, stride_xd,
+    stride_fn, stride_fr, stride_fd,
+    stride_pt,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
+                                            perm_ptr, NUM_SLOTS, BLOCK_T)
+    rank = tl.load(ranks_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    d_end = tl.where(valid, D, 0)  # surplus programs skip the loop
+    for d0 in range(0, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                    mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        # The slot's factor read transposed: (BLOCK_D, BLOCK_R).
+        f = tl.load(fac_ptr + slot * stride_fn + offs_r[None, :] * stride_fr + offs_d[:, None] * stride_fd,
+                    mask=r_mask[None, :] & d_mask[:, None], other=0.0)
+        acc = tl.dot(x, f, acc, input_precision=PREC)
+    tl.store(part_ptr + rows[:, None] * stride_pt + offs_r[None, :], acc,
+             mask=t_mask[:, None] & (offs_r[None, :] < R_MAX))
+
+
+@triton.jit
+def _grouped_expand_kernel(
+    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr,
+    blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr, perm_ptr,
+    N, NUM_SLOTS,
+    stride_ot, stride_on,
+    stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
+                                            perm_ptr, NUM_SLOTS, BLOCK_T)
+    rank = tl.load(ranks_ptr + slot)
+    scale = tl.load(scales_ptr + slot).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    s = tl.load(part_ptr + rows[:, None] * stride_pt + offs_r[None, :],
+                mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+    s = (s * scale).to(out_ptr.dtype.element_ty)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.where(valid, N, 0)
+    f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    delta = tl.dot(s, f, input_precision=PREC)
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+    o_mask = t_mask[:, None] & n_mask[None, :]
+    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch functions
+
+# Up to this many rows the gathered schedule runs (no sort; adapters re-read per row from L2);
+# above it, the grouped one. To be tuned on a GPU (bench/bench_routing.py times both).
+GATHERED_MAX_T = 256
+
+
+def _gathered_blocks(D: int):
+    if is_interpreting():
+        return 32, 32, 4
+    return 256, 256, 4  # BLOCK_D of the shrink, BLOCK_N of the expand, warps
+
+
+def _grouped_blocks(T: int, dtype: torch.dtype):
+    if is_interpreting():
+        return 16, 32, 32, 4
+    bt = 32 if T <= 2048 else 64
+    return bt, (64 if dtype == torch.float32 else 128), 128, 4  # BLOCK_T, BLOCK_D, BLOCK_N, warps
+
+
+def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor):
+    if fac.dim() != 3:
+        raise ValueError(f"{name} must have shape (num_slots, r_max, D), got {tuple(fac.shape)}")
+    if fac.device != x.device or fac.dtype != x.dtype:
+        raise ValueError(f"{name} must be {x.dtype} on {x.device} like the rows, got {fac.dtype} on {fac.device}")
+    N = fac.shape[0]
+    if tuple(ranks.shape) != (N,) or ranks.dtype not in (torch.int32, torch.int64) or ranks.device != x.device:
+        raise ValueError(f"ranks must be an int32/int64 tensor of shape ({N},) on {x.device}, "
+                         f"got {ranks.dtype} {tuple(ranks.shape)} on {ranks.device}")
+    if tuple(scales.shape) != (N,) or scales.device != x.device:
+        raise ValueError(f"scales must have shape ({N},) on {x.device}, got {tuple(scales.shape)} on {scales.device}")
+
+
+def segmented_lora_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    fac_in: torch.Tensor,
+    fac_out: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    idx: torch.Tensor,
+    schedule: str = "auto",
+) -> torch.Tensor:
+    """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
+
+    out: (T, N_out); x: (T, D); fac_in: (num_slots, r_max, D) and fac_out: (num_slots, r_max, N_out)
+    in x's dtype (zero-padded slots); ranks (num_slots,) int; scales (num_slots,) float32; idx (T,)
+    int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
+    schedule: "gathered", "grouped" or "auto" (by T). Returns out.
+    """
+    check_runnable("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, D), got {tuple(x.shape)}")
+    T, D = x.shape
+    if out.dim() != 2 or out.shape[0] != T or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    N = out.shape[1]
+    _check_library("fac_in", fac_in, x, ranks, scales)
+    _check_library("fac_out", fac_out, x, ranks, scales)
+    num_slots, r_max = fac_in.shape[:2]
+    if fac_in.shape[2] != D or tuple(fac_out.shape) != (num_slots, r_max, N):
+        raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) and fac_out ({num_slots}, {r_max}, {N}), "
+                         f"got {tuple(fac_in.shape)} and {tuple(fac_out.shape)}")
+    if tuple(idx.shape) != (T,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != x.device:
+        raise ValueError(f"idx must be an int32/int64 tensor of shape ({T},) on {x.device}, "
+                         f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
+    if schedule not in ("auto", "gathered", "grouped"):
+        raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
+    if T == 0 or N == 0 or num_slots == 0 or r_max == 0:
+        return out
+    if schedule == "auto":
+        schedule = "gathered" if T <= GATHERED_MAX_T else "grouped"
+    block_r = block_for(r_max)
+    if schedule == "gathered":
+        block_d, block_n, warps = _gathered_blocks(D)
+        # Enough (row, slice of D) programs to fill the GPU even for a few rows; the expand sums
+        # the slices' partials, so the result does not depend on timing (no atomics).
+        splits = max(1, min(triton.cdiv(D, block_d), triton.cdiv(2 * num_sms(x.device), T)))
+        per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
+        splits = triton.cdiv(D, per_split)
+        part = new_empty((splits, T, r_max), torch.float32, x.device)
+        _gathered_shrink_kernel[(T, splits)](
+            x, fac_in, ranks, idx, part,
+            D, r_max, per_split,
+            x.stride(0), x.stride(1),
+            fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
+            part.stride(0), part.stride(1),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+        _gathered_expand_kernel[(T, triton.cdiv(N, block_n))](
+            out, part, fac_out, ranks, scales, idx,
+            N, splits,
+            out.stride(0), out.stride(1),
+            part.stride(0), part.stride(1),
+            fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        )
+        return out
+
+    block_t, block_d, block_n, warps = _grouped_blocks(T, x.dtype)
+    plan = group_rows(idx, num_slots, block_t)
+    part = new_empty((T, r_max), torch.float32, x.device)
+    prec = dot_precision(x.dtype)
+    plan_args = (plan.blk_slot, plan.seg_start, plan.seg_end, plan.blk_end, plan.perm)
+    _grouped_shrink_kernel[(plan.num_programs,)](
+        x, fac_in, ranks, part, *plan_args,
+        D, r_max, num_slots,
+        x.stride(0), x.stride(1),
+        fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
+        part.stride(0),
+        PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    )
+    _grouped_expand_kernel[(plan.num_programs, triton.cdiv(N, block_n))](
+        out, part, fac_out, ranks, scales, *plan_args,
+        N, num_slots,
+        out.stride(0), out.stride(1),
+        part.stride(0),
+        fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+        PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+    )
+    return out

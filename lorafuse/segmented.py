@@ -1,0 +1,361 @@
+"""Per-request adapters (mixed batches for serving): one base layer, a library of LoRA adapters, and
+every row (or every sequence) of a batch using its own adapter, or none.
+
+    library = LoraLibrary.from_adapters([(A_1, B_1, s_1), ..., (A_n, B_n, s_n)])
+    y = lora_linear_segmented(x, weight, bias, library, idx)
+
+y[t] = x[t] W^T + b + s_i (x[t] A_i^T) B_i^T with i = idx[t]; idx[t] = -1 leaves the row to the base
+layer. On CUDA (and on the CPU under TRITON_INTERPRET=1) the low-rank part runs in two Triton
+kernels added onto the cuBLAS base product (lorafuse/kernels/segmented.py), with no read-back to the
+host: the call can be captured in a CUDA graph and replayed with new ids written into the same idx
+tensor. Elsewhere it runs in plain torch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafuse.kernels.segmented import segmented_lora_
+from lorafuse.kernels.utils import can_run
+
+from .modules import _check_adapters
+
+__all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LoraLibrary:
+    """LoRA adapters packed into fixed slots, zero-padded to the largest rank.
+
+    a: (num_slots, r_max, d_in), slot i's A_i in a[i, :r_i];
+    b: (num_slots, r_max, d_out), slot i's B_i^T in b[i, :r_i] (rows of B^T, so that the expand reads
+       contiguous rows of d_out);
+    ranks: (num_slots,) int32 (0 for an empty slot); scales: (num_slots,) float32.
+
+    The kernels mask everything beyond a slot's rank, so mixed ranks cost no extra memory traffic;
+    the padding costs memory only (num_slots * r_max * (d_in + d_out) elements). Slots can be
+    rewritten in place (`set_adapter`, `clear`) without changing any tensor's storage, so a captured
+    CUDA graph keeps working with the new adapters.
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, ranks: Tensor, scales: Tensor) -> None:
+        if not isinstance(a, Tensor) or a.dim() != 3:
+            raise ValueError(f"a must have shape (num_slots, r_max, d_in), got "
+                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+        n, r_max, _ = a.shape
+        if not isinstance(b, Tensor) or b.dim() != 3 or tuple(b.shape[:2]) != (n, r_max):
+            raise ValueError(f"b must have shape ({n}, {r_max}, d_out), got "
+                             f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        if b.dtype != a.dtype or b.device != a.device:
+            raise ValueError(f"b must be {a.dtype} on {a.device} like a, got {b.dtype} on {b.device}")
+        if not a.is_floating_point():
+            raise ValueError(f"a and b must be floating point, got {a.dtype}")
+        if not isinstance(ranks, Tensor) or tuple(ranks.shape) != (n,) or ranks.is_floating_point():
+            raise ValueError(f"ranks must be an integer tensor of shape ({n},), got {ranks!r}")
+        if not isinstance(scales, Tensor) or tuple(scales.shape) != (n,):
+            raise ValueError(f"scales must be a tensor of shape ({n},), got {scales!r}")
+        self.a = a
+        self.b = b
+        self.ranks = ranks.to(a.device, torch.int32)
+        self.scales = scales.to(a.device, torch.float32)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, num_slots: int, r_max: int, d_in: int, d_out: int, dtype: torch.dtype = torch.float32,
+              device: Optional[torch.device] = None) -> "LoraLibrary":
+        """A library of num_slots empty slots (rank 0) of up to rank r_max."""
+        for name, v in (("num_slots", num_slots), ("r_max", r_max), ("d_in", d_in), ("d_out", d_out)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        return cls(torch.zeros((num_slots, r_max, d_in), dtype=dtype, device=device),
+                   torch.zeros((num_slots, r_max, d_out), dtype=dtype, device=device),
+                   torch.zeros((num_slots,), dtype=torch.int32, device=device),
+                   torch.zeros((num_slots,), dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Sequence[Tuple[Tensor, Tensor, float]],
+        num_slots: Optional[int] = None,
+        r_max: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> "LoraLibrary":
+        """Pack [(A_i (r_i, d_in), B_i (d_out, r_i), s_i), ...] into slots 0..n-1.
+
+        num_slots (default n) and r_max (default max r_i) leave room for adapters set later;
+        dtype and device default to the first adapter's.
+        """
+        adapters = list(adapters)
+        if not adapters or not isinstance(adapters[0], (tuple, list)) or len(adapters[0]) != 3:
+            raise ValueError("adapters must be a non-empty list of (A, B, scale) triples")
+        a0, b0, _ = adapters[0]
+        if not isinstance(a0, Tensor) or a0.dim() != 2 or not isinstance(b0, Tensor) or b0.dim() != 2:
+            raise ValueError("adapters[0] must hold A (r, d_in) and B (d_out, r) tensors")
+        d_in, d_out = a0.shape[1], b0.shape[0]
+        adapters = _check_adapters(adapters, d_in, d_out)
+        n = len(adapters)
+        num_slots = n if num_slots is None else int(num_slots)
+        if num_slots < n:
+            raise ValueError(f"num_slots must be at least the number of adapters ({n}), got {num_slots}")
+        top = max(a.shape[0] for a, _, _ in adapters)
+        r_max = top if r_max is None else int(r_max)
+        if r_max < top:
+            raise ValueError(f"r_max must be at least the largest rank ({top}), got {r_max}")
+        lib = cls.empty(num_slots, r_max, d_in, d_out, dtype or a0.dtype, device or a0.device)
+        for i, (a, b, s) in enumerate(adapters):
+            lib.set_adapter(i, a, b, s)
+        return lib
+
+    @torch.no_grad()
+    def set_adapter(self, slot: int, a: Tensor, b: Tensor, scale: float) -> None:
+        """Write A (r, d_in), B (d_out, r), scale into `slot` in place (r <= r_max)."""
+        self._check_slot(slot)
+        (a, b, scale), = _check_adapters([(a, b, scale)], self.d_in, self.d_out)
+        r = a.shape[0]
+        if r > self.r_max:
+            raise ValueError(f"the adapter's rank {r} exceeds the library's r_max {self.r_max}")
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :r].copy_(a)
+        self.b[slot, :r].copy_(b.t())
+        self.ranks[slot] = r
+        self.scales[slot] = scale
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        """Empty `slot` (rank 0): rows routed to it get the base layer only."""
+        self._check_slot(slot)
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.ranks[slot] = 0
+        self.scales[slot] = 0.0
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be an integer in [0, {self.num_slots}), got {slot!r}")
+
+    def adapter(self, slot: int) -> Tuple[Tensor, Tensor, float]:
+        """Slot `slot` as (A (r, d_in), B (d_out, r), scale) (reads the rank back to the host)."""
+        self._check_slot(slot)
+        r = int(self.ranks[slot])
+        return self.a[slot, :r], self.b[slot, :r].t(), float(self.scales[slot])
+
+    def to(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "LoraLibrary":
+        """A copy on `device` with the factors in `dtype` (ranks and scales keep theirs)."""
+        return LoraLibrary(self.a.to(device=device, dtype=dtype), self.b.to(device=device, dtype=dtype),
+                           self.ranks.to(device), self.scales.to(device))
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def r_max(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.a.shape[2]
+
+    @property
+    def d_out(self) -> int:
+        return self.b.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def __len__(self) -> int:
+        return self.num_slots
+
+    def __repr__(self) -> str:
+        return (f"LoraLibrary(num_slots={self.num_slots}, r_max={self.r_max}, d_in={self.d_in}, "
+                f"d_out={self.d_out}, dtype={self.dtype}, device={self.device})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _row_ids(x: Tensor, idx: Tensor) -> Tensor:
+    """idx as one id per row of x.reshape(-1, d_in): idx of shape x.shape[:-1] (per token), or (B,)
+    for x (B, L, d_in) (per sequence)."""
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of adapter ids, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"idx must be an integer tensor (int32/int64), got {idx.dtype}")
+    if idx.device != x.device:
+        raise ValueError(f"idx must be on {x.device} like x, got {idx.device}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        idx = idx.to(torch.int32)
+    lead = tuple(x.shape[:-1])
+    if tuple(idx.shape) == lead:
+        return idx.reshape(-1)
+    if x.dim() == 3 and tuple(idx.shape) == (x.shape[0],):
+        return idx[:, None].expand(lead).reshape(-1)
+    want = f"{lead} (one id per row)" + (f" or ({x.shape[0]},) (one id per sequence)" if x.dim() == 3 else "")
+    raise ValueError(f"idx must have shape {want}, got {tuple(idx.shape)}")
+
+
+def _check_ids_in_range(ids: Tensor, num_slots: int) -> None:
+    """Ids outside [-1, num_slots) are an error. On CUDA this is a device-side assertion (a failure
+    surfaces at a later synchronisation and ends the CUDA context): checking on the host would
+    stall every call and break graph capture."""
+    if ids.numel() == 0:
+        return
+    ok = (ids >= -1).all() & (ids < num_slots).all()
+    if ids.is_cuda:
+        torch._assert_async(ok)
+    elif not bool(ok):
+        bad = ids[(ids < -1) | (ids >= num_slots)][0].item()
+        raise ValueError(f"idx must hold adapter ids in [-1, {num_slots}) (-1: no adapter), got {bad}")
+
+
+def _check_args(x, weight, bias, library) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of shape (..., d_in)")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must have shape (d_out, d_in), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x must have shape (..., {d_in}) to match weight {tuple(weight.shape)}, got {tuple(x.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (d_out,)
+                             or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be None or a ({d_out},) {x.dtype} tensor on {x.device}")
+    if not isinstance(library, LoraLibrary):
+        raise TypeError(f"library must be a LoraLibrary, got {type(library).__name__}")
+    if (library.d_in, library.d_out) != (d_in, d_out):
+        raise ValueError(f"library must hold adapters of d_in={d_in}, d_out={d_out} (the weight's), "
+                         f"got d_in={library.d_in}, d_out={library.d_out}")
+    if library.device != x.device or library.dtype != x.dtype:
+        raise ValueError(f"library must be {x.dtype} on {x.device} like x, got {library.dtype} on {library.device}: "
+                         f"use library.to({x.device!r}, {x.dtype})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain torch
+
+
+def _lowrank_torch(x2: Tensor, library: LoraLibrary, ids: Tensor, acc: torch.dtype) -> Tensor:
+    """(T, d_out): row t's s_i (x A_i^T) B_i^T, rows gathered by id (no host read-back). The padding
+    of each slot is zero, so the full r_max rows can be used; -1 rows get zero."""
+    has = ids >= 0
+    slot = ids.clamp(min=0).long()
+    s = torch.einsum("td,trd->tr", x2.to(acc), library.a[slot].to(acc))
+    s = s * (library.scales[slot].to(acc) * has.to(acc))[:, None]
+    s = s.to(x2.dtype).to(acc)  # S' rounded to x's dtype, as the kernels do
+    return torch.einsum("tr,trn->tn", s, library.b[slot].to(acc))
+
+
+def lora_linear_segmented_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], library: LoraLibrary,
+                                    idx: Tensor) -> Tensor:
+    """Plain torch, in the inputs' dtype (float64 for tests): y[t] = x[t] W^T + b + s_i (x[t] A_i^T) B_i^T.
+
+    Loops over the slots that occur (reads ids back to the host): a definition, not a fast path.
+    """
+    ids = _row_ids(x, idx)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, weight, bias)
+    for i in torch.unique(ids).tolist():
+        if i < 0:
+            continue
+        rows = (ids == i).nonzero().squeeze(1)
+        a, b, s = library.adapter(int(i))
+        y = y.index_add(0, rows, s * (x2[rows] @ a.to(x.dtype).t()) @ b.to(x.dtype).t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels with autograd for x, weight and bias
+
+
+class _SegmentedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, ids, a, b, ranks, scales, schedule):
+        y = F.linear(x2, weight, bias)
+        segmented_lora_(y, x2, a, b, ranks, scales, ids, schedule)
+        ctx.save_for_backward(x2, weight, ids, a, b, ranks, scales)
+        ctx.schedule = schedule
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, ids, a, b, ranks, scales = ctx.saved_tensors
+        n_x, n_w, n_b = ctx.needs_input_grad[:3]
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if n_x:
+            # dx = dY W + s_i (dY B_i) A_i: the same two kernels with the factors swapped.
+            dx = dy @ weight
+            segmented_lora_(dx, dy, b, a, ranks, scales, ids, ctx.schedule)
+        if n_w:
+            dw = dy.t() @ x2
+        if n_b and ctx.has_bias:
+            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def lora_linear_segmented(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    library: LoraLibrary,
+    idx: Tensor,
+    schedule: str = "auto",
+    check_ids: bool = True,
+) -> Tensor:
+    """y[t] = x[t] W^T + b + s_i (x[t] A_i^T) B_i^T with i = the row's adapter id (-1: none).
+
+    x: (..., d_in); weight: (d_out, d_in); bias: (d_out,) or None; library: a LoraLibrary in x's
+    dtype and device; idx: integer ids in [-1, library.num_slots), of shape x.shape[:-1] (one per
+    row), or (B,) for x of shape (B, L, d_in) (one per sequence). Returns (..., d_out).
+
+    Nothing is read back to the host (CUDA-graph capturable at fixed shapes); ids are range-checked
+    with a device-side assertion (check_ids=False skips even that). schedule: "auto", "gathered"
+    (one program per row, for decoding) or "grouped" (rows sorted by adapter, for large batches);
+    the plain-torch path runs where the kernels cannot (CPU without TRITON_INTERPRET=1, float64).
+    Differentiable in x, weight and bias; gradients of the library's factors are not implemented.
+    """
+    _check_args(x, weight, bias, library)
+    ids = _row_ids(x, idx)
+    if check_ids:
+        _check_ids_in_range(ids, library.num_slots)
+    grad_on = torch.is_grad_enabled()
+    if grad_on and any(t.requires_grad for t in (library.a, library.b, library.scales)):
+        raise NotImplementedError(
+            "lora_linear_segmented does not compute gradients for the library's factors (a, b, scales); "
+            "freeze them (requires_grad_(False)) or call under torch.no_grad(); to train adapters use "
+            "lorafuse.MultiLoraLinear")
+    lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, d_in)
+    if x2.shape[0] == 0 or not (can_run(x2) and x2.dtype in _KERNEL_DTYPES):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = F.linear(x2, weight, bias) + _lowrank_torch(x2, library, ids, acc).to(x.dtype)
+        return y.reshape(*lead, d_out)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    ids = ids.contiguous()
+    needs_grad = grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias))
+    if needs_grad:
+        y = _SegmentedFunction.apply(x2, weight, bias, ids, library.a, library.b, library.ranks,
+                                     library.scales, schedule)
+    else:
+        y = F.linear(x2, weight, bias)
+        segmented_lora_(y, x2, library.a, library.b, library.ranks, library.scales, ids, schedule)
+    return y.reshape(*lead, d_out)

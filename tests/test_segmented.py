@@ -1,0 +1,298 @@
+"""Per-request adapters (lorafuse.lora_linear_segmented, LoraLibrary) against a float64 row-by-row
+definition built from the original (A, B, s) triples: unsorted ids, -1 ids, unused and empty slots,
+mixed ranks, per-sequence ids, both kernel schedules. On CUDA also bfloat16, larger shapes, capture
+in a CUDA graph replayed with new ids, and a check that nothing synchronises with the host."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+
+import lorafuse
+from lorafuse.kernels.segmented import group_rows
+from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference
+
+SCHEDULES = ["gathered", "grouped"]
+
+# (T, d_in, d_out, ranks of the adapters, num_slots): odd sizes, rank 1, ranks above and below 16.
+CPU_CASES = [
+    (1, 40, 24, [3], 2),
+    (37, 64, 48, [5, 16, 1, 8], 6),
+    (100, 100, 33, [4, 20, 7], 3),
+]
+GPU_CASES = [
+    (16, 4096, 1024, [16] * 64, 64),
+    (3000, 1000, 700, [8, 64, 16, 5, 33] * 4, 24),
+]
+CASES = CPU_CASES + (GPU_CASES if HAS_CUDA else [])
+
+
+def make_adapters(d_in, d_out, ranks, dtype):
+    """Adapters whose low-rank part is of the same size as the base product (so errors in it show)."""
+    out = []
+    for i, r in enumerate(ranks):
+        a = torch.randn(r, d_in, device=DEVICE) / math.sqrt(d_in)
+        b = torch.randn(d_out, r, device=DEVICE) / math.sqrt(r)
+        out.append((a.to(dtype), b.to(dtype), 0.5 + 0.25 * i))
+    return out
+
+
+def make_layer(d_in, d_out, dtype, bias=True):
+    w = (torch.randn(d_out, d_in, device=DEVICE) / math.sqrt(d_in)).to(dtype)
+    b = torch.randn(d_out, device=DEVICE).to(dtype) if bias else None
+    return w, b
+
+
+def expected(x, w, b, adapters, ids):
+    """float64, row by row from the triples: y[t] = x[t] W^T + b + s_i (x[t] A_i^T) B_i^T."""
+    x64 = x.reshape(-1, x.shape[-1]).double()
+    y = F.linear(x64, w.double(), None if b is None else b.double())
+    for t, i in enumerate(ids.reshape(-1).tolist()):
+        if 0 <= i < len(adapters):
+            a, bb, s = adapters[i]
+            y[t] += s * (x64[t] @ a.double().t()) @ bb.double().t()
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def random_ids(T, num_slots, num_adapters):
+    """Unsorted ids with -1 and ids of slots left empty (>= num_adapters) mixed in."""
+    ids = torch.randint(0, num_adapters, (T,), device=DEVICE)
+    extra = torch.rand(T, device=DEVICE)
+    ids = torch.where(extra < 0.15, torch.full_like(ids, -1), ids)
+    if num_slots > num_adapters:
+        ids = torch.where(extra > 0.9, torch.full_like(ids, num_slots - 1), ids)
+    return ids
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,ranks,num_slots", CASES)
+def test_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, num_slots, dtype, schedule):
+    adapters = make_adapters(d_in, d_out, ranks, dtype)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=num_slots)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    ids = random_ids(T, num_slots, len(ranks))
+    y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
+    ref = expected(x, w, b, adapters, ids)
+    assert y.dtype == dtype and y.shape == (T, d_out)
+    assert rel_err(y, ref) < TOL[dtype], f"seed {seeded}"
+    if dtype == torch.float32:
+        # The low-rank part alone (a tighter check than the sum with the base product).
+        delta = y.double() - F.linear(x.double(), w.double(), b.double())
+        assert rel_err(delta, ref - F.linear(x.double(), w.double(), b.double())) < 1e-4, f"seed {seeded}"
+    # Rows without an adapter (or with an empty slot) are the base layer's output exactly.
+    plain = (ids < 0) | (ids >= len(ranks))
+    if plain.any():
+        assert torch.equal(y[plain], F.linear(x, w, b)[plain])
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_per_sequence_and_per_token_ids(seeded, schedule):
+    B, L, d_in, d_out = 5, 7, 48, 40
+    adapters = make_adapters(d_in, d_out, [4, 9, 2], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(d_in, d_out, torch.float32, bias=False)
+    x = torch.randn(B, L, d_in, device=DEVICE)
+    seq_ids = torch.tensor([2, -1, 0, 2, 1], device=DEVICE)
+    y = lora_linear_segmented(x, w, b, lib, seq_ids, schedule=schedule)
+    tok_ids = seq_ids[:, None].expand(B, L)
+    assert y.shape == (B, L, d_out)
+    assert rel_err(y, expected(x, w, b, adapters, tok_ids)) < TOL[torch.float32], f"seed {seeded}"
+    y_tok = lora_linear_segmented(x, w, b, lib, tok_ids.contiguous(), schedule=schedule)
+    assert torch.equal(y, y_tok)
+    tok_ids = torch.randint(-1, 3, (B, L), device=DEVICE)  # per token, within sequences
+    y = lora_linear_segmented(x, w, b, lib, tok_ids, schedule=schedule)
+    assert rel_err(y, expected(x, w, b, adapters, tok_ids)) < TOL[torch.float32], f"seed {seeded}"
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_256_slots(seeded, schedule):
+    d_in, d_out, T = 16, 24, 300
+    ranks = [1 + (i * 7) % 16 for i in range(256)]
+    adapters = make_adapters(d_in, d_out, ranks, torch.float32)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(d_in, d_out, torch.float32)
+    x = torch.randn(T, d_in, device=DEVICE)
+    ids = torch.randint(-1, 256, (T,), device=DEVICE)
+    ids[:2] = torch.tensor([0, 255])
+    y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
+    assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.float32], f"seed {seeded}"
+
+
+def test_group_rows_plan(seeded):
+    """Every row with an adapter lands in exactly one block of rows that all share its adapter."""
+    T, N, bt = 97, 7, 16
+    ids = torch.randint(-1, N, (T,), device=DEVICE)
+    plan = group_rows(ids, N, bt)
+    perm, blk_slot = plan.perm.cpu(), plan.blk_slot.cpu()
+    seg_start, seg_end, blk_end = plan.seg_start.cpu(), plan.seg_end.cpu(), plan.blk_end.cpu()
+    seen = []
+    for p, slot in enumerate(blk_slot.tolist()):
+        if slot == N:
+            continue
+        first = int(blk_end[slot]) - math.ceil(int(seg_end[slot] - seg_start[slot]) / bt)
+        start = int(seg_start[slot]) + (p - first) * bt
+        rows = perm[start:min(start + bt, int(seg_end[slot]))].tolist()
+        assert rows and all(int(ids[r]) == slot for r in rows)
+        seen += rows
+    assert sorted(seen) == sorted((ids >= 0).nonzero().squeeze(1).tolist())
+    assert plan.num_programs >= int(blk_end[-1])
+
+
+def test_reference_and_float64_path(seeded):
+    """float64 runs the plain-torch path; it and the slot-loop reference agree with the definition."""
+    d_in, d_out, T = 30, 20, 25
+    adapters = make_adapters(d_in, d_out, [3, 6], torch.float64)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=3)
+    w, b = make_layer(d_in, d_out, torch.float64)
+    x = torch.randn(T, d_in, device=DEVICE, dtype=torch.float64)
+    ids = random_ids(T, 3, 2)
+    ref = expected(x, w, b, adapters, ids)
+    assert rel_err(lora_linear_segmented(x, w, b, lib, ids), ref) < 1e-12
+    assert rel_err(lora_linear_segmented_reference(x, w, b, lib, ids), ref) < 1e-12
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_set_adapter_and_clear_in_place(seeded, schedule):
+    d_in, d_out, T = 32, 16, 20
+    adapters = make_adapters(d_in, d_out, [4, 8], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=3, r_max=12)
+    storage = lib.a.data_ptr()
+    w, b = make_layer(d_in, d_out, torch.float32)
+    x = torch.randn(T, d_in, device=DEVICE)
+    ids = torch.randint(0, 3, (T,), device=DEVICE)
+    new = make_adapters(d_in, d_out, [12], torch.float32)[0]
+    lib.set_adapter(2, *new)
+    lib.set_adapter(0, *adapters[1])  # a rank-8 adapter over slot 0's rank-4 one
+    lib.clear(1)
+    assert lib.a.data_ptr() == storage
+    now = [adapters[1], None, new]
+    y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
+    ref = expected(x, w, b, [ad if ad is not None else (torch.zeros(1, d_in, device=DEVICE), torch.zeros(d_out, 1, device=DEVICE), 0.0)
+                             for ad in now], ids)
+    assert rel_err(y, ref) < TOL[torch.float32], f"seed {seeded}"
+    a2, b2, s2 = lib.adapter(2)
+    assert torch.equal(a2, new[0]) and torch.equal(b2, new[1]) and s2 == new[2]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+def test_gradients_of_x_weight_bias(seeded, schedule, dtype):
+    d_in, d_out, T = 40, 24, 29
+    adapters = make_adapters(d_in, d_out, [5, 3, 9], dtype)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=4)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    ids = random_ids(T, 4, 3)
+    dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    grads = torch.autograd.grad(lora_linear_segmented(*leaves, lib, ids, schedule=schedule), leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    ref = torch.autograd.grad(expected(*leaves64, adapters, ids), leaves64, dy.double())
+    for name, g, r in zip(("x", "weight", "bias"), grads, ref):
+        assert g.dtype == dtype
+        assert rel_err(g, r) < TOL[dtype], f"grad of {name}, seed {seeded}"
+
+
+def test_library_gradients_raise(seeded):
+    adapters = make_adapters(16, 8, [2], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters)
+    lib.a.requires_grad_(True)
+    w, b = make_layer(16, 8, torch.float32)
+    x = torch.randn(3, 16, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="library"):
+        lora_linear_segmented(x, w, b, lib, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with torch.no_grad():
+        lora_linear_segmented(x, w, b, lib, torch.zeros(3, dtype=torch.long, device=DEVICE))
+
+
+def test_bad_input_is_named(seeded):
+    adapters = make_adapters(16, 8, [2, 3], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(16, 8, torch.float32)
+    x = torch.randn(4, 16, device=DEVICE)
+    ids = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="idx must have shape"):
+        lora_linear_segmented(x, w, b, lib, ids[:3])
+    with pytest.raises(ValueError, match="idx must be an integer"):
+        lora_linear_segmented(x, w, b, lib, ids.float())
+    with pytest.raises(ValueError, match="library must be"):
+        lora_linear_segmented(x.half(), w.half(), b.half(), lib, ids)
+    with pytest.raises(ValueError, match="library must hold adapters of d_in=12"):
+        lora_linear_segmented(x[:, :12], w[:, :12], b, lib, ids)
+    with pytest.raises(ValueError, match="r_max must be at least"):
+        LoraLibrary.from_adapters(adapters, r_max=2)
+    with pytest.raises(ValueError, match="num_slots must be at least"):
+        LoraLibrary.from_adapters(adapters, num_slots=1)
+    with pytest.raises(ValueError, match="rank 4 exceeds"):
+        lib.set_adapter(0, torch.zeros(4, 16), torch.zeros(8, 4), 1.0)
+    with pytest.raises(ValueError, match="slot must be"):
+        lib.clear(2)
+    if not HAS_CUDA:  # on CUDA an out-of-range id is a device-side assertion (ends the context)
+        with pytest.raises(ValueError, match=r"ids in \[-1, 2\).*got 2"):
+            lora_linear_segmented(x, w, b, lib, torch.tensor([0, 2, 1, -1], device=DEVICE))
+        with pytest.raises(ValueError, match="got -2"):
+            lora_linear_segmented(x, w, b, lib, torch.tensor([0, -2, 1, -1], device=DEVICE))
+
+
+def test_exported_from_package():
+    assert lorafuse.lora_linear_segmented is lora_linear_segmented
+    assert lorafuse.LoraLibrary is LoraLibrary
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA only
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs and sync checks need a GPU")
+@pytest.mark.parametrize("T,schedule", [(16, "auto"), (16, "grouped"), (1000, "auto"), (1000, "gathered")])
+def test_cuda_graph_capture_and_replay_with_new_ids(seeded, T, schedule):
+    d_in, d_out, dtype = 512, 384, torch.bfloat16
+    ranks = [16, 8, 32, 4] * 16
+    adapters = make_adapters(d_in, d_out, ranks, dtype)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    ids = random_ids(T, 64, 64)
+    run = lambda: lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):  # compile the kernels outside the capture
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        ids.copy_(random_ids(T, 64, 64))
+        x.copy_(torch.randn(T, d_in, device=DEVICE).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
+    # A slot rewritten in place is seen by the captured graph.
+    new = make_adapters(d_in, d_out, [24], dtype)[0]
+    lib.set_adapter(3, *new)
+    adapters[3] = new
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("T", [16, 2048])
+def test_no_host_synchronisation(seeded, T):
+    d_in, d_out, dtype = 256, 128, torch.float16
+    lib = LoraLibrary.from_adapters(make_adapters(d_in, d_out, [8, 16, 4], dtype), num_slots=8)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    ids = random_ids(T, 8, 3)
+    lora_linear_segmented(x, w, b, lib, ids)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lora_linear_segmented(x, w, b, lib, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
