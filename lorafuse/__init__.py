@@ -23,3 +23,5 @@ __all__ += ["LoraAdapter", "load_adapter", "load_adapters", "compose", "decompos
             "lorahub_search", "lorahub_train"]
 from .segmented import LoraLibrary, lora_linear_segmented  # noqa: E402,F401
 __all__ += ["LoraLibrary", "lora_linear_segmented"]
+from .routing import arrow_prototypes, lora_linear_routed, lora_linear_routed_reference  # noqa: E402
+__all__ += ["arrow_prototypes", "lora_linear_routed", "lora_linear_routed_reference"]

@@ -13,7 +13,7 @@ from .ops import lora_linear
 
 AdapterTriple = Tuple[Tensor, Tensor, float]
 
-METHODS = ("sum", "weighted", "concat", "loramap")
+METHODS = ("sum", "weighted", "concat", "loramap", "route")
 MAP_INITS = ("lora", "sum")
 
 
@@ -62,6 +62,10 @@ class MultiLoraLinear(nn.Module):
         map_init: "lora" (default): a_map Kaiming-uniform and b_map zero, as LoRA initialises A and B,
             so the layer starts as the base layer and the mapping learns from there; "sum": the best
             rank-m approximation of the plain sum of the adapters (exactly the sum when m >= R).
+        router, top_k, temperature: for "route" (per-token gates over the K adapters, see
+            lorafuse.routing): router "arrow" (default; prototypes from the adapters' weights, kept as
+            the buffer router_weight (K, d_in)), "linear" (trainable router_weight (K, d_in) and
+            router_bias (K,)) or "uniform" (averaging); top_k None (softmax over all K) or 1..K.
 
     Public attributes: base_layer, a_cat (R, d_in), b_cat (d_out, R), scale (R,) (the effective
     per-column scale, s_i * w_i over adapter i's rank block), weights (K,), a_map, b_map (LoraMap),
@@ -76,6 +80,9 @@ class MultiLoraLinear(nn.Module):
         weights: Optional[Sequence[float]] = None,
         map_rank: Optional[int] = None,
         map_init: str = "lora",
+        router: Optional[str] = None,
+        top_k: Optional[int] = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -132,6 +139,9 @@ class MultiLoraLinear(nn.Module):
             self.map_init = None
             self.a_map = None
             self.b_map = None
+        if method == "route" or router is not None or top_k is not None or temperature != 1.0:
+            from .routing import init_route
+            init_route(self, router, top_k, temperature)
 
     @property
     def in_features(self) -> int:
@@ -180,6 +190,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_layer.weight
+        if self.method == "route":
+            from .routing import lora_linear_routed
+            return lora_linear_routed(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.ranks,
+                                      self.router_weight, self.router_kind, self.top_k, self.temperature,
+                                      self.router_bias)
         return lora_linear(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.a_map, self.b_map)
 
     @torch.no_grad()
@@ -189,6 +204,9 @@ class MultiLoraLinear(nn.Module):
         sum / weighted / concat: A' = a_cat (R, d_in), B' = b_cat diag(scale) (d_out, R);
         loramap: A' = a_map a_cat (m, d_in), B' = b_cat diag(scale) b_map (d_out, m). float32.
         """
+        if self.method == "route":
+            raise ValueError("a 'route' composition has no fixed low-rank factors or delta weight: its gates "
+                             "depend on the input (merge and export need sum, weighted, concat or loramap)")
         a = self.a_cat.detach().float()
         b = self.b_cat.detach().float() * self.scale.detach()
         if self.a_map is not None:
@@ -206,4 +224,6 @@ class MultiLoraLinear(nn.Module):
              f"ranks={self.ranks}")
         if self.map_rank is not None:
             s += f", map_rank={self.map_rank}, map_init={self.map_init}"
+        if self.method == "route":
+            s += f", router={self.router_kind}, top_k={self.top_k}, temperature={self.temperature}"
         return s

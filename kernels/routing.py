@@ -1,0 +1,170 @@
+"""Routed shrink: the thin d_in -> R half of a routed multi-LoRA layer, with the router fused in.
+
+    [S | Z] = x [a_cat; router]^T          one thin GEMM: the K router logits are K extra columns
+    L = |Z| (Arrow) or Z + router_bias (linear router), divided by the temperature
+    g = softmax over the top-k entries of each row of L (all K when dense; the others are 0)
+    S' = S * scale * g[:, block]           block[r] = the adapter that rank column r belongs to
+
+x is read once (by the partial kernel shrink.py already uses for the plain shrink); the gates are
+computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
+with the block-id vector, so S' (T x R) is the only intermediate that goes back to memory. The
+expand is then lorafuse.kernels.lora_gemm.lora_gemm(x, W^T, S', b_cat^T, bias), as for the other
+methods.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .shrink import FINISH_BLOCK_T, _rows_partial, _sum_splits, alloc_rows, split_config
+from .utils import block_for, check_runnable, is_interpreting, new_empty
+
+# The gates of one row stay in registers: K up to this many adapters per layer.
+MAX_ROUTED_K = 256
+
+
+@triton.jit
+def _routed_finish_kernel(
+    part_ptr, scale_ptr, block_ptr, rbias_ptr,
+    sp_ptr, s_ptr, z_ptr, g_ptr,
+    T, R, K, n_splits, inv_temp,
+    stride_ps, stride_pt, stride_spt, stride_st, stride_zt, stride_gt,
+    ABS_LOGITS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    SAVE_S: tl.constexpr,
+    SAVE_GATES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Sum the partials of [S | Z]; gates from Z (top-k, softmax); S' = S * scale * g[:, block].
+    TOP_K = 0 means dense (softmax over all K)."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    tk_mask = t_mask[:, None] & k_mask[None, :]
+
+    # The router logits are columns R .. R+K-1 of the partial sums.
+    z = _sum_splits(part_ptr + R, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, BLOCK_T, BLOCK_K)
+    if HAS_RBIAS:
+        z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if ABS_LOGITS:
+        logits = tl.abs(z) * inv_temp
+    else:
+        logits = z * inv_temp
+    neg_inf = float("-inf")
+    logits = tl.where(k_mask[None, :], logits, neg_inf)
+    if TOP_K > 0:
+        # Iterative max: each step keeps the largest remaining logit (the lowest index among equals).
+        work = logits
+        keep = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+        for _ in tl.static_range(TOP_K):
+            row_max = tl.max(work, axis=1)
+            first = tl.min(tl.where(work == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
+            hit = offs_k[None, :] == first[:, None]
+            keep = tl.where(hit, 1, keep)
+            work = tl.where(hit, neg_inf, work)
+        kept = (keep != 0) & k_mask[None, :]
+    else:
+        kept = (offs_t[:, None] >= 0) & k_mask[None, :]
+    row_max = tl.max(tl.where(kept, logits, neg_inf), axis=1)
+    e = tl.where(kept, tl.exp(logits - row_max[:, None]), 0.0)
+    g = e / tl.sum(e, axis=1)[:, None]
+    if SAVE_GATES:
+        tl.store(z_ptr + offs_t[:, None] * stride_zt + offs_k[None, :], z, mask=tk_mask)
+        tl.store(g_ptr + offs_t[:, None] * stride_gt + offs_k[None, :], g, mask=tk_mask)
+
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        tr_mask = t_mask[:, None] & r_mask[None, :]
+        s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+        if SAVE_S:
+            tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
+        # Each rank column takes its adapter's gate: g (T, K) times the one-hot (K, R) of the block ids
+        # ("ieee": the products with 0 and 1 are exact, tf32 would round the gates).
+        blk = tl.load(block_ptr + offs_r, mask=r_mask, other=-1)
+        onehot = (offs_k[:, None] == blk[None, :]).to(tl.float32)
+        g_cols = tl.dot(g, onehot, input_precision="ieee")
+        scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                 (s * scale[None, :] * g_cols).to(sp_ptr.dtype.element_ty), mask=tr_mask)
+
+
+def routed_shrink(
+    x: torch.Tensor,
+    a_ext: torch.Tensor,
+    scale: torch.Tensor,
+    block_ids: torch.Tensor,
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    abs_logits: bool = True,
+    router_bias: Optional[torch.Tensor] = None,
+    save: bool = False,
+    config: Optional[dict] = None,
+):
+    """x: (T, d_in); a_ext: (R + K, d_in) = [a_cat; router] in x's dtype; scale: (R,) float32;
+    block_ids: (R,) int32, the adapter (0..K-1) of each rank column; router_bias: (K,) float32 or None.
+
+    Returns (sp, s, z, g): sp = S' (T, R) in x's dtype; when save, s = S = x a_cat^T (T, R),
+    z = the raw router logits x router^T (+ router_bias) (T, K) and g = the gates (T, K), all
+    float32 (s may be a strided view), else all three None. top_k: None (dense softmax) or
+    1..K; abs_logits: Arrow's |z|. config: the partial kernel's launch shape (split_config's keys).
+    """
+    check_runnable("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
+    T, D = x.shape
+    R = scale.shape[0]
+    if a_ext.dim() != 2 or a_ext.shape[1] != D or a_ext.shape[0] <= R:
+        raise ValueError(f"a_ext must have shape (R + K, {D}) with R = {R} and K >= 1, got {tuple(a_ext.shape)}")
+    K = a_ext.shape[0] - R
+    if K > MAX_ROUTED_K:
+        raise ValueError(f"the routed shrink takes at most {MAX_ROUTED_K} adapters, got K = {K}")
+    if a_ext.dtype != x.dtype or a_ext.device != x.device:
+        raise ValueError(f"a_ext must be {x.dtype} on {x.device} like x, got {a_ext.dtype} on {a_ext.device}")
+    if scale.dtype != torch.float32 or scale.device != x.device:
+        raise ValueError(f"scale must be float32 on {x.device}, got {scale.dtype} on {scale.device}")
+    if tuple(block_ids.shape) != (R,) or block_ids.dtype != torch.int32 or block_ids.device != x.device:
+        raise ValueError(f"block_ids must be int32 of shape ({R},) on {x.device}, got {block_ids.dtype} "
+                         f"{tuple(block_ids.shape)} on {block_ids.device}")
+    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32):
+        raise ValueError(f"router_bias must be float32 of shape ({K},), got {router_bias.dtype} "
+                         f"{tuple(router_bias.shape)}")
+    if top_k is not None and not (1 <= int(top_k) <= K):
+        raise ValueError(f"top_k must be None or an integer in 1..{K}, got {top_k!r}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+    f32 = torch.float32
+    sp = alloc_rows(T, R, x.dtype, x.device)
+    if T == 0:
+        empty = lambda w: new_empty((0, w), f32, x.device)  # noqa: E731
+        return (sp, empty(R), empty(K), empty(K)) if save else (sp, None, None, None)
+    cfg = config or split_config(T, D, R + K, x.dtype, x.device)
+    part, splits = _rows_partial(x, a_ext.t(), T, D, R + K, cfg)
+    # One split: the partials are [S | Z] itself and S is a view of them.
+    direct = splits == 1
+    s = (part.view(T, R + K)[:, :R] if direct else new_empty((T, R), f32, x.device)) if save else None
+    z = new_empty((T, K), f32, x.device) if save else None
+    g = new_empty((T, K), f32, x.device) if save else None
+    dummy = part
+    block_r = min(block_for(R), 32 if is_interpreting() else 64)
+    _routed_finish_kernel[(triton.cdiv(T, FINISH_BLOCK_T),)](
+        part, scale, block_ids, router_bias if router_bias is not None else dummy,
+        sp, s if (save and not direct) else dummy, z if save else dummy, g if save else dummy,
+        T, R, K, splits, 1.0 / float(temperature),
+        part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
+        sp.stride(0), s.stride(0) if (save and not direct) else 0,
+        z.stride(0) if save else 0, g.stride(0) if save else 0,
+        ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k or 0), HAS_RBIAS=router_bias is not None,
+        SAVE_S=save and not direct, SAVE_GATES=save,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), num_warps=4,
+    )
+    return sp, s, z, g

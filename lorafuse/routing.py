@@ -1,0 +1,405 @@
+"""Routing a library of LoRA adapters: per-token gates over K adapters on one linear layer.
+
+    y = x W^T + b + ((x a_cat^T) * scale * g[:, block]) b_cat^T,   g = gates (T, K)
+
+Routers (logits z, T x K):
+- "arrow" (Ostapenko et al. 2024): data-agnostic; adapter i's prototype v_i is the top right-singular
+  vector of its Delta W_i = B_i A_i (arrow_prototypes); logits |x . v_i|.
+- "linear": a learned linear router, logits x W_r^T + b_r (trainable).
+- "uniform": gates 1/K for every token (parameter averaging, for comparison).
+Gates: softmax(z / temperature) over all K (top_k=None) or over each row's top_k logits (the others 0).
+
+On CUDA (and CPU under TRITON_INTERPRET=1) the forward is the fused routed shrink
+(lorafuse.kernels.routing.routed_shrink: x read once, router logits as extra columns of the same thin
+GEMM, gates applied on chip) followed by lora_gemm for the expand. The backward's thin GEMMs run as
+kernels too (dS' = dY b_cat by the shrink's partial kernel; dx = dY W + [dS | dZ] [a_cat; router] by
+lora_gemm); the elementwise gate backward on the (T, R) and (T, K) rows is plain torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import check_lora_args, lora_linear
+from . import ops as _ops
+
+__all__ = ["ROUTER_KINDS", "arrow_prototypes", "routing_gates", "lora_linear_routed",
+           "lora_linear_routed_reference", "init_route"]
+
+ROUTER_KINDS = ("arrow", "linear", "uniform")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrow prototypes
+
+
+def _check_ranks(ranks: Sequence[int], R: int) -> List[int]:
+    try:
+        ranks = [int(r) for r in ranks]
+    except (TypeError, ValueError):
+        raise TypeError(f"ranks must be a sequence of positive integers, got {ranks!r}") from None
+    if not ranks or any(r < 1 for r in ranks) or sum(ranks) != R:
+        raise ValueError(f"ranks must be positive integers summing to R = {R} (the rows of a_cat), got {ranks}")
+    return ranks
+
+
+@torch.no_grad()
+def arrow_prototypes(a_cat: Tensor, b_cat: Tensor, ranks: Sequence[int], scale: Optional[Tensor] = None) -> Tensor:
+    """Arrow's prototypes: for each adapter i, the top right-singular vector of Delta W_i = B_i diag(s_i) A_i.
+
+    a_cat: (R, d_in); b_cat: (d_out, R); ranks: r_1..r_K summing to R; scale: (R,) or None (only its
+    per-column variation within a block and its sign matter: a positive per-adapter scale does not
+    change the singular vectors). Returns (K, d_in) float32, unit rows.
+
+    Computed in float64 from QR factors, never forming the d_out x d_in delta: with B_i = Q_b R_b and
+    A_i^T = Q_a R_a, Delta W_i = Q_b (R_b R_a^T) Q_a^T, so the top right-singular vector is Q_a v where
+    v is that of the r_i x r_i core. The sign (a singular vector's is arbitrary) is fixed so that the
+    entry of largest magnitude is positive; Arrow's logits |x . v| do not depend on it. An adapter
+    whose delta is zero (B = 0, as freshly initialised) gets a zero prototype (logit 0 for every token).
+    """
+    if not isinstance(a_cat, Tensor) or a_cat.dim() != 2:
+        raise ValueError(f"a_cat must be a tensor of shape (R, d_in), got "
+                         f"{tuple(a_cat.shape) if isinstance(a_cat, Tensor) else type(a_cat).__name__}")
+    R, d_in = a_cat.shape
+    if not isinstance(b_cat, Tensor) or b_cat.dim() != 2 or b_cat.shape[1] != R:
+        raise ValueError(f"b_cat must be a tensor of shape (d_out, {R}), got "
+                         f"{tuple(b_cat.shape) if isinstance(b_cat, Tensor) else type(b_cat).__name__}")
+    ranks = _check_ranks(ranks, R)
+    if scale is not None and tuple(scale.shape) != (R,):
+        raise ValueError(f"scale must have shape ({R},) or be None, got {tuple(scale.shape)}")
+    f64 = torch.float64
+    a64 = a_cat.detach().to(f64)
+    b64 = b_cat.detach().to(f64)
+    if scale is not None:
+        b64 = b64 * scale.detach().to(device=b64.device, dtype=f64)
+    protos = []
+    start = 0
+    for r in ranks:
+        a_i, b_i = a64[start:start + r], b64[:, start:start + r]
+        start += r
+        q_a, r_a = torch.linalg.qr(a_i.t())   # A_i^T = Q_a R_a: (d_in, r), (r, r) when r <= d_in
+        _, r_b = torch.linalg.qr(b_i)         # B_i = Q_b R_b
+        _, sv, vh = torch.linalg.svd(r_b @ r_a.t())
+        v = q_a @ vh[0]
+        if sv[0] <= torch.finfo(f64).eps * max(r, 1) * max(1.0, float(b64.abs().max()) * float(a64.abs().max())):
+            v = torch.zeros_like(v)
+        else:
+            v = v * torch.sign(v[v.abs().argmax()])
+        protos.append(v)
+    return torch.stack(protos, 0).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k, temperature,
+                       router_bias) -> List[int]:
+    check_lora_args(x, weight, bias, a_cat, b_cat, scale)
+    R = a_cat.shape[0]
+    ranks = _check_ranks(ranks, R)
+    K = len(ranks)
+    if router_kind not in ROUTER_KINDS:
+        raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {router_kind!r}")
+    if router_kind == "uniform":
+        if router is not None or router_bias is not None:
+            raise ValueError("router_kind='uniform' takes no router: pass router=None and router_bias=None")
+    else:
+        if not isinstance(router, Tensor):
+            raise TypeError(f"router must be a torch.Tensor of shape ({K}, {x.shape[-1]}) for "
+                            f"router_kind={router_kind!r}, got {type(router).__name__}")
+        if tuple(router.shape) != (K, x.shape[-1]):
+            raise ValueError(f"router must have shape ({K}, {x.shape[-1]}) (one row per adapter, d_in), "
+                             f"got {tuple(router.shape)}")
+        if not router.is_floating_point() or router.device != x.device:
+            raise ValueError(f"router must be a floating-point tensor on {x.device}, got {router.dtype} on "
+                             f"{router.device}")
+    if router_bias is not None:
+        if router_kind != "linear":
+            raise ValueError(f"router_bias is only used with router_kind='linear', got {router_kind!r}")
+        if not isinstance(router_bias, Tensor) or tuple(router_bias.shape) != (K,) \
+                or not router_bias.is_floating_point() or router_bias.device != x.device:
+            raise ValueError(f"router_bias must be a floating-point tensor of shape ({K},) on {x.device}, got "
+                             f"{router_bias.dtype if isinstance(router_bias, Tensor) else type(router_bias).__name__}"
+                             f" {tuple(router_bias.shape) if isinstance(router_bias, Tensor) else ''}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K:
+            raise ValueError(f"top_k must be None (dense) or an integer in 1..{K} (the number of adapters), "
+                             f"got {top_k!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain torch (the reference, and the path where the kernels cannot run)
+
+
+def _gates_from_logits(z: Tensor, abs_logits: bool, top_k: Optional[int], temperature: float) -> Tensor:
+    """z: (T, K) -> gates (T, K): softmax of (|z| or z) / temperature over each row's top_k (or all)."""
+    logits = (z.abs() if abs_logits else z) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        idx = torch.topk(logits, top_k, dim=-1).indices
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+        logits = logits.masked_fill(~kept, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def routing_gates(
+    x: Tensor,
+    router: Optional[Tensor],
+    router_kind: str = "arrow",
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    router_bias: Optional[Tensor] = None,
+    num_adapters: Optional[int] = None,
+) -> Tensor:
+    """The gates g (..., K) that lora_linear_routed applies to x (..., d_in), in float32 (plain torch).
+
+    For "uniform", router is None and num_adapters gives K. Differentiable in x, router, router_bias.
+    """
+    if router_kind not in ROUTER_KINDS:
+        raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {router_kind!r}")
+    if router_kind == "uniform":
+        if num_adapters is None or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
+        return x.new_full((*x.shape[:-1], num_adapters), 1.0 / num_adapters, dtype=torch.float32)
+    if not isinstance(router, Tensor) or router.dim() != 2 or router.shape[1] != x.shape[-1]:
+        raise ValueError(f"router must have shape (K, {x.shape[-1]}), got "
+                         f"{tuple(router.shape) if isinstance(router, Tensor) else type(router).__name__}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = F.linear(x.to(acc), router.to(x.dtype).to(acc),
+                 router_bias.to(acc) if router_bias is not None else None)
+    return _gates_from_logits(z, router_kind == "arrow", top_k, temperature).float()
+
+
+def _routed_math(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k, temperature,
+                 router_bias, acc: torch.dtype, round_to: Optional[torch.dtype]):
+    """x (T, d_in) -> y (T, d_out): S, logits, gates and S' in `acc`; S' rounded to `round_to` (the
+    kernels' rounding) before the expand, which runs in that dtype too; None keeps `acc` throughout."""
+    K = len(ranks)
+    block = torch.repeat_interleave(torch.arange(K, device=x.device), torch.tensor(ranks, device=x.device))
+    xa = x.to(acc)
+    s = xa @ a_cat.to(x.dtype).to(acc).t()
+    if router_kind == "uniform":
+        g = torch.full((x.shape[0], K), 1.0 / K, dtype=acc, device=x.device)
+    else:
+        z = xa @ router.to(x.dtype).to(acc).t()
+        if router_bias is not None:
+            z = z + router_bias.to(acc)
+        g = _gates_from_logits(z, router_kind == "arrow", top_k, temperature)
+    sp = s * scale.to(acc) * g[:, block]
+    if round_to is None:
+        return F.linear(xa, weight.to(acc), bias.to(acc) if bias is not None else None) + sp @ b_cat.to(acc).t()
+    return F.linear(x, weight, bias) + sp.to(round_to) @ b_cat.to(round_to).t()
+
+
+def lora_linear_routed_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    ranks: Sequence[int],
+    router: Optional[Tensor],
+    router_kind: str = "arrow",
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    router_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Plain torch, every step in x's dtype (pass float64 tensors for a float64 reference); same
+    arguments and result as lora_linear_routed. Differentiable by autograd."""
+    ranks = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
+                               temperature, router_bias)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    y = _routed_math(x.reshape(-1, d_in), weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
+                     temperature, router_bias, acc=x.dtype, round_to=None)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel path
+
+
+def _block_ids(ranks: Sequence[int], device: torch.device) -> Tensor:
+    return torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32, device=device),
+                                   torch.tensor(list(ranks), device=device))
+
+
+def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature, save):
+    from .kernels import lora_gemm
+    from .kernels.routing import routed_shrink
+
+    a_ext = torch.cat([a_c, router_c], 0)
+    sp, s, z, g = routed_shrink(x, a_ext, sc, block, top_k=top_k, temperature=temperature, abs_logits=abs_logits,
+                                router_bias=rbias, save=save)
+    y = lora_gemm(x, weight.t(), sp, b_c.t(), bias)
+    return y, a_ext, sp, s, z, g
+
+
+class _RoutedFunction(torch.autograd.Function):
+    """Forward: routed shrink + lora_gemm. Backward: dS' = dY b_cat (the shrink's partial kernel),
+    the gate backward in plain torch (elementwise on (T, R) and (T, K) rows), dx = dY W + [dS | dZ]
+    [a_cat; router] in one lora_gemm, and the weight gradients as plain matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature):
+        y, a_ext, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits,
+                                                top_k, temperature, True)
+        ctx.save_for_backward(x, weight, a_ext, b_c, sc, block, sp, s, z, g)
+        ctx.abs_logits, ctx.temperature = abs_logits, temperature
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_c, b_c, sc, router_c, rbias)]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels import lora_gemm
+        from .kernels.shrink import _rows_partial, split_config
+
+        x, weight, a_ext, b_c, sc, block, sp, s, z, g = ctx.saved_tensors
+        n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = ctx.needs_input_grad[:8]
+        T, R, K = x.shape[0], sc.shape[0], g.shape[1]
+        dy = dy.contiguous()
+        grads = [None] * 12
+        blk = block.long()
+        if n_x or n_a or n_sc or n_r or n_rb:
+            part, _ = _rows_partial(dy, b_c, T, dy.shape[1], R, split_config(T, dy.shape[1], R, dy.dtype, dy.device))
+            dsp = part.sum(0)                                  # dS' (T, R) float32
+            g_cols = g[:, blk]
+            ds = dsp * sc * g_cols                             # dS
+            dg = torch.zeros_like(g).index_add_(1, blk, dsp * s * sc)
+            dlog = g * (dg - (g * dg).sum(1, keepdim=True)) / ctx.temperature
+            dz = dlog * torch.sign(z) if ctx.abs_logits else dlog
+            if n_x:
+                grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), a_ext)
+            if n_a:
+                grads[3] = ds.t().to(x.dtype) @ x
+            if n_sc:
+                grads[5] = (dsp * s * g_cols).sum(0)
+            if n_r:
+                grads[6] = dz.t().to(x.dtype) @ x
+            if n_rb:
+                grads[7] = dz.sum(0)
+        if n_w:
+            grads[1] = dy.t() @ x
+        if n_b:
+            grads[2] = dy.sum(0, dtype=torch.float32)
+        if n_bc:
+            grads[4] = dy.t() @ sp
+        for i, dt in enumerate(ctx.dtypes):
+            if grads[i] is not None:
+                grads[i] = grads[i].to(dt)
+        return tuple(grads)
+
+
+def lora_linear_routed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    a_cat: Tensor,
+    b_cat: Tensor,
+    scale: Tensor,
+    ranks: Sequence[int],
+    router: Optional[Tensor],
+    router_kind: str = "arrow",
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    router_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """y = x W^T + b + ((x a_cat^T) * scale * g[:, block]) b_cat^T with per-token gates g (T, K).
+
+    x: (..., d_in); weight: (d_out, d_in) and bias: (d_out,) or None, in x's dtype; a_cat: (R, d_in);
+    b_cat: (d_out, R); scale: (R,); ranks: r_1..r_K summing to R (adapter i owns rank columns
+    r_1 + .. + r_{i-1} onwards); router: (K, d_in), Arrow prototypes (router_kind="arrow", logits
+    |x . v_i|) or a linear router's weight ("linear", logits x W_r^T + router_bias), None for
+    "uniform" (gates 1/K); top_k: None (softmax over all K) or 1..K (softmax over each token's top_k
+    logits, the others 0); temperature: logits are divided by it before the softmax.
+    Returns (..., d_out) in x's dtype. Differentiable in x, weight, bias, a_cat, b_cat, scale,
+    router and router_bias (only the gradients asked for are computed; the top-k choice itself has
+    no gradient). The router and LoRA tensors are used in x's dtype, scale and router_bias in float32.
+
+    Example: a token whose top logit belongs to adapter 2 with top_k=1 gets exactly adapter 2's
+    delta: y = x W^T + b + s_2 (x A_2^T) B_2^T.
+    """
+    ranks = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
+                               temperature, router_bias)
+    K = len(ranks)
+    if router_kind == "uniform":
+        # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.
+        return lora_linear(x, weight, bias, a_cat, b_cat, scale / K)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    from .kernels.routing import MAX_ROUTED_K
+
+    if x2.shape[0] == 0 or K > MAX_ROUTED_K or not _ops._use_kernels(x2):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = _routed_math(x2, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k, temperature,
+                         router_bias, acc=acc, round_to=x.dtype)
+        return y.reshape(*lead, weight.shape[0])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1 and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    dt = x.dtype
+    tensors = (x2, weight, bias, a_cat.to(dt), b_cat.to(dt), scale.to(torch.float32), router.to(dt),
+               router_bias.to(torch.float32) if router_bias is not None else None)
+    block = _block_ids(ranks, x.device)
+    abs_logits = router_kind == "arrow"
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if save:
+        y = _RoutedFunction.apply(*tensors, block, abs_logits, top_k, float(temperature))
+    else:
+        y = _routed_forward(*tensors, block, abs_logits, top_k, float(temperature), False)[0]
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# MultiLoraLinear(method="route")
+
+
+def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], temperature: float) -> None:
+    """Give a MultiLoraLinear built with method="route" its router (called from its __init__).
+
+    Sets layer.router_kind, top_k, temperature, router_weight and router_bias: "arrow": router_weight
+    is a buffer of the prototypes (K, d_in) float32, computed once here from a_cat, b_cat and the
+    scales (call init_route again after editing the adapters); "linear": router_weight (K, d_in) is a
+    trainable float32 Parameter initialised like nn.Linear's weight, router_bias (K,) starts at zero;
+    "uniform": no router (gates 1/K).
+    """
+    if layer.method != "route":
+        raise ValueError(f"router, top_k and temperature are only used with method='route', got "
+                         f"method={layer.method!r}")
+    kind = "arrow" if router is None else router
+    if kind not in ROUTER_KINDS:
+        raise ValueError(f"router must be one of {ROUTER_KINDS}, got {router!r}")
+    K = len(layer.ranks)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K):
+        raise ValueError(f"top_k must be None (dense) or an integer in 1..{K} (the number of adapters), got {top_k!r}")
+    if kind == "uniform" and top_k is not None:
+        raise ValueError("top_k has no meaning with router='uniform' (every adapter gets 1/K): leave it None")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    layer.router_kind, layer.top_k, layer.temperature = kind, top_k, float(temperature)
+    for name in ("router_weight", "router_bias"):
+        if name in layer._parameters or name in layer._buffers:
+            delattr(layer, name)
+    dev, d_in = layer.a_cat.device, layer.a_cat.shape[1]
+    if kind == "arrow":
+        protos = arrow_prototypes(layer.a_cat, layer.b_cat, layer.ranks, layer.scale)
+        layer.register_buffer("router_weight", protos.to(dev))
+        layer.router_bias = None
+    elif kind == "linear":
+        w = torch.empty((K, d_in), dtype=torch.float32, device=dev)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        layer.router_weight = nn.Parameter(w)
+        layer.router_bias = nn.Parameter(torch.zeros(K, dtype=torch.float32, device=dev))
+    else:
+        layer.router_weight = None
+        layer.router_bias = None
