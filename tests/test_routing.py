@@ -1,0 +1,480 @@
+"""Routing: Arrow prototypes and gates against peft's own Arrow layer, the routed op (fused kernel path)
+against a float64 plain-torch reference (forward and every gradient), odd shapes, mixed ranks, top_k in
+{None, 1, 2}, K up to 64; MultiLoraLinear(method="route") and compose(..., method="route") on a tiny model.
+
+On a CPU the kernels run under the Triton interpreter (float32 and float16, tiny shapes); with CUDA the
+same tests run on the GPU with bfloat16 and larger shapes added.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+import lorafuse.kernels.routing as routing_kernels
+from lorafuse import MultiLoraLinear, use_backend
+from lorafuse.kernels import can_run
+from lorafuse.routing import (arrow_prototypes, lora_linear_routed, lora_linear_routed_reference,
+                              routing_gates)
+
+F64 = torch.float64
+
+
+def make_layer(T, d_in, d_out, ranks, dtype, device=DEVICE, bias=True, lead=()):
+    """Random inputs of a routed layer; sizes give deltas of the same order as the base output."""
+    R = sum(ranks)
+    x = torch.randn(*lead, T, d_in, device=device).to(dtype)
+    w = (torch.randn(d_out, d_in, device=device) / d_in ** 0.5).to(dtype)
+    b = torch.randn(d_out, device=device).to(dtype) if bias else None
+    a_cat = (torch.randn(R, d_in, device=device) / d_in ** 0.5).to(dtype)
+    b_cat = torch.randn(d_out, R, device=device).to(dtype)
+    scale = torch.rand(R, device=device) + 0.5
+    return x, w, b, a_cat, b_cat, scale
+
+
+def router_for(kind, a_cat, b_cat, ranks, scale, dtype):
+    """(router in x's dtype, router_bias or None) for a router kind."""
+    K, d_in = len(ranks), a_cat.shape[1]
+    if kind == "arrow":
+        return arrow_prototypes(a_cat, b_cat, ranks, scale).to(dtype), None
+    if kind == "linear":
+        return ((torch.randn(K, d_in, device=a_cat.device) / d_in ** 0.5).to(dtype),
+                torch.randn(K, device=a_cat.device) * 0.3)
+    return None, None
+
+
+def near_tie_rows(x, router, router_bias, kind, top_k, temperature):
+    """Rows whose k-th and (k+1)-th largest logits are so close that rounding could swap them (float64
+    logits of the rounded inputs); the top-k choice, hence the output, is then legitimately unstable."""
+    T = x.reshape(-1, x.shape[-1]).shape[0]
+    if top_k is None or kind == "uniform" or top_k == router.shape[0]:
+        return torch.zeros(T, dtype=torch.bool)
+    z = x.reshape(-1, x.shape[-1]).double().cpu() @ router.double().cpu().t()
+    if router_bias is not None:
+        z = z + router_bias.double().cpu()
+    logits = (z.abs() if kind == "arrow" else z) / temperature
+    top = logits.topk(top_k + 1, dim=1).values
+    return (top[:, top_k - 1] - top[:, top_k]) < 1e-4 * logits.abs().mean()
+
+
+def reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, router_bias):
+    d = lambda t: None if t is None else t.detach().to(F64)  # noqa: E731
+    return lora_linear_routed_reference(d(x), d(w), d(b), d(a_cat), d(b_cat), d(scale), ranks, d(router), kind,
+                                        top_k, temperature, d(router_bias))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts launches of the fused routed shrink (to show the kernel path ran)."""
+    calls = []
+    orig = routing_kernels.routed_shrink
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(routing_kernels, "routed_shrink", counting)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrow prototypes
+
+
+@pytest.mark.parametrize("ranks,d_in,d_out", [([4, 1, 7], 40, 24), ([3, 5], 6, 50), ([16], 96, 8)])
+def test_arrow_prototypes_are_top_right_singular_vectors(ranks, d_in, d_out, seeded):
+    R = sum(ranks)
+    a_cat = torch.randn(R, d_in, dtype=F64)
+    b_cat = torch.randn(d_out, R, dtype=F64)
+    scale = torch.rand(R, dtype=F64) + 0.5
+    protos = arrow_prototypes(a_cat, b_cat, ranks, scale)
+    assert protos.shape == (len(ranks), d_in) and protos.dtype == torch.float32
+    start = 0
+    for i, r in enumerate(ranks):
+        delta = (b_cat[:, start:start + r] * scale[start:start + r]) @ a_cat[start:start + r]   # dense, float64
+        start += r
+        _, sv, vh = torch.linalg.svd(delta)
+        v = protos[i].double()
+        assert abs(v.norm().item() - 1) < 1e-6
+        # The top singular direction, up to sign: |cos| = 1 and it attains the top singular value.
+        assert abs(abs(v @ vh[0]) - 1) < 1e-6
+        assert abs((delta @ v).norm().item() / sv[0].item() - 1) < 1e-5
+        # Sign convention: the entry of largest magnitude is positive.
+        assert v[v.abs().argmax()] > 0
+
+
+def test_arrow_prototype_of_zero_adapter_is_zero(seeded):
+    a_cat = torch.randn(5, 12)
+    b_cat = torch.randn(9, 5)
+    b_cat[:, 2:] = 0  # adapter 1 (ranks 2, 3) has B = 0, as freshly initialised
+    protos = arrow_prototypes(a_cat, b_cat, [2, 3])
+    assert protos[0].norm() > 0.99 and protos[1].abs().max() == 0
+
+
+def _peft_arrow_layer(d_in, adapters, top_k, temperature):
+    """peft's own Arrow layer with task adapters task_0.. (A, B, s) and no dropout."""
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+    from peft.tuners.lora.config import ArrowConfig
+
+    names = [f"task_{i}" for i in range(len(adapters))]
+    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
+    cfg.task_adapter_names = names
+    layer = ArrowLoraLinearLayer(d_in, cfg)
+    lora_a, lora_b = nn.ModuleDict(), nn.ModuleDict()
+    for n, (a, b, _) in zip(names, adapters):
+        lora_a[n] = nn.Linear(a.shape[1], a.shape[0], bias=False)
+        lora_b[n] = nn.Linear(b.shape[1], b.shape[0], bias=False)
+        lora_a[n].weight.data.copy_(a)
+        lora_b[n].weight.data.copy_(b)
+    scaling = {n: s for n, (_, _, s) in zip(names, adapters)}
+    return layer, lora_a, lora_b, scaling
+
+
+@pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (2, 0.5), (3, 2.0)])
+def test_prototypes_gates_and_output_match_peft_arrow(top_k, temperature, seeded):
+    """peft's Arrow (power iteration for the prototypes, |x . v| top-k softmax, per-adapter scales)
+    against arrow_prototypes + lora_linear_routed (kernel path where it can run), float32."""
+    d_in, d_out, r, K, T = 48, 40, 4, 5, 37
+    adapters = []
+    for _ in range(K):
+        # A clear gap between the top two singular values, so 15 power iterations converge.
+        q_b, _ = torch.linalg.qr(torch.randn(d_out, r))
+        q_a, _ = torch.linalg.qr(torch.randn(d_in, r))
+        sv = torch.tensor([4.0] + [0.5] * (r - 1)) * (torch.rand(r) * 0.2 + 0.9)
+        core = torch.linalg.qr(torch.randn(r, r))[0]
+        adapters.append((core.t() @ q_a.t(), (q_b * sv) @ core, float(torch.rand(()) + 0.5)))
+    layer, lora_a, lora_b, scaling = _peft_arrow_layer(d_in, adapters, top_k, temperature)
+    layer.build_prototypes(lora_a, lora_b)
+    a_cat = torch.cat([a for a, _, _ in adapters], 0)
+    b_cat = torch.cat([b for _, b, _ in adapters], 1)
+    ranks = [r] * K
+    scale = torch.repeat_interleave(torch.tensor([s for _, _, s in adapters]), r)
+    protos = arrow_prototypes(a_cat, b_cat, ranks, scale)
+    cos = (protos * layer.prototypes).sum(1).abs()
+    assert (cos > 1 - 1e-5).all(), cos
+
+    x = torch.randn(3, T, d_in)
+    delta_peft = layer(x, lora_a, lora_b, nn.Identity(), scaling)
+    # Same prototypes for both from here on, so the comparison is of the gates and the layer itself.
+    protos = layer.prototypes.clone()
+    sim = (x.reshape(-1, d_in) @ protos.t()).abs()
+    top_v, idx = sim.topk(top_k, dim=1)
+    gates_peft = torch.softmax(torch.full_like(sim, float("-inf")).scatter(1, idx, top_v) / temperature, 1)
+    gates = routing_gates(x.reshape(-1, d_in), protos, "arrow", top_k, temperature)
+    assert rel_err(gates, gates_peft) < 1e-6
+    weight = torch.randn(d_out, d_in) / d_in ** 0.5
+    xd, w, a_c, b_c = (t.to(DEVICE) for t in (x, weight, a_cat, b_cat))
+    y = lora_linear_routed(xd, w, None, a_c, b_c, scale.to(DEVICE), ranks, protos.to(DEVICE), "arrow", top_k,
+                           temperature)
+    stable = ~near_tie_rows(x, protos, None, "arrow", top_k, temperature)
+    got = (y.cpu() - x @ weight.t()).reshape(-1, d_out)[stable]
+    assert rel_err(got, delta_peft.reshape(-1, d_out)[stable]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The routed op against float64
+
+
+CASES = [
+    # (T, d_in, d_out, ranks)
+    (1, 16, 24, [4, 4]),
+    (37, 48, 40, [3, 8, 5]),
+    (130, 100, 72, [1, 7, 16, 2, 5]),
+]
+if HAS_CUDA:
+    CASES += [(2048, 1024, 512, [16] * 16), (300, 4096, 4096, [8, 16, 32, 4])]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind,top_k", [("arrow", None), ("arrow", 1), ("arrow", 2), ("linear", None),
+                                        ("linear", 1), ("linear", 2), ("uniform", None)])
+def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, seeded):
+    T, d_in, d_out, ranks = case
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
+    router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, dtype)
+    temperature = 0.7
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias)
+    ref = reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias)
+    assert y.dtype == dtype and y.shape == (T, d_out)
+    stable = ~near_tie_rows(x, router, rbias, kind, top_k, temperature)
+    assert stable.float().mean() > 0.9
+    assert rel_err(y[stable.to(y.device)], ref[stable.to(ref.device)]) < TOL[dtype]
+    if kind != "uniform":
+        assert len(kernel_calls) == 1  # the fused routed shrink ran (on the GPU or the interpreter)
+
+
+@pytest.mark.parametrize("K", [16, 64])
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_many_adapters_mixed_ranks(K, top_k, seeded):
+    gen_ranks = torch.randint(1, 4, (K,)).tolist()
+    T, d_in, d_out = 45, 32, 24
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, gen_ranks, torch.float32)
+    for kind in ("arrow", "linear"):
+        router, rbias = router_for(kind, a_cat, b_cat, gen_ranks, scale, torch.float32)
+        y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, gen_ranks, router, kind, top_k, 1.3, rbias)
+        ref = reference64(x, w, b, a_cat, b_cat, scale, gen_ranks, router, kind, top_k, 1.3, rbias)
+        stable = ~near_tie_rows(x, router, rbias, kind, top_k, 1.3).to(y.device)
+        assert rel_err(y[stable], ref[stable.to(ref.device)]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_routed_shrink_outputs(top_k, seeded):
+    """The kernel's S, raw logits, gates and S' directly (each checked against float64)."""
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    ranks = [2, 5, 1, 9]
+    T, d_in, R, K = 70, 40, sum(ranks), len(ranks)
+    x = torch.randn(T, d_in, device=DEVICE)
+    a_cat = torch.randn(R, d_in, device=DEVICE)
+    router = torch.randn(K, d_in, device=DEVICE)
+    rbias = torch.randn(K, device=DEVICE)
+    scale = torch.rand(R, device=DEVICE) + 0.5
+    block = torch.repeat_interleave(torch.arange(K, dtype=torch.int32, device=DEVICE), torch.tensor(ranks,
+                                                                                                    device=DEVICE))
+    # Several K splits of the partial kernel: a (reduction-order) change must not matter.
+    for cfg in (None, {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_R": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}):
+        sp, s, z, g = routing_kernels.routed_shrink(x, torch.cat([a_cat, router]), scale, block, top_k=top_k,
+                                                    temperature=0.5, abs_logits=False, router_bias=rbias,
+                                                    save=True, config=cfg)
+        s64 = x.double() @ a_cat.double().t()
+        z64 = x.double() @ router.double().t() + rbias.double()
+        g64 = routing_gates(x.double(), router.double(), "linear", top_k, 0.5, rbias.double())
+        stable = ~near_tie_rows(x, router, rbias, "linear", top_k, 0.5).to(DEVICE)
+        assert rel_err(s, s64) < 1e-5 and rel_err(z, z64) < 1e-5
+        assert rel_err(g[stable], g64[stable]) < 1e-5
+        assert torch.allclose(g.sum(1), torch.ones(T, device=DEVICE), atol=1e-5)
+        if top_k is not None:
+            assert ((g > 0).sum(1) == top_k).all()
+        assert rel_err(sp[stable], (s64 * scale.double() * g64[:, block.long()])[stable]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+
+
+GRAD_CASES = [(29, 40, 36, [3, 6, 2], torch.float32)]
+if HAS_CUDA:
+    GRAD_CASES += [(1024, 512, 384, [16, 8, 16, 4], torch.bfloat16), (1024, 512, 384, [16, 8, 16, 4], torch.float16)]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("kind,top_k", [("arrow", None), ("arrow", 2), ("linear", None), ("linear", 1),
+                                        ("linear", 2), ("uniform", None)])
+def test_routed_gradients_match_float64(case, kind, top_k, seeded):
+    T, d_in, d_out, ranks, dtype = case
+    tensors = list(make_layer(T, d_in, d_out, ranks, dtype, lead=(2,)))
+    router, rbias = router_for(kind, tensors[3], tensors[4], ranks, tensors[5], dtype)
+    names = ["x", "weight", "bias", "a_cat", "b_cat", "scale", "router", "router_bias"]
+    tensors += [router, rbias]
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    y = lora_linear_routed(*leaves[:6], ranks, leaves[6], kind, top_k, 0.8, leaves[7])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves64 = [t.detach().to(F64).requires_grad_() if t is not None else None for t in tensors]
+    ref = lora_linear_routed_reference(*leaves64[:6], ranks, leaves64[6], kind, top_k, 0.8, leaves64[7])
+    ref.backward(dy.to(F64))
+    stable = ~near_tie_rows(tensors[0], router, rbias, kind, top_k, 0.8)
+    if not stable.all():
+        pytest.skip("a near tie in the top-k choice (the gradients are then legitimately different)")
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    for name, t, t64 in zip(names, leaves, leaves64):
+        if t is None:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, name
+        assert rel_err(t.grad, t64.grad) < tol, name
+
+
+def test_only_requested_gradients(seeded):
+    x, w, b, a_cat, b_cat, scale = make_layer(9, 32, 20, [4, 2], torch.float32)
+    router = torch.randn(2, 32, device=DEVICE, requires_grad=True)
+    x.requires_grad_()
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, [4, 2], router, "linear", 1)
+    y.sum().backward()
+    assert x.grad is not None and router.grad is not None
+    assert w.grad is None and a_cat.grad is None and b_cat.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths, semantics and bad input
+
+
+def test_torch_path_matches_kernel_path(seeded):
+    ranks = [5, 3, 4]
+    x, w, b, a_cat, b_cat, scale = make_layer(33, 48, 40, ranks, torch.float32)
+    router, _ = router_for("arrow", a_cat, b_cat, ranks, scale, torch.float32)
+    y_kernel = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, "arrow", 2)
+    with use_backend("torch"):
+        y_torch = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, "arrow", 2)
+    assert rel_err(y_kernel, y_torch) < 1e-5
+
+
+def test_top1_is_exactly_one_adapter_and_uniform_is_averaging(seeded):
+    ranks = [3, 2, 4]
+    x, w, b, a_cat, b_cat, scale = make_layer(20, 32, 16, ranks, torch.float32)
+    router, rbias = router_for("linear", a_cat, b_cat, ranks, scale, torch.float32)
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, "linear", 1, 1.0, rbias)
+    choice = (x @ router.t() + rbias).argmax(1)
+    starts = [0, 3, 5, 9]
+    for t in range(20):
+        i = int(choice[t])
+        sl = slice(starts[i], starts[i + 1])
+        expect = x[t] @ w.t() + b + ((x[t] @ a_cat[sl].t()) * scale[sl]) @ b_cat[:, sl].t()
+        assert rel_err(y[t], expect) < 1e-5
+    y_avg = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, None, "uniform")
+    weighted = MultiLoraLinear(nn.Linear(32, 16).to(DEVICE), [
+        (a_cat[s:e], b_cat[:, s:e], 1.0) for s, e in zip(starts[:-1], starts[1:])], method="weighted")
+    with torch.no_grad():
+        weighted.base_layer.weight.copy_(w)
+        weighted.base_layer.bias.copy_(b)
+        weighted.adapter_scales.copy_(scale[torch.tensor(starts[:-1])])
+    scale_blocks = torch.repeat_interleave(scale[torch.tensor(starts[:-1])], torch.tensor(ranks))
+    y_avg_same = lora_linear_routed(x, w, b, a_cat, b_cat, scale_blocks, ranks, None, "uniform")
+    assert rel_err(y_avg, reference64(x, w, b, a_cat, b_cat, scale, ranks, None, "uniform", None, 1.0, None)) < 1e-5
+    assert rel_err(y_avg_same, weighted(x)) < 1e-5
+
+
+def test_leading_dims_and_empty(seeded):
+    ranks = [2, 2]
+    x, w, b, a_cat, b_cat, scale = make_layer(5, 16, 16, ranks, torch.float32, lead=(3,))
+    router, _ = router_for("arrow", a_cat, b_cat, ranks, scale, torch.float32)
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router)
+    assert y.shape == (3, 5, 16)
+    assert rel_err(y, reference64(x, w, b, a_cat, b_cat, scale, ranks, router, "arrow", None, 1.0, None)) < 1e-5
+    y0 = lora_linear_routed(x[:, :0], w, b, a_cat, b_cat, scale, ranks, router)
+    assert y0.shape == (3, 0, 16)
+
+
+def test_bad_input_is_named(seeded):
+    ranks = [2, 3]
+    x, w, b, a_cat, b_cat, scale = make_layer(4, 16, 8, ranks, torch.float32)
+    router = torch.randn(2, 16, device=DEVICE)
+    args = (x, w, b, a_cat, b_cat, scale)
+    with pytest.raises(ValueError, match=r"ranks must be positive integers summing to R = 5"):
+        lora_linear_routed(*args, [2, 2], router)
+    with pytest.raises(ValueError, match=r"router must have shape \(2, 16\)"):
+        lora_linear_routed(*args, ranks, router[:, :8])
+    with pytest.raises(TypeError, match="router must be a torch.Tensor"):
+        lora_linear_routed(*args, ranks, None, "arrow")
+    with pytest.raises(ValueError, match="router_kind must be one of"):
+        lora_linear_routed(*args, ranks, router, "softmax")
+    with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..2"):
+        lora_linear_routed(*args, ranks, router, "arrow", 3)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        lora_linear_routed(*args, ranks, router, "arrow", None, 0.0)
+    with pytest.raises(ValueError, match="router_bias is only used with router_kind='linear'"):
+        lora_linear_routed(*args, ranks, router, "arrow", None, 1.0, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match=r"router_bias must be a floating-point tensor of shape \(2,\)"):
+        lora_linear_routed(*args, ranks, router, "linear", None, 1.0, torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="takes no router"):
+        lora_linear_routed(*args, ranks, router, "uniform")
+    with pytest.raises(ValueError, match=r"scale must have shape \(5,\)"):
+        lora_linear_routed(x, w, b, a_cat, b_cat, scale[:4], ranks, router)
+
+
+# ----------------------------------------------------------------------------------------------
+# MultiLoraLinear(method="route") and compose
+
+
+def _module_adapters(d_in, d_out, ranks):
+    return [(torch.randn(r, d_in) / d_in ** 0.5, torch.randn(d_out, r), float(torch.rand(()) + 0.5)) for r in ranks]
+
+
+@pytest.mark.parametrize("router,top_k", [("arrow", 2), ("linear", None), ("linear", 1), ("uniform", None)])
+def test_module_route(router, top_k, seeded):
+    ranks = [3, 5, 2]
+    base = nn.Linear(32, 24).to(DEVICE)
+    adapters = _module_adapters(32, 24, ranks)
+    layer = MultiLoraLinear(base, adapters, method="route", router=router, top_k=top_k, temperature=0.9)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    scale = torch.repeat_interleave(torch.tensor([s for _, _, s in adapters]), torch.tensor(ranks)).to(DEVICE)
+    a_cat = torch.cat([a for a, _, _ in adapters]).to(DEVICE)
+    b_cat = torch.cat([b for _, b, _ in adapters], 1).to(DEVICE)
+    ref = reference64(x, base.weight, base.bias, a_cat, b_cat, scale, ranks, layer.router_weight, router, top_k, 0.9,
+                      layer.router_bias)
+    y = layer(x)
+    stable = ~near_tie_rows(x, layer.router_weight, layer.router_bias, router, top_k, 0.9).to(DEVICE)
+    assert rel_err(y.reshape(-1, 24)[stable], ref.reshape(-1, 24)[stable.to(ref.device)]) < 1e-5
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    if router == "arrow":
+        assert "router_weight" in dict(layer.named_buffers())
+        assert rel_err(layer.router_weight, arrow_prototypes(a_cat, b_cat, ranks, scale)) < 1e-6
+        assert trainable == set()
+    elif router == "linear":
+        assert trainable == {"router_weight", "router_bias"}
+        y.square().mean().backward()
+        if top_k == 1:
+            # The softmax over one kept logit is 1 whatever the logit: top-1 gates carry no gradient.
+            assert layer.router_weight.grad.abs().max() == 0
+        else:
+            assert layer.router_weight.grad.abs().sum() > 0 and layer.router_bias.grad.abs().sum() > 0
+    else:
+        assert trainable == set() and layer.router_weight is None
+    assert f"router={router}" in repr(layer)
+    with pytest.raises(ValueError, match="no fixed low-rank factors"):
+        layer.delta_weight()
+
+
+def test_module_route_bad_arguments():
+    base = nn.Linear(16, 8)
+    adapters = _module_adapters(16, 8, [2, 2])
+    with pytest.raises(ValueError, match="router must be one of"):
+        MultiLoraLinear(base, adapters, method="route", router="mlp")
+    with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..2"):
+        MultiLoraLinear(base, adapters, method="route", top_k=5)
+    with pytest.raises(ValueError, match="only used with method='route'"):
+        MultiLoraLinear(base, adapters, method="sum", top_k=1)
+    with pytest.raises(ValueError, match="temperature must be a positive"):
+        MultiLoraLinear(base, adapters, method="route", temperature=-1.0)
+
+
+def test_compose_route_on_tiny_llama(tmp_path, seeded):
+    """compose(..., method="route") on a 2-layer Llama: every targeted layer is a routed MultiLoraLinear,
+    the model output equals the per-layer reference, and export / merge refuse it with a clear error."""
+    from test_compose import model_inputs, model_output, peft_with_adapters, save_adapters
+
+    from lorafuse import compose, export_peft, get_composition, merge
+
+    specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+             dict(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj"]),
+             dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "o_proj"])]
+    fresh, peft_model, names = peft_with_adapters("llama", specs)
+    dirs = save_adapters(peft_model, names, tmp_path / "adapters")
+    model = compose(fresh, dirs, method="route", router="arrow", top_k=2, temperature=0.5)
+    comp = get_composition(model)
+    layers = comp.layers()
+    assert len(layers) == 6 and all(l.method == "route" and l.router_kind == "arrow" for l in layers.values())
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q.ranks == [4, 2, 3] and q.top_k == 2 and q.temperature == 0.5
+    inputs = model_inputs("llama")
+    out = model_output(model, inputs)
+    # The same model with each layer's forward replaced by the float64 reference of its routing.
+    originals = {}
+    for key, layer in layers.items():
+        originals[key] = layer.forward
+
+        def ref_forward(x, layer=layer):
+            base = layer.base_layer
+            return reference64(x, base.weight, base.bias, layer.a_cat, layer.b_cat, layer.scale, layer.ranks,
+                               layer.router_weight, "arrow", layer.top_k, 0.5, None).to(x.dtype)
+        layer.forward = ref_forward
+    out_ref = model_output(model, inputs)
+    for key, layer in layers.items():
+        del layer.forward
+    assert rel_err(out, out_ref) < 1e-4
+    with pytest.raises(ValueError, match="cannot export a 'route' composition"):
+        export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="no fixed low-rank factors"):
+        merge(model)
+
+
+def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path):
+    from test_compose import peft_with_adapters, save_adapters
+
+    from lorafuse import compose
+
+    specs = [dict(r=2, lora_alpha=2, target_modules=["q_proj"]), dict(r=2, lora_alpha=2, target_modules=["v_proj"])]
+    fresh, peft_model, names = peft_with_adapters("llama", specs)
+    dirs = save_adapters(peft_model, names, tmp_path)
+    with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..1"):
+        compose(fresh, dirs, method="route", top_k=2)
