@@ -236,7 +236,7 @@ def _grouped_expand_kernel(
 
 # Up to this many rows the gathered schedule runs (no sort; adapters re-read per row from L2);
 # above it, the grouped one. To be tuned on a GPU (bench/bench_routing.py times both).
-GATHERED_MAX_T = 256
+GATHERED_MAX_T = 1024
 
 
 def _gathered_blocks(D: int):

@@ -170,8 +170,8 @@ def test_set_adapter_and_clear_in_place(seeded, schedule):
     assert lib.a.data_ptr() == storage
     now = [adapters[1], None, new]
     y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
-    ref = expected(x, w, b, [ad if ad is not None else (torch.zeros(1, d_in, device=DEVICE), torch.zeros(d_out, 1, device=DEVICE), 0.0)
-                             for ad in now], ids)
+    empty = (torch.zeros(1, d_in, device=DEVICE), torch.zeros(d_out, 1, device=DEVICE), 0.0)
+    ref = expected(x, w, b, [ad if ad is not None else empty for ad in now], ids)
     assert rel_err(y, ref) < TOL[torch.float32], f"seed {seeded}"
     a2, b2, s2 = lib.adapter(2)
     assert torch.equal(a2, new[0]) and torch.equal(b2, new[1]) and s2 == new[2]
