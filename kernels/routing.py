@@ -5,8 +5,10 @@
     g = softmax over the top-k entries of each row of L (all K when dense; the others are 0)
     S' = S * scale * g[:, block]           block[r] = the adapter that rank column r belongs to
 
-x is read once (by the partial kernel shrink.py already uses for the plain shrink); the gates are
-computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
+x is read once: the partial kernel loads its (d_in x columns) operand tile from a_cat for the first R
+columns and from the router for the last K (stacked on chip, no copy in memory), so one tl.dot per
+step gives both, and splits d_in over programs when T is small (as shrink.py's partial kernel does);
+the gates are computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
 with the block-id vector, so S' (T x R) is the only intermediate that goes back to memory. The
 expand is then lorafuse.kernels.lora_gemm.lora_gemm(x, W^T, S', b_cat^T, bias), as for the other
 methods.
@@ -19,11 +21,71 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import FINISH_BLOCK_T, _rows_partial, _sum_splits, alloc_rows, split_config
-from .utils import block_for, check_runnable, is_interpreting, new_empty
+from .shrink import FINISH_BLOCK_T, _sum_splits, alloc_rows, split_config
+from .utils import block_for, check_runnable, dot_precision, is_interpreting, new_empty
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
+
+
+@triton.jit
+def _stacked_partial_kernel(
+    x_ptr, a_ptr, rt_ptr, part_ptr,
+    T, D, R, K, D_PER_SPLIT,
+    stride_xt, stride_xd, stride_ar, stride_ad, stride_rk, stride_rd,
+    stride_ps, stride_pt,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """part[split, t, c] = sum over d in the split of x[t, d] * [a_cat; router][c, d] (float32), for the
+    R + K columns c. Grid (column chunks, splits, row blocks), as shrink's _rows_partial_kernel."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_mask = offs_t < T
+    from_a = offs_c < R
+    from_router = (offs_c >= R) & (offs_c < R + K)
+    offs_t_c = tl.where(t_mask, offs_t, 0)
+    offs_a = tl.where(from_a, offs_c, 0)
+    offs_rt = tl.where(from_router, offs_c - R, 0)
+    d_start = pid_s * D_PER_SPLIT
+    d_end = tl.minimum(d_start + D_PER_SPLIT, D)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for d0 in range(d_start, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_end
+        x = tl.load(x_ptr + offs_t_c[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=d_mask[None, :],
+                    other=0.0)
+        # The (BLOCK_D, BLOCK_R) tile of [a_cat; router]^T: each column from one of the two sources.
+        w = tl.load(a_ptr + offs_a[None, :] * stride_ar + offs_d[:, None] * stride_ad,
+                    mask=d_mask[:, None] & from_a[None, :], other=0.0)
+        w += tl.load(rt_ptr + offs_rt[None, :] * stride_rk + offs_d[:, None] * stride_rd,
+                     mask=d_mask[:, None] & from_router[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+    tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_c[None, :], acc,
+             mask=t_mask[:, None] & (offs_c < R + K)[None, :])
+
+
+def _stacked_partial(x, a_cat, router, cfg):
+    """float32 partial sums of x [a_cat; router]^T over cfg["SPLITS"] ranges of d_in: (splits, T, R + K)."""
+    T, D = x.shape
+    R, K = a_cat.shape[0], router.shape[0]
+    d_per = triton.cdiv(triton.cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(D, d_per)
+    part = new_empty((splits, T, R + K), torch.float32, x.device)
+    grid = (triton.cdiv(R + K, cfg["BLOCK_R"]), splits, triton.cdiv(T, cfg["BLOCK_T"]))
+    _stacked_partial_kernel[grid](
+        x, a_cat, router, part, T, D, R, K, d_per,
+        x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), router.stride(0), router.stride(1),
+        part.stride(0), part.stride(1),
+        PREC=dot_precision(x.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return part, splits
 
 
 @triton.jit
@@ -99,7 +161,8 @@ def _routed_finish_kernel(
 
 def routed_shrink(
     x: torch.Tensor,
-    a_ext: torch.Tensor,
+    a_cat: torch.Tensor,
+    router: torch.Tensor,
     scale: torch.Tensor,
     block_ids: torch.Tensor,
     top_k: Optional[int] = None,
@@ -109,7 +172,7 @@ def routed_shrink(
     save: bool = False,
     config: Optional[dict] = None,
 ):
-    """x: (T, d_in); a_ext: (R + K, d_in) = [a_cat; router] in x's dtype; scale: (R,) float32;
+    """x: (T, d_in); a_cat: (R, d_in) and router: (K, d_in) in x's dtype; scale: (R,) float32;
     block_ids: (R,) int32, the adapter (0..K-1) of each rank column; router_bias: (K,) float32 or None.
 
     Returns (sp, s, z, g): sp = S' (T, R) in x's dtype; when save, s = S = x a_cat^T (T, R),
@@ -121,14 +184,16 @@ def routed_shrink(
     if x.dim() != 2:
         raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
     T, D = x.shape
-    R = scale.shape[0]
-    if a_ext.dim() != 2 or a_ext.shape[1] != D or a_ext.shape[0] <= R:
-        raise ValueError(f"a_ext must have shape (R + K, {D}) with R = {R} and K >= 1, got {tuple(a_ext.shape)}")
-    K = a_ext.shape[0] - R
+    for name, t in (("a_cat", a_cat), ("router", router)):
+        if t.dim() != 2 or t.shape[1] != D or t.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (rows, {D}) (d_in of x), got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+    R, K = a_cat.shape[0], router.shape[0]
+    if tuple(scale.shape) != (R,):
+        raise ValueError(f"scale must have shape ({R},) (rows of a_cat), got {tuple(scale.shape)}")
     if K > MAX_ROUTED_K:
         raise ValueError(f"the routed shrink takes at most {MAX_ROUTED_K} adapters, got K = {K}")
-    if a_ext.dtype != x.dtype or a_ext.device != x.device:
-        raise ValueError(f"a_ext must be {x.dtype} on {x.device} like x, got {a_ext.dtype} on {a_ext.device}")
     if scale.dtype != torch.float32 or scale.device != x.device:
         raise ValueError(f"scale must be float32 on {x.device}, got {scale.dtype} on {scale.device}")
     if tuple(block_ids.shape) != (R,) or block_ids.dtype != torch.int32 or block_ids.device != x.device:
@@ -148,7 +213,7 @@ def routed_shrink(
         empty = lambda w: new_empty((0, w), f32, x.device)  # noqa: E731
         return (sp, empty(R), empty(K), empty(K)) if save else (sp, None, None, None)
     cfg = config or split_config(T, D, R + K, x.dtype, x.device)
-    part, splits = _rows_partial(x, a_ext.t(), T, D, R + K, cfg)
+    part, splits = _stacked_partial(x, a_cat, router, cfg)
     # One split: the partials are [S | Z] itself and S is a view of them.
     direct = splits == 1
     s = (part.view(T, R + K)[:, :R] if direct else new_empty((T, R), f32, x.device)) if save else None

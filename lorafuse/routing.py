@@ -237,11 +237,10 @@ def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_l
     from .kernels import lora_gemm
     from .kernels.routing import routed_shrink
 
-    a_ext = torch.cat([a_c, router_c], 0)
-    sp, s, z, g = routed_shrink(x, a_ext, sc, block, top_k=top_k, temperature=temperature, abs_logits=abs_logits,
+    sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature, abs_logits=abs_logits,
                                 router_bias=rbias, save=save)
     y = lora_gemm(x, weight.t(), sp, b_c.t(), bias)
-    return y, a_ext, sp, s, z, g
+    return y, sp, s, z, g
 
 
 class _RoutedFunction(torch.autograd.Function):
@@ -251,9 +250,9 @@ class _RoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature):
-        y, a_ext, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits,
+        y, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits,
                                                 top_k, temperature, True)
-        ctx.save_for_backward(x, weight, a_ext, b_c, sc, block, sp, s, z, g)
+        ctx.save_for_backward(x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g)
         ctx.abs_logits, ctx.temperature = abs_logits, temperature
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_c, b_c, sc, router_c, rbias)]
         return y
@@ -263,7 +262,7 @@ class _RoutedFunction(torch.autograd.Function):
         from .kernels import lora_gemm
         from .kernels.shrink import _rows_partial, split_config
 
-        x, weight, a_ext, b_c, sc, block, sp, s, z, g = ctx.saved_tensors
+        x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g = ctx.saved_tensors
         n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = ctx.needs_input_grad[:8]
         T, R, K = x.shape[0], sc.shape[0], g.shape[1]
         dy = dy.contiguous()
@@ -278,7 +277,7 @@ class _RoutedFunction(torch.autograd.Function):
             dlog = g * (dg - (g * dg).sum(1, keepdim=True)) / ctx.temperature
             dz = dlog * torch.sign(z) if ctx.abs_logits else dlog
             if n_x:
-                grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), a_ext)
+                grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), torch.cat([a_c, router_c], 0))
             if n_a:
                 grads[3] = ds.t().to(x.dtype) @ x
             if n_sc:

@@ -233,7 +233,7 @@ def test_routed_shrink_outputs(top_k, seeded):
                                                                                                     device=DEVICE))
     # Several K splits of the partial kernel: a (reduction-order) change must not matter.
     for cfg in (None, {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_R": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}):
-        sp, s, z, g = routing_kernels.routed_shrink(x, torch.cat([a_cat, router]), scale, block, top_k=top_k,
+        sp, s, z, g = routing_kernels.routed_shrink(x, a_cat, router, scale, block, top_k=top_k,
                                                     temperature=0.5, abs_logits=False, router_bias=rbias,
                                                     save=True, config=cfg)
         s64 = x.double() @ a_cat.double().t()
