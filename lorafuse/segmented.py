@@ -12,9 +12,10 @@ tensor. Elsewhere it runs in plain torch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,7 +24,8 @@ from lorafuse.kernels.utils import can_run
 
 from .modules import _check_adapters
 
-__all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference"]
+__all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference", "SegmentedLoraLinear",
+           "AdapterIds", "LibraryHandle", "attach_library"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -359,3 +361,125 @@ def lora_linear_segmented(
         y = F.linear(x2, weight, bias)
         segmented_lora_(y, x2, library.a, library.b, library.ranks, library.scales, ids, schedule)
     return y.reshape(*lead, d_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole model: every targeted layer serves the library; the ids are set per batch
+
+
+class AdapterIds:
+    """The ids the next forward uses, shared by every SegmentedLoraLinear of a model.
+
+    `value`: an integer tensor of shape (B,) (one adapter per sequence) or (B, L) (per token), on the
+    model's device, -1 for the base model. For CUDA graphs, set it once to a buffer and copy new ids
+    into that buffer before each replay.
+    """
+
+    def __init__(self) -> None:
+        self.value: Optional[Tensor] = None
+
+    def get(self) -> Tensor:
+        if self.value is None:
+            raise RuntimeError("no adapter ids are set: call set_ids(ids) on the handle from attach_library "
+                               "before running the model")
+        return self.value
+
+
+class SegmentedLoraLinear(nn.Module):
+    """An nn.Linear serving a LoraLibrary: row t of the input uses adapter ids.get()[t] (or its sequence's)."""
+
+    def __init__(self, base: nn.Linear, library: LoraLibrary, ids: AdapterIds) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.base_layer = base
+        self.library = library
+        self.ids = ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.base_layer.weight
+        return lora_linear_segmented(x, w, self.base_layer.bias, self.library, self.ids.get())
+
+    def extra_repr(self) -> str:
+        return f"{self.library!r}"
+
+
+class LibraryHandle:
+    """What attach_library returns: the adapter names in slot order, the layers, set_ids and detach."""
+
+    def __init__(self, model, root, names, layers, originals, ids) -> None:
+        self.model = model
+        self.names: List[str] = names
+        self.layers: Dict[str, SegmentedLoraLinear] = layers
+        self._root = root
+        self._originals = originals
+        self._ids = ids
+
+    def set_ids(self, ids) -> Tensor:
+        """Set the adapters of the next forwards: a tensor or a list of slot numbers or adapter names
+        (None or -1: the base model), one per sequence (B,) or per token (B, L). Returns the tensor."""
+        if not isinstance(ids, Tensor):
+            index = {n: i for i, n in enumerate(self.names)}
+            try:
+                ids = torch.tensor([-1 if v is None else index[v] if isinstance(v, str) else int(v) for v in ids])
+            except KeyError as e:
+                raise ValueError(f"unknown adapter name {e.args[0]!r}; the library holds {self.names}") from None
+        device = next(iter(self.layers.values())).library.device
+        self._ids.value = ids.to(device)
+        return self._ids.value
+
+    def detach(self) -> nn.Module:
+        """Put the original modules back; returns the model."""
+        from .compose import _set_module
+
+        for key, original in self._originals.items():
+            _set_module(self._root, key, original)
+        self.layers = {}
+        return self.model
+
+
+def attach_library(
+    model: nn.Module,
+    adapters: Sequence[Any],
+    names: Optional[Sequence[str]] = None,
+    num_slots: Optional[int] = None,
+    r_max: Optional[int] = None,
+) -> LibraryHandle:
+    """Serve up to num_slots peft LoRA adapters on one model with per-request selection.
+
+    adapters: peft adapter directories, (state_dict, LoraConfig) pairs or lorafuse LoraAdapters;
+    slot i holds adapters[i] in every layer it targets (layers it does not target get an empty slot:
+    the base layer). Every targeted nn.Linear (or GPT-2 Conv1D) becomes a SegmentedLoraLinear whose
+    library is in the layer's dtype and device. Then `handle.set_ids(ids)` and `model(...)`: sequence
+    b (or token (b, l)) uses adapter ids[b] (-1: none) -- peft's `adapter_names=` mixed batch, fused.
+    """
+    from .adapters import load_adapters
+    from .compose import _linear_for, _plan, _root_of, _set_module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    loaded = load_adapters(adapters)
+    if not loaded:
+        raise ValueError("adapters must name at least one adapter")
+    names = [a.name for a in loaded] if names is None else list(names)
+    if len(names) != len(loaded):
+        raise ValueError(f"names must have one entry per adapter ({len(loaded)}), got {len(names)}")
+    root = _root_of(model)
+    plan = _plan(root, loaded)
+    if not plan:
+        raise ValueError("the adapters target no module of the model")
+    ids = AdapterIds()
+    layers, originals = {}, {}
+    for key, which in plan.items():
+        original = root.get_submodule(key)
+        base, _ = _linear_for(key, original)
+        lib = LoraLibrary.empty(num_slots or len(loaded),
+                                r_max or max(loaded[i].layers[key][0].shape[0] for i in which),
+                                base.in_features, base.out_features, base.weight.dtype, base.weight.device)
+        for i in which:
+            lib.set_adapter(i, *loaded[i].layers[key])
+        layers[key] = SegmentedLoraLinear(base, lib, ids)
+        originals[key] = original
+    for key, layer in layers.items():
+        _set_module(root, key, layer)
+    return LibraryHandle(model, root, names, layers, originals, ids)
