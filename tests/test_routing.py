@@ -53,7 +53,9 @@ def near_tie_rows(x, router, router_bias, kind, top_k, temperature):
         z = z + router_bias.double().cpu()
     logits = (z.abs() if kind == "arrow" else z) / temperature
     top = logits.topk(top_k + 1, dim=1).values
-    return (top[:, top_k - 1] - top[:, top_k]) < 1e-4 * logits.abs().mean()
+    # float32 accumulation of 16-bit products on tensor cores is less exact than on the CPU.
+    rel = 1e-4 if x.dtype == torch.float32 else 1e-3
+    return (top[:, top_k - 1] - top[:, top_k]) < rel * logits.abs().mean()
 
 
 def reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, router_bias):
@@ -269,13 +271,15 @@ def test_routed_gradients_match_float64(case, kind, top_k, seeded):
     leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
     y = lora_linear_routed(*leaves[:6], ranks, leaves[6], kind, top_k, 0.8, leaves[7])
     dy = torch.randn_like(y)
+    # Rows at a near tie of the top-k choice may pick other adapters than the reference: give them no
+    # output gradient, so that they contribute to no gradient at all.
+    unstable = near_tie_rows(tensors[0], router, rbias, kind, top_k, 0.8).reshape(dy.shape[:-1])
+    assert unstable.float().mean() < 0.1
+    dy[unstable.to(dy.device)] = 0
     y.backward(dy)
     leaves64 = [t.detach().to(F64).requires_grad_() if t is not None else None for t in tensors]
     ref = lora_linear_routed_reference(*leaves64[:6], ranks, leaves64[6], kind, top_k, 0.8, leaves64[7])
     ref.backward(dy.to(F64))
-    stable = ~near_tie_rows(tensors[0], router, rbias, kind, top_k, 0.8)
-    if not stable.all():
-        pytest.skip("a near tie in the top-k choice (the gradients are then legitimately different)")
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for name, t, t64 in zip(names, leaves, leaves64):
         if t is None:
@@ -410,6 +414,13 @@ def test_module_route(router, top_k, seeded):
     else:
         assert trainable == set() and layer.router_weight is None
     assert f"router={router}" in repr(layer)
+    # The router state travels with the state dict.
+    torch.manual_seed(12345)  # another random linear router to overwrite
+    again = MultiLoraLinear(nn.Linear(32, 24).to(DEVICE), adapters, method="route", router=router, top_k=top_k,
+                            temperature=0.9)
+    again.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), layer(x))
     with pytest.raises(ValueError, match="no fixed low-rank factors"):
         layer.delta_weight()
 
