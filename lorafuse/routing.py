@@ -17,6 +17,7 @@ lora_gemm); the elementwise gate backward on the (T, R) and (T, K) rows is plain
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence
 
@@ -184,7 +185,7 @@ def _routed_math(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kin
     """x (T, d_in) -> y (T, d_out): S, logits, gates and S' in `acc`; S' rounded to `round_to` (the
     kernels' rounding) before the expand, which runs in that dtype too; None keeps `acc` throughout."""
     K = len(ranks)
-    block = torch.repeat_interleave(torch.arange(K, device=x.device), torch.tensor(ranks, device=x.device))
+    block = _block_ids(ranks, x.device).long()
     xa = x.to(acc)
     s = xa @ a_cat.to(x.dtype).to(acc).t()
     if router_kind == "uniform":
@@ -229,8 +230,14 @@ def lora_linear_routed_reference(
 
 
 def _block_ids(ranks: Sequence[int], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32, device=device),
-                                   torch.tensor(list(ranks), device=device))
+    """(R,) int32: the adapter of each rank column. Cached: building it costs a host-to-device copy."""
+    return _block_ids_cached(tuple(int(r) for r in ranks), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _block_ids_cached(ranks: tuple, device: torch.device) -> Tensor:
+    ids = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32), torch.tensor(ranks))
+    return ids.to(device)
 
 
 def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature, save):
