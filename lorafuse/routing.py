@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -250,15 +250,56 @@ def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_l
     return y, sp, s, z, g
 
 
+def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, abs_logits, temperature, needs):
+    """Gradients for [x, weight, bias, a_cat, b_cat, scale, router, router_bias] (None where not needed),
+    in x's dtype except bias, scale and router_bias (float32).
+
+    dS' = dY b_cat runs as the shrink's partial kernel; the gate backward (elementwise on the (T, R)
+    and (T, K) rows: dS = dS' * scale * g[:, block], dg_i = sum over block i of dS' S scale, the
+    softmax backward, |.|'s sign) is plain torch; dx = dY W + [dS | dZ] [a_cat; router] is one
+    lora_gemm; the weight gradients are plain matmuls."""
+    from .kernels import lora_gemm
+    from .kernels.shrink import _rows_partial, split_config
+
+    n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = needs
+    T, R = x.shape[0], sc.shape[0]
+    dy = dy.contiguous()
+    grads = [None] * 8
+    blk = block.long()
+    if n_x or n_a or n_sc or n_r or n_rb:
+        part, _ = _rows_partial(dy, b_c, T, dy.shape[1], R, split_config(T, dy.shape[1], R, dy.dtype, dy.device))
+        dsp = part.sum(0)                                  # dS' (T, R) float32
+        g_cols = g[:, blk]
+        ds = dsp * sc * g_cols                             # dS
+        dg = torch.zeros_like(g).index_add_(1, blk, dsp * s * sc)
+        dlog = g * (dg - (g * dg).sum(1, keepdim=True)) / temperature
+        dz = dlog * torch.sign(z) if abs_logits else dlog
+        if n_x:
+            grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), torch.cat([a_c, router_c], 0))
+        if n_a:
+            grads[3] = ds.t().to(x.dtype) @ x
+        if n_sc:
+            grads[5] = (dsp * s * g_cols).sum(0)
+        if n_r:
+            grads[6] = dz.t().to(x.dtype) @ x
+        if n_rb:
+            grads[7] = dz.sum(0)
+    if n_w:
+        grads[1] = dy.t() @ x
+    if n_b:
+        grads[2] = dy.sum(0, dtype=torch.float32)
+    if n_bc:
+        grads[4] = dy.t() @ sp
+    return grads
+
+
 class _RoutedFunction(torch.autograd.Function):
-    """Forward: routed shrink + lora_gemm. Backward: dS' = dY b_cat (the shrink's partial kernel),
-    the gate backward in plain torch (elementwise on (T, R) and (T, K) rows), dx = dY W + [dS | dZ]
-    [a_cat; router] in one lora_gemm, and the weight gradients as plain matmuls."""
+    """The eager kernel path: routed shrink + lora_gemm forward, _routed_backward backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature):
         y, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits,
-                                                top_k, temperature, True)
+                                         top_k, temperature, True)
         ctx.save_for_backward(x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g)
         ctx.abs_logits, ctx.temperature = abs_logits, temperature
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_c, b_c, sc, router_c, rbias)]
@@ -266,43 +307,85 @@ class _RoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .kernels import lora_gemm
-        from .kernels.shrink import _rows_partial, split_config
-
         x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g = ctx.saved_tensors
-        n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = ctx.needs_input_grad[:8]
-        T, R, K = x.shape[0], sc.shape[0], g.shape[1]
-        dy = dy.contiguous()
-        grads = [None] * 12
-        blk = block.long()
-        if n_x or n_a or n_sc or n_r or n_rb:
-            part, _ = _rows_partial(dy, b_c, T, dy.shape[1], R, split_config(T, dy.shape[1], R, dy.dtype, dy.device))
-            dsp = part.sum(0)                                  # dS' (T, R) float32
-            g_cols = g[:, blk]
-            ds = dsp * sc * g_cols                             # dS
-            dg = torch.zeros_like(g).index_add_(1, blk, dsp * s * sc)
-            dlog = g * (dg - (g * dg).sum(1, keepdim=True)) / ctx.temperature
-            dz = dlog * torch.sign(z) if ctx.abs_logits else dlog
-            if n_x:
-                grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), torch.cat([a_c, router_c], 0))
-            if n_a:
-                grads[3] = ds.t().to(x.dtype) @ x
-            if n_sc:
-                grads[5] = (dsp * s * g_cols).sum(0)
-            if n_r:
-                grads[6] = dz.t().to(x.dtype) @ x
-            if n_rb:
-                grads[7] = dz.sum(0)
-        if n_w:
-            grads[1] = dy.t() @ x
-        if n_b:
-            grads[2] = dy.sum(0, dtype=torch.float32)
-        if n_bc:
-            grads[4] = dy.t() @ sp
-        for i, dt in enumerate(ctx.dtypes):
-            if grads[i] is not None:
-                grads[i] = grads[i].to(dt)
-        return tuple(grads)
+        grads = _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, ctx.abs_logits,
+                                 ctx.temperature, list(ctx.needs_input_grad[:8]))
+        return (*[gr.to(dt) if gr is not None else None for gr, dt in zip(grads, ctx.dtypes)], None, None, None, None)
+
+
+# The same as torch.library custom ops, so that torch.compile traces through a routed layer.
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafuse::lora_linear_routed_fwd", mutates_args=())
+def _routed_fwd_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor, sc: Tensor, router_c: Tensor,
+    rbias: Optional[Tensor], ranks: List[int], abs_logits: bool, top_k: int, temperature: float, save: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save."""
+    y, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, _block_ids(ranks, x.device),
+                                     abs_logits, top_k or None, temperature, save)
+    if not save:
+        return y, _empty(x), _empty(x), _empty(x), _empty(x)
+    return y, sp, s.contiguous(), z, g
+
+
+@_routed_fwd_op.register_fake
+def _(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save):
+    from .kernels.shrink import alloc_rows
+
+    T, R, K = x.shape[0], a_c.shape[0], router_c.shape[0]
+    y = x.new_empty((T, weight.shape[0]))
+    if not save:
+        return y, _empty(x), _empty(x), _empty(x), _empty(x)
+    f32 = torch.float32
+    return (y, alloc_rows(T, R, x.dtype, x.device), x.new_empty((T, R), dtype=f32), x.new_empty((T, K), dtype=f32),
+            x.new_empty((T, K), dtype=f32))
+
+
+@torch.library.custom_op("lorafuse::lora_linear_routed_bwd", mutates_args=())
+def _routed_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor, a_c: Tensor, router_c: Tensor, b_c: Tensor, sc: Tensor, sp: Tensor,
+    s: Tensor, z: Tensor, g: Tensor, ranks: List[int], abs_logits: bool, temperature: float, needs: List[bool],
+) -> List[Tensor]:
+    grads = _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, _block_ids(ranks, x.device), sp, s, z, g,
+                             abs_logits, temperature, needs)
+    return [gr if gr is not None else _empty(x) for gr in grads]
+
+
+@_routed_bwd_op.register_fake
+def _(dy, x, weight, a_c, router_c, b_c, sc, sp, s, z, g, ranks, abs_logits, temperature, needs):
+    f32 = torch.float32
+    shapes = [(x.shape, x.dtype), (weight.shape, x.dtype), ((weight.shape[0],), f32), (a_c.shape, x.dtype),
+              (b_c.shape, x.dtype), (sc.shape, f32), (router_c.shape, x.dtype), ((router_c.shape[0],), f32)]
+    return [x.new_empty(shp, dtype=dt) if n else _empty(x) for n, (shp, dt) in zip(needs, shapes)]
+
+
+def _routed_setup_context(ctx, inputs, output):
+    x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save = inputs
+    y, sp, s, z, g = output
+    ctx.mark_non_differentiable(sp, s, z, g)
+    ctx.save_for_backward(x, weight, a_c, router_c, b_c, sc, sp, s, z, g)
+    ctx.meta = (list(ranks), abs_logits, temperature)
+    ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_c, b_c, sc, router_c, rbias)]
+
+
+def _routed_op_backward(ctx, dy, _dsp, _ds, _dz, _dg):
+    x, weight, a_c, router_c, b_c, sc, sp, s, z, g = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:8])
+    if not any(needs):
+        return (None,) * 13
+    ranks, abs_logits, temperature = ctx.meta
+    grads = torch.ops.lorafuse.lora_linear_routed_bwd(dy, x, weight, a_c, router_c, b_c, sc, sp, s, z, g, ranks,
+                                                       abs_logits, temperature, needs)
+    return (*[gr.to(dt) if n else None for n, gr, dt in zip(needs, grads, ctx.dtypes)], None, None, None, None, None)
+
+
+torch.library.register_autograd("lorafuse::lora_linear_routed_fwd", _routed_op_backward,
+                                setup_context=_routed_setup_context)
 
 
 def lora_linear_routed(
@@ -356,13 +439,15 @@ def lora_linear_routed(
     dt = x.dtype
     tensors = (x2, weight, bias, a_cat.to(dt), b_cat.to(dt), scale.to(torch.float32), router.to(dt),
                router_bias.to(torch.float32) if router_bias is not None else None)
-    block = _block_ids(ranks, x.device)
     abs_logits = router_kind == "arrow"
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if save:
-        y = _RoutedFunction.apply(*tensors, block, abs_logits, top_k, float(temperature))
+    if torch.compiler.is_compiling():
+        y = torch.ops.lorafuse.lora_linear_routed_fwd(*tensors, list(ranks), abs_logits, int(top_k or 0),
+                                                      float(temperature), save)[0]
+    elif save:
+        y = _RoutedFunction.apply(*tensors, _block_ids(ranks, x.device), abs_logits, top_k, float(temperature))
     else:
-        y = _routed_forward(*tensors, block, abs_logits, top_k, float(temperature), False)[0]
+        y = _routed_forward(*tensors, _block_ids(ranks, x.device), abs_logits, top_k, float(temperature), False)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

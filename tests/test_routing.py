@@ -489,3 +489,58 @@ def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path):
     dirs = save_adapters(peft_model, names, tmp_path)
     with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..1"):
         compose(fresh, dirs, method="route", top_k=2)
+
+
+@pytest.mark.parametrize("kind,top_k", [("arrow", 2), ("linear", None)])
+def test_torch_compile_fullgraph(kind, top_k, seeded):
+    """The kernel path as torch.library custom ops: torch.compile traces it without a graph break,
+    forward and backward equal to eager."""
+    ranks = [3, 5, 2]
+    tensors = list(make_layer(21, 32, 24, ranks, torch.float32))
+    router, rbias = router_for(kind, tensors[3], tensors[4], ranks, tensors[5], torch.float32)
+    leaves = [t.requires_grad_() for t in tensors + [router] + ([rbias] if rbias is not None else [])]
+
+    def f(*t):
+        rb = t[7] if len(t) > 7 else None
+        return lora_linear_routed(*t[:6], ranks, t[6], kind, top_k, 0.9, rb).square().sum()
+
+    compiled = torch.compile(f, backend="inductor" if HAS_CUDA else "aot_eager", fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    loss_ref = f(*leaves)
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    assert rel_err(loss, loss_ref) < 1e-5
+    for g, gr in zip(grads, grads_ref):
+        assert rel_err(g, gr) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("T", [16, 300])
+def test_cuda_graph_and_reduce_overhead_compile(T, seeded):
+    """A routed layer (Arrow, top-2, bf16) captured in a CUDA graph and under
+    torch.compile(mode="reduce-overhead") gives the eager output on new inputs."""
+    ranks = [16, 8, 16, 4]
+    base = nn.Linear(512, 384).to(DEVICE, torch.bfloat16)
+    adapters = [(a.to(torch.bfloat16), b.to(torch.bfloat16), s) for a, b, s in _module_adapters(512, 384, ranks)]
+    layer = MultiLoraLinear(base, adapters, method="route", router="arrow", top_k=2)
+    x = torch.randn(T, 512, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x2 = torch.randn_like(x)
+        x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, layer(x2)) < TOL[torch.bfloat16]
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            y = compiled(x2)
+        assert rel_err(y, layer(x2)) < TOL[torch.bfloat16]
+        assert rel_err(eager, layer(x2)) > 0.1  # the inputs did change
