@@ -239,10 +239,13 @@ def _grouped_expand_kernel(
 GATHERED_MAX_T = 1024
 
 
-def _gathered_blocks(D: int):
+def _gathered_blocks(block_r: int):
+    """BLOCK_D of the shrink, BLOCK_N of the expand, warps: the (BLOCK_R x BLOCK_D) float32 tile
+    held per iteration stays at 4096 elements (32 registers a thread) whatever the rank."""
     if is_interpreting():
         return 32, 32, 4
-    return 256, 256, 4  # BLOCK_D of the shrink, BLOCK_N of the expand, warps
+    width = max(32, min(256, 4096 // block_r))
+    return width, width, 4
 
 
 def _grouped_blocks(T: int, dtype: torch.dtype):
@@ -307,7 +310,7 @@ def segmented_lora_(
         schedule = "gathered" if T <= GATHERED_MAX_T else "grouped"
     block_r = block_for(r_max)
     if schedule == "gathered":
-        block_d, block_n, warps = _gathered_blocks(D)
+        block_d, block_n, warps = _gathered_blocks(block_r)
         # Enough (row, slice of D) programs to fill the GPU even for a few rows; the expand sums
         # the slices' partials, so the result does not depend on timing (no atomics).
         splits = max(1, min(triton.cdiv(D, block_d), triton.cdiv(2 * num_sms(x.device), T)))

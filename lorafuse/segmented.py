@@ -218,7 +218,7 @@ def _check_ids_in_range(ids: Tensor, num_slots: int) -> None:
     if ids.numel() == 0:
         return
     ok = (ids >= -1).all() & (ids < num_slots).all()
-    if ids.is_cuda:
+    if ids.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(ok)
     elif not bool(ok):
         bad = ids[(ids < -1) | (ids >= num_slots)][0].item()
@@ -286,11 +286,30 @@ def lora_linear_segmented_reference(x: Tensor, weight: Tensor, bias: Optional[Te
 # Kernels with autograd for x, weight and bias
 
 
+@torch.library.custom_op("lorafuse::segmented_lora_add", mutates_args=("out",))
+def _segmented_op(out: Tensor, x: Tensor, fac_in: Tensor, fac_out: Tensor, ranks: Tensor, scales: Tensor,
+                  ids: Tensor, schedule: str) -> None:
+    """segmented_lora_ as a custom op, so that torch.compile sees one opaque in-place step."""
+    segmented_lora_(out, x, fac_in, fac_out, ranks, scales, ids, schedule)
+
+
+@_segmented_op.register_fake
+def _(out, x, fac_in, fac_out, ranks, scales, ids, schedule):
+    return None
+
+
+def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
+    if torch.compiler.is_compiling():
+        torch.ops.lorafuse.segmented_lora_add(out, x, fac_in, fac_out, ranks, scales, ids, schedule)
+    else:  # eager: the launch function directly (a custom op's dispatch costs host time per call)
+        segmented_lora_(out, x, fac_in, fac_out, ranks, scales, ids, schedule)
+    return out
+
+
 class _SegmentedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, ids, a, b, ranks, scales, schedule):
-        y = F.linear(x2, weight, bias)
-        segmented_lora_(y, x2, a, b, ranks, scales, ids, schedule)
+        y = _add_lowrank_(F.linear(x2, weight, bias), x2, a, b, ranks, scales, ids, schedule)
         ctx.save_for_backward(x2, weight, ids, a, b, ranks, scales)
         ctx.schedule = schedule
         ctx.has_bias = bias is not None
@@ -304,8 +323,7 @@ class _SegmentedFunction(torch.autograd.Function):
         dx = dw = db = None
         if n_x:
             # dx = dY W + s_i (dY B_i) A_i: the same two kernels with the factors swapped.
-            dx = dy @ weight
-            segmented_lora_(dx, dy, b, a, ranks, scales, ids, ctx.schedule)
+            dx = _add_lowrank_(dy @ weight, dy, b, a, ranks, scales, ids, ctx.schedule)
         if n_w:
             dw = dy.t() @ x2
         if n_b and ctx.has_bias:
@@ -358,8 +376,8 @@ def lora_linear_segmented(
         y = _SegmentedFunction.apply(x2, weight, bias, ids, library.a, library.b, library.ranks,
                                      library.scales, schedule)
     else:
-        y = F.linear(x2, weight, bias)
-        segmented_lora_(y, x2, library.a, library.b, library.ranks, library.scales, ids, schedule)
+        y = _add_lowrank_(F.linear(x2, weight, bias), x2, library.a, library.b, library.ranks, library.scales, ids,
+                          schedule)
     return y.reshape(*lead, d_out)
 
 

@@ -247,7 +247,7 @@ def test_exported_from_package():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs and sync checks need a GPU")
-@pytest.mark.parametrize("T,schedule", [(16, "auto"), (16, "grouped"), (1000, "auto"), (1000, "gathered")])
+@pytest.mark.parametrize("T,schedule", [(16, "auto"), (16, "grouped"), (2000, "auto"), (2000, "gathered")])
 def test_cuda_graph_capture_and_replay_with_new_ids(seeded, T, schedule):
     d_in, d_out, dtype = 512, 384, torch.bfloat16
     ranks = [16, 8, 32, 4] * 16
@@ -360,3 +360,39 @@ def test_attach_library_errors():
         base(torch.randint(0, 50, (1, 3)))
     with pytest.raises(ValueError, match="unknown adapter name 'a2'"):
         handle.set_ids(["a2"])
+
+
+def test_torch_compile_fullgraph(seeded):
+    d_in, d_out, B, L = 40, 24, 3, 5
+    adapters = make_adapters(d_in, d_out, [4, 6], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=3)
+    w, b = make_layer(d_in, d_out, torch.float32)
+    x = torch.randn(B, L, d_in, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([1, -1, 0], device=DEVICE)
+
+    def f(x, w, b):
+        return lora_linear_segmented(x, w, b, lib, ids).square().sum()
+
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    loss = compiled(x, w, b)
+    (gx,) = torch.autograd.grad(loss, [x])
+    loss_ref = f(x, w, b)
+    (gx_ref,) = torch.autograd.grad(loss_ref, [x])
+    assert rel_err(loss, loss_ref) < 1e-5 and rel_err(gx, gx_ref) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_reduce_overhead_compile_with_new_ids(seeded):
+    d_in, d_out, T, dtype = 256, 192, 16, torch.bfloat16
+    adapters = make_adapters(d_in, d_out, [8, 16, 4] * 4, dtype)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(d_in, d_out, dtype)
+    compiled = torch.compile(lambda x, ids: lora_linear_segmented(x, w, b, lib, ids), mode="reduce-overhead",
+                             fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+            ids = random_ids(T, 12, 12)
+            y = compiled(x, ids)
+            assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
