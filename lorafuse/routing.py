@@ -244,8 +244,8 @@ def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_l
     from .kernels import lora_gemm
     from .kernels.routing import routed_shrink
 
-    sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature, abs_logits=abs_logits,
-                                router_bias=rbias, save=save)
+    sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature,
+                                abs_logits=abs_logits, router_bias=rbias, save=save)
     y = lora_gemm(x, weight.t(), sp, b_c.t(), bias)
     return y, sp, s, z, g
 

@@ -453,7 +453,7 @@ def test_compose_route_on_tiny_llama(tmp_path, seeded):
     model = compose(fresh, dirs, method="route", router="arrow", top_k=2, temperature=0.5)
     comp = get_composition(model)
     layers = comp.layers()
-    assert len(layers) == 6 and all(l.method == "route" and l.router_kind == "arrow" for l in layers.values())
+    assert len(layers) == 6 and all(m.method == "route" and m.router_kind == "arrow" for m in layers.values())
     q = layers["model.layers.0.self_attn.q_proj"]
     assert q.ranks == [4, 2, 3] and q.top_k == 2 and q.temperature == 0.5
     inputs = model_inputs("llama")
