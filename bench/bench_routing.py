@@ -359,6 +359,32 @@ def _table(doc):
     return "\n".join(lines)
 
 
+def _targets(doc):
+    """The issue's targets (H100, bf16) read off the rows: [(target, measured, met)]."""
+    out = []
+
+    def ratio(row, impl):
+        return row["impls"].get(impl, {}).get("fwd_ratio")
+
+    for r in doc["rows"]:
+        shape = f"T={r['T']} {r['d_in']}x{r['d_out']}"
+        if r["part"] == "routed" and r["top_k"] == 1 and r["T"] >= 2048 and ratio(r, "lorafuse_routed"):
+            v = ratio(r, "lorafuse_routed")
+            out.append((f"routed top-1 <= 1.15x base ({shape} K={r['K']})", f"{v:.2f}x", v <= 1.15))
+        if r["part"] == "segmented" and r["T"] == 16:
+            for impl in ("lorafuse_segmented", "lorafuse_unchecked", "graph_segmented", "graph_checked"):
+                v = ratio(r, impl)
+                if v is not None:
+                    out.append((f"per-request <= 1.3x base ({shape}, {impl})", f"{v:.2f}x", v <= 1.3))
+        if r["part"] == "segmented":
+            peft = r["impls"].get("peft_mixed", {}).get("fwd_ms")
+            ours = r["impls"].get("lorafuse_segmented", {}).get("fwd_ms")
+            if peft and ours:
+                out.append((f"per-request >= 10x faster than peft adapter_names ({shape})", f"{peft / ours:.1f}x",
+                            peft / ours >= 10))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU too (TRITON_INTERPRET=1)")
@@ -427,8 +453,13 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
     doc["seconds"] = time.time() - t_start
+    doc["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in _targets(doc)]
     path = save()
     print(_table(doc))
+    if doc["targets"]:
+        print("\ntargets (the issue's, meant for an H100 in bf16):")
+        for t in doc["targets"]:
+            print(f"  {'met ' if t['met'] else 'MISS'}  {t['target']}: {t['measured']}")
     print("wrote", path, f"in {doc['seconds']:.0f} s")
     return doc
 
