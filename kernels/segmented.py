@@ -15,10 +15,15 @@ Two schedules, neither of which reads anything back to the host (fixed shapes: C
 - gathered (BGMV-like; few rows, decoding): one program per row (and per slice of D in the shrink,
   so that a handful of rows still fills the GPU); each program loads its row's adapter by index.
   No sorting, two launches. The adapter is re-read for every row (from L2 when rows share it).
-- grouped (SGMV-like; many rows): rows are sorted by adapter on the GPU (torch.sort), cut into
-  blocks of BLOCK_T rows that share one adapter, and each block runs tensor-core dots. The number
-  of blocks is bounded by cdiv(T, BLOCK_T) + min(N, T), so the grid is sized by that bound and
-  surplus programs exit after one load.
+- grouped (SGMV-like; many rows): rows are grouped by adapter on the GPU by a counting sort (one
+  launch counts rows per slot with atomics, one single-program launch takes the prefix sums and
+  writes the permutation and the block table), cut into blocks of BLOCK_T rows that share one
+  adapter, and each block runs tensor-core dots. The number of blocks is bounded by
+  cdiv(T, BLOCK_T) + min(N, T), so the grid is sized by that bound and surplus programs exit after
+  a few loads. Rows of one slot are ordered by the atomics, which changes which rows share a block
+  but not any row's result (each row's dot products are its own).
+
+Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) get no adapter.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from .utils import block_for, check_runnable, dot_precision, is_interpreting, ne
 @triton.jit
 def _gathered_shrink_kernel(
     x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
-    D, R_MAX, D_PER_SPLIT,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
     stride_xt, stride_xd,
     stride_fn, stride_fr, stride_fd,
     stride_ps, stride_pt,
@@ -48,8 +53,8 @@ def _gathered_shrink_kernel(
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     slot = tl.load(idx_ptr + t).to(tl.int64)
-    valid = slot >= 0
-    slot = tl.maximum(slot, 0)
+    valid = (slot >= 0) & (slot < NUM_SLOTS)
+    slot = tl.where(valid, slot, 0)
     rank = tl.load(ranks_ptr + slot)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
@@ -70,7 +75,7 @@ def _gathered_shrink_kernel(
 @triton.jit
 def _gathered_expand_kernel(
     out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
-    N, SPLITS,
+    N, SPLITS, NUM_SLOTS,
     stride_ot, stride_on,
     stride_ps, stride_pt,
     stride_fn, stride_fr, stride_fd,
@@ -80,8 +85,8 @@ def _gathered_expand_kernel(
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     slot = tl.load(idx_ptr + t).to(tl.int64)
-    valid = slot >= 0
-    slot = tl.maximum(slot, 0)
+    valid = (slot >= 0) & (slot < NUM_SLOTS)
+    slot = tl.where(valid, slot, 0)
     rank = tl.load(ranks_ptr + slot)
     scale = tl.load(scales_ptr + slot).to(tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
@@ -108,12 +113,12 @@ def _gathered_expand_kernel(
 
 @dataclass
 class GroupPlan:
-    """Rows grouped by adapter, all on the device (no host read-back).
+    """Rows grouped by adapter, all on the device (no host read-back). int32 throughout.
 
-    perm (T,): row numbers sorted by slot (rows without an adapter last);
-    seg_start, seg_end (N,): slot i's rows are perm[seg_start[i]:seg_end[i]];
-    blk_end (N,): cumulative count of BLOCK_T-row blocks up to and including slot i;
-    blk_slot (num_programs,): the slot of program p's block (N: no block, the program exits).
+    perm (T,): row numbers grouped by slot (slot 0's rows first; within a slot in no fixed order;
+    rows without an adapter are left out); seg_start, seg_end (N,): slot i's rows are
+    perm[seg_start[i]:seg_end[i]]; blk_end (N,): cumulative count of BLOCK_T-row blocks up to and
+    including slot i; blk_slot (num_programs,): the slot of program p's block (N: none, it exits).
     """
 
     perm: torch.Tensor
@@ -129,20 +134,70 @@ class GroupPlan:
         return self.blk_slot.shape[0]
 
 
+@triton.jit
+def _count_rows_kernel(idx_ptr, counts_ptr, pos_ptr, T, NUM_SLOTS, BLOCK: tl.constexpr):
+    """counts[i] = rows of slot i; pos[t] = row t's place among its slot's rows (atomic order)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < T
+    slot = tl.load(idx_ptr + offs, mask=in_range, other=-1)
+    has = in_range & (slot >= 0) & (slot < NUM_SLOTS)
+    old = tl.atomic_add(counts_ptr + tl.where(has, slot, 0), tl.full((BLOCK,), 1, tl.int32), mask=has)
+    tl.store(pos_ptr + offs, old, mask=has)
+
+
+@triton.jit
+def _plan_kernel(idx_ptr, counts_ptr, pos_ptr, perm_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr, blk_slot_ptr,
+                 T, NUM_SLOTS, NUM_PROGRAMS,
+                 BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_P: tl.constexpr, CHUNK_T: tl.constexpr):
+    """One program: prefix sums over the slots, each program's slot, and the row permutation."""
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SLOTS
+    count = tl.load(counts_ptr + offs_s, mask=s_mask, other=0)
+    seg_end = tl.cumsum(count, 0)
+    seg_start = seg_end - count
+    blk_end = tl.cumsum((count + BLOCK_T - 1) // BLOCK_T, 0)
+    tl.store(seg_start_ptr + offs_s, seg_start, mask=s_mask)
+    tl.store(seg_end_ptr + offs_s, seg_end, mask=s_mask)
+    tl.store(blk_end_ptr + offs_s, blk_end, mask=s_mask)
+    # Program p's slot: how many slots' blocks end at or before p (N past the last block).
+    for p0 in range(0, NUM_PROGRAMS, CHUNK_P):
+        offs_p = p0 + tl.arange(0, CHUNK_P)
+        before = (blk_end[None, :] <= offs_p[:, None]) & s_mask[None, :]
+        tl.store(blk_slot_ptr + offs_p, tl.sum(before.to(tl.int32), axis=1), mask=offs_p < NUM_PROGRAMS)
+    tl.debug_barrier()  # seg_start is read back below by other threads of this program
+    for t0 in range(0, T, CHUNK_T):
+        offs_t = t0 + tl.arange(0, CHUNK_T)
+        in_range = offs_t < T
+        slot = tl.load(idx_ptr + offs_t, mask=in_range, other=-1)
+        has = in_range & (slot >= 0) & (slot < NUM_SLOTS)
+        slot = tl.where(has, slot, 0)
+        start = tl.load(seg_start_ptr + slot, mask=has, other=0)
+        pos = tl.load(pos_ptr + offs_t, mask=has, other=0)
+        tl.store(perm_ptr + start + pos, offs_t, mask=has)
+
+
 def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
-    """Sort rows by slot and lay out the row blocks. idx (T,) integer, values in [-1, num_slots)."""
+    """Group rows by slot (a counting sort: three launches) and lay out the row blocks.
+
+    idx (T,) int32/int64; ids outside [0, num_slots) (-1 among them) belong to no block."""
     T = idx.shape[0]
-    # -1 -> num_slots: rows without an adapter sort after every slot and belong to no block.
-    key = torch.remainder(idx.to(torch.int64), num_slots + 1)
-    sorted_key, perm = torch.sort(key, stable=True)
-    slots = torch.arange(num_slots, device=idx.device, dtype=torch.int64)
-    seg_start = torch.searchsorted(sorted_key, slots, right=False)
-    seg_end = torch.searchsorted(sorted_key, slots, right=True)
-    blk_end = torch.cumsum(torch.div(seg_end - seg_start + block_t - 1, block_t, rounding_mode="floor"), 0)
+    dev = idx.device
+    i32 = torch.int32
     # Every slot's rows fill whole blocks but its last: at most cdiv(T, block_t) + min(N, T) blocks.
-    max_blocks = triton.cdiv(T, block_t) + min(num_slots, T)
-    programs = torch.arange(max_blocks, device=idx.device, dtype=torch.int64)
-    blk_slot = torch.searchsorted(blk_end, programs, right=True)
+    num_programs = triton.cdiv(T, block_t) + min(num_slots, T)
+    counts = torch.zeros(num_slots, dtype=i32, device=dev)
+    pos = torch.empty((T,), dtype=i32, device=dev)
+    perm = torch.empty((T,), dtype=i32, device=dev)
+    seg_start, seg_end, blk_end = (torch.empty((num_slots,), dtype=i32, device=dev) for _ in range(3))
+    blk_slot = torch.empty((num_programs,), dtype=i32, device=dev)
+    count_block = 1024 if not is_interpreting() else 64
+    _count_rows_kernel[(triton.cdiv(T, count_block),)](idx, counts, pos, T, num_slots, BLOCK=count_block,
+                                                        num_warps=4)
+    block_s = block_for(num_slots)
+    _plan_kernel[(1,)](idx, counts, pos, perm, seg_start, seg_end, blk_end, blk_slot,
+                       T, num_slots, num_programs,
+                       BLOCK_T=block_t, BLOCK_S=block_s, CHUNK_P=max(16, min(1024, 16384 // block_s)),
+                       CHUNK_T=1024 if not is_interpreting() else 64, num_warps=8)
     return GroupPlan(perm, seg_start, seg_end, blk_end, blk_slot, block_t, num_slots)
 
 
@@ -319,7 +374,7 @@ def segmented_lora_(
         part = new_empty((splits, T, r_max), torch.float32, x.device)
         _gathered_shrink_kernel[(T, splits)](
             x, fac_in, ranks, idx, part,
-            D, r_max, per_split,
+            D, r_max, per_split, num_slots,
             x.stride(0), x.stride(1),
             fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
             part.stride(0), part.stride(1),
@@ -327,7 +382,7 @@ def segmented_lora_(
         )
         _gathered_expand_kernel[(T, triton.cdiv(N, block_n))](
             out, part, fac_out, ranks, scales, idx,
-            N, splits,
+            N, splits, num_slots,
             out.stride(0), out.stride(1),
             part.stride(0), part.stride(1),
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
