@@ -289,9 +289,11 @@ def _grouped_expand_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch functions
 
-# Up to this many rows the gathered schedule runs (no sort; adapters re-read per row from L2);
-# above it, the grouped one. To be tuned on a GPU (bench/bench_routing.py times both).
-GATHERED_MAX_T = 1024
+# Up to this many rows the gathered schedule runs; above it, the grouped one. An estimate, to be set
+# from bench/bench_routing.py (which times both): gathered re-reads each row's adapter from L2,
+# T * r * (d_in + d_out) elements (64 MB at T = 256, r = 16, 4096 x 4096, a few us), and needs two
+# launches; grouped reads each adapter once and uses tensor cores but adds three small launches.
+GATHERED_MAX_T = 256
 
 
 def _gathered_blocks(block_r: int):

@@ -435,15 +435,23 @@ class LibraryHandle:
 
     def set_ids(self, ids) -> Tensor:
         """Set the adapters of the next forwards: a tensor or a list of slot numbers or adapter names
-        (None or -1: the base model), one per sequence (B,) or per token (B, L). Returns the tensor."""
+        (None or -1: the base model), one per sequence (B,) or per token (B, L). Returns the ids tensor
+        the layers read. Ids of the same shape as the previous ones are copied into the same tensor,
+        so a CUDA graph captured with them replays with the new ids."""
         if not isinstance(ids, Tensor):
             index = {n: i for i, n in enumerate(self.names)}
             try:
                 ids = torch.tensor([-1 if v is None else index[v] if isinstance(v, str) else int(v) for v in ids])
             except KeyError as e:
                 raise ValueError(f"unknown adapter name {e.args[0]!r}; the library holds {self.names}") from None
+        if not self.layers:
+            raise RuntimeError("the library was detached from the model")
         device = next(iter(self.layers.values())).library.device
-        self._ids.value = ids.to(device)
+        held = self._ids.value
+        if held is not None and held.shape == ids.shape and not ids.is_floating_point():
+            held.copy_(ids)
+        else:
+            self._ids.value = ids.to(device)
         return self._ids.value
 
     def detach(self) -> nn.Module:

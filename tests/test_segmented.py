@@ -344,6 +344,9 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
         handle.set_ids([None] * 5)
         plain = base(tokens).logits
     assert all(rel_err(plain[b], out[b]) > 1e-3 for b in (0, 2, 3, 4))
+    held = handle.set_ids([1, 0, 2, -1, 1])
+    assert handle.set_ids(torch.tensor([0, 1, -1, 2, 0])) is held  # same shape: copied in place (CUDA graphs)
+    assert held.tolist() == [0, 1, -1, 2, 0]
     assert torch.equal(plain[1], out[1])
     handle.detach()
     assert type(base.model.layers[0].self_attn.o_proj).__name__ == "Linear"
