@@ -400,3 +400,52 @@ def test_reduce_overhead_compile_with_new_ids(seeded):
             ids = random_ids(T, 12, 12)
             y = compiled(x, ids)
             assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
+
+
+_COMPILE_FOR_HOPPER = r"""
+import warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import lorafuse.kernels.segmented as S
+
+def compile_for_sm90(fn, types, consts, warps=4):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
+    assert "cubin" in kernel.asm, fn.__name__
+
+plan = {"blk_slot_ptr": "*i32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "blk_end_ptr": "*i32",
+        "perm_ptr": "*i32"}
+compile_for_sm90(S._gathered_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
+                 "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256})
+compile_for_sm90(S._gathered_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
+                 "ranks_ptr": "*i32", "scales_ptr": "*fp32", "idx_ptr": "*i64"}, {"BLOCK_R": 16, "BLOCK_N": 256})
+compile_for_sm90(S._grouped_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
+                 "part_ptr": "*fp32", **plan}, {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
+compile_for_sm90(S._grouped_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
+                 "ranks_ptr": "*i32", "scales_ptr": "*fp32", **plan},
+                 {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_N": 128})
+compile_for_sm90(S._count_rows_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_ptr": "*i32"}, {"BLOCK": 1024})
+compile_for_sm90(S._plan_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_ptr": "*i32", "perm_ptr": "*i32",
+                 "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "blk_end_ptr": "*i32", "blk_slot_ptr": "*i32"},
+                 {"BLOCK_T": 64, "BLOCK_S": 256, "CHUNK_P": 64, "CHUNK_T": 1024}, warps=8)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not compile: build every kernel for sm_90 (PTX and cubin, bf16) so that
+    a compile error shows up in CI without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr):
+        pytest.skip("no ptxas with this triton install")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
