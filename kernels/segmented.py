@@ -334,13 +334,15 @@ def segmented_lora_(
     scales: torch.Tensor,
     idx: torch.Tensor,
     schedule: str = "auto",
-) -> torch.Tensor:
+    save_s: bool = False,
+):
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
     out: (T, N_out); x: (T, D); fac_in: (num_slots, r_max, D) and fac_out: (num_slots, r_max, N_out)
     in x's dtype (zero-padded slots); ranks (num_slots,) int; scales (num_slots,) float32; idx (T,)
     int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
-    schedule: "gathered", "grouped" or "auto" (by T). Returns out.
+    schedule: "gathered", "grouped" or "auto" (by T). Returns out, or (out, S) with save_s:
+    S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
     """
     check_runnable("x", x)
     if x.dim() != 2:
@@ -362,7 +364,7 @@ def segmented_lora_(
     if schedule not in ("auto", "gathered", "grouped"):
         raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
     if T == 0 or N == 0 or num_slots == 0 or r_max == 0:
-        return out
+        return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     if schedule == "auto":
         schedule = "gathered" if T <= GATHERED_MAX_T else "grouped"
     block_r = block_for(r_max)
@@ -390,7 +392,7 @@ def segmented_lora_(
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
         )
-        return out
+        return (out, part.sum(0)) if save_s else out
 
     block_t, block_d, block_n, warps = _grouped_blocks(T, x.dtype)
     plan = group_rows(idx, num_slots, block_t)
@@ -412,5 +414,71 @@ def segmented_lora_(
         part.stride(0),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+    )
+    if save_s:
+        valid = (idx >= 0) & (idx < num_slots)
+        return out, torch.where(valid[:, None], part, 0.0)  # rows without an adapter were not written
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients of the library's factors: per-slot sums over that slot's rows
+
+
+@triton.jit
+def _grouped_outer_kernel(
+    u_ptr, v_ptr, scales_ptr, out_ptr, seg_start_ptr, seg_end_ptr, perm_ptr,
+    D, R_MAX,
+    stride_ut, stride_vt, stride_vd, stride_on, stride_or,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[i] = scales[i] * sum over slot i's rows t of u[t]^T v[t]: (R_MAX, D) per slot. One program
+    per (slot, column block) walks the slot's rows in order: deterministic, no atomics."""
+    slot = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start = tl.load(seg_start_ptr + slot)
+    end = tl.load(seg_end_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_mask = offs_r < R_MAX
+    d_mask = offs_d < D
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs < end
+        rows = tl.load(perm_ptr + offs, mask=t_mask, other=0).to(tl.int64)
+        # u read transposed, (BLOCK_R, BLOCK_T), and rounded to v's dtype for the tensor cores.
+        u = tl.load(u_ptr + rows[None, :] * stride_ut + offs_r[:, None], mask=r_mask[:, None] & t_mask[None, :],
+                    other=0.0).to(v_ptr.dtype.element_ty)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(u, v, acc, input_precision=PREC)
+    scale = tl.load(scales_ptr + slot).to(tl.float32)
+    tl.store(out_ptr + slot * stride_on + offs_r[:, None] * stride_or + offs_d[None, :], acc * scale,
+             mask=r_mask[:, None] & d_mask[None, :])
+
+
+def segmented_outer(u: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+    """(num_slots, r_max, D) float32: scales[i] * sum over slot i's rows t of u[t]^T v[t].
+
+    u: (T, r_max) float32 (e.g. S or dS'); v: (T, D) (x or dY); plan: group_rows of the ids.
+    Slots without rows get zeros."""
+    check_runnable("v", v)
+    T, D = v.shape
+    r_max = u.shape[1]
+    if u.shape[0] != T or u.dtype != torch.float32 or u.stride(-1) != 1:
+        raise ValueError(f"u must be a contiguous-row ({T}, r_max) float32 tensor, got {u.dtype} {tuple(u.shape)}")
+    out = new_empty((plan.num_slots, r_max, D), torch.float32, v.device)
+    if plan.num_slots == 0 or r_max == 0 or D == 0:
+        return out
+    block_d = 32 if is_interpreting() else (64 if v.dtype == torch.float32 else 128)
+    _grouped_outer_kernel[(plan.num_slots, triton.cdiv(D, block_d))](
+        u, v, scales, out, plan.seg_start, plan.seg_end, plan.perm,
+        D, r_max,
+        u.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        PREC=dot_precision(v.dtype), BLOCK_T=plan.block_t, BLOCK_R=block_for(r_max), BLOCK_D=block_d, num_warps=4,
     )
     return out

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse.kernels.segmented import segmented_lora_
-from lorafuse.kernels.utils import can_run
+from lorafuse.kernels.segmented import group_rows, segmented_lora_, segmented_outer
+from lorafuse.kernels.utils import can_run, is_interpreting
 
 from .modules import _check_adapters
 
@@ -309,26 +309,50 @@ def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tens
 class _SegmentedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, ids, a, b, ranks, scales, schedule):
-        y = _add_lowrank_(F.linear(x2, weight, bias), x2, a, b, ranks, scales, ids, schedule)
-        ctx.save_for_backward(x2, weight, ids, a, b, ranks, scales)
+        lib_grads = any(ctx.needs_input_grad[i] for i in (4, 5, 7))
+        y = F.linear(x2, weight, bias)
+        if lib_grads:
+            # The library's gradients need S = x A_i^T of every row (float32, unscaled).
+            y, s = segmented_lora_(y, x2, a, b, ranks, scales, ids, schedule, save_s=True)
+        else:
+            y, s = _add_lowrank_(y, x2, a, b, ranks, scales, ids, schedule), None
+        ctx.save_for_backward(x2, weight, ids, a, b, ranks, scales, s)
         ctx.schedule = schedule
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, ids, a, b, ranks, scales = ctx.saved_tensors
-        n_x, n_w, n_b = ctx.needs_input_grad[:3]
+        x2, weight, ids, a, b, ranks, scales, s = ctx.saved_tensors
+        n_x, n_w, n_b, _, n_a, n_bb, _, n_s, _ = ctx.needs_input_grad
         dy = dy.contiguous()
-        dx = dw = db = None
+        dx = dw = db = da = dbb = dscales = None
+        ds = None  # dS = dY B_i (T, r_max) float32, unscaled
         if n_x:
             # dx = dY W + s_i (dY B_i) A_i: the same two kernels with the factors swapped.
-            dx = _add_lowrank_(dy @ weight, dy, b, a, ranks, scales, ids, ctx.schedule)
+            if n_a or n_s:
+                dx, ds = segmented_lora_(dy @ weight, dy, b, a, ranks, scales, ids, ctx.schedule, save_s=True)
+            else:
+                dx = _add_lowrank_(dy @ weight, dy, b, a, ranks, scales, ids, ctx.schedule)
+        elif n_a or n_s:
+            _, ds = segmented_lora_(torch.zeros_like(x2), dy, b, a, ranks, scales, ids, ctx.schedule, save_s=True)
         if n_w:
             dw = dy.t() @ x2
         if n_b and ctx.has_bias:
             db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        if n_a or n_bb or n_s:
+            num_slots = a.shape[0]
+            plan = group_rows(ids, num_slots, 16 if is_interpreting() else 64)
+            if n_a:  # dA_i = s_i sum_t dS[t]^T x[t]
+                da = segmented_outer(ds, x2, scales, plan).to(a.dtype)
+            if n_bb:  # d(B_i^T) = s_i sum_t S[t]^T dY[t]
+                dbb = segmented_outer(s, dy, scales, plan).to(b.dtype)
+            if n_s:  # ds_i = sum_t S[t] . dS[t]
+                valid = (ids >= 0) & (ids < num_slots)
+                per_row = torch.where(valid, (s * ds).sum(1), 0.0)
+                dscales = torch.zeros(num_slots, dtype=torch.float32, device=dy.device).index_add_(
+                    0, torch.where(valid, ids, 0).long(), per_row).to(scales.dtype)
+        return dx, dw, db, None, da, dbb, None, dscales, None
 
 
 def lora_linear_segmented(
@@ -350,18 +374,19 @@ def lora_linear_segmented(
     with a device-side assertion (check_ids=False skips even that). schedule: "auto", "gathered"
     (one program per row, for decoding) or "grouped" (rows sorted by adapter, for large batches);
     the plain-torch path runs where the kernels cannot (CPU without TRITON_INTERPRET=1, float64).
-    Differentiable in x, weight and bias; gradients of the library's factors are not implemented.
+    Differentiable in x, weight and bias, and in the library's a, b and scales where they require
+    grad (eagerly: not under torch.compile).
     """
     _check_args(x, weight, bias, library)
     ids = _row_ids(x, idx)
     if check_ids:
         _check_ids_in_range(ids, library.num_slots)
     grad_on = torch.is_grad_enabled()
-    if grad_on and any(t.requires_grad for t in (library.a, library.b, library.scales)):
+    lib_grads = grad_on and any(t.requires_grad for t in (library.a, library.b, library.scales))
+    if lib_grads and torch.compiler.is_compiling():
         raise NotImplementedError(
-            "lora_linear_segmented does not compute gradients for the library's factors (a, b, scales); "
-            "freeze them (requires_grad_(False)) or call under torch.no_grad(); to train adapters use "
-            "lorafuse.MultiLoraLinear")
+            "gradients of the library's factors (a, b, scales) are computed eagerly only: call "
+            "lora_linear_segmented outside torch.compile, or freeze the library (requires_grad_(False))")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
     if x2.shape[0] == 0 or not (can_run(x2) and x2.dtype in _KERNEL_DTYPES):
@@ -371,7 +396,7 @@ def lora_linear_segmented(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     ids = ids.contiguous()
-    needs_grad = grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias))
+    needs_grad = lib_grads or (grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias)))
     if needs_grad:
         y = _SegmentedFunction.apply(x2, weight, bias, ids, library.a, library.b, library.ranks,
                                      library.scales, schedule)

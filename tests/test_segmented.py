@@ -197,16 +197,55 @@ def test_gradients_of_x_weight_bias(seeded, schedule, dtype):
         assert rel_err(g, r) < TOL[dtype], f"grad of {name}, seed {seeded}"
 
 
-def test_library_gradients_raise(seeded):
+def _expected_from_library(x, w, bias, a, b, scales, ids):
+    """float64 definition on the packed tensors (differentiable in all of them)."""
+    y = F.linear(x, w, bias)
+    rows = []
+    for t, i in enumerate(ids.tolist()):
+        if 0 <= i < a.shape[0]:
+            rows.append(y[t] + scales[i] * (x[t] @ a[i].t()) @ b[i])
+        else:
+            rows.append(y[t])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_gradients_of_the_library(seeded, schedule, dtype, x_grad):
+    d_in, d_out, T = 40, 24, 45
+    adapters = make_adapters(d_in, d_out, [5, 3, 9, 16], dtype)
+    lib = LoraLibrary.from_adapters(adapters, num_slots=5)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype).requires_grad_(x_grad)
+    ids = random_ids(T, 5, 4)
+    dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    for t in (lib.a, lib.b, lib.scales):
+        t.requires_grad_(True)
+    leaves = [lib.a, lib.b, lib.scales] + ([x] if x_grad else [])
+    grads = torch.autograd.grad(lora_linear_segmented(x, w, b, lib, ids, schedule=schedule), leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    x64 = ref_leaves[3] if x_grad else x.detach().double()
+    ref = torch.autograd.grad(_expected_from_library(x64, w.double(), b.double(), *ref_leaves[:3], ids),
+                              ref_leaves, dy.double())
+    for name, g, r in zip(("a", "b", "scales", "x"), grads, ref):
+        assert g.dtype == (torch.float32 if name == "scales" else dtype)
+        assert rel_err(g, r) < TOL[dtype], f"grad of {name}, seed {seeded}"
+    # Padding rows and the empty slot get exactly zero.
+    pad = torch.arange(lib.r_max, device=DEVICE)[None, :] >= lib.ranks[:, None]
+    assert not grads[0][pad].any() and not grads[1][pad].any() and grads[2][4] == 0
+
+
+def test_library_gradients_under_compile_raise(seeded):
     adapters = make_adapters(16, 8, [2], torch.float32)
     lib = LoraLibrary.from_adapters(adapters)
     lib.a.requires_grad_(True)
     w, b = make_layer(16, 8, torch.float32)
     x = torch.randn(3, 16, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="library"):
-        lora_linear_segmented(x, w, b, lib, torch.zeros(3, dtype=torch.long, device=DEVICE))
-    with torch.no_grad():
-        lora_linear_segmented(x, w, b, lib, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    ids = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    compiled = torch.compile(lambda x: lora_linear_segmented(x, w, b, lib, ids), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="eagerly only"):
+        compiled(x)
 
 
 def test_bad_input_is_named(seeded):
@@ -431,6 +470,9 @@ compile_for_sm90(S._count_rows_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32",
 compile_for_sm90(S._plan_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_ptr": "*i32", "perm_ptr": "*i32",
                  "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "blk_end_ptr": "*i32", "blk_slot_ptr": "*i32"},
                  {"BLOCK_T": 64, "BLOCK_S": 256, "CHUNK_P": 64, "CHUNK_T": 1024}, warps=8)
+compile_for_sm90(S._grouped_outer_kernel, {"u_ptr": "*fp32", "v_ptr": "*bf16", "scales_ptr": "*fp32",
+                 "out_ptr": "*fp32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "perm_ptr": "*i32"},
+                 {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
 print("compiled")
 """
 
