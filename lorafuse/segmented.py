@@ -254,13 +254,21 @@ def _check_args(x, weight, bias, library) -> None:
 
 
 def _lowrank_torch(x2: Tensor, library: LoraLibrary, ids: Tensor, acc: torch.dtype) -> Tensor:
-    """(T, d_out): row t's s_i (x A_i^T) B_i^T, rows gathered by id (no host read-back). The padding
-    of each slot is zero, so the full r_max rows can be used; -1 rows get zero."""
-    has = ids >= 0
-    slot = ids.clamp(min=0).long()
+    """(T, d_out): row t's s_i (x A_i^T) B_i^T (zero where the id is outside [0, num_slots)), with S'
+    rounded to x's dtype as the kernels do. On CUDA the rows' adapters are gathered (no read-back to
+    the host; memory T * r_max * (d_in + d_out)); elsewhere a loop over the slots present."""
+    has = (ids >= 0) & (ids < library.num_slots)
+    if not ids.is_cuda:
+        out = x2.new_zeros((x2.shape[0], library.d_out), dtype=acc)
+        for i in torch.unique(ids[has]).tolist():
+            rows = (ids == i).nonzero().squeeze(1)
+            s = (x2[rows].to(acc) @ library.a[i].to(acc).t()) * library.scales[i].to(acc)
+            out = out.index_add(0, rows, s.to(x2.dtype).to(acc) @ library.b[i].to(acc))
+        return out
+    slot = torch.where(has, ids, 0).long()
     s = torch.einsum("td,trd->tr", x2.to(acc), library.a[slot].to(acc))
     s = s * (library.scales[slot].to(acc) * has.to(acc))[:, None]
-    s = s.to(x2.dtype).to(acc)  # S' rounded to x's dtype, as the kernels do
+    s = s.to(x2.dtype).to(acc)
     return torch.einsum("tr,trn->tn", s, library.b[slot].to(acc))
 
 
