@@ -24,7 +24,7 @@ sequence with its own adapter, all distinct):
                        the device, a few tiny launches)
   lorafuse_unchecked   the same with check_ids=False (ids validated once by the caller)
   lorafuse_gathered    unchecked, schedule="gathered" (one program per row)
-  lorafuse_grouped     unchecked, schedule="grouped" (rows sorted by adapter on the GPU)
+  lorafuse_grouped     unchecked, schedule="grouped" (rows grouped by adapter on the GPU)
   graph_base, graph_segmented, graph_checked   replayed from a CUDA graph (T <= 2048): the decoding
                        cost without host launches (graph_segmented unchecked, graph_checked checked)
   torch_loop           base + a loop over the adapters present (index_select / index_add_)
@@ -57,7 +57,7 @@ from bench_kernels import _graphed, host_us_per_call, time_ms  # noqa: E402
 
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference  # noqa: E402
 
-FULL = dict(T=[16, 512, 8192], seg_T=[16, 512, 2048, 8192], dims=[(4096, 4096)], extra_dims=[(4096, 14336)],
+FULL = dict(T=[16, 512, 8192], seg_T=[16, 128, 512, 2048, 8192], dims=[(4096, 4096)], extra_dims=[(4096, 14336)],
             K=[4, 16, 64], top_k=[1, 2], r=16, library=64)
 SMOKE = dict(T=[5, 37], seg_T=[5, 37], dims=[(40, 24)], extra_dims=[], K=[2, 4], top_k=[1, 2], r=4,
              library=6)
@@ -438,7 +438,7 @@ def main(argv=None):
         if "segmented" in args.parts:
             lib_layer = layer
             lib_layer.adapters = layer.adapters[:grid["library"]]
-            for T in grid["seg_T"]:  # 2048 added to place the gathered/grouped switch
+            for T in grid["seg_T"]:  # 128 and 2048 added to place the gathered/grouped switch
                 row = segmented_row(lib_layer, T, SEGMENTED_IMPLS, args.quick)
                 shape = row["_shape"]
                 T = shape["sequences"] * shape["tokens_per_sequence"]

@@ -380,7 +380,7 @@ def lora_linear_segmented(
 
     Nothing is read back to the host (CUDA-graph capturable at fixed shapes); ids are range-checked
     with a device-side assertion (check_ids=False skips even that). schedule: "auto", "gathered"
-    (one program per row, for decoding) or "grouped" (rows sorted by adapter, for large batches);
+    (one program per row, for decoding) or "grouped" (rows grouped by adapter, for large batches);
     the plain-torch path runs where the kernels cannot (CPU without TRITON_INTERPRET=1, float64).
     Differentiable in x, weight and bias, and in the library's a, b and scales where they require
     grad (eagerly: not under torch.compile).
