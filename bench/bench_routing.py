@@ -21,7 +21,7 @@ Per-request (a library of 64 adapters of rank r; B = min(T, 64) sequences of T /
 sequence with its own adapter, all distinct):
   base                 F.linear(x, W)
   lorafuse_segmented   lorafuse.lora_linear_segmented (schedule chosen by T; ids range-checked on
-                       the device, a few tiny launches)
+                       the device, one small launch)
   lorafuse_unchecked   the same with check_ids=False (ids validated once by the caller)
   lorafuse_gathered    unchecked, schedule="gathered" (one program per row)
   lorafuse_grouped     unchecked, schedule="grouped" (rows grouped by adapter on the GPU)

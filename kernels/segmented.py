@@ -287,6 +287,26 @@ def _grouped_expand_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Id range check on the device
+
+
+@triton.jit(debug=True)  # debug keeps device_assert in this kernel only
+def _check_ids_kernel(idx_ptr, T, NUM_SLOTS, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(idx_ptr + offs, mask=offs < T, other=0)
+    tl.device_assert((ids >= -1) & (ids < NUM_SLOTS), "idx holds an adapter id outside [-1, num_slots)")
+
+
+def check_ids_on_device(idx: torch.Tensor, num_slots: int) -> None:
+    """Device-side assertion that idx (T,) lies in [-1, num_slots): one launch, no host read-back
+    (a failure surfaces at the next synchronisation and ends the CUDA context). CUDA only: the
+    interpreter does not raise device assertions."""
+    T = idx.shape[0]
+    if T:
+        _check_ids_kernel[(triton.cdiv(T, 1024),)](idx, T, num_slots, BLOCK=1024, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch functions
 
 # Up to this many rows the gathered schedule runs; above it, the grouped one. An estimate, to be set

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse.kernels.segmented import group_rows, segmented_lora_, segmented_outer
+from lorafuse.kernels.segmented import check_ids_on_device, group_rows, segmented_lora_, segmented_outer
 from lorafuse.kernels.utils import can_run, is_interpreting
 
 from .modules import _check_adapters
@@ -217,10 +217,14 @@ def _check_ids_in_range(ids: Tensor, num_slots: int) -> None:
     stall every call and break graph capture."""
     if ids.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        torch._assert_async((ids >= -1).all() & (ids < num_slots).all())
+        return
+    if ids.is_cuda:
+        check_ids_on_device(ids, num_slots)  # one small launch
+        return
     ok = (ids >= -1).all() & (ids < num_slots).all()
-    if ids.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(ok)
-    elif not bool(ok):
+    if not bool(ok):
         bad = ids[(ids < -1) | (ids >= num_slots)][0].item()
         raise ValueError(f"idx must hold adapter ids in [-1, {num_slots}) (-1: no adapter), got {bad}")
 

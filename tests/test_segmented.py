@@ -473,6 +473,7 @@ compile_for_sm90(S._plan_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_
 compile_for_sm90(S._grouped_outer_kernel, {"u_ptr": "*fp32", "v_ptr": "*bf16", "scales_ptr": "*fp32",
                  "out_ptr": "*fp32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "perm_ptr": "*i32"},
                  {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
+compile_for_sm90(S._check_ids_kernel, {"idx_ptr": "*i64"}, {"BLOCK": 1024})
 print("compiled")
 """
 
@@ -491,3 +492,31 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr):
         pytest.skip("no ptxas with this triton install")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+_BAD_ID_ON_CUDA = r"""
+import sys
+import torch
+from lorafuse.segmented import LoraLibrary, lora_linear_segmented
+lib = LoraLibrary.from_adapters([(torch.randn(4, 32), torch.randn(16, 4), 1.0)] * 3).to("cuda")
+w = torch.randn(16, 32, device="cuda")
+ids = torch.tensor([0, 1, int(sys.argv[1]), -1], device="cuda")
+y = lora_linear_segmented(torch.randn(4, 32, device="cuda"), w, None, lib, ids)
+torch.cuda.synchronize()
+print("finished")
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="device-side assertions need a GPU")
+@pytest.mark.parametrize("bad", [3, -2])
+def test_out_of_range_id_is_a_device_assertion(bad):
+    """An out-of-range id ends the CUDA context (so it runs in a child process); a valid one does not."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-c", _BAD_ID_ON_CUDA, "2"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "finished" in ok.stdout, ok.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", _BAD_ID_ON_CUDA, str(bad)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "finished" not in done.stdout
+    assert "assert" in done.stderr.lower(), done.stderr[-2000:]
