@@ -390,8 +390,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU too (TRITON_INTERPRET=1)")
     p.add_argument("--quick", action="store_true", help="shorter timing windows")
     p.add_argument("--parts", nargs="*", default=["routed", "segmented"], choices=["routed", "segmented"])
-    p.add_argument("--budget", type=float, default=170.0,
-                   help="seconds after which the optional wide layer (4096x14336) is not started")
+    p.add_argument("--budget", type=float, default=190.0,
+                   help="seconds after which no further rows of the optional wide layer (4096x14336) start")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--prefix", default="routing")
     args = p.parse_args(argv)
@@ -416,29 +416,26 @@ def main(argv=None):
         return save_json(doc, args.out, args.prefix)
 
     dims_list = [(d, False) for d in grid["dims"]] + [(d, True) for d in grid["extra_dims"]]
-    for (d_in, d_out), optional in dims_list:
+
+    def out_of_time(optional, what):
+        """Optional shapes stop (one group of rows at a time) once the budget is spent."""
         if optional and time.time() - t_start > args.budget:
-            doc["skipped"].append(f"{d_in}x{d_out}: time budget of {args.budget:.0f} s spent")
+            doc["skipped"].append(f"{what}: time budget of {args.budget:.0f} s spent")
             print("skipped", doc["skipped"][-1], flush=True)
+            return True
+        return False
+
+    for (d_in, d_out), optional in dims_list:
+        if out_of_time(optional, f"{d_in}x{d_out}"):
             continue
         n = max(max(grid["K"]), grid["library"])
         layer = Layer(d_in, d_out, n, grid["r"], dtype, device, seed=d_in + 7 * d_out)
-        if "routed" in args.parts and routed_ok:
-            peft_cache = {}
-            for K in grid["K"]:
-                for T in grid["T"]:
-                    for top_k, row in routed_rows(layer, T, K, grid["top_k"], ROUTED_IMPLS, args.quick, peft_cache):
-                        doc["rows"].append({"part": "routed", "T": T, "d_in": d_in, "d_out": d_out, "K": K,
-                                            "top_k": top_k, "r": grid["r"], "impls": row})
-                        print(f"routed T={T} {d_in}x{d_out} K={K} top_k={top_k} "
-                              f"base={row.get('base', {}).get('fwd_ms', float('nan')):.4f}ms {_summary(row)} "
-                              f"({time.time() - t_start:.0f}s)", flush=True)
-                        save()
-            peft_cache.clear()
         if "segmented" in args.parts:
-            lib_layer = layer
-            lib_layer.adapters = layer.adapters[:grid["library"]]
+            lib_layer = Layer.__new__(Layer)
+            lib_layer.__dict__.update(layer.__dict__, adapters=layer.adapters[:grid["library"]])
             for T in grid["seg_T"]:  # 128 and 2048 added to place the gathered/grouped switch
+                if out_of_time(optional, f"segmented T={T} {d_in}x{d_out}"):
+                    break
                 row = segmented_row(lib_layer, T, SEGMENTED_IMPLS, args.quick)
                 shape = row["_shape"]
                 T = shape["sequences"] * shape["tokens_per_sequence"]
@@ -448,6 +445,20 @@ def main(argv=None):
                       f"base={row.get('base', {}).get('fwd_ms', float('nan')):.4f}ms {_summary(row)} "
                       f"({time.time() - t_start:.0f}s)", flush=True)
                 save()
+        if "routed" in args.parts and routed_ok:
+            peft_cache = {}
+            for K in grid["K"]:
+                for T in grid["T"]:
+                    if out_of_time(optional, f"routed K={K} T={T} {d_in}x{d_out}"):
+                        break
+                    for top_k, row in routed_rows(layer, T, K, grid["top_k"], ROUTED_IMPLS, args.quick, peft_cache):
+                        doc["rows"].append({"part": "routed", "T": T, "d_in": d_in, "d_out": d_out, "K": K,
+                                            "top_k": top_k, "r": grid["r"], "impls": row})
+                        print(f"routed T={T} {d_in}x{d_out} K={K} top_k={top_k} "
+                              f"base={row.get('base', {}).get('fwd_ms', float('nan')):.4f}ms {_summary(row)} "
+                              f"({time.time() - t_start:.0f}s)", flush=True)
+                        save()
+            peft_cache.clear()
         del layer
         gc.collect()
         if cuda:
