@@ -330,8 +330,9 @@ def test_top1_is_exactly_one_adapter_and_uniform_is_averaging(seeded):
     with torch.no_grad():
         weighted.base_layer.weight.copy_(w)
         weighted.base_layer.bias.copy_(b)
-        weighted.adapter_scales.copy_(scale[torch.tensor(starts[:-1])])
-    scale_blocks = torch.repeat_interleave(scale[torch.tensor(starts[:-1])], torch.tensor(ranks))
+        weighted.adapter_scales.copy_(scale[torch.tensor(starts[:-1], device=DEVICE)])
+    scale_blocks = torch.repeat_interleave(scale[torch.tensor(starts[:-1], device=DEVICE)],
+                                           torch.tensor(ranks, device=DEVICE))
     y_avg_same = lora_linear_routed(x, w, b, a_cat, b_cat, scale_blocks, ranks, None, "uniform")
     assert rel_err(y_avg, reference64(x, w, b, a_cat, b_cat, scale, ranks, None, "uniform", None, 1.0, None)) < 1e-5
     assert rel_err(y_avg_same, weighted(x)) < 1e-5
