@@ -67,3 +67,13 @@ def pytest_report_header(config):
     mode = "CUDA " + torch.cuda.get_device_name() if HAS_CUDA else "CPU, TRITON_INTERPRET=" + os.environ.get(
         "TRITON_INTERPRET", "0")
     return f"lorafuse kernels on: {mode}; torch {torch.__version__}, triton {triton.__version__}"
+
+
+@pytest.fixture
+def torch_backend():
+    """Pipeline tests (training, studies, CLI) run the layers' plain-torch path: the kernels have
+    their own tests, and the interpreter would make a few training steps take minutes."""
+    from lorafuse.ops import use_backend
+
+    with use_backend("torch"):
+        yield

@@ -1,0 +1,152 @@
+"""Training single LoRA adapters (peft) and compositions (lorafuse) with the transformers Trainer.
+
+Both go through one `fit()`, so every method of an experiment gets the same data order, seed
+handling and budget; multi-GPU runs work through torchrun/accelerate as the Trainer does.
+
+    info = train_adapter(model, tok, dsets["hop1"], "out/hop1", r=8, alpha=16, epochs=10, seed=0)
+    lorafuse.compose(model, ["out/hop1", "out/hop2"], method="loramap", map_rank=8)
+    info = train_composition(model, tok, dsets["two_hop_train"], epochs=10, seed=0)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def tokenize(dataset, tokenizer, max_length: int = 64, task: str = "classification"):
+    """A datasets.Dataset of model inputs.
+
+    classification: columns text, text_pair ("" = none), label -> input_ids, attention_mask, labels.
+    lm: columns prompt, answer -> input_ids of prompt + answer + eos, labels = -100 on the prompt.
+    """
+    if task == "classification":
+        def enc(batch):
+            pairs = batch.get("text_pair") or [""] * len(batch["text"])
+            if any(pairs):
+                out = tokenizer(batch["text"], [p or "" for p in pairs], truncation=True, max_length=max_length)
+            else:
+                out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+            out["labels"] = batch["label"]
+            return out
+    elif task == "lm":
+        eos = tokenizer.eos_token or ""
+
+        def enc(batch):
+            ids, labels, masks = [], [], []
+            for p, a in zip(batch["prompt"], batch["answer"]):
+                pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+                ai = tokenizer(" " + a + eos, add_special_tokens=False)["input_ids"]
+                seq = (pi + ai)[:max_length]
+                lab = ([-100] * len(pi) + ai)[:max_length]
+                ids.append(seq)
+                labels.append(lab)
+                masks.append([1] * len(seq))
+            return {"input_ids": ids, "attention_mask": masks, "labels": labels}
+    else:
+        raise ValueError(f"task must be 'classification' or 'lm', got {task!r}")
+    import datasets
+
+    datasets.disable_progress_bars()  # one bar per tiny map call is noise; training keeps its own bar
+    return dataset.map(enc, batched=True, remove_columns=dataset.column_names)
+
+
+def _collator(tokenizer, task: str):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task == "lm":
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fit(model: nn.Module, tokenizer, train_dataset, epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 16,
+        seed: int = 0, max_length: int = 64, task: str = "classification", max_steps: int = -1,
+        progress: bool = True, weight_decay: float = 0.0) -> Dict[str, Any]:
+    """Train the parameters of `model` that require grad on `train_dataset` with a transformers Trainer.
+
+    Returns {"train_loss", "train_seconds", "trainable_params", "steps"}.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    n_train = count_trainable(model)
+    if n_train == 0:
+        raise ValueError("the model has no trainable parameters (nothing requires grad)")
+    data = tokenize(train_dataset, tokenizer, max_length, task)
+    with tempfile.TemporaryDirectory(prefix="lorafuse-trainer-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, num_train_epochs=epochs, max_steps=max_steps, learning_rate=lr,
+            per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, weight_decay=weight_decay,
+            lr_scheduler_type="linear", warmup_steps=0, save_strategy="no", report_to=[],
+            logging_strategy="no", disable_tqdm=not progress, remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=_collator(tokenizer, task))
+        t0 = time.perf_counter()
+        out = trainer.train()
+        seconds = time.perf_counter() - t0
+    model.eval()
+    return {"train_loss": float(out.training_loss), "train_seconds": seconds, "trainable_params": n_train,
+            "steps": int(out.global_step)}
+
+
+def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: int = 8, alpha: float = 16,
+                  target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0, **fit_kw) -> Dict[str, Any]:
+    """Train one peft LoRA on `train_dataset` and save it (peft format, atomically) to out_dir.
+
+    The model is returned to its original state (LoRA layers removed, not merged), so the same base
+    model serves every adapter of an experiment. Returns fit()'s dict plus "path".
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from .models import lora_target_modules
+
+    if r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    targets = list(target_modules) if target_modules else lora_target_modules(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
+    peft_model = get_peft_model(model, cfg)
+    try:
+        info = fit(peft_model, tokenizer, train_dataset, **fit_kw)
+        save_adapter(peft_model, out_dir)
+    finally:
+        peft_model.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+    info["path"] = str(out_dir)
+    return info
+
+
+def save_adapter(peft_model, out_dir: str) -> None:
+    """peft's save_pretrained into a temporary folder beside out_dir, then one rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        peft_model.save_pretrained(str(tmp))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_composition(model: nn.Module, tokenizer, train_dataset, **fit_kw) -> Dict[str, Any]:
+    """Train what a lorafuse composition leaves trainable (LoraMap maps, concat factors, weights)."""
+    return fit(model, tokenizer, train_dataset, **fit_kw)

@@ -1,0 +1,90 @@
+"""Training (peft adapters, compositions) and the metrics, on tiny random models."""
+import json
+import math
+
+import pytest
+import torch
+
+import lorafuse
+from lorafuse.evaluate import evaluate_classification, perplexity
+from lorafuse.models import load_model, lora_target_modules
+from lorafuse.synthetic import two_hop
+from lorafuse.train import train_adapter, train_composition
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_model("tiny-bert", seed=0)
+    return model, tok, two_hop(n_people=6, seed=0)
+
+
+def test_train_adapter_saves_peft_and_restores_model(tiny, tmp_path):
+    from peft import PeftModel
+
+    model, tok, data = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = train_adapter(model, tok, data["hop1"], str(tmp_path / "a"), r=4, alpha=8, epochs=3, lr=1e-2,
+                         batch_size=8, seed=0, progress=False)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == sorted(lora_target_modules(model))
+    assert not cfg.get("modules_to_save")  # the head is shared and frozen, never saved per adapter
+    assert info["trainable_params"] > 0 and math.isfinite(info["train_loss"]) and info["steps"] > 0
+    # The base model is back as it was: same keys, same values, nothing trainable (head frozen).
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    # peft reloads it, and lorafuse's composition of it alone gives the same outputs.
+    x = tok(["The mother of A is B."], return_tensors="pt")
+    m2, _ = load_model("tiny-bert", seed=0)
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(model, str(tmp_path / "a")).eval()(**x).logits
+        lorafuse.compose(m2, [str(tmp_path / "a")], method="sum")
+        assert torch.allclose(m2(**x).logits, ref, atol=1e-5)
+        assert not torch.allclose(m2(**x).logits, load_model("tiny-bert", seed=0)[0](**x).logits, atol=1e-4)
+
+
+def test_train_composition_trains_only_the_map(tiny, tmp_path):
+    _, _, data = tiny
+    model, tok = load_model("tiny-bert", seed=0)
+    paths = [train_adapter(model, tok, data[s], str(tmp_path / s), r=4, alpha=8, epochs=1, batch_size=8,
+                           progress=False)["path"] for s in ("hop1", "hop2")]
+    lorafuse.compose(model, paths, method="loramap", map_rank=4)
+    maps = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert maps and all(n.endswith(("a_map", "b_map")) for n in maps)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    info = train_composition(model, tok, data["two_hop_train"], epochs=2, lr=1e-2, batch_size=8, progress=False)
+    assert info["trainable_params"] == sum(v.numel() for v in maps.values())
+    now = dict(model.named_parameters())
+    assert any(not torch.equal(now[n], v) for n, v in maps.items())
+    assert all(torch.equal(now[n], v) for n, v in frozen.items())
+
+
+def test_classification_metrics_match_definitions(tiny):
+    model, tok, data = tiny
+    res = evaluate_classification(model, tok, data["hop2"], batch_size=5)
+    enc = tok(list(data["hop2"]["text"]), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    y = torch.tensor(data["hop2"]["label"])
+    assert res["n"] == len(y)
+    assert res["accuracy"] == pytest.approx(float((pred == y).float().mean()))
+    f1s = []
+    for c in (0, 1):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    assert res["macro_f1"] == pytest.approx(sum(f1s) / 2)
+
+
+def test_perplexity_is_over_answer_tokens():
+    import datasets
+
+    model, tok = load_model("tiny-llama", task="lm", seed=0)
+    ds = datasets.Dataset.from_list([{"prompt": "Q: 2+2?", "answer": "4"}, {"prompt": "Q: hi", "answer": "hello"}])
+    res = perplexity(model, tok, ds)
+    # Answer tokens: " 4</s>" and " hello</s>" in characters, the first predicted token excluded from none.
+    assert res["tokens"] == len(tok(" 4</s>", add_special_tokens=False)["input_ids"]) + len(
+        tok(" hello</s>", add_special_tokens=False)["input_ids"])
+    assert math.isfinite(res["perplexity"]) and res["perplexity"] > 1
+    assert res["perplexity"] == pytest.approx(math.exp(res["nll"]))
