@@ -1,0 +1,137 @@
+"""Study: can recycled adapters compose knowledge? Two-hop reasoning from two single-hop adapters.
+
+On the synthetic two-hop world (lorafuse.synthetic): adapter 1 learns the hop-1 facts ("The mother
+of A is B."), adapter 2 the hop-2 facts ("B was born in C."); a third adapter learns both (the
+union). Each composition of adapters 1 and 2 is then asked the two-hop statements ("The mother of A
+was born in C.", true or false) of subjects it never saw in a two-hop statement, and re-asked the
+hop-1 and hop-2 facts (what the composition kept of each adapter). Methods:
+
+  base            the model without adapters (chance, the frozen head's bias)
+  hop1 / hop2     one adapter alone
+  union           one adapter trained on hop-1 and hop-2 facts together
+  average         weighted, 1/2 each (parameter averaging of the outputs' deltas)
+  sum             naive summation
+  arrow_top1      Arrow routing (data-agnostic), top-1 per token
+  lorahub         LoraHub's gradient-free search of the two weights on the two_hop_train split
+  loramap_lora    LoraMap (trained on two_hop_train), map_init="lora" (starts at the base model)
+  loramap_sum     LoraMap, map_init="sum" (starts at the plain sum)
+
+Every trained method gets the same data, seed and number of epochs; trainable parameters and
+wall time are recorded. The test split (two_hop) is used once, at the end of each method.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .report import header, write_results
+
+METHODS = ("base", "hop1", "hop2", "union", "average", "sum", "arrow_top1", "lorahub", "loramap_lora", "loramap_sum")
+COLUMNS = ("method", "two_hop_acc", "two_hop_f1", "hop1_acc", "hop2_acc", "trainable_params", "seconds")
+
+
+def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: int = 0, n_people: int = 32,
+                  n_cities: int = 8, r: int = 16, alpha: float = 32, adapter_epochs: float = 30,
+                  compose_epochs: float = 30, lr: float = 3e-3, compose_lr: float = 3e-3, batch_size: int = 16,
+                  lorahub_budget: int = 20, methods: Optional[Sequence[str]] = None, progress: bool = True,
+                  log=print) -> Dict[str, Any]:
+    """Run the study; writes out_dir/recycling.{json,md,png} and the adapters under out_dir/adapters."""
+    import lorafuse
+    from ..evaluate import evaluate_classification
+    from ..models import load_model
+    from ..synthetic import two_hop
+    from ..train import train_adapter, train_composition
+
+    methods = list(methods or METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    import datasets
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    data = two_hop(n_people=n_people, n_cities=n_cities, seed=seed)
+    net, tok = load_model(model, task="classification", seed=seed)
+    fit_kw = dict(epochs=adapter_epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    config = dict(model=model, seed=seed, n_people=n_people, n_cities=n_cities, r=r, alpha=alpha,
+                  adapter_epochs=adapter_epochs, compose_epochs=compose_epochs, lr=lr, compose_lr=compose_lr,
+                  batch_size=batch_size, lorahub_budget=lorahub_budget,
+                  sizes={k: len(v) for k, v in data.items()})
+    doc = header("recycling: two-hop reasoning from recycled adapters", config)
+    doc["rows"] = []
+
+    def evaluate(method: str, extra: Dict[str, Any]) -> None:
+        row: Dict[str, Any] = {"method": method}
+        test = evaluate_classification(net, tok, data["two_hop"])
+        row.update(two_hop_acc=test["accuracy"], two_hop_f1=test["macro_f1"],
+                   hop1_acc=evaluate_classification(net, tok, data["hop1"])["accuracy"],
+                   hop2_acc=evaluate_classification(net, tok, data["hop2"])["accuracy"])
+        row.update(extra)
+        doc["rows"].append(row)
+        log(f"  {method:13s} two-hop acc {row['two_hop_acc']:.3f}  hop1 {row['hop1_acc']:.3f}  "
+            f"hop2 {row['hop2_acc']:.3f}  ({row.get('seconds', 0):.0f}s)")
+
+    adapters: Dict[str, str] = {}
+    needs = {"hop1": {"hop1"}, "hop2": {"hop2"}, "union": {"union"}}
+    wanted = set().union(*[needs.get(m, {"hop1", "hop2"}) for m in methods if m != "base"]) if methods else set()
+    train_sets = {"hop1": data["hop1"], "hop2": data["hop2"],
+                  "union": datasets.concatenate_datasets([data["hop1"], data["hop2"]]).shuffle(seed=seed)}
+    train_info: Dict[str, dict] = {}
+    for name in ("hop1", "hop2", "union"):
+        if name in wanted:
+            log(f"training adapter {name} ({len(train_sets[name])} examples)")
+            info = train_adapter(net, tok, train_sets[name], str(out / "adapters" / name), r=r, alpha=alpha, **fit_kw)
+            adapters[name] = info["path"]
+            train_info[name] = info
+    doc["adapters"] = {k: {"path": v, **{kk: train_info[k][kk] for kk in ("train_loss", "train_seconds",
+                                                                             "trainable_params")}}
+                       for k, v in adapters.items()}
+    pair = [adapters.get("hop1"), adapters.get("hop2")]
+    compose_kw = dict(epochs=compose_epochs, lr=compose_lr, batch_size=batch_size, seed=seed, progress=progress)
+    for method in methods:
+        t0 = time.perf_counter()
+        extra: Dict[str, Any] = {"trainable_params": 0}
+        if method == "base":
+            evaluate(method, {**extra, "seconds": 0.0})
+            continue
+        if method in ("hop1", "hop2", "union"):
+            lorafuse.compose(net, [adapters[method]], method="sum")
+            extra["trainable_params"] = train_info[method]["trainable_params"]
+            extra["seconds"] = train_info[method]["train_seconds"]
+        elif method == "average":
+            lorafuse.compose(net, pair, method="weighted", weights=[0.5, 0.5])
+        elif method == "sum":
+            lorafuse.compose(net, pair, method="sum")
+        elif method == "arrow_top1":
+            lorafuse.compose(net, pair, method="route", router="arrow", top_k=1)
+        elif method == "lorahub":
+            from ..train import _collator, tokenize
+
+            batch = _collator(tok, "classification")(list(tokenize(data["two_hop_train"], tok)))
+            batch = {k: v.to(next(net.parameters()).device) for k, v in batch.items()}
+            res = lorafuse.lorahub_search(net, pair, [batch], budget=lorahub_budget, seed=seed)
+            extra["weights"] = [round(w, 4) for w in res.weights]
+            extra["trainable_params"] = 2
+        elif method.startswith("loramap"):
+            init = method.split("_", 1)[1]
+            lorafuse.compose(net, pair, method="loramap", map_rank=r, map_init=init)
+            info = train_composition(net, tok, data["two_hop_train"], **compose_kw)
+            extra["trainable_params"] = info["trainable_params"]
+            extra["train_loss"] = info["train_loss"]
+        if method not in ("hop1", "hop2", "union"):
+            extra["seconds"] = time.perf_counter() - t0
+        try:
+            evaluate(method, extra)
+        finally:
+            lorafuse.decompose(net)
+    doc["total_seconds"] = time.perf_counter() - t_start
+    doc["paths"] = write_results(str(out), "recycling", doc, COLUMNS, ["two_hop_acc", "hop1_acc", "hop2_acc"])
+    return doc
+
+
+def format_rows(rows: List[dict]) -> str:
+    from .report import markdown_table
+
+    return markdown_table(rows, COLUMNS)
+

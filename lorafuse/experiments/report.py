@@ -1,0 +1,100 @@
+"""Writing a study's results: JSON, a markdown table and a PNG, each atomically, with the command and machine."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+
+def machine() -> Dict[str, str]:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count()),
+            "torch": torch.__version__}
+    try:
+        import transformers
+        import peft
+
+        info.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return info
+
+
+def commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def header(study: str, config: dict) -> dict:
+    return {"study": study, "command": " ".join(["lorafuse"] + sys.argv[1:]) if sys.argv else "",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit(),
+            "machine": machine(), "config": config}
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], plot_metrics: Sequence[str]) -> dict:
+    """results.json, results.md and results.png in out_dir; returns the paths."""
+    out = Path(out_dir)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    _atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
+    table = markdown_table(doc["rows"], columns)
+    md = (f"# {doc['study']}\n\nCommand: `{doc['command']}`  \nCommit {doc['commit']}, {doc['date']}, "
+          f"{doc['machine'].get('device')} ({doc['machine'].get('cpus')} CPUs)\n\n{table}")
+    _atomic_write(paths["md"], lambda p: Path(p).write_text(md))
+
+    def plot(p):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in doc["rows"] if any(isinstance(r.get(m), float) for m in plot_metrics)]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
+        width = 0.8 / max(1, len(plot_metrics))
+        for i, m in enumerate(plot_metrics):
+            vals = [r.get(m) if isinstance(r.get(m), float) else 0.0 for r in rows]
+            ax.bar([j + i * width for j in range(len(rows))], vals, width, label=m)
+        ax.set_xticks([j + width * (len(plot_metrics) - 1) / 2 for j in range(len(rows))])
+        ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title(doc["study"], fontsize=9)
+        fig.tight_layout()
+        fig.savefig(p, format="png", dpi=110)
+        plt.close(fig)
+    _atomic_write(paths["png"], plot)
+    return {k: str(v) for k, v in paths.items()}
