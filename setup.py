@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lorafuse", "lorafuse.kernels"],
+    packages=["lorafuse", "lorafuse.experiments", "lorafuse.kernels"],
     package_dir={"lorafuse": "lorafuse", "lorafuse.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -20,8 +20,13 @@ setup(
         "peft>=0.17",
     ],
     extras_require={
-        "test": ["pytest", "nevergrad>=1.0"],
+        # The training path (datasets, Trainer's accelerate, sklearn metrics, plots) is tested in CI.
+        "test": ["pytest", "nevergrad>=1.0", "datasets>=2.16", "accelerate>=1.1", "scikit-learn",
+                 "matplotlib"],
         "lorahub": ["nevergrad>=1.0"],
+        # `lorafuse demo` and the studies; SmolLM2's GGUF file is read with the gguf package.
+        "experiments": ["nevergrad>=1.0", "datasets>=2.16", "accelerate>=1.1", "scikit-learn",
+                        "matplotlib", "gguf"],
     },
     entry_points={"console_scripts": ["lorafuse=lorafuse.cli:main"]},
 )

@@ -1,0 +1,271 @@
+"""The `lorafuse` command: train adapters, compose them, evaluate, run the studies, benchmark, demo.
+
+    lorafuse demo                                     # the main job: a small study, a few minutes on a CPU
+    lorafuse train-adapter --task two-hop:hop1 --out adapters/hop1
+    lorafuse compose --adapters adapters/hop1 adapters/hop2 --method loramap --map-rank 16 --out composed
+    lorafuse evaluate --task two-hop:two_hop --adapters adapters/hop1 adapters/hop2 --method sum
+    lorafuse experiment recycling --out results/recycling
+    lorafuse bench                                    # kernel microbenchmarks (needs a CUDA GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+COMPOSE_METHODS = ("sum", "weighted", "concat", "loramap", "route")
+EXPERIMENTS = ("recycling", "loramap", "summation")
+
+
+class UsageError(Exception):
+    """A bad argument, reported as one line (no traceback)."""
+
+
+def _check_adapters(paths: List[str]) -> List[str]:
+    for p in paths:
+        d = Path(p)
+        if not d.is_dir():
+            raise UsageError(f"--adapters: {p} is not a directory (expected a peft adapter folder)")
+        if not (d / "adapter_config.json").is_file():
+            raise UsageError(f"--adapters: {p} has no adapter_config.json (not a peft adapter folder)")
+    return paths
+
+
+def _check_out(path: str, flag: str = "--out") -> str:
+    parent = Path(path).resolve().parent
+    if not parent.exists():
+        raise UsageError(f"{flag}: the parent folder {parent} does not exist")
+    return path
+
+
+def _model_names() -> str:
+    from .models import MODEL_NAMES
+
+    return ", ".join(MODEL_NAMES)
+
+
+def _load_task(spec: str, data_dir: Optional[str]):
+    """'two-hop:<split>' or '<task>:<split>' from lorafuse.data."""
+    if ":" not in spec:
+        raise UsageError(f"--task must be <name>:<split>, e.g. two-hop:hop1 or covidfact:train; got {spec!r}")
+    name, split = spec.split(":", 1)
+    if name == "two-hop":
+        from .synthetic import two_hop
+
+        dsets = two_hop()
+    else:
+        try:
+            from .data import load_task
+        except ImportError as e:
+            raise UsageError(f"--task {name}: the data loaders are not available ({e})") from e
+        try:
+            dsets = load_task(name, data_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--task: {e}") from e
+    if split not in dsets:
+        raise UsageError(f"--task: {name} has no split {split!r}; splits: {', '.join(dsets)}")
+    return dsets[split]
+
+
+def _load_model(name: str, seed: int, task: str = "classification"):
+    from .models import load_model
+
+    try:
+        return load_model(name, task=task, seed=seed)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from e
+    except ImportError as e:
+        raise UsageError(f"--model {name}: {e}") from e
+
+
+def cmd_demo(a) -> int:
+    from .experiments.recycling import COLUMNS, run_recycling
+    from .experiments.report import markdown_table
+
+    _check_out(a.out)
+    print(f"lorafuse demo: two-hop reasoning from recycled adapters on {a.model} -> {a.out}", flush=True)
+    doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet,
+                        **({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}))
+    print()
+    print(markdown_table(doc["rows"], COLUMNS))
+    print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
+    return 0
+
+
+def cmd_train_adapter(a) -> int:
+    from .train import train_adapter
+
+    _check_out(a.out)
+    ds = _load_task(a.task, a.data)
+    model, tok = _load_model(a.model, a.seed)
+    info = train_adapter(model, tok, ds, a.out, r=a.r, alpha=a.alpha, epochs=a.epochs, lr=a.lr,
+                         batch_size=a.batch_size, seed=a.seed, progress=not a.quiet)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def _composed(a):
+    import lorafuse
+
+    if a.method not in COMPOSE_METHODS:
+        raise UsageError(f"--method must be one of {', '.join(COMPOSE_METHODS)}; got {a.method!r}")
+    if a.method == "loramap" and not a.map_rank:
+        raise UsageError("--method loramap needs --map-rank (e.g. 16)")
+    if a.weights is not None and len(a.weights) != len(a.adapters):
+        raise UsageError(f"--weights: one per adapter ({len(a.adapters)}), got {len(a.weights)}")
+    model, tok = _load_model(a.model, a.seed)
+    kw = {}
+    if a.method == "loramap":
+        kw["map_rank"] = a.map_rank
+    if a.method == "route":
+        kw.update(router="arrow", top_k=a.top_k)
+    lorafuse.compose(model, a.adapters, method=a.method, weights=a.weights, **kw)
+    return model, tok
+
+
+def cmd_compose(a) -> int:
+    import lorafuse
+
+    _check_adapters(a.adapters)
+    _check_out(a.out)
+    model, tok = _composed(a)
+    if a.train_task:
+        from .train import train_composition
+
+        info = train_composition(model, tok, _load_task(a.train_task, a.data), epochs=a.epochs, lr=a.lr,
+                                 seed=a.seed, progress=not a.quiet)
+        print(json.dumps(info, indent=1))
+    lorafuse.export_peft(model, a.out)
+    print(f"wrote one peft adapter (the composition, method={a.method}) to {a.out}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_classification
+
+    if a.adapters:
+        _check_adapters(a.adapters)
+        model, tok = _composed(a)
+    else:
+        model, tok = _load_model(a.model, a.seed)
+    ds = _load_task(a.task, a.data)
+    print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
+    return 0
+
+
+def cmd_experiment(a) -> int:
+    _check_out(a.out)
+    if a.name == "recycling":
+        return cmd_demo(argparse.Namespace(out=a.out, model=a.model, seed=a.seed, people=a.people, quiet=a.quiet,
+                                           epochs=a.epochs))
+    raise UsageError(f"experiment {a.name!r} is not available in this version; available: recycling")
+
+
+def cmd_bench(a) -> int:
+    script = Path(__file__).resolve().parent.parent / "bench" / ("bench_routing.py" if a.routing else
+                                                                  "bench_kernels.py")
+    if not script.is_file():
+        raise UsageError(f"{script} not found: the benchmarks run from a source checkout (git clone, pip install -e .)")
+    import torch
+
+    if not torch.cuda.is_available() and "--smoke" not in a.args:
+        raise UsageError("the benchmarks need a CUDA GPU (add --smoke for a tiny CPU run under the interpreter)")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.call([sys.executable, str(script)] + a.args, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafuse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp, model="minilm"):
+        sp.add_argument("--model", default=model, help=f"model name (default {model}); one of: minilm, smollm2, "
+                        "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>")
+        sp.add_argument("--seed", type=int, default=0, help="seed of data order, head and init (default 0)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--data", default=None, help="folder holding covidfact/, scifact-rte/, gsm8k/, pubmedqa/ "
+                        "(default: $LORAFUSE_DATA or ../shared/data)")
+
+    d = sub.add_parser("demo", help="the main job: a small composition study (two-hop reasoning), prints the table",
+                       description="Trains two adapters on single-hop facts of a random world and a third on both, "
+                       "composes the two eight ways (sum, averaging, Arrow routing, LoraHub, LoraMap, ...) and "
+                       "reports two-hop accuracy. A few minutes on 2 CPU cores with the default model.")
+    common(d)
+    d.add_argument("--out", default="lorafuse-demo", help="results folder (default ./lorafuse-demo)")
+    d.add_argument("--people", type=int, default=32, help="subjects in the random world (default 32)")
+    d.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition (default 30)")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train-adapter", help="train one peft LoRA adapter on a task split")
+    common(t)
+    t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train")
+    t.add_argument("--out", required=True, help="adapter folder to write (peft format)")
+    t.add_argument("--r", type=int, default=16)
+    t.add_argument("--alpha", type=float, default=32)
+    t.add_argument("--epochs", type=float, default=30)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.set_defaults(fn=cmd_train_adapter)
+
+    def composing(sp):
+        sp.add_argument("--adapters", nargs="+", help="peft adapter folders")
+        sp.add_argument("--method", default="sum", help=f"one of {', '.join(COMPOSE_METHODS)} (default sum)")
+        sp.add_argument("--weights", type=float, nargs="*", default=None, help="per-adapter weights (weighted)")
+        sp.add_argument("--map-rank", type=int, default=None, help="LoraMap rank m (loramap)")
+        sp.add_argument("--top-k", type=int, default=1, help="adapters per token (route; default 1)")
+
+    c = sub.add_parser("compose", help="compose adapters (optionally train the composition) and export one"
+                                          " peft adapter")
+    common(c)
+    composing(c)
+    c.add_argument("--out", required=True, help="folder for the exported peft adapter")
+    c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, concat)")
+    c.add_argument("--epochs", type=float, default=30)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.set_defaults(fn=cmd_compose)
+
+    e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters)")
+    common(e)
+    composing(e)
+    e.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:two_hop, covidfact:test")
+    e.set_defaults(fn=cmd_evaluate)
+
+    x = sub.add_parser("experiment", help="run a study and write JSON, a markdown table and a plot")
+    x.add_argument("name", choices=EXPERIMENTS, help="recycling (two-hop); loramap and summation: see the README")
+    common(x)
+    x.add_argument("--out", required=True, help="results folder")
+    x.add_argument("--people", type=int, default=32)
+    x.add_argument("--epochs", type=float, default=None)
+    x.set_defaults(fn=cmd_experiment)
+
+    b = sub.add_parser("bench", help="kernel microbenchmarks (CUDA GPU); extra arguments go to the script")
+    b.add_argument("--routing", action="store_true", help="routing / per-request benchmark instead")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="e.g. --quick, --smoke")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return 2
+    if a.command == "compose" and not a.adapters:
+        parser.error("compose needs --adapters (one or more peft adapter folders)")
+    try:
+        return a.fn(a)
+    except UsageError as e:
+        print(f"lorafuse {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
