@@ -26,7 +26,8 @@ def tokenize(dataset, tokenizer, max_length: int = 64, task: str = "classificati
     """A datasets.Dataset of model inputs.
 
     classification: columns text, text_pair ("" = none), label -> input_ids, attention_mask, labels.
-    lm: columns prompt, answer -> input_ids of prompt + answer + eos, labels = -100 on the prompt.
+    lm: columns prompt, answer -> input_ids of prompt + answer + eos, labels = -100 on the prompt; over
+        max_length, the prompt loses its start (down to half the window), then the answer its end.
     """
     if task == "classification":
         def enc(batch):
@@ -45,6 +46,10 @@ def tokenize(dataset, tokenizer, max_length: int = 64, task: str = "classificati
             for p, a in zip(batch["prompt"], batch["answer"]):
                 pi = tokenizer(p, add_special_tokens=False)["input_ids"]
                 ai = tokenizer(" " + a + eos, add_special_tokens=False)["input_ids"]
+                if len(pi) + len(ai) > max_length:
+                    # Keep the prompt's end (nearest the answer) and at least half the window for the answer.
+                    keep = max(max_length - len(ai), max_length // 2)
+                    pi = pi[len(pi) - min(len(pi), keep):]
                 seq = (pi + ai)[:max_length]
                 lab = ([-100] * len(pi) + ai)[:max_length]
                 ids.append(seq)

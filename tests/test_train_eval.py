@@ -88,3 +88,16 @@ def test_perplexity_is_over_answer_tokens():
         tok(" hello</s>", add_special_tokens=False)["input_ids"])
     assert math.isfinite(res["perplexity"]) and res["perplexity"] > 1
     assert res["perplexity"] == pytest.approx(math.exp(res["nll"]))
+
+
+def test_lm_truncation_keeps_the_answer():
+    import datasets
+
+    from lorafuse.train import tokenize
+
+    _, tok = load_model("tiny-llama", task="lm", seed=0)
+    ds = datasets.Dataset.from_dict({"prompt": ["q" * 200], "answer": ["yes"]})
+    row = tokenize(ds, tok, max_length=32, task="lm")[0]
+    assert len(row["input_ids"]) <= 32
+    scored = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+    assert scored == tok(" yes" + tok.eos_token, add_special_tokens=False)["input_ids"]
