@@ -42,6 +42,14 @@ def _check_out(path: str, flag: str = "--out") -> str:
     return path
 
 
+def _check_model_name(name: str) -> str:
+    from .models import MODEL_NAMES, RANDOM_NAME
+
+    if name not in MODEL_NAMES and not RANDOM_NAME.match(name):
+        raise UsageError(f"--model: unknown model {name!r}; one of: {', '.join(MODEL_NAMES)}")
+    return name
+
+
 def _model_names() -> str:
     from .models import MODEL_NAMES
 
@@ -160,9 +168,38 @@ def cmd_evaluate(a) -> int:
 def cmd_experiment(a) -> int:
     _check_out(a.out)
     if a.name == "recycling":
-        return cmd_demo(argparse.Namespace(out=a.out, model=a.model, seed=a.seed, people=a.people, quiet=a.quiet,
+        return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people, quiet=a.quiet,
                                            epochs=a.epochs))
-    raise UsageError(f"experiment {a.name!r} is not available in this version; available: recycling")
+    from .data import default_data_dir
+    from .experiments.report import markdown_table
+
+    if a.data is None and default_data_dir() is None:
+        raise UsageError("--data: no data folder found; pass --data <folder with covidfact/, scifact-rte/, "
+                         "gsm8k/, pubmedqa/> or set LORAFUSE_DATA")
+    if a.data is not None and not Path(a.data).is_dir():
+        raise UsageError(f"--data: {a.data} is not a directory")
+    limits = dict(train_limit=a.train_limit, eval_limit=a.eval_limit, progress=not a.quiet)
+    if a.epochs:
+        limits.update({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.name == "loramap"
+                      else {"epochs": a.epochs})
+    try:
+        if a.name == "loramap":
+            from .experiments.loramap import COLUMNS, run_loramap
+
+            seeds = a.seeds if a.seeds is not None else [0, 1, 2]
+            doc = run_loramap(out_dir=a.out, model=a.model or "minilm", data_dir=a.data,
+                              seeds=seeds, **limits)
+        else:
+            from .experiments.summation import COLUMNS, run_summation
+
+            doc = run_summation(out_dir=a.out, model=a.model or "smollm2", data_dir=a.data,
+                                seed=a.seed, **limits)
+    except FileNotFoundError as e:
+        raise UsageError(f"--data: {e}") from e
+    print()
+    print(markdown_table(doc["rows"], [c for c in COLUMNS if any(c in r for r in doc["rows"])]))
+    print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
+    return 0
 
 
 def cmd_bench(a) -> int:
@@ -186,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp, model="minilm"):
-        sp.add_argument("--model", default=model, help=f"model name (default {model}); one of: minilm, smollm2, "
+        default = f"default {model}" if model else "default: the study's own, minilm or smollm2"
+        sp.add_argument("--model", default=model, help=f"model name ({default}); one of: minilm, smollm2, "
                         "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>")
         sp.add_argument("--seed", type=int, default=0, help="seed of data order, head and init (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -238,11 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_evaluate)
 
     x = sub.add_parser("experiment", help="run a study and write JSON, a markdown table and a plot")
-    x.add_argument("name", choices=EXPERIMENTS, help="recycling (two-hop); loramap and summation: see the README")
-    common(x)
+    x.add_argument("name", choices=EXPERIMENTS, help="recycling (two-hop facts, MiniLM), loramap (COVID-Fact, "
+                   "MiniLM, 3 seeds), summation (GSM8K/PubMedQA/COVID-Fact claims, SmolLM2)")
+    common(x, model=None)
     x.add_argument("--out", required=True, help="results folder")
-    x.add_argument("--people", type=int, default=32)
-    x.add_argument("--epochs", type=float, default=None)
+    x.add_argument("--people", type=int, default=32, help="recycling: subjects in the random world")
+    x.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition")
+    x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")
+    x.add_argument("--train-limit", type=int, default=None, help="loramap/summation: train examples per task "
+                   "(default all)")
+    x.add_argument("--eval-limit", type=int, default=None, help="loramap/summation: dev/test examples per split "
+                   "(default all)")
     x.set_defaults(fn=cmd_experiment)
 
     b = sub.add_parser("bench", help="kernel microbenchmarks (CUDA GPU); extra arguments go to the script")
@@ -261,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.command == "compose" and not a.adapters:
         parser.error("compose needs --adapters (one or more peft adapter folders)")
     try:
+        if getattr(a, "model", None):
+            _check_model_name(a.model)
         return a.fn(a)
     except UsageError as e:
         print(f"lorafuse {a.command}: error: {e}", file=sys.stderr)

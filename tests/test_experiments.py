@@ -2,6 +2,9 @@
 import json
 import math
 
+import pytest
+
+from lorafuse.data import default_data_dir
 from lorafuse.experiments.recycling import METHODS, run_recycling
 
 
@@ -26,3 +29,52 @@ def test_recycling_pipeline_writes_complete_results(tmp_path, torch_backend):
     assert (tmp_path / "recycling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("hop1", "hop2", "union"):
         assert (tmp_path / "adapters" / name / "adapter_config.json").is_file()
+
+
+needs_data = pytest.mark.skipif(default_data_dir() is None, reason="no data folder (set LORAFUSE_DATA)")
+
+
+@needs_data
+def test_loramap_pipeline_on_covidfact(tmp_path, torch_backend):
+    from lorafuse.experiments.loramap import METHODS as LM_METHODS, run_loramap
+
+    doc = run_loramap(out_dir=str(tmp_path), model="tiny-bert", seeds=(0, 1), adapter_epochs=1, compose_epochs=1,
+                      train_limit=24, eval_limit=16, max_length=32, lorahub_budget=3, lorahub_examples=8,
+                      progress=False, log=lambda *a: None)
+    assert [r["method"] for r in doc["rows"]] == list(LM_METHODS)
+    assert len(doc["runs"]) == 2 * len(LM_METHODS)
+    for row in doc["rows"]:
+        assert row["seeds"] == 2
+        for key in ("test_f1", "test_acc", "dev_f1"):
+            assert 0.0 <= row[key] <= 1.0 and math.isfinite(row[key]), (row["method"], key)
+        assert math.isfinite(row["test_f1_sd"])
+    trained = {r["method"]: r["trainable_params"] for r in doc["rows"]}
+    assert trained["base"] == trained["sum"] == trained["average"] == 0 and trained["lorahub"] == 3
+    # concat trains the three adapters' A and B: three single adapters' worth
+    assert trained["loraconcat"] == trained["evidence"] + trained["difference"] + trained["correction"]
+    assert trained["loramap_lora"] == trained["loramap_sum"] and trained["loramap_lora"] % (2 * 16 * 24) == 0
+    saved = json.loads((tmp_path / "loramap.json").read_text())
+    assert {"command", "commit", "machine", "config", "runs", "rows"} <= saved.keys()
+    assert (tmp_path / "loramap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "loramap_sum" in (tmp_path / "loramap.md").read_text()
+
+
+@needs_data
+def test_summation_pipeline_on_three_domains(tmp_path, torch_backend):
+    from lorafuse.experiments.summation import run_summation
+
+    doc = run_summation(out_dir=str(tmp_path), model="tiny-llama", train_limit=8, eval_limit=4, max_length=48,
+                        batch_size=4, progress=False, log=lambda *a: None)
+    labels = [r["adapters"] for r in doc["rows"]]
+    assert labels == ["base", "math", "medicine", "claims", "math+medicine", "math+claims", "medicine+claims",
+                      "math+medicine+claims", "merged"]
+    for row in doc["rows"]:
+        for d in ("math", "medicine", "claims"):
+            assert math.isfinite(row[f"{d}_ppl"]) and row[f"{d}_ppl"] > 1.0
+    pairs = [r for r in doc["rows"] if r["adapters"].count("+") == 1]
+    assert all(-1.0 <= r["rms_cosine"] <= 1.0 for r in pairs)
+    assert len(doc["interference"]) == 6 and doc["pearson_rms_cosine_vs_ppl_change"]["points"] == 6
+    assert doc["adapters"]["merged"]["steps"] > doc["adapters"]["math"]["steps"]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"summation.{ext}").is_file()
+    assert "Pearson" in (tmp_path / "summation.md").read_text()

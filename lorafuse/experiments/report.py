@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -66,14 +66,18 @@ def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], plot_metrics: Sequence[str]) -> dict:
-    """results.json, results.md and results.png in out_dir; returns the paths."""
+def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], plot_metrics: Sequence[str],
+                  label_key: str = "method", ylim: Optional[tuple] = (0, 1), notes: str = "") -> dict:
+    """<name>.json, <name>.md (table, then notes) and <name>.png (bars of plot_metrics per row, labelled by
+    label_key) in out_dir, each written atomically; returns the paths."""
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
     _atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
     table = markdown_table(doc["rows"], columns)
     md = (f"# {doc['study']}\n\nCommand: `{doc['command']}`  \nCommit {doc['commit']}, {doc['date']}, "
           f"{doc['machine'].get('device')} ({doc['machine'].get('cpus')} CPUs)\n\n{table}")
+    if notes:
+        md += f"\n{notes}\n"
     _atomic_write(paths["md"], lambda p: Path(p).write_text(md))
 
     def plot(p):
@@ -89,8 +93,9 @@ def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], pl
             vals = [r.get(m) if isinstance(r.get(m), float) else 0.0 for r in rows]
             ax.bar([j + i * width for j in range(len(rows))], vals, width, label=m)
         ax.set_xticks([j + width * (len(plot_metrics) - 1) / 2 for j in range(len(rows))])
-        ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_xticklabels([r[label_key] for r in rows], rotation=30, ha="right", fontsize=8)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.legend(fontsize=8)
         ax.set_title(doc["study"], fontsize=9)
         fig.tight_layout()

@@ -1,0 +1,166 @@
+"""Study: LoraMap on COVID-Fact (after Kim et al. 2024, "LoraMap", arXiv 2408.16264).
+
+Three perspective adapters (lorafuse.data: perspective-evidence, -difference, -correction) are trained
+once per seed; each composition of the three is then fitted on COVID-Fact's train split and scored on
+its dev and test splits (macro-F1 and accuracy). Every method sees the same data, seed, epochs,
+learning rate and sequence length; the classification head is drawn from the seed and frozen, shared
+by all methods (the counterpart of the paper's shared output vocabulary).
+
+  base                  the model without adapters
+  evidence / difference / correction
+                        one perspective adapter alone (not fitted to COVID-Fact)
+  sum / average         naive summation / weights 1/K (nothing fitted)
+  lorahub               LoraHub's gradient-free search of the K weights on train examples
+  loraconcat            the K adapters concatenated, A and B fitted (LoraConcat)
+  loramap_lora          LoraMap, map_init="lora" (b_map = 0: starts as the base model)
+  loramap_sum           LoraMap, map_init="sum" (starts at the plain sum)
+  lora_direct           a fresh LoRA of rank r fitted to COVID-Fact (the no-composition reference)
+
+Nothing is selected on the test split: hyperparameters are fixed in advance, dev is reported beside
+test, and test is scored once per method and seed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .report import header, write_results
+
+PERSPECTIVES = ("evidence", "difference", "correction")
+METHODS = ("base",) + PERSPECTIVES + ("sum", "average", "lorahub", "loraconcat", "loramap_lora", "loramap_sum",
+                                      "lora_direct")
+COLUMNS = ("method", "test_f1", "test_f1_sd", "test_acc", "test_acc_sd", "dev_f1", "trainable_params", "seconds",
+           "seeds")
+
+
+def _subset(ds, limit: Optional[int], seed: int):
+    return ds.shuffle(seed=seed).select(range(min(limit, len(ds)))) if limit else ds
+
+
+def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_dir: Optional[str] = None,
+                seeds: Sequence[int] = (0, 1, 2), r: int = 8, alpha: float = 16, map_rank: int = 16,
+                adapter_epochs: float = 2, compose_epochs: float = 2, lr: float = 1e-3, compose_lr: float = 1e-3,
+                batch_size: int = 16, max_length: int = 128, train_limit: Optional[int] = None,
+                eval_limit: Optional[int] = None, lorahub_budget: int = 20, lorahub_examples: int = 32,
+                methods: Optional[Sequence[str]] = None, progress: bool = True, log=print) -> Dict[str, Any]:
+    """Run the study; writes out_dir/loramap.{json,md,png}. train_limit/eval_limit subsample (for CPU runs)."""
+    import lorafuse
+    from ..data import load_perspective, load_task
+    from ..evaluate import evaluate_classification
+    from ..models import load_model
+    from ..train import _collator, tokenize, train_adapter, train_composition
+
+    methods = list(methods or METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    cf = load_task("covidfact", data_dir)
+    tasks = {p: load_perspective(f"perspective-{p}", data_dir) for p in PERSPECTIVES}
+    config = dict(model=model, seeds=list(seeds), r=r, alpha=alpha, map_rank=map_rank, adapter_epochs=adapter_epochs,
+                  compose_epochs=compose_epochs, lr=lr, compose_lr=compose_lr, batch_size=batch_size,
+                  max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
+                  lorahub_budget=lorahub_budget, lorahub_examples=lorahub_examples,
+                  sizes={"covidfact": {k: len(v) for k, v in cf.items()},
+                         **{p: {k: len(v) for k, v in d.items()} for p, d in tasks.items()}})
+    doc = header("loramap: composing three perspective adapters on COVID-Fact", config)
+    doc["runs"] = []
+    per_method: Dict[str, List[dict]] = {m: [] for m in methods}
+    fit_kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+    ev_kw = dict(max_length=max_length)
+
+    for seed in seeds:
+        log(f"seed {seed}")
+        net, tok = load_model(model, task="classification", seed=seed)
+        train = _subset(cf["train"], train_limit, seed)
+        dev, test = _subset(cf["dev"], eval_limit, seed), _subset(cf["test"], eval_limit, seed)
+        paths, info = {}, {}
+        for p in PERSPECTIVES:
+            if not set(methods) - {"base", "lora_direct"}:
+                break  # no method needs the perspective adapters
+            log(f"  training perspective adapter {p}")
+            info[p] = train_adapter(net, tok, _subset(tasks[p]["train"], train_limit, seed),
+                                    str(out / "adapters" / f"seed{seed}" / p), r=r, alpha=alpha,
+                                    epochs=adapter_epochs, lr=lr, seed=seed, **fit_kw)
+            # How well each adapter learned its own task (its dev split), before any composition.
+            lorafuse.compose(net, [info[p]["path"]], method="sum")
+            try:
+                info[p]["dev_acc"] = evaluate_classification(net, tok, tasks[p]["dev"], **ev_kw)["accuracy"]
+            finally:
+                lorafuse.decompose(net)
+            paths[p] = info[p]["path"]
+        adapters = [paths[p] for p in PERSPECTIVES if p in paths]
+        for method in methods:
+            t0 = time.perf_counter()
+            row: Dict[str, Any] = {"method": method, "seed": seed, "trainable_params": 0}
+            try:
+                if method in PERSPECTIVES:
+                    lorafuse.compose(net, [paths[method]], method="sum")
+                    row["trainable_params"] = info[method]["trainable_params"]
+                    row["perspective_dev_acc"] = info[method]["dev_acc"]
+                elif method == "sum":
+                    lorafuse.compose(net, adapters, method="sum")
+                elif method == "average":
+                    lorafuse.compose(net, adapters, method="weighted", weights=[1 / len(adapters)] * len(adapters))
+                elif method == "lorahub":
+                    few = tokenize(train.select(range(min(lorahub_examples, len(train)))), tok, max_length)
+                    batch = _collator(tok, "classification")(list(few))
+                    batch = {k: v.to(next(net.parameters()).device) for k, v in batch.items()}
+                    res = lorafuse.lorahub_search(net, adapters, [batch], budget=lorahub_budget, seed=seed)
+                    row["weights"] = [round(w, 4) for w in res.weights]
+                    row["trainable_params"] = len(adapters)
+                elif method in ("loraconcat", "loramap_lora", "loramap_sum"):
+                    if method == "loraconcat":
+                        lorafuse.compose(net, adapters, method="concat")
+                    else:
+                        lorafuse.compose(net, adapters, method="loramap", map_rank=map_rank,
+                                         map_init=method.split("_", 1)[1])
+                    fit = train_composition(net, tok, train, epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
+                    row.update(trainable_params=fit["trainable_params"], train_loss=fit["train_loss"])
+                elif method == "lora_direct":
+                    fit = train_adapter(net, tok, train, str(out / "adapters" / f"seed{seed}" / "direct"), r=r,
+                                        alpha=alpha, epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
+                    lorafuse.compose(net, [fit["path"]], method="sum")
+                    row.update(trainable_params=fit["trainable_params"], train_loss=fit["train_loss"])
+                row["seconds"] = time.perf_counter() - t0
+                d, t = evaluate_classification(net, tok, dev, **ev_kw), evaluate_classification(net, tok, test, **ev_kw)
+                row.update(dev_f1=d["macro_f1"], dev_acc=d["accuracy"], test_f1=t["macro_f1"], test_acc=t["accuracy"])
+            finally:
+                _reset(net)
+            doc["runs"].append(row)
+            per_method[method].append(row)
+            log(f"  {method:13s} test macro-F1 {row['test_f1']:.4f} acc {row['test_acc']:.4f} "
+                f"(dev F1 {row['dev_f1']:.4f}; {row['seconds']:.0f}s)")
+        del net
+
+    doc["rows"] = [_summarise(m, per_method[m]) for m in methods]
+    doc["total_seconds"] = time.perf_counter() - t_start
+    doc["paths"] = write_results(str(out), "loramap", doc, COLUMNS, ["test_f1", "test_acc", "dev_f1"])
+    return doc
+
+
+def _reset(net) -> None:
+    """Restore the base model if a composition is attached (none for "base", or when compose() raised)."""
+    import lorafuse
+    from ..compose import get_composition
+
+    try:
+        get_composition(net)
+    except ValueError:
+        return
+    lorafuse.decompose(net)
+
+
+def _summarise(method: str, rows: List[dict]) -> Dict[str, Any]:
+    def mean(k):
+        return statistics.fmean(r[k] for r in rows)
+
+    def sd(k):
+        return statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0
+
+    return {"method": method, "test_f1": mean("test_f1"), "test_f1_sd": sd("test_f1"), "test_acc": mean("test_acc"),
+            "test_acc_sd": sd("test_acc"), "dev_f1": mean("dev_f1"), "trainable_params": rows[0]["trainable_params"],
+            "seconds": mean("seconds"), "seeds": len(rows)}

@@ -1,0 +1,131 @@
+"""Study: when does naive LoRA summation work? (after arXiv 2508.11985)
+
+One LoRA per domain is trained on a decoder (SmolLM2-135M by default; rank 4, alpha 64), plus one
+LoRA on the merged data of all domains. Every pairwise sum and the triple sum of the domain adapters
+is scored by perplexity (answer tokens only) on each domain's held-out split, beside the single
+adapters and the merged-data adapter. The adapters' weight deltas are compared without forming them
+(lorafuse.analysis.delta_cosine): the RMS over layers of the per-layer cosine. The study asks whether
+near-orthogonal deltas sum with little interference: the Pearson correlation between a pair's RMS
+cosine and the perplexity its sum loses against the single adapter of each domain in the pair.
+
+Domains: math = GSM8K (question -> worked solution), medicine = PubMedQA (question -> long answer),
+claims = COVID-Fact claims (a third domain in place of the paper's finance QA, which the data folder
+does not hold).
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .report import header, write_results
+
+DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
+COLUMNS = ("adapters", "math_ppl", "medicine_ppl", "claims_ppl", "rms_cosine", "overall_cosine")
+
+
+def _subset(ds, limit: Optional[int], seed: int):
+    return ds.shuffle(seed=seed).select(range(min(limit, len(ds)))) if limit else ds
+
+
+def run_summation(out_dir: str = "results/summation", model: str = "smollm2", data_dir: Optional[str] = None,
+                  seed: int = 0, r: int = 4, alpha: float = 64, epochs: float = 1, lr: float = 2e-4,
+                  batch_size: int = 8, max_length: int = 256, train_limit: Optional[int] = None,
+                  eval_limit: Optional[int] = 200, domains: Sequence[str] = tuple(DOMAINS), progress: bool = True,
+                  log=print) -> Dict[str, Any]:
+    """Run the study; writes out_dir/summation.{json,md,png}. train_limit/eval_limit subsample (for CPU)."""
+    import datasets
+
+    import lorafuse
+    from ..analysis import delta_cosine
+    from ..data import load_task
+    from ..evaluate import perplexity
+    from ..models import load_model
+    from ..train import train_adapter
+
+    bad = [d for d in domains if d not in DOMAINS]
+    if bad or len(domains) < 2:
+        raise ValueError(f"domains: need two or more of {', '.join(DOMAINS)}, got {list(domains)}")
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    data = {d: load_task(DOMAINS[d], data_dir) for d in domains}
+    train = {d: _subset(data[d]["train"], train_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
+    test = {d: _subset(data[d]["test"], eval_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
+    config = dict(model=model, seed=seed, r=r, alpha=alpha, epochs=epochs, lr=lr, batch_size=batch_size,
+                  max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
+                  domains={d: DOMAINS[d] for d in domains},
+                  sizes={d: {"train": len(train[d]), "test": len(test[d])} for d in domains})
+    doc = header("summation: naive LoRA summation across domains", config)
+    net, tok = load_model(model, task="lm", seed=seed)
+    fit_kw = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length, task="lm",
+                  progress=progress)
+    paths: Dict[str, str] = {}
+    doc["adapters"] = {}
+    sets = dict(train)
+    sets["merged"] = datasets.concatenate_datasets([train[d] for d in domains]).shuffle(seed=seed)
+    for name, ds in sets.items():
+        log(f"training adapter {name} ({len(ds)} examples)")
+        info = train_adapter(net, tok, ds, str(out / "adapters" / name), r=r, alpha=alpha, **fit_kw)
+        paths[name] = info["path"]
+        doc["adapters"][name] = {k: info[k] for k in ("train_loss", "train_seconds", "trainable_params", "steps")}
+
+    analysis = delta_cosine([paths[d] for d in domains])
+    rms = {(a, b): float(analysis.rms_cosine[i, j]) for (i, a), (j, b) in itertools.combinations(enumerate(domains), 2)}
+    overall = {(a, b): float(analysis.overall_cosine[i, j])
+               for (i, a), (j, b) in itertools.combinations(enumerate(domains), 2)}
+
+    combos: List[tuple] = [()] + [(d,) for d in domains] + list(itertools.combinations(domains, 2))
+    if len(domains) > 2:
+        combos.append(tuple(domains))
+    combos.append(("merged",))
+    rows = []
+    for combo in combos:
+        label = "base" if not combo else "+".join(combo)
+        if combo:
+            lorafuse.compose(net, [paths[c] for c in combo], method="sum")
+        try:
+            row: Dict[str, Any] = {"adapters": label}
+            for d in domains:
+                row[f"{d}_ppl"] = perplexity(net, tok, test[d], batch_size=batch_size, max_length=max_length)[
+                    "perplexity"]
+        finally:
+            if combo:
+                lorafuse.decompose(net)
+        if len(combo) == 2:
+            row.update(rms_cosine=rms[combo], overall_cosine=overall[combo])
+        rows.append(row)
+        log(f"  {label:24s} " + "  ".join(f"{d} {row[f'{d}_ppl']:.3f}" for d in domains))
+    doc["rows"] = rows
+
+    # Interference of each pair on each of its domains: perplexity of the sum over that of the domain's own
+    # adapter (and over the merged-data adapter), as relative changes.
+    by = {r["adapters"]: r for r in rows}
+    points = []
+    for (a, b), cos in rms.items():
+        for d in (a, b):
+            pair_ppl = by[f"{a}+{b}"][f"{d}_ppl"]
+            points.append({"pair": f"{a}+{b}", "domain": d, "rms_cosine": cos,
+                           "ppl_change_vs_single": pair_ppl / by[d][f"{d}_ppl"] - 1,
+                           "ppl_change_vs_merged": pair_ppl / by["merged"][f"{d}_ppl"] - 1})
+    doc["interference"] = points
+
+    def pearson(key):
+        xs, ys = [p["rms_cosine"] for p in points], [p[key] for p in points]
+        try:
+            return statistics.correlation(xs, ys)
+        except statistics.StatisticsError:  # constant input
+            return float("nan")
+
+    doc["pearson_rms_cosine_vs_ppl_change"] = {"vs_single": pearson("ppl_change_vs_single"),
+                                               "vs_merged": pearson("ppl_change_vs_merged"), "points": len(points)}
+    doc["total_seconds"] = time.perf_counter() - t_start
+    cols = [c for c in COLUMNS if c == "adapters" or not c.endswith("_ppl") or c[:-4] in domains]
+    pc = doc["pearson_rms_cosine_vs_ppl_change"]
+    notes = (f"Pearson r between a pair's RMS delta cosine and its sum's perplexity change on each of its domains "
+             f"({pc['points']} points): {pc['vs_single']:.3f} against the domain's own adapter, "
+             f"{pc['vs_merged']:.3f} against the merged-data adapter.")
+    doc["paths"] = write_results(str(out), "summation", doc, cols, [f"{d}_ppl" for d in domains],
+                                 label_key="adapters", ylim=None, notes=notes)
+    return doc
