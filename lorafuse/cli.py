@@ -168,8 +168,8 @@ def cmd_evaluate(a) -> int:
 def cmd_experiment(a) -> int:
     _check_out(a.out)
     if a.name == "recycling":
-        return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people, quiet=a.quiet,
-                                           epochs=a.epochs))
+        return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people,
+                                           quiet=a.quiet, epochs=a.epochs))
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
