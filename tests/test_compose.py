@@ -439,14 +439,24 @@ def test_layer_construction_error_leaves_model_unchanged(saved):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_precision_matches_peft(saved, family, dtype):
-    """The fused kernels on the GPU, in 16-bit, against peft in float32 on the CPU."""
+    """The fused kernels on the GPU, in 16-bit, against peft in float32 on the CPU.
+
+    A whole model in 16 bits drifts from its float32 run (norms, softmax, several layers) whatever the
+    adapters do, so the bound is peft's own drift in the same dtype on the same GPU, with 50 % slack,
+    plus a floor of a quarter of the dtype's unit roundoff (2^-8 bf16, 2^-11 fp16)."""
+    import copy
+
     _, peft_model, names, dirs = saved[family]
     inputs = model_inputs(family)
     ref = peft_all_active(peft_model, names, inputs)
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    peft_half = copy.deepcopy(peft_model).to("cuda", dtype)
+    peft_err = rel_err(peft_all_active(peft_half, names, cuda_inputs).float(), ref)
     model = compose(fresh_model(saved, family).to("cuda", dtype), dirs, method="weighted", weights=[1.0, 1.0, 1.0])
     with use_backend("triton"):
-        out = model_output(model, {k: v.cuda() for k, v in inputs.items()})
-    assert rel_err(out.float(), ref) < 3e-2
+        out = model_output(model, cuda_inputs)
+    unit = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    assert rel_err(out.float(), ref) < 1.5 * peft_err + unit / 4
 
 
 def test_new_methods_and_keywords_pass_through(saved, monkeypatch):
