@@ -41,7 +41,7 @@ def _subset(ds, limit: Optional[int], seed: int):
 
 def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_dir: Optional[str] = None,
                 seeds: Sequence[int] = (0, 1, 2), r: int = 8, alpha: float = 16, map_rank: int = 16,
-                adapter_epochs: float = 2, compose_epochs: float = 2, lr: float = 1e-3, compose_lr: float = 1e-3,
+                adapter_epochs: float = 5, compose_epochs: float = 2, lr: float = 3e-3, compose_lr: float = 3e-3,
                 batch_size: int = 16, max_length: int = 128, train_limit: Optional[int] = None,
                 eval_limit: Optional[int] = None, lorahub_budget: int = 20, lorahub_examples: int = 32,
                 methods: Optional[Sequence[str]] = None, progress: bool = True, log=print) -> Dict[str, Any]:
