@@ -125,24 +125,31 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     else:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
     if task == "classification":
-        head = _head(model)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in head.parameters():
-                if p.dim() > 1:
-                    # logits of order one for unit-scale features, whatever the width
-                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-                else:
-                    p.zero_()
-        head.requires_grad_(False)
+        init_head(model, seed)
     return model.to(dtype).eval(), tok
 
 
-def _head(model: torch.nn.Module) -> torch.nn.Module:
+def classification_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The linear head of a sequence-classification model (BERT's `classifier`, Llama's `score`)."""
     for attr in ("classifier", "score"):
         if hasattr(model, attr):
             return getattr(model, attr)
     raise ValueError(f"no classification head found on {type(model).__name__}")
+
+
+def init_head(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Draw the classification head from `seed` (weights N(0, 1/fan_in): logits of order one for
+    unit-scale features, whatever the width; bias 0) and freeze it. Returns the head."""
+    head = classification_head(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.zero_()
+    head.requires_grad_(False)
+    return head
 
 
 def lora_target_modules(model: torch.nn.Module) -> list:

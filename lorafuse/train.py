@@ -9,12 +9,13 @@ handling and budget; multi-GPU runs work through torchrun/accelerate as the Trai
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -106,11 +107,14 @@ def fit(model: nn.Module, tokenizer, train_dataset, epochs: float = 3.0, lr: flo
 
 
 def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: int = 8, alpha: float = 16,
-                  target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0, **fit_kw) -> Dict[str, Any]:
+                  target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0,
+                  also_train: Sequence[nn.Module] = (), **fit_kw) -> Dict[str, Any]:
     """Train one peft LoRA on `train_dataset` and save it (peft format, atomically) to out_dir.
 
     The model is returned to its original state (LoRA layers removed, not merged), so the same base
-    model serves every adapter of an experiment. Returns fit()'s dict plus "path".
+    model serves every adapter of an experiment. `also_train`: modules of the model trained with the
+    adapter but not saved with it (e.g. a task head, see `fresh_head`); their weights stay as trained.
+    Returns fit()'s dict plus "path".
     """
     from peft import LoraConfig, get_peft_model
 
@@ -122,6 +126,8 @@ def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: i
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
     peft_model = get_peft_model(model, cfg)
+    for m in also_train:
+        m.requires_grad_(True)
     try:
         info = fit(peft_model, tokenizer, train_dataset, **fit_kw)
         save_adapter(peft_model, out_dir)
@@ -150,6 +156,29 @@ def save_adapter(peft_model, out_dir: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def fresh_head(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    """Inside the block the classification head is redrawn from `seed` and trainable (a task probe that
+    every method of a study gets alike); after it, the model's own head is back, frozen."""
+    from .models import classification_head, init_head
+
+    head = classification_head(model)
+    saved = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    init_head(model, seed)
+    head.requires_grad_(True)
+    try:
+        yield head
+    finally:
+        with torch.no_grad():
+            head.load_state_dict(saved)
+        head.requires_grad_(False)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
 
 
 def train_composition(model: nn.Module, tokenizer, train_dataset, **fit_kw) -> Dict[str, Any]:

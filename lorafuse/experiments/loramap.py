@@ -1,16 +1,19 @@
 """Study: LoraMap on COVID-Fact (after Kim et al. 2024, "LoraMap", arXiv 2408.16264).
 
 Three perspective adapters (lorafuse.data: perspective-evidence, -difference, -correction) are trained
-once per seed; each composition of the three is then fitted on COVID-Fact's train split and scored on
-its dev and test splits (macro-F1 and accuracy). Every method sees the same data, seed, epochs,
-learning rate and sequence length; the classification head is drawn from the seed and frozen, shared
-by all methods (the counterpart of the paper's shared output vocabulary).
+once per seed, each through a classification head of its own that is then discarded (the adapter
+file holds the LoRA only). Each method is then fitted to COVID-Fact's train split and scored on its
+dev and test splits (macro-F1 and accuracy). Every method gets the same data, seed, epochs, learning
+rate and sequence length, and the same task head: a linear probe drawn alike for all and trained with
+whatever the method trains (the encoder's counterpart of the paper's shared output vocabulary; its
+2 x (d + 1) parameters are included in the counts).
 
-  base                  the model without adapters
+  base                  the model without adapters (the probe alone)
   evidence / difference / correction
-                        one perspective adapter alone (not fitted to COVID-Fact)
-  sum / average         naive summation / weights 1/K (nothing fitted)
-  lorahub               LoraHub's gradient-free search of the K weights on train examples
+                        one perspective adapter, frozen (the probe alone)
+  sum / average         naive summation / weights 1/K, frozen (the probe alone)
+  lorahub               the probe fitted on the average, then LoraHub's gradient-free search of the K
+                        weights on train examples
   loraconcat            the K adapters concatenated, A and B fitted (LoraConcat)
   loramap_lora          LoraMap, map_init="lora" (b_map = 0: starts as the base model)
   loramap_sum           LoraMap, map_init="sum" (starts at the plain sum)
@@ -50,7 +53,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
     from ..data import load_perspective, load_task
     from ..evaluate import evaluate_classification
     from ..models import load_model
-    from ..train import _collator, tokenize, train_adapter, train_composition
+    from ..train import _collator, freeze_all, fresh_head, tokenize, train_adapter, train_composition
 
     methods = list(methods or METHODS)
     bad = [m for m in methods if m not in METHODS]
@@ -78,58 +81,72 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
         train = _subset(cf["train"], train_limit, seed)
         dev, test = _subset(cf["dev"], eval_limit, seed), _subset(cf["test"], eval_limit, seed)
         paths, info = {}, {}
+        probe_seed = 10_000 + seed  # one head draw per seed, the same start for every method
         for p in PERSPECTIVES:
             if not set(methods) - {"base", "lora_direct"}:
                 break  # no method needs the perspective adapters
             log(f"  training perspective adapter {p}")
-            info[p] = train_adapter(net, tok, _subset(tasks[p]["train"], train_limit, seed),
-                                    str(out / "adapters" / f"seed{seed}" / p), r=r, alpha=alpha,
-                                    epochs=adapter_epochs, lr=lr, seed=seed, **fit_kw)
-            # How well each adapter learned its own task (its dev split), before any composition.
-            lorafuse.compose(net, [info[p]["path"]], method="sum")
-            try:
-                info[p]["dev_acc"] = evaluate_classification(net, tok, tasks[p]["dev"], **ev_kw)["accuracy"]
-            finally:
-                lorafuse.decompose(net)
+            # Each adapter learns its task through a head of its own, discarded afterwards (the
+            # adapter file holds the LoRA only): what is kept is what the adapter did to the features.
+            with fresh_head(net, probe_seed) as head:
+                info[p] = train_adapter(net, tok, _subset(tasks[p]["train"], train_limit, seed),
+                                        str(out / "adapters" / f"seed{seed}" / p), r=r, alpha=alpha,
+                                        also_train=[head], epochs=adapter_epochs, lr=lr, seed=seed, **fit_kw)
+                # How well the adapter learned its own task (its dev split), with its own head.
+                lorafuse.compose(net, [info[p]["path"]], method="sum")
+                try:
+                    info[p]["dev_acc"] = evaluate_classification(net, tok, tasks[p]["dev"], **ev_kw)["accuracy"]
+                finally:
+                    lorafuse.decompose(net)
+            log(f"    {p}: dev accuracy on its own task {info[p]['dev_acc']:.3f}")
             paths[p] = info[p]["path"]
         adapters = [paths[p] for p in PERSPECTIVES if p in paths]
+        fit_c = dict(epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
         for method in methods:
             t0 = time.perf_counter()
-            row: Dict[str, Any] = {"method": method, "seed": seed, "trainable_params": 0}
-            try:
-                if method in PERSPECTIVES:
-                    lorafuse.compose(net, [paths[method]], method="sum")
-                    row["trainable_params"] = info[method]["trainable_params"]
-                    row["perspective_dev_acc"] = info[method]["dev_acc"]
-                elif method == "sum":
-                    lorafuse.compose(net, adapters, method="sum")
-                elif method == "average":
-                    lorafuse.compose(net, adapters, method="weighted", weights=[1 / len(adapters)] * len(adapters))
-                elif method == "lorahub":
-                    few = tokenize(train.select(range(min(lorahub_examples, len(train)))), tok, max_length)
-                    batch = _collator(tok, "classification")(list(few))
-                    batch = {k: v.to(next(net.parameters()).device) for k, v in batch.items()}
-                    res = lorafuse.lorahub_search(net, adapters, [batch], budget=lorahub_budget, seed=seed)
-                    row["weights"] = [round(w, 4) for w in res.weights]
-                    row["trainable_params"] = len(adapters)
-                elif method in ("loraconcat", "loramap_lora", "loramap_sum"):
-                    if method == "loraconcat":
-                        lorafuse.compose(net, adapters, method="concat")
+            row: Dict[str, Any] = {"method": method, "seed": seed}
+            # Every method is fitted to COVID-Fact with the same budget through a fresh head (a linear
+            # probe, drawn alike for all), plus whatever the method itself trains.
+            with fresh_head(net, probe_seed) as head:
+                try:
+                    if method == "lora_direct":
+                        fit = train_adapter(net, tok, train, str(out / "adapters" / f"seed{seed}" / "direct"),
+                                            r=r, alpha=alpha, also_train=[head], **fit_c)
+                        lorafuse.compose(net, [fit["path"]], method="sum")
                     else:
-                        lorafuse.compose(net, adapters, method="loramap", map_rank=map_rank,
-                                         map_init=method.split("_", 1)[1])
-                    fit = train_composition(net, tok, train, epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
+                        if method in PERSPECTIVES:
+                            lorafuse.compose(net, [paths[method]], method="sum")
+                            row["perspective_dev_acc"] = info[method]["dev_acc"]
+                        elif method == "sum":
+                            lorafuse.compose(net, adapters, method="sum")
+                        elif method in ("average", "lorahub"):
+                            lorafuse.compose(net, adapters, method="weighted",
+                                             weights=[1 / len(adapters)] * len(adapters))
+                        elif method == "loraconcat":
+                            lorafuse.compose(net, adapters, method="concat")
+                        elif method.startswith("loramap"):
+                            lorafuse.compose(net, adapters, method="loramap", map_rank=map_rank,
+                                             map_init=method.split("_", 1)[1])
+                        if method not in ("loraconcat", "loramap_lora", "loramap_sum"):
+                            freeze_all(net)  # sum, averaging, single adapters, LoraHub: the head only
+                        head.requires_grad_(True)  # compose() froze everything but the method's own
+                        fit = train_composition(net, tok, train, **fit_c)
                     row.update(trainable_params=fit["trainable_params"], train_loss=fit["train_loss"])
-                elif method == "lora_direct":
-                    fit = train_adapter(net, tok, train, str(out / "adapters" / f"seed{seed}" / "direct"), r=r,
-                                        alpha=alpha, epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
-                    lorafuse.compose(net, [fit["path"]], method="sum")
-                    row.update(trainable_params=fit["trainable_params"], train_loss=fit["train_loss"])
-                row["seconds"] = time.perf_counter() - t0
-                d, t = evaluate_classification(net, tok, dev, **ev_kw), evaluate_classification(net, tok, test, **ev_kw)
-                row.update(dev_f1=d["macro_f1"], dev_acc=d["accuracy"], test_f1=t["macro_f1"], test_acc=t["accuracy"])
-            finally:
-                _reset(net)
+                    if method == "lorahub":
+                        # LoraHub then searches the K weights, gradient-free, with the fitted head.
+                        few = tokenize(train.select(range(min(lorahub_examples, len(train)))), tok, max_length)
+                        batch = _collator(tok, "classification")(list(few))
+                        batch = {k: v.to(next(net.parameters()).device) for k, v in batch.items()}
+                        res = lorafuse.lorahub_search(net, None, [batch], budget=lorahub_budget, seed=seed)
+                        row["weights"] = [round(w, 4) for w in res.weights]
+                        row["trainable_params"] += len(adapters)
+                    row["seconds"] = time.perf_counter() - t0
+                    d = evaluate_classification(net, tok, dev, **ev_kw)
+                    t = evaluate_classification(net, tok, test, **ev_kw)
+                    row.update(dev_f1=d["macro_f1"], dev_acc=d["accuracy"], test_f1=t["macro_f1"],
+                               test_acc=t["accuracy"])
+                finally:
+                    _reset(net)
             doc["runs"].append(row)
             per_method[method].append(row)
             log(f"  {method:13s} test macro-F1 {row['test_f1']:.4f} acc {row['test_acc']:.4f} "
