@@ -140,12 +140,12 @@ def cmd_compose(a) -> int:
 
     _check_adapters(a.adapters)
     _check_out(a.out)
+    train_ds = _load_task(a.train_task, a.data) if a.train_task else None  # checked before any work
     model, tok = _composed(a)
-    if a.train_task:
+    if train_ds is not None:
         from .train import train_composition
 
-        info = train_composition(model, tok, _load_task(a.train_task, a.data), epochs=a.epochs, lr=a.lr,
-                                 seed=a.seed, progress=not a.quiet)
+        info = train_composition(model, tok, train_ds, epochs=a.epochs, lr=a.lr, seed=a.seed, progress=not a.quiet)
         print(json.dumps(info, indent=1))
     lorafuse.export_peft(model, a.out)
     print(f"wrote one peft adapter (the composition, method={a.method}) to {a.out}")
@@ -155,12 +155,12 @@ def cmd_compose(a) -> int:
 def cmd_evaluate(a) -> int:
     from .evaluate import evaluate_classification
 
+    ds = _load_task(a.task, a.data)
     if a.adapters:
         _check_adapters(a.adapters)
         model, tok = _composed(a)
     else:
         model, tok = _load_model(a.model, a.seed)
-    ds = _load_task(a.task, a.data)
     print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
     return 0
 

@@ -37,6 +37,12 @@ def test_help_lists_every_command(capsys):
      "/no/such/dir is not a directory"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x"], "has no adapter_config.json"),
     (["demo", "--out", "/no/such/parent/out"], "does not exist"),
+    (["evaluate", "--task", "nope:train", "--model", "tiny-bert"], "unknown task 'nope'"),
+    (["evaluate", "--task", "covidfact:test", "--model", "tiny-bert", "--data", "/no/such/data"],
+     "/no/such/data is not a directory"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--data", "/no/such/data"], "--data: /no/such/data"),
+    (["experiment", "summation", "--out", "/tmp/x", "--model", "bert-huge"], "unknown model 'bert-huge'"),
+    (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--method", "mean"], "has no adapter_config.json"),
 ])
 def test_bad_arguments_are_named(args, msg, capsys):
     code, _, err = run(args, capsys)
