@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -82,6 +82,27 @@ def _lora_config(factors: Dict[str, Tuple[Tensor, Tensor]], meta: Dict[str, Any]
     )
 
 
+def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
+    """write(tmp) fills a temporary folder beside out_dir, which then replaces out_dir in one rename
+    (an existing out_dir is moved aside first): a reader sees the old folder or the new, never half."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "x"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_peft(
     model_or_adapter: Union[nn.Module, LoraAdapter],
     out_dir: Union[str, os.PathLike],
@@ -127,19 +148,10 @@ def export_peft(
         tensors[f"{PEFT_PREFIX}{key}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous()
         tensors[f"{PEFT_PREFIX}{key}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous()
 
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    def write(tmp: str) -> None:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHT_NAMES[0]), metadata={"format": "pt"})
         assert os.path.isfile(os.path.join(tmp, CONFIG_NAME))
-        if os.path.exists(out_dir):  # overwrite: move the old one aside, then swap in the new one
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out_dir, write)
     return out_dir

@@ -10,11 +10,8 @@ handling and budget; multi-GPU runs work through torchrun/accelerate as the Trai
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
@@ -141,21 +138,9 @@ def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: i
 
 def save_adapter(peft_model, out_dir: str) -> None:
     """peft's save_pretrained into a temporary folder beside out_dir, then one rename."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        peft_model.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from .export import write_dir_atomically
+
+    write_dir_atomically(out_dir, lambda tmp: peft_model.save_pretrained(tmp))
 
 
 @contextlib.contextmanager
