@@ -42,13 +42,28 @@ def _subset(ds, limit: Optional[int], seed: int):
     return ds.shuffle(seed=seed).select(range(min(limit, len(ds)))) if limit else ds
 
 
+def _balanced(ds, limit: Optional[int], seed: int):
+    """Up to limit // n_classes examples of each class (all of a smaller class), shuffled. With a
+    small training budget a 68/32 split teaches the class prior first and little else."""
+    if not limit:
+        return ds
+    shuffled = ds.shuffle(seed=seed)
+    labels = list(shuffled["label"])
+    n = shuffled.features["label"].num_classes
+    keep = []
+    for c in range(n):
+        keep += [i for i, y in enumerate(labels) if y == c][:limit // n]
+    return shuffled.select(sorted(keep))
+
+
 def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_dir: Optional[str] = None,
                 seeds: Sequence[int] = (0, 1, 2), r: int = 8, alpha: float = 16, map_rank: int = 16,
                 adapter_epochs: float = 5, compose_epochs: float = 2, lr: float = 3e-3, compose_lr: float = 3e-3,
                 batch_size: int = 16, max_length: int = 128, train_limit: Optional[int] = None,
                 eval_limit: Optional[int] = None, lorahub_budget: int = 20, lorahub_examples: int = 32,
                 methods: Optional[Sequence[str]] = None, progress: bool = True, log=print) -> Dict[str, Any]:
-    """Run the study; writes out_dir/loramap.{json,md,png}. train_limit/eval_limit subsample (for CPU runs)."""
+    """Run the study; writes out_dir/loramap.{json,md,png}. train_limit: class-balanced training subsets
+    of that size (for CPU runs); eval_limit: random dev/test subsets of that size."""
     import lorafuse
     from ..data import load_perspective, load_task
     from ..evaluate import evaluate_classification
@@ -78,7 +93,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
     for seed in seeds:
         log(f"seed {seed}")
         net, tok = load_model(model, task="classification", seed=seed)
-        train = _subset(cf["train"], train_limit, seed)
+        train = _balanced(cf["train"], train_limit, seed)
         dev, test = _subset(cf["dev"], eval_limit, seed), _subset(cf["test"], eval_limit, seed)
         paths, info = {}, {}
         probe_seed = 10_000 + seed  # one head draw per seed, the same start for every method
@@ -89,7 +104,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
             # Each adapter learns its task through a head of its own, discarded afterwards (the
             # adapter file holds the LoRA only): what is kept is what the adapter did to the features.
             with fresh_head(net, probe_seed) as head:
-                info[p] = train_adapter(net, tok, _subset(tasks[p]["train"], train_limit, seed),
+                info[p] = train_adapter(net, tok, _balanced(tasks[p]["train"], train_limit, seed),
                                         str(out / "adapters" / f"seed{seed}" / p), r=r, alpha=alpha,
                                         also_train=[head], epochs=adapter_epochs, lr=lr, seed=seed, **fit_kw)
                 # How well the adapter learned its own task (its dev split), with its own head.
