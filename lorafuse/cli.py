@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: a small composition study (two-hop reasoning), prints the table",
                        description="Trains two adapters on single-hop facts of a random world and a third on both, "
-                       "composes the two eight ways (sum, averaging, Arrow routing, LoraHub, LoraMap, ...) and "
+                       "composes the two six ways (sum, averaging, Arrow routing, LoraHub, LoraMap with two inits) and "
                        "reports two-hop accuracy. A few minutes on 2 CPU cores with the default model.")
     common(d)
     d.add_argument("--out", default="lorafuse-demo", help="results folder (default ./lorafuse-demo)")
