@@ -67,7 +67,8 @@ def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
 
 
 def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], plot_metrics: Sequence[str],
-                  label_key: str = "method", ylim: Optional[tuple] = (0, 1), notes: str = "") -> dict:
+                  label_key: str = "method", ylim: Optional[tuple] = (0, 1), notes: str = "",
+                  log_y: bool = False) -> dict:
     """<name>.json, <name>.md (table, then notes) and <name>.png (bars of plot_metrics per row, labelled by
     label_key) in out_dir, each written atomically; returns the paths."""
     out = Path(out_dir)
@@ -96,6 +97,8 @@ def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], pl
         ax.set_xticklabels([r[label_key] for r in rows], rotation=30, ha="right", fontsize=8)
         if ylim:
             ax.set_ylim(*ylim)
+        if log_y:
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.set_title(doc["study"], fontsize=9)
         fig.tight_layout()

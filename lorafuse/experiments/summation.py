@@ -127,5 +127,5 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
              f"({pc['points']} points): {pc['vs_single']:.3f} against the domain's own adapter, "
              f"{pc['vs_merged']:.3f} against the merged-data adapter.")
     doc["paths"] = write_results(str(out), "summation", doc, cols, [f"{d}_ppl" for d in domains],
-                                 label_key="adapters", ylim=None, notes=notes)
+                                 label_key="adapters", ylim=None, notes=notes, log_y=True)
     return doc
