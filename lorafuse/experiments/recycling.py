@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+from .common import check_methods
 from .report import header, write_results
 
 METHODS = ("base", "hop1", "hop2", "union", "average", "sum", "arrow_top1", "lorahub", "loramap_lora", "loramap_sum")
@@ -43,10 +44,7 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     from ..synthetic import two_hop
     from ..train import train_adapter, train_composition
 
-    methods = list(methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    methods = check_methods(methods, METHODS)
     import datasets
 
     t_start = time.perf_counter()
@@ -128,10 +126,3 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     doc["total_seconds"] = time.perf_counter() - t_start
     doc["paths"] = write_results(str(out), "recycling", doc, COLUMNS, ["two_hop_acc", "hop1_acc", "hop2_acc"])
     return doc
-
-
-def format_rows(rows: List[dict]) -> str:
-    from .report import markdown_table
-
-    return markdown_table(rows, COLUMNS)
-

@@ -20,14 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .common import subset
 from .report import header, write_results
 
 DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
 COLUMNS = ("adapters", "math_ppl", "medicine_ppl", "claims_ppl", "rms_cosine", "overall_cosine")
-
-
-def _subset(ds, limit: Optional[int], seed: int):
-    return ds.shuffle(seed=seed).select(range(min(limit, len(ds)))) if limit else ds
 
 
 def run_summation(out_dir: str = "results/summation", model: str = "smollm2", data_dir: Optional[str] = None,
@@ -51,8 +48,8 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
     t_start = time.perf_counter()
     out = Path(out_dir)
     data = {d: load_task(DOMAINS[d], data_dir) for d in domains}
-    train = {d: _subset(data[d]["train"], train_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
-    test = {d: _subset(data[d]["test"], eval_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
+    train = {d: subset(data[d]["train"], train_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
+    test = {d: subset(data[d]["test"], eval_limit, seed).select_columns(["prompt", "answer"]) for d in domains}
     config = dict(model=model, seed=seed, r=r, alpha=alpha, epochs=epochs, lr=lr, batch_size=batch_size,
                   max_length=max_length, train_limit=train_limit, eval_limit=eval_limit,
                   domains={d: DOMAINS[d] for d in domains},
