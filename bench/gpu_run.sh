@@ -6,7 +6,9 @@
 #   smoke   bench/bench_kernels.py --smoke --quick
 #   extra:<cmd>  any other command (e.g. "extra:python3 bench/bench_routing.py")
 # Logs and JSON go to $OUT (default ./gpu-out). Example:
-#   OUT=/tmp/out bash bench/gpu_run.sh test bench
+#   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_run.sh test bench
+# A copied tree may carry stale git metadata: pass the commit the results are to name in
+# LORAFUSE_COMMIT (bench/common.py records it in every result file).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -21,6 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
+[ -n "${LORAFUSE_COMMIT:-}" ] || echo "warning: LORAFUSE_COMMIT is not set; result files take the commit from git here"
 status=0
 for step in "$@"; do
   t0=$(date +%s)
