@@ -85,3 +85,11 @@ def test_summation_pipeline_on_three_domains(tmp_path, torch_backend):
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"summation.{ext}").is_file()
     assert "Pearson" in (tmp_path / "summation.md").read_text()
+
+
+def test_report_commit_comes_from_env_when_set(monkeypatch):
+    from lorafuse.experiments import report
+
+    monkeypatch.setenv("LORAFUSE_COMMIT", "abc1234")
+    assert report.commit() == "abc1234"
+    assert report.header("s", {})["commit"] == "abc1234"

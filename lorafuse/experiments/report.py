@@ -29,6 +29,10 @@ def machine() -> Dict[str, str]:
 
 
 def commit() -> str:
+    """The commit the study ran from: $LORAFUSE_COMMIT when set (a copied tree, e.g. on a GPU machine, may
+    carry stale git metadata), else git's HEAD here."""
+    if os.environ.get("LORAFUSE_COMMIT"):
+        return os.environ["LORAFUSE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
