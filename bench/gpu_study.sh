@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Study 1 (lorafuse experiment loramap) on the GPU machine, which has no network and no `datasets`.
+# Everything it needs travels in the git-ignored folder .carry/:
+#   .carry/wheels/   datasets, dill, multiprocess wheels (pure Python), installed to /tmp/site
+#   .carry/data/     covidfact/ and scifact-rte/ copied from the data folder
+#   .carry/minilm/   all-MiniLM-L6-v2 in the transformers layout (weights saved as float16 to fit the
+#                    carry limit; load_model reads a local folder as float32)
+# Usage (results go to results/<name>/ in the tree and their json/md/png plus the log to $OUT):
+#   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh smoke
+#   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh full [extra flags]
+# smoke: a small run (512 training / 128 eval examples, seed 0, three methods) that also counts how
+# often the composed layers ran the Triton kernels; full: all data, seeds 0 1 2, default epochs.
+# Extra flags go to `lorafuse experiment loramap` (e.g. --epochs 1 to shorten a run).
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PYTHON:-python3}
+mode=${1:-smoke}
+shift || true
+
+if ! $PY -c "import datasets" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/wheels/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+[ -e lorafuse/kernels ] || ln -s ../kernels lorafuse/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c "import torch, triton, transformers, peft, datasets, pyarrow, fsspec, huggingface_hub as h; \
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
+'peft', peft.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, \
+'fsspec', fsspec.__version__, 'hub', h.__version__)" || exit 1
+[ -n "${LORAFUSE_COMMIT:-}" ] || echo "warning: LORAFUSE_COMMIT is not set; the results take the commit from git here"
+
+case "$mode" in
+  smoke) name=loramap-smoke
+         args=(--train-limit 512 --eval-limit 128 --seeds 0 --methods base loramap_sum lora_direct) ;;
+  full)  name=loramap-full; args=() ;;
+  *) echo "mode must be smoke or full, got $mode"; exit 2 ;;
+esac
+t0=$(date +%s)
+# The study through the CLI, with a count of the composed layers' calls that took the Triton kernels
+# (lorafuse.ops._use_kernels) and those that fell back to torch: on a GPU the second must stay 0.
+$PY - experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet \
+  "${args[@]}" "$@" <<'EOF' 2>&1 | tee "$OUT/$name.log"
+import sys
+import torch
+import lorafuse.ops as ops
+from lorafuse.cli import main
+
+assert torch.cuda.is_available(), "no CUDA device"
+counts = {True: 0, False: 0}
+_use = ops._use_kernels
+
+
+def counted(x):
+    ok = _use(x)
+    counts[ok] += 1
+    return ok
+
+
+ops._use_kernels = counted
+sys.argv = ["lorafuse"] + sys.argv[1:]
+rc = main(sys.argv[1:])
+print(f"composed-layer calls: {counts[True]} on the Triton kernels, {counts[False]} on the torch fallback")
+sys.exit(rc)
+EOF
+rc=${PIPESTATUS[0]}
+cp "results/$name"/loramap.{json,md,png} "$OUT"/ 2>/dev/null
+echo "== $mode: $(( $(date +%s) - t0 ))s, rc $rc"
+exit "$rc"
