@@ -10,7 +10,12 @@
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh full [extra flags]
 # smoke: a small run (512 training / 128 eval examples, seed 0, three methods) that also counts how
 # often the composed layers ran the Triton kernels; full: all data, seeds 0 1 2, default epochs.
-# Extra flags go to `lorafuse experiment loramap` (e.g. --epochs 1 to shorten a run).
+# Extra flags go to `lorafuse experiment loramap` (e.g. --epochs 2 --compose-epochs 1 to shorten a run).
+# STUDY_TIMEOUT (seconds, default 540) stops the study; the result files are rewritten after every
+# seed ("complete": false until the last), so a run cut short still brings back its finished seeds.
+# The copied tree may hold uncommitted edits: to run exactly a commit, export it here
+# (rm -rf .carry/tree; mkdir .carry/tree; git archive HEAD | tar -x -C .carry/tree) and lay it over
+# the copy before this script: tar -C .carry/tree -cf - . | tar -xf -
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -42,7 +47,7 @@ esac
 t0=$(date +%s)
 # The study through the CLI, with a count of the composed layers' calls that took the Triton kernels
 # (lorafuse.ops._use_kernels) and those that fell back to torch: on a GPU the second must stay 0.
-$PY - experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet \
+timeout "${STUDY_TIMEOUT:-540}" $PY - experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet \
   "${args[@]}" "$@" <<'EOF' 2>&1 | tee "$OUT/$name.log"
 import sys
 import torch

@@ -204,6 +204,10 @@ def cmd_experiment(a) -> int:
     if a.epochs:
         limits.update({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.name == "loramap"
                       else {"epochs": a.epochs})
+    if a.compose_epochs:
+        if a.name != "loramap":
+            raise UsageError("--compose-epochs: only for the loramap study")
+        limits["compose_epochs"] = a.compose_epochs
     try:
         if a.name == "loramap":
             from .experiments.loramap import COLUMNS, run_loramap
@@ -306,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="results folder")
     x.add_argument("--people", type=int, default=32, help="recycling: subjects in the random world")
     x.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition")
+    x.add_argument("--compose-epochs", type=float, default=None, help="loramap: epochs of each method's fit to "
+                   "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
     x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")
     x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
                    "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "

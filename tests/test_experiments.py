@@ -62,6 +62,9 @@ def test_loramap_pipeline_on_covidfact(tmp_path, torch_backend):
     assert (trained["loramap_lora"] - head) % (2 * 16 * 24) == 0
     saved = json.loads((tmp_path / "loramap.json").read_text())
     assert {"command", "commit", "machine", "config", "runs", "rows"} <= saved.keys()
+    assert saved["complete"] and saved["seeds_done"] == 2
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert 0.0 <= rows["evidence"]["perspective_dev_acc"] <= 1.0 and "perspective_dev_acc" not in rows["sum"]
     assert (tmp_path / "loramap.png").read_bytes()[:4] == b"\x89PNG"
     assert "loramap_sum" in (tmp_path / "loramap.md").read_text()
 

@@ -35,8 +35,8 @@ from .report import header, write_results
 PERSPECTIVES = ("evidence", "difference", "correction")
 METHODS = ("base",) + PERSPECTIVES + ("sum", "average", "lorahub", "loraconcat", "loramap_lora", "loramap_sum",
                                       "lora_direct")
-COLUMNS = ("method", "test_f1", "test_f1_sd", "test_acc", "test_acc_sd", "dev_f1", "trainable_params", "seconds",
-           "seeds")
+COLUMNS = ("method", "test_f1", "test_f1_sd", "test_acc", "test_acc_sd", "dev_f1", "perspective_dev_acc",
+           "trainable_params", "seconds", "seeds")
 
 
 def _balanced(ds, limit: Optional[int], seed: int):
@@ -161,10 +161,12 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
             log(f"  {method:13s} test macro-F1 {row['test_f1']:.4f} acc {row['test_acc']:.4f} "
                 f"(dev F1 {row['dev_f1']:.4f}; {row['seconds']:.0f}s)")
         del net
-
-    doc["rows"] = [_summarise(m, per_method[m]) for m in methods]
-    doc["total_seconds"] = time.perf_counter() - t_start
-    doc["paths"] = write_results(str(out), "loramap", doc, COLUMNS, ["test_f1", "test_acc", "dev_f1"])
+        # Written after every seed (complete: false until the last), so a run cut short keeps what it did.
+        doc["rows"] = [_summarise(m, per_method[m]) for m in methods]
+        doc["seeds_done"] = len(per_method[methods[0]])
+        doc["complete"] = doc["seeds_done"] == len(seeds)
+        doc["total_seconds"] = time.perf_counter() - t_start
+        doc["paths"] = write_results(str(out), "loramap", doc, COLUMNS, ["test_f1", "test_acc", "dev_f1"])
     return doc
 
 
@@ -187,6 +189,9 @@ def _summarise(method: str, rows: List[dict]) -> Dict[str, Any]:
     def sd(k):
         return statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0
 
-    return {"method": method, "test_f1": mean("test_f1"), "test_f1_sd": sd("test_f1"), "test_acc": mean("test_acc"),
-            "test_acc_sd": sd("test_acc"), "dev_f1": mean("dev_f1"), "trainable_params": rows[0]["trainable_params"],
-            "seconds": mean("seconds"), "seeds": len(rows)}
+    out = {"method": method, "test_f1": mean("test_f1"), "test_f1_sd": sd("test_f1"), "test_acc": mean("test_acc"),
+           "test_acc_sd": sd("test_acc"), "dev_f1": mean("dev_f1"), "trainable_params": rows[0]["trainable_params"],
+           "seconds": mean("seconds"), "seeds": len(rows)}
+    if "perspective_dev_acc" in rows[0]:  # a single perspective adapter: its accuracy on its own task's dev split
+        out["perspective_dev_acc"] = mean("perspective_dev_acc")
+    return out
