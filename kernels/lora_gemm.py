@@ -13,6 +13,7 @@ Two kernels:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -20,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .shrink import alloc_rows, map_and_scale, t_bucket
-from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting,
-                    launch_kwargs, new_empty, num_sms)
+from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch,
+                    launch_kwargs, new_empty, next_pow2, num_sms)
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         # Measured best: T=1..16 (16, 32|64, 256); T=64 (32, 64, 128).
         br = block_for(R)
         if dtype == torch.float32:  # as validated by the GPU suite (no tuning data)
-            return _cfg(max(16, min(64, triton.next_power_of_2(T))), 64, 128 if br <= 64 else 64, 4, 3)
+            return _cfg(max(16, min(64, next_pow2(T))), 64, 128 if br <= 64 else 64, 4, 3)
         bm, bn, bk = (16, 32, 256) if T <= 16 else (32, 64, 128)
         if br > 64:
             bk = 128
@@ -99,7 +100,7 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
             return _cfg(128, 128, 64, 8, 4)
         if T >= 64:
             return _cfg(64, 128, 64, 4, 4)
-        return _cfg(max(16, triton.next_power_of_2(T)), 64, 128, 4, 4)
+        return _cfg(max(16, next_pow2(T)), 64, 128, 4, 4)
     if T >= 1024:
         return _cfg(128, 256, 64, 8, 4)
     if T >= 256:
@@ -109,10 +110,17 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
     return _cfg(16, 32, 256, 4, 4) if T <= 16 else _cfg(32, 64, 128, 4, 4)
 
 
+@functools.lru_cache(maxsize=4096)
+def _table_kwargs(T: int, N: int, K: int, fused: bool, R: int, dtype: torch.dtype) -> dict:
+    """gemm_config as launch keyword arguments, kept per shape (read on every launch).
+    Callers must not modify the dict."""
+    return launch_kwargs(gemm_config(T, N, K, fused=fused, R=R, dtype=dtype))
+
+
 def _prune(configs, named_args, **kwargs):
     # Few tokens: large row blocks are wasted work. The fused shrink keeps an R-wide block on chip.
     T = named_args["T"]
-    out = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(T))]
+    out = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, next_pow2(T))]
     if kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)):
         out = [c for c in out if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 128]
     return out or configs[-1:]
@@ -384,7 +392,7 @@ def lora_gemm(
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
         out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
         sms = num_sms(a.device)
-        grid = lambda meta: (min(sms, triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        grid = lambda meta: (min(sms, cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
         kernel = _lora_gemm_tma_tuned if tuned else _lora_gemm_tma_kernel
         kernel[grid](
             a_desc, b_desc, out_desc, s_, c_, bias_,
@@ -395,10 +403,15 @@ def lora_gemm(
         )
         return out
 
-    kernel = _lora_gemm_tuned if tuned else _lora_gemm_kernel
-    cfg = {} if tuned else launch_kwargs(config or gemm_config(T, N, K, dtype=a.dtype))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](
+    if tuned:
+        kernel, cfg = _lora_gemm_tuned, {}
+        grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    else:
+        kernel = _lora_gemm_kernel
+        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, K, False, 0, a.dtype)
+        grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    launch(
+        kernel, grid,
         a, b, s_, c_, bias_, out,
         a, a, a, a, a, a, a,
         T, N, K, R, 1, t_bucket(T),
@@ -479,26 +492,33 @@ def lora_gemm_fused(
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     if T == 0 or N == 0:
         return y, sp, s, u
-    wt = weight.t()
-    ct = b_cat.t()
     dummy = x
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
     s_, u_, sp_ = (s if save else dummy), (u if u is not None else dummy), (sp if save else dummy)
-    tuned = AUTOTUNE and config is None
-    kernel = _lora_gemm_tuned if tuned else _lora_gemm_kernel
-    cfg = {} if tuned else launch_kwargs(config or gemm_config(T, N, D, fused=True, R=R, dtype=x.dtype))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](
-        x, wt, dummy, ct, bias if bias is not None else dummy, y,
+    if AUTOTUNE and config is None:
+        kernel, cfg = _lora_gemm_tuned, {}
+        grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    else:
+        kernel = _lora_gemm_kernel
+        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype)
+        grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    # weight and b_cat are passed as they are, with the strides of their transposes (W^T, b_cat^T):
+    # the same pointers and strides as .t() views, without building them on every call.
+    (xs0, xs1), (ws0, ws1), (cs0, cs1), (ys0, ys1), (as0, as1) = (
+        x.stride(), weight.stride(), b_cat.stride(), y.stride(), a_cat.stride())
+    ams = am.stride() if has_map else (0, 0)
+    bms = bm.stride() if has_map else (0, 0)
+    launch(
+        kernel, grid,
+        x, weight, dummy, b_cat, bias if bias is not None else dummy, y,
         a_cat, scale, am, bm, s_, u_, sp_,
         T, N, D, R, MR, t_bucket(T),
-        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
-        0, 0, ct.stride(0), ct.stride(1),
-        y.stride(0), y.stride(1),
-        a_cat.stride(0), a_cat.stride(1),
-        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
-        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        xs0, xs1, ws1, ws0,
+        0, 0, cs1, cs0,
+        ys0, ys1,
+        as0, as1,
+        ams[0], ams[1], bms[0], bms[1],
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype),

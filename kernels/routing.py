@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .shrink import FINISH_BLOCK_T, _sum_splits, alloc_rows, split_config
-from .utils import block_for, check_runnable, dot_precision, is_interpreting, new_empty
+from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
@@ -74,11 +74,11 @@ def _stacked_partial(x, a_cat, router, cfg):
     """float32 partial sums of x [a_cat; router]^T over cfg["SPLITS"] ranges of d_in: (splits, T, R + K)."""
     T, D = x.shape
     R, K = a_cat.shape[0], router.shape[0]
-    d_per = triton.cdiv(triton.cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(D, d_per)
+    d_per = cdiv(cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = cdiv(D, d_per)
     part = new_empty((splits, T, R + K), torch.float32, x.device)
-    grid = (triton.cdiv(R + K, cfg["BLOCK_R"]), splits, triton.cdiv(T, cfg["BLOCK_T"]))
-    _stacked_partial_kernel[grid](
+    grid = (cdiv(R + K, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
+    launch(_stacked_partial_kernel, grid,
         x, a_cat, router, part, T, D, R, K, d_per,
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), router.stride(0), router.stride(1),
         part.stride(0), part.stride(1),
@@ -221,7 +221,7 @@ def routed_shrink(
     g = new_empty((T, K), f32, x.device) if save else None
     dummy = part
     block_r = min(block_for(R), 32 if is_interpreting() else 64)
-    _routed_finish_kernel[(triton.cdiv(T, FINISH_BLOCK_T),)](
+    launch(_routed_finish_kernel, (cdiv(T, FINISH_BLOCK_T),),
         part, scale, block_ids, router_bias if router_bias is not None else dummy,
         sp, s if (save and not direct) else dummy, z if save else dummy, g if save else dummy,
         T, R, K, splits, 1.0 / float(temperature),

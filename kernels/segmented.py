@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_for, check_runnable, dot_precision, is_interpreting, new_empty, num_sms
+from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, num_sms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,17 +184,17 @@ def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     dev = idx.device
     i32 = torch.int32
     # Every slot's rows fill whole blocks but its last: at most cdiv(T, block_t) + min(N, T) blocks.
-    num_programs = triton.cdiv(T, block_t) + min(num_slots, T)
+    num_programs = cdiv(T, block_t) + min(num_slots, T)
     counts = torch.zeros(num_slots, dtype=i32, device=dev)
     pos = torch.empty((T,), dtype=i32, device=dev)
     perm = torch.empty((T,), dtype=i32, device=dev)
     seg_start, seg_end, blk_end = (torch.empty((num_slots,), dtype=i32, device=dev) for _ in range(3))
     blk_slot = torch.empty((num_programs,), dtype=i32, device=dev)
     count_block = 1024 if not is_interpreting() else 64
-    _count_rows_kernel[(triton.cdiv(T, count_block),)](idx, counts, pos, T, num_slots, BLOCK=count_block,
+    launch(_count_rows_kernel, (cdiv(T, count_block),), idx, counts, pos, T, num_slots, BLOCK=count_block,
                                                         num_warps=4)
     block_s = block_for(num_slots)
-    _plan_kernel[(1,)](idx, counts, pos, perm, seg_start, seg_end, blk_end, blk_slot,
+    launch(_plan_kernel, (1,), idx, counts, pos, perm, seg_start, seg_end, blk_end, blk_slot,
                        T, num_slots, num_programs,
                        BLOCK_T=block_t, BLOCK_S=block_s, CHUNK_P=max(16, min(1024, 16384 // block_s)),
                        CHUNK_T=1024 if not is_interpreting() else 64, num_warps=8)
@@ -303,7 +303,7 @@ def check_ids_on_device(idx: torch.Tensor, num_slots: int) -> None:
     interpreter does not raise device assertions."""
     T = idx.shape[0]
     if T:
-        _check_ids_kernel[(triton.cdiv(T, 1024),)](idx, T, num_slots, BLOCK=1024, num_warps=4)
+        launch(_check_ids_kernel, (cdiv(T, 1024),), idx, T, num_slots, BLOCK=1024, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,11 +392,11 @@ def segmented_lora_(
         block_d, block_n, warps = _gathered_blocks(block_r)
         # Enough (row, slice of D) programs to fill the GPU even for a few rows; the expand sums
         # the slices' partials, so the result does not depend on timing (no atomics).
-        splits = max(1, min(triton.cdiv(D, block_d), triton.cdiv(2 * num_sms(x.device), T)))
-        per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
-        splits = triton.cdiv(D, per_split)
+        splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
+        per_split = cdiv(cdiv(D, splits), block_d) * block_d
+        splits = cdiv(D, per_split)
         part = new_empty((splits, T, r_max), torch.float32, x.device)
-        _gathered_shrink_kernel[(T, splits)](
+        launch(_gathered_shrink_kernel, (T, splits),
             x, fac_in, ranks, idx, part,
             D, r_max, per_split, num_slots,
             x.stride(0), x.stride(1),
@@ -404,7 +404,7 @@ def segmented_lora_(
             part.stride(0), part.stride(1),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
-        _gathered_expand_kernel[(T, triton.cdiv(N, block_n))](
+        launch(_gathered_expand_kernel, (T, cdiv(N, block_n)),
             out, part, fac_out, ranks, scales, idx,
             N, splits, num_slots,
             out.stride(0), out.stride(1),
@@ -419,7 +419,7 @@ def segmented_lora_(
     part = new_empty((T, r_max), torch.float32, x.device)
     prec = dot_precision(x.dtype)
     plan_args = (plan.blk_slot, plan.seg_start, plan.seg_end, plan.blk_end, plan.perm)
-    _grouped_shrink_kernel[(plan.num_programs,)](
+    launch(_grouped_shrink_kernel, (plan.num_programs,),
         x, fac_in, ranks, part, *plan_args,
         D, r_max, num_slots,
         x.stride(0), x.stride(1),
@@ -427,7 +427,7 @@ def segmented_lora_(
         part.stride(0),
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    _grouped_expand_kernel[(plan.num_programs, triton.cdiv(N, block_n))](
+    launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n)),
         out, part, fac_out, ranks, scales, *plan_args,
         N, num_slots,
         out.stride(0), out.stride(1),
@@ -495,7 +495,7 @@ def segmented_outer(u: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, plan
     if plan.num_slots == 0 or r_max == 0 or D == 0:
         return out
     block_d = 32 if is_interpreting() else (64 if v.dtype == torch.float32 else 128)
-    _grouped_outer_kernel[(plan.num_slots, triton.cdiv(D, block_d))](
+    launch(_grouped_outer_kernel, (plan.num_slots, cdiv(D, block_d)),
         u, v, scales, out, plan.seg_start, plan.seg_end, plan.perm,
         D, r_max,
         u.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

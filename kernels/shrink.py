@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AUTOTUNE, block_for, check_runnable, dot_precision, is_interpreting, launch_kwargs, new_empty,
-                    num_sms)
+from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, launch_kwargs,
+                    new_empty, next_pow2, num_sms)
 
 
 @triton.jit
@@ -161,13 +161,13 @@ def alloc_rows(T: int, width: int, dtype: torch.dtype, device: torch.device) -> 
     16-byte boundaries (tensor-memory-accelerator rule), and Triton, which specialises integer
     arguments on divisibility by 16, can then vectorise the loads of kernels that read these rows
     (with a stride of 24 the GEMM's low-rank tail ran 27 % slower on an H100 at T = 8192)."""
-    padded = triton.cdiv(max(width, 1), 16) * 16
+    padded = cdiv(max(width, 1), 16) * 16
     return new_empty((T, padded), dtype, device)[:, :width]
 
 
 def t_bucket(T: int) -> int:
     """Autotuning key for the token count: a new power of two re-tunes, other sizes reuse."""
-    return triton.next_power_of_2(max(T, 1))
+    return next_pow2(max(T, 1))
 
 
 def _shrink_single(
@@ -196,11 +196,15 @@ def _shrink_single(
         return sp, (s if save else None), (u if save and has_map else None)
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
-    tuned = AUTOTUNE and config is None
-    kernel = _shrink_fwd_tuned if tuned else _shrink_fwd_kernel
-    cfg = {} if tuned else launch_kwargs(config or row_config(T, R, "BLOCK_D", x.dtype))
-    kernel[grid](
+    if AUTOTUNE and config is None:
+        kernel, cfg = _shrink_fwd_tuned, {}
+        grid = lambda meta: (cdiv(T, meta["BLOCK_T"]),)
+    else:
+        kernel = _shrink_fwd_kernel
+        cfg = launch_kwargs(config or row_config(T, R, "BLOCK_D", x.dtype))
+        grid = (cdiv(T, cfg["BLOCK_T"]),)
+    launch(
+        kernel, grid,
         x, a_cat, scale, am, bm,
         sp, s, u,
         T, D, R, M, t_bucket(T),
@@ -333,7 +337,7 @@ def _shrink_backward_single(
     M = a_map.shape[0] if has_map else 1
     need_dmap = need_dmap and has_map
     dev = dy.device
-    nprog = max(1, min(triton.cdiv(T, 16), 2 * num_sms(dev)))
+    nprog = max(1, min(cdiv(T, 16), 2 * num_sms(dev)))
     ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
     dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
     da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
@@ -350,7 +354,8 @@ def _shrink_backward_single(
     tuned = AUTOTUNE and config is None
     kernel = _shrink_bwd_tuned if tuned else _shrink_bwd_kernel
     cfg = {} if tuned else launch_kwargs(config or row_config(T, R, "BLOCK_N", dy.dtype))
-    kernel[(nprog,)](
+    launch(
+        kernel, (nprog,),
         dy, b_cat, scale, am, bm, s_, u_,
         ds if need_ds else dummy, dscale_p if need_dscale else dummy,
         da_p if need_dmap else dummy, db_p if need_dmap else dummy,
@@ -565,8 +570,8 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
     bt = 16 if T <= 256 else 32 if T <= 4096 else 64
     # The one-kernel sweep's winners read 256 columns of x per step (32 or 64 rows, 3 stages).
     bk = 256 if (dtype != torch.float32 and br <= 64) else 128 if dtype != torch.float32 else 64
-    programs = triton.cdiv(R, br) * triton.cdiv(T, bt)
-    splits = max(1, min(triton.cdiv(2 * num_sms(device), programs), K // 512))
+    programs = cdiv(R, br) * cdiv(T, bt)
+    splits = max(1, min(cdiv(2 * num_sms(device), programs), K // 512))
     return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
 
 
@@ -576,12 +581,13 @@ FINISH_BLOCK_T = 32
 def _rows_partial(a, b, T, K, R, cfg, part=None):
     """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
     splits = cfg["SPLITS"]
-    k_per = triton.cdiv(triton.cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(K, k_per)
+    k_per = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = cdiv(K, k_per)
     if part is None:
         part = new_empty((splits, T, R), torch.float32, a.device)
-    grid = (triton.cdiv(R, cfg["BLOCK_R"]), splits, triton.cdiv(T, cfg["BLOCK_T"]))
-    _rows_partial_kernel[grid](
+    grid = (cdiv(R, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
+    launch(
+        _rows_partial_kernel, grid,
         a, b, part, T, K, R, k_per,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
@@ -624,7 +630,8 @@ def shrink(
     dummy = part
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
-    _shrink_finish_kernel[(triton.cdiv(T, FINISH_BLOCK_T),)](
+    launch(
+        _shrink_finish_kernel, (cdiv(T, FINISH_BLOCK_T),),
         part, scale, am, bm, sp, s if save else dummy, u if u is not None else dummy,
         T, R, M, splits,
         part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
@@ -672,14 +679,15 @@ def shrink_backward(
                 z(R, M) if need_dmap else None)
     cfg = config or split_config(T, N, R, dy.dtype, dev)
     part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
-    nprog = triton.cdiv(T, FINISH_BLOCK_T)
+    nprog = cdiv(T, FINISH_BLOCK_T)
     dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
     da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
     db_p = new_empty((nprog, R, M), torch.float32, dev) if need_dmap else None
     dummy = part
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
-    _shrink_bwd_finish_kernel[(nprog,)](
+    launch(
+        _shrink_bwd_finish_kernel, (nprog,),
         part, scale, am, bm, s if s is not None else dummy, u if u is not None else dummy,
         ds if need_ds else dummy, dscale_p if need_dscale else dummy,
         da_p if need_dmap else dummy, db_p if need_dmap else dummy,

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 
 # Opt-in autotuning (LORAFUSE_AUTOTUNE=1): every new shape then benchmarks the candidate configs
@@ -34,9 +36,20 @@ def can_run(t: torch.Tensor) -> bool:
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic on the host. (triton.cdiv is a constexpr function whose
+    host-side call costs microseconds: a visible share of a small layer's launch.)"""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), on the host (see cdiv)."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def block_for(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= n and >= minimum (tl.dot needs every dimension >= 16)."""
-    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
+    return max(minimum, next_pow2(max(int(n), 1)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -97,3 +110,115 @@ def num_sms(device: torch.device) -> int:
 def _cuda_sms(index: int) -> int:
     # Cached: the property query costs tens of microseconds per launch on the host.
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct launches.
+#
+# `kernel[grid](*args)` binds and specialises every argument, builds a cache key and checks
+# globals before it reaches the compiled launcher: tens of microseconds per launch on the host,
+# which a small layer (decoding) pays on every call. `launch` keeps, per kernel and per argument
+# key, the compiled launcher of the first launch and calls it directly afterwards. The key is finer
+# than Triton's own specialisation (every int by value, every tensor by dtype and address modulo
+# 16, every constexpr and launch option), so it never maps to a kernel compiled for other
+# argument properties. Anything else
+# (autotuned kernels, grids that depend on the config, tensor descriptors, launch hooks set,
+# the interpreter) takes Triton's own path. LORAFUSE_FAST_LAUNCH=0 turns it off.
+FAST_LAUNCH = os.environ.get("LORAFUSE_FAST_LAUNCH", "1") == "1"
+_LAUNCHERS: dict = {}
+_MAX_LAUNCHERS = 8192  # ints are keyed by value: bound the cache for workloads of many shapes
+_RUNTIME = None  # (get_current_device, get_current_stream, knobs.runtime), bound once
+
+
+class _NoDirect(Exception):
+    """An argument of a kind the direct path does not key (e.g. a tensor descriptor)."""
+
+
+def _other_key(a):
+    c = a.__class__
+    if a is None or c is bool:
+        return c, a
+    if c is float:  # not specialised by Triton
+        return c, None
+    raise _NoDirect
+
+
+def _spec_key(args: tuple):
+    """A key at least as fine as Triton's specialisation of the runtime arguments: ints by value,
+    tensors by dtype and address modulo 16, None and bools by value, floats by type. None when an
+    argument is of another kind."""
+    try:
+        return tuple([a if a.__class__ is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                      else _other_key(a) for a in args])
+    except _NoDirect:
+        return None
+
+
+def _runtime():
+    global _RUNTIME
+    if _RUNTIME is None:
+        from triton import knobs
+        from triton.runtime import driver
+
+        _RUNTIME = (driver.active.get_current_device, driver.active.get_current_stream, knobs.runtime)
+    return _RUNTIME
+
+
+def _hooks_set(hook) -> bool:
+    # Triton 3.6 keeps a (usually empty) chain of hooks; older versions None or a function.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launcher_entry(kernel, compiled, n_args: int, const: dict):
+    """(launcher, function handle, packed metadata, constexpr values in parameter order), or None
+    when the kernel's parameters do not follow the layout the direct call assumes."""
+    if hasattr(compiled, "result"):  # asynchronous compilation
+        compiled = compiled.result()
+    params = kernel.params
+    if any(p.is_constexpr for p in params[:n_args]):
+        return None
+    tail = []
+    for p in params[n_args:]:
+        if not p.is_constexpr:
+            return None
+        if p.name in const:
+            tail.append(const[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    run = compiled.run  # loads the binary on first access
+    return run, compiled.function, compiled.packed_metadata, tuple(tail)
+
+
+def launch(kernel, grid, *args, **const) -> None:
+    """kernel[grid](*args, **const), calling the compiled launcher directly once this argument
+    specialisation has been launched before. grid: a tuple of 1-3 ints (or a callable of the
+    config, which takes Triton's own path); args: the runtime arguments, positionally, in order;
+    const: the constexpr arguments and launch options (num_warps, num_stages) by name."""
+    # (Under the interpreter kernels are not JITFunctions.)
+    if not FAST_LAUNCH or callable(grid) or not isinstance(kernel, JITFunction):
+        kernel[grid](*args, **const)
+        return
+    get_device, get_stream, rt = _runtime()
+    if _hooks_set(rt.launch_enter_hook) or _hooks_set(rt.launch_exit_hook):  # e.g. a profiler's
+        kernel[grid](*args, **const)
+        return
+    spec = _spec_key(args)
+    device = get_device()
+    key = (kernel, device, spec, tuple(const.items())) if spec is not None else None
+    entry = _LAUNCHERS.get(key, False) if key is not None else None
+    if not entry:
+        compiled = kernel[grid](*args, **const)
+        if entry is False and compiled is not None:
+            if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+                _LAUNCHERS.clear()
+            try:
+                _LAUNCHERS[key] = _launcher_entry(kernel, compiled, len(args), const)
+            except (AttributeError, TypeError):  # another Triton's internals: stay on its own path
+                _LAUNCHERS[key] = None
+        return
+    run, function, metadata, tail = entry
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device), function, metadata,
+        None, None, None, *args, *tail)

@@ -320,19 +320,20 @@ def lora_linear(
     dtype). Differentiable in every tensor argument; only the gradients asked for are computed.
     """
     check_lora_args(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
-    lead = x.shape[:-1]
-    d_in = x.shape[-1]
-    x2 = x.reshape(-1, d_in)
+    # (The common cases skip no-op reshapes and casts: each costs host time on every small call.)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0 or not _use_kernels(x2):
         y = _torch_path(x2, weight, bias, a_cat, b_cat, scale, a_map, b_map)
-        return y.reshape(*lead, weight.shape[0])
+        return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1 and weight.stride(0) != 1:
         weight = weight.contiguous()
-    a_c = a_cat.to(x.dtype)
-    b_c = b_cat.to(x.dtype)
-    sc = scale.to(torch.float32)
+    dt = x.dtype
+    a_c = a_cat if a_cat.dtype == dt else a_cat.to(dt)
+    b_c = b_cat if b_cat.dtype == dt else b_cat.to(dt)
+    sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     tensors = (x2, weight, bias, a_c, b_c, sc, a_map, b_map)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
@@ -341,4 +342,4 @@ def lora_linear(
         y = _LoraLinearFunction.apply(*tensors)
     else:
         y = _forward_impl(*tensors, False)[0]
-    return y.reshape(*lead, weight.shape[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
