@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Study 1 (lorafuse experiment loramap) on the GPU machine, which has no network and no `datasets`.
 # Everything it needs travels in the git-ignored folder .carry/:
-#   .carry/wheels/   datasets, dill, multiprocess wheels (pure Python), installed to /tmp/site
+#   .carry/wheels/   datasets, dill, multiprocess, and nevergrad (LoraHub) with bayesian-optimization,
+#                    cma, directsearch: pure-Python wheels, installed to /tmp/site
 #   .carry/data/     covidfact/ and scifact-rte/ copied from the data folder
 #   .carry/minilm/   all-MiniLM-L6-v2 in the transformers layout (weights saved as float16 to fit the
 #                    carry limit; load_model reads a local folder as float32)
@@ -24,7 +25,7 @@ PY=${PYTHON:-python3}
 mode=${1:-smoke}
 shift || true
 
-if ! $PY -c "import datasets" 2>/dev/null; then
+if ! $PY -c "import datasets, nevergrad" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/wheels/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site
@@ -32,7 +33,7 @@ fi
 [ -e lorafuse/kernels ] || ln -s ../kernels lorafuse/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$PY -c "import torch, triton, transformers, peft, datasets, pyarrow, fsspec, huggingface_hub as h; \
+$PY -c "import torch, triton, transformers, peft, datasets, pyarrow, fsspec, huggingface_hub as h, nevergrad; \
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, \
 'fsspec', fsspec.__version__, 'hub', h.__version__)" || exit 1
