@@ -392,9 +392,14 @@ def lora_gemm(
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
         out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
         sms = num_sms(a.device)
-        grid = lambda meta: (min(sms, cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-        kernel = _lora_gemm_tma_tuned if tuned else _lora_gemm_tma_kernel
-        kernel[grid](
+        if tuned:
+            kernel = _lora_gemm_tma_tuned
+            grid = lambda meta: (min(sms, cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        else:
+            kernel = _lora_gemm_tma_kernel
+            grid = (min(sms, cdiv(T, bm) * cdiv(N, bn)),)
+        launch(
+            kernel, grid,
             a_desc, b_desc, out_desc, s_, c_, bias_,
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),

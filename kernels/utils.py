@@ -121,9 +121,8 @@ def _cuda_sms(index: int) -> int:
 # key, the compiled launcher of the first launch and calls it directly afterwards. The key is finer
 # than Triton's own specialisation (every int by value, every tensor by dtype and address modulo
 # 16, every constexpr and launch option), so it never maps to a kernel compiled for other
-# argument properties. Anything else
-# (autotuned kernels, grids that depend on the config, tensor descriptors, launch hooks set,
-# the interpreter) takes Triton's own path. LORAFUSE_FAST_LAUNCH=0 turns it off.
+# argument properties. Anything else (autotuned kernels, grids that depend on the config, launch
+# hooks set, the interpreter) takes Triton's own path. LORAFUSE_FAST_LAUNCH=0 turns it off.
 FAST_LAUNCH = os.environ.get("LORAFUSE_FAST_LAUNCH", "1") == "1"
 _LAUNCHERS: dict = {}
 _MAX_LAUNCHERS = 8192  # ints are keyed by value: bound the cache for workloads of many shapes
@@ -140,13 +139,16 @@ def _other_key(a):
         return c, a
     if c is float:  # not specialised by Triton
         return c, None
+    if c.__name__ == "TensorDescriptor":  # host-side tensor-memory-accelerator descriptor
+        b = a.base
+        return c, b.dtype, b.data_ptr() & 15, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding
     raise _NoDirect
 
 
 def _spec_key(args: tuple):
     """A key at least as fine as Triton's specialisation of the runtime arguments: ints by value,
-    tensors by dtype and address modulo 16, None and bools by value, floats by type. None when an
-    argument is of another kind."""
+    tensors by dtype and address modulo 16, tensor descriptors by all their fields, None and bools
+    by value, floats by type. None when an argument is of another kind."""
     try:
         return tuple([a if a.__class__ is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
                       else _other_key(a) for a in args])

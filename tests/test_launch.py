@@ -36,6 +36,17 @@ def test_spec_key_separates_dtype_and_alignment():
     assert k((aligned, [1])) is None
 
 
+def test_spec_key_separates_tensor_descriptors():
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    k = utils._spec_key
+    t = torch.zeros(64, 64, dtype=torch.bfloat16)
+    desc = lambda base, block: TensorDescriptor(base, list(base.shape), list(base.stride()), block)  # noqa: E731
+    assert k((desc(t, [16, 16]),)) == k((desc(torch.zeros_like(t), [16, 16]),))
+    assert k((desc(t, [16, 16]),)) != k((desc(t, [32, 16]),))           # block shape
+    assert k((desc(t, [16, 16]),)) != k((desc(t[:32], [16, 16]),))      # shape
+    assert k((desc(t, [16, 16]),)) != k((desc(t.float(), [16, 16]),))   # dtype
+
+
 def _axpy(x_ptr, y_ptr, n, alpha, BLOCK: tl.constexpr, TWICE: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
