@@ -294,7 +294,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u = ctx.saved_tensors
         needs = list(ctx.needs_input_grad)
         grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
-        return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes))
+        return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes))
 
 
 # ----------------------------------------------------------------------------------------------
