@@ -108,8 +108,10 @@ def cmd_demo(a) -> int:
     _check_out(a.out)
     _check_model_package(a.model)
     print(f"lorafuse demo: two-hop reasoning from recycled adapters on {a.model} -> {a.out}", flush=True)
-    doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet,
-                        **({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}))
+    kw = {"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}
+    if a.lr:
+        kw.update(lr=a.lr, compose_lr=a.lr)
+    doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet, **kw)
     print()
     print(markdown_table(doc["rows"], COLUMNS))
     print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
@@ -189,7 +191,7 @@ def cmd_experiment(a) -> int:
             raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
     if a.name == "recycling":
         return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people,
-                                           quiet=a.quiet, epochs=a.epochs))
+                                           quiet=a.quiet, epochs=a.epochs, lr=a.lr))
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
@@ -204,6 +206,8 @@ def cmd_experiment(a) -> int:
     if a.epochs:
         limits.update({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.name == "loramap"
                       else {"epochs": a.epochs})
+    if a.lr:
+        limits.update({"lr": a.lr, "compose_lr": a.lr} if a.name == "loramap" else {"lr": a.lr})
     if a.compose_epochs:
         if a.name != "loramap":
             raise UsageError("--compose-epochs: only for the loramap study")
@@ -267,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="lorafuse-demo", help="results folder (default ./lorafuse-demo)")
     d.add_argument("--people", type=int, default=32, help="subjects in the random world (default 32)")
     d.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition (default 30)")
+    d.add_argument("--lr", type=float, default=None, help="learning rate of every fit (default 3e-3)")
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train-adapter", help="train one peft LoRA adapter on a task split")
@@ -310,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="results folder")
     x.add_argument("--people", type=int, default=32, help="recycling: subjects in the random world")
     x.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition")
+    x.add_argument("--lr", type=float, default=None, help="learning rate of every fit, adapters and compositions "
+                   "(default: recycling and loramap 3e-3, summation 1e-3)")
     x.add_argument("--compose-epochs", type=float, default=None, help="loramap: epochs of each method's fit to "
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
     x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")

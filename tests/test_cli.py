@@ -93,3 +93,25 @@ def test_missing_model_package_and_lm_task_are_named(monkeypatch, capsys, tmp_pa
     code, _, err = run(["train-adapter", "--task", "gsm8k:train", "--out", str(tmp_path / "a"),
                         "--model", "tiny-bert"], capsys)
     assert code == 2 and "language-modelling task" in err
+
+
+@pytest.mark.parametrize("name,study", [("loramap", "run_loramap"), ("summation", "run_summation"),
+                                        ("recycling", "run_recycling")])
+def test_experiment_lr_reaches_every_fit(name, study, monkeypatch, capsys, tmp_path):
+    import importlib
+
+    mod = importlib.import_module(f"lorafuse.experiments.{name}")
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw)
+        return {"rows": [], "total_seconds": 0.0, "paths": {}}
+
+    monkeypatch.setattr(mod, study, fake)
+    model = "tiny-bert" if name != "summation" else "tiny-llama"
+    code, _, err = run(["experiment", name, "--out", str(tmp_path / "o"), "--model", model, "--data", str(tmp_path),
+                        "--lr", "0.0007", "--quiet"], capsys)
+    assert code == 0, err
+    assert seen["lr"] == 0.0007
+    if name != "summation":
+        assert seen["compose_lr"] == 0.0007
