@@ -130,7 +130,8 @@ _RUNTIME = None  # (get_current_device, get_current_stream, knobs.runtime), boun
 
 
 class _NoDirect(Exception):
-    """An argument of a kind the direct path does not key (e.g. a tensor descriptor)."""
+    """An argument of a kind the direct path does not key (not an int, tensor, tensor descriptor,
+    float, bool or None)."""
 
 
 def _other_key(a):
