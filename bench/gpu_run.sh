@@ -4,6 +4,7 @@
 #   tune    bench/tune.py, the launch-config sweep
 #   bench   bench/bench_kernels.py, the full kernel benchmark grid
 #   smoke   bench/bench_kernels.py --smoke --quick
+#   launch  bench/launch_cost.py, host time of one small layer call, level by level
 #   extra:<cmd>  any other command (e.g. "extra:python3 bench/bench_routing.py")
 # Logs and JSON go to $OUT (default ./gpu-out). Example:
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_run.sh test bench
@@ -48,6 +49,9 @@ for step in "$@"; do
     smoke)
       $PY bench/bench_kernels.py --smoke --quick --out "$OUT" --prefix smoke >"$OUT/smoke.log" 2>&1
       rc=$?; tail -n 12 "$OUT/smoke.log"; [ $rc -eq 0 ] || status=$rc ;;
+    launch)
+      $PY bench/launch_cost.py --out "$OUT" >"$OUT/launch.log" 2>&1
+      rc=$?; tail -n 40 "$OUT/launch.log"; [ $rc -eq 0 ] || status=$rc ;;
     extra:*)
       bash -c "${step#extra:}" >"$OUT/extra.log" 2>&1
       rc=$?; tail -n 40 "$OUT/extra.log"; [ $rc -eq 0 ] || status=$rc ;;

@@ -1,6 +1,6 @@
 """Host time of one small lorafuse layer call, level by level, on a GPU.
 
-    python bench/launch_cost.py [--T 16] [--d 1024] [--json out.json]
+    python bench/launch_cost.py [--T 16] [--d 1024] [--out bench/results]
 
 At a small shape the GPU finishes each kernel before the host has issued the next, so the wall time
 of a long run of calls is the host's cost per call. Levels, from the outside in:
@@ -15,6 +15,8 @@ of a long run of calls is the host's cost per call. Levels, from the outside in:
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import importlib
@@ -24,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorafuse
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, save_json  # noqa: E402
 
 lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 utils = importlib.import_module("lorafuse.kernels.utils")
@@ -47,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=16)
     p.add_argument("--d", type=int, default=1024)
-    p.add_argument("--json", default=None)
+    p.add_argument("--out", default="bench/results", help="folder of the JSON result")
     args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -116,10 +121,11 @@ def main() -> None:
     rows["kernel"] = {"triton_run": per_call_us(triton_run), "direct": per_call_us(direct),
                       "compiled_run": per_call_us(compiled_run),
                       "torch_linear": per_call_us(lambda: F.linear(x, base.weight))}
-    print(json.dumps({"gpu": torch.cuda.get_device_name(), "T": T, "d": D, "us_per_call": rows}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "T": T, "d": D, "us_per_call": rows}, f, indent=1)
+    doc = {"env": env_info(sys.argv), "T": T, "d": D,
+           "note": "microseconds per call; '(triton launch)' rows: LORAFUSE_FAST_LAUNCH off in the same process",
+           "us_per_call": rows}
+    print(json.dumps(rows, indent=1))
+    print("wrote", save_json(doc, args.out, "launch-cost"))
 
 
 if __name__ == "__main__":
