@@ -192,12 +192,12 @@ def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     blk_slot = torch.empty((num_programs,), dtype=i32, device=dev)
     count_block = 1024 if not is_interpreting() else 64
     launch(_count_rows_kernel, (cdiv(T, count_block),), idx, counts, pos, T, num_slots, BLOCK=count_block,
-                                                        num_warps=4)
+           num_warps=4)
     block_s = block_for(num_slots)
     launch(_plan_kernel, (1,), idx, counts, pos, perm, seg_start, seg_end, blk_end, blk_slot,
-                       T, num_slots, num_programs,
-                       BLOCK_T=block_t, BLOCK_S=block_s, CHUNK_P=max(16, min(1024, 16384 // block_s)),
-                       CHUNK_T=1024 if not is_interpreting() else 64, num_warps=8)
+           T, num_slots, num_programs,
+           BLOCK_T=block_t, BLOCK_S=block_s, CHUNK_P=max(16, min(1024, 16384 // block_s)),
+           CHUNK_T=1024 if not is_interpreting() else 64, num_warps=8)
     return GroupPlan(perm, seg_start, seg_end, blk_end, blk_slot, block_t, num_slots)
 
 
