@@ -53,7 +53,7 @@ for step in "$@"; do
       $PY bench/launch_cost.py --out "$OUT" >"$OUT/launch.log" 2>&1
       rc=$?; tail -n 40 "$OUT/launch.log"; [ $rc -eq 0 ] || status=$rc ;;
     extra:*)
-      bash -c "${step#extra:}" >"$OUT/extra.log" 2>&1
+      bash -c "${step#extra:}" >>"$OUT/extra.log" 2>&1
       rc=$?; tail -n 40 "$OUT/extra.log"; [ $rc -eq 0 ] || status=$rc ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
