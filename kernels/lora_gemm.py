@@ -77,10 +77,10 @@ def _stages(bm, bn, bk, br, esize, budget=200 * 1024, most=4):
 
 
 def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
-                dtype: torch.dtype = torch.bfloat16) -> triton.Config:
-    """Heuristic config of the pointer kernel, from bench/results/tune-nvidia-h100-*.json (bf16):
-    big tiles when T is large (tensor-core bound); small row blocks, narrow column blocks and long
-    K steps when T is small (memory bound on the weight)."""
+                dtype: torch.dtype = torch.bfloat16, sms: int = 132) -> triton.Config:
+    """Heuristic config of the pointer kernel, from bench/results/tune-nvidia-h100-*.json and
+    decode-sweep-*.json (bf16): big tiles when T is large (tensor-core bound); small row blocks
+    when T is small (memory bound on the weight). `sms`: the GPU's SM count."""
     if is_interpreting():
         return gemm_candidates()[0]
     if fused:
@@ -88,9 +88,13 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         br = block_for(R)
         if dtype == torch.float32:  # as validated by the GPU suite (no tuning data)
             return _cfg(max(16, min(64, next_pow2(T))), 64, 128 if br <= 64 else 64, 4, 3)
-        bm, bn, bk = (16, 32, 256) if T <= 16 else (32, 64, 128)
-        if br > 64:
-            bk = 128
+        # The narrowest column block that keeps the grid within one wave (one program per SM):
+        # a second, partial wave costs a whole program's latency (K loop, then the shrink's
+        # epilogue, longer with a mapping) for a few columns. decode-sweep-*.json (T = 16, R = 48,
+        # LoraMap): 4096 x 14336 1.52x -> 1.06x the base GEMM with 112 programs instead of 448.
+        bm, bk = (16 if T <= 16 else 32), 128
+        rows = cdiv(T, bm)
+        bn = next((n for n in (32, 64, 128) if rows * cdiv(N, n) <= sms), 128)
         return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, br, 2))
     if dtype == torch.float32:
         # float32 operands: kept to the configs the GPU suite validated (no tuning data).
@@ -111,10 +115,10 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
 
 
 @functools.lru_cache(maxsize=4096)
-def _table_kwargs(T: int, N: int, K: int, fused: bool, R: int, dtype: torch.dtype) -> dict:
+def _table_kwargs(T: int, N: int, K: int, fused: bool, R: int, dtype: torch.dtype, sms: int = 132) -> dict:
     """gemm_config as launch keyword arguments, kept per shape (read on every launch).
     Callers must not modify the dict."""
-    return launch_kwargs(gemm_config(T, N, K, fused=fused, R=R, dtype=dtype))
+    return launch_kwargs(gemm_config(T, N, K, fused=fused, R=R, dtype=dtype, sms=sms))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -506,7 +510,7 @@ def lora_gemm_fused(
         grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     else:
         kernel = _lora_gemm_kernel
-        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype)
+        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype, num_sms(x.device))
         grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     # weight and b_cat are passed as they are, with the strides of their transposes (W^T, b_cat^T):
     # the same pointers and strides as .t() views, without building them on every call.
