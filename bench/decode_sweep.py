@@ -25,15 +25,18 @@ import lorafuse  # noqa: E402
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
 
 
-def candidates(R: int):
+def candidates(R: int, T: int):
+    """Row blocks up to T (16 at most for T <= 16), every column block, the K steps and stage
+    counts that fit in shared memory."""
     br = triton.next_power_of_2(R)
+    bms = [16] if T <= 16 else [bm for bm in (16, 32, 64) if bm < 2 * T]
     out = []
-    for bn, bk, st, w in itertools.product((32, 64, 128), (64, 128, 256), (2, 3, 4), (4,)):
-        smem = st * (16 * bk + bk * bn + bk * br) * 2
-        if smem > 200 * 1024 or (bk == 64 and st == 2):
+    for bm, bn, bk, st in itertools.product(bms, (32, 64, 128), (64, 128, 256), (2, 3, 4)):
+        smem = st * (bm * bk + bk * bn + bk * br) * 2
+        if smem > 200 * 1024 or (bk == 64 and st == 2) or (bm > 16 and (bk != 128 or st == 2)):
             continue
-        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_warps=w, num_stages=st))
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=4, num_stages=st))
     return out
 
 
@@ -67,7 +70,7 @@ def main() -> None:
                    "op_sum_ms": op_sum, "op_map_ms": op_map, "configs": []}
             print(f"T={T} {dims}: base {base:.4f} | op sum {op_sum:.4f} ({op_sum / base:.2f}x) | "
                   f"op map {op_map:.4f} ({op_map / base:.2f}x)", flush=True)
-            for cfg in candidates(R):
+            for cfg in candidates(R, T):
                 times = {}
                 for name, maps in (("sum", (None, None)), ("map", (am, bm))):
                     try:
@@ -79,8 +82,9 @@ def main() -> None:
                 row["configs"].append({**desc, **{k + ("_ms" if not k.endswith("error") else ""): v
                                                   for k, v in times.items()}})
                 fmt = lambda t: "  fail " if t is None else f"{t:.4f} ({t / base:.2f}x)"  # noqa: E731
-                print(f"  {cfg.kwargs['BLOCK_N']:>3} {cfg.kwargs['BLOCK_K']:>3} w{cfg.num_warps} "
-                      f"s{cfg.num_stages}: sum {fmt(times['sum'])} map {fmt(times['map'])}", flush=True)
+                kw = cfg.kwargs
+                print(f"  {kw['BLOCK_M']:>3} {kw['BLOCK_N']:>3} {kw['BLOCK_K']:>3} w{cfg.num_warps} s{cfg.num_stages}:"
+                      f" sum {fmt(times['sum'])} map {fmt(times['map'])}", flush=True)
             ok = [c for c in row["configs"] if c.get("map_ms")]
             if ok:
                 best_s = min(ok, key=lambda c: c["sum_ms"])

@@ -400,10 +400,13 @@ def _rows_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """part[split, t, r] = sum over k in the split of a[t, k] * b[k, r] (float32).
     Grid (R chunks, splits, row blocks): the R chunks of one row block run side by side, so their
-    repeated reads of the same rows of a come from L2."""
+    repeated reads of the same rows of a come from L2. EVEN_K: K is a multiple of BLOCK_K (split
+    ranges always are), so the loads need no mask along K: a mask against the runtime split end
+    would keep the compiler from proving the loads aligned and vectorising them."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -417,11 +420,15 @@ def _rows_partial_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        a = tl.load(a_ptr + offs_t_c[:, None] * stride_at + offs_k[None, :] * stride_ak,
-                    mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_r[None, :] * stride_br,
-                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        a_ptrs = a_ptr + offs_t_c[:, None] * stride_at + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_r[None, :] * stride_br
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs, mask=r_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < k_end
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], acc,
              mask=t_mask[:, None] & r_mask[None, :])
@@ -592,7 +599,7 @@ def _rows_partial(a, b, T, K, R, cfg, part=None):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
         PREC=dot_precision(a.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN_K=K % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return part, splits
 

@@ -30,6 +30,7 @@ CASES = [
     (1, 1000, 24, 48, 16),
     (300, 40, 1000, 1, None),
     (37, 24, 24, 48, None),
+    (5, 128, 96, 5, 4),  # d a multiple of the interpreter's blocks: the unmasked (even) K loops
 ]
 if HAS_CUDA:
     CASES += [
