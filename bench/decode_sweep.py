@@ -46,12 +46,15 @@ def main() -> None:
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--R", type=int, default=48)
     p.add_argument("--m", type=int, default=16)
+    p.add_argument("--ops-only", action="store_true", help="only the layer with its table config")
+    p.add_argument("--prefix", default="decode-sweep")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "decode_sweep.py needs a GPU"
     dt, dev = torch.bfloat16, "cuda"
     bench = lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
     rows = []
+    print("map precision:", os.environ.get("LORAFUSE_MAP_PRECISION", "ieee"))
     for T in args.T:
         for dims in args.dims:
             d_in, d_out = map(int, dims.split("x"))
@@ -70,7 +73,7 @@ def main() -> None:
                    "op_sum_ms": op_sum, "op_map_ms": op_map, "configs": []}
             print(f"T={T} {dims}: base {base:.4f} | op sum {op_sum:.4f} ({op_sum / base:.2f}x) | "
                   f"op map {op_map:.4f} ({op_map / base:.2f}x)", flush=True)
-            for cfg in candidates(R, T):
+            for cfg in ([] if args.ops_only else candidates(R, T)):
                 times = {}
                 for name, maps in (("sum", (None, None)), ("map", (am, bm))):
                     try:
@@ -92,7 +95,7 @@ def main() -> None:
                 print(f"  best sum {best_s['sum_ms'] / base:.2f}x {best_s} | best map "
                       f"{best_m['map_ms'] / base:.2f}x {best_m}", flush=True)
             rows.append(row)
-    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "decode-sweep"))
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, args.prefix))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Two kernels:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -53,6 +54,11 @@ def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
     return acc
 
 
+# Precision of the decode layer's float32 mapping products (R -> m -> R): "ieee" (FMA) or
+# "tf32x3" (three tensor-core passes, float32-level error).
+MAP_PRECISION = os.environ.get("LORAFUSE_MAP_PRECISION", "ieee")
+
+
 def _cfg(bm, bn, bk, w, s, **extra):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **extra}, num_warps=w,
                          num_stages=s)
@@ -88,11 +94,12 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         br = block_for(R)
         if dtype == torch.float32:  # as validated by the GPU suite (no tuning data)
             return _cfg(max(16, min(64, next_pow2(T))), 64, 128 if br <= 64 else 64, 4, 3)
-        # The narrowest column block that keeps the grid within one wave (one program per SM):
-        # a second, partial wave costs a whole program's latency (K loop, then the shrink's
-        # epilogue, longer with a mapping) for a few columns. decode-sweep-*.json (T = 16, R = 48,
-        # LoraMap): 4096 x 14336 1.52x -> 1.06x the base GEMM with 112 programs instead of 448.
-        bm, bk = (16 if T <= 16 else 32), 128
+        # One row block, and the narrowest column block that keeps the grid within one wave (one
+        # program per SM): a second, partial wave costs a whole program's latency (K loop, then
+        # the shrink's epilogue, longer with a mapping) for a few columns. decode-sweep-*.json
+        # (R = 48, LoraMap, 4096 x 14336): T = 16 1.52x -> 1.06x the base GEMM with 112 programs
+        # instead of 448; T = 64 1.45x -> 1.18x.
+        bm, bk = min(64, max(16, next_pow2(T))), 128
         rows = cdiv(T, bm)
         bn = next((n for n in (32, 64, 128) if rows * cdiv(N, n) <= sms), 128)
         return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, br, 2))
@@ -146,6 +153,7 @@ def _lora_gemm_kernel(
     HAS_MAP: tl.constexpr,
     SAVE: tl.constexpr,
     PREC: tl.constexpr,
+    MAP_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_MR: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -192,7 +200,7 @@ def _lora_gemm_kernel(
     if FUSE_SHRINK:
         u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
                                  stride_amm, stride_amr, stride_bmr, stride_bmm,
-                                 HAS_MAP, BLOCK_MR, "ieee")
+                                 HAS_MAP, BLOCK_MR, MAP_PREC)
         sp = sp.to(a_ptr.dtype.element_ty)
         c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -429,7 +437,7 @@ def lora_gemm(
         out.stride(0), out.stride(1),
         0, 0, 0, 0, 0, 0, 0, 0, 0,
         HAS_BIAS=bias is not None, FUSE_SHRINK=False, HAS_MAP=False, SAVE=False,
-        PREC=dot_precision(a.dtype), BLOCK_R=16, BLOCK_MR=16,
+        PREC=dot_precision(a.dtype), MAP_PREC="ieee", BLOCK_R=16, BLOCK_MR=16,
         EVEN_K=_even_k(K, cfg), **cfg,
     )
     return out
@@ -530,7 +538,7 @@ def lora_gemm_fused(
         ams[0], ams[1], bms[0], bms[1],
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
-        PREC=dot_precision(x.dtype),
+        PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
     )
     return y, sp, s, u
