@@ -56,7 +56,9 @@ def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
 
 # Precision of the decode layer's float32 mapping products (R -> m -> R): "ieee" (FMA) or
 # "tf32x3" (three tensor-core passes, float32-level error).
-MAP_PRECISION = os.environ.get("LORAFUSE_MAP_PRECISION", "ieee")
+MAP_PRECISION = os.environ.get("LORAFUSE_MAP_PRECISION") or "ieee"
+if MAP_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"LORAFUSE_MAP_PRECISION must be 'ieee' or 'tf32x3', got {MAP_PRECISION!r}")
 
 
 def _cfg(bm, bn, bk, w, s, **extra):
