@@ -54,9 +54,11 @@ def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
     return acc
 
 
-# Precision of the decode layer's float32 mapping products (R -> m -> R): "ieee" (FMA) or
-# "tf32x3" (three tensor-core passes, float32-level error).
-MAP_PRECISION = os.environ.get("LORAFUSE_MAP_PRECISION") or "ieee"
+# Precision of the decode layer's float32 mapping products (R -> m -> R): "tf32x3" (three
+# tensor-core passes, float32-level error) or "ieee" (FMA). Every program of the decode layer
+# computes them in its epilogue, where FMA cost adds to the whole kernel's latency:
+# decode-ops-*.json, LoraMap at 4096 x 4096, T = 32 / 64: 1.42x / 1.51x (ieee) -> 1.32x / 1.32x.
+MAP_PRECISION = os.environ.get("LORAFUSE_MAP_PRECISION") or "tf32x3"
 if MAP_PRECISION not in ("ieee", "tf32x3"):
     raise ValueError(f"LORAFUSE_MAP_PRECISION must be 'ieee' or 'tf32x3', got {MAP_PRECISION!r}")
 

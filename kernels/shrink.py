@@ -41,9 +41,10 @@ def map_and_scale(
     """s: (BLOCK_T, BLOCK_R) float32 rows of x a_cat^T.  Returns (u, v, s') where u = s a_map^T
     (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale.
 
-    Callers pass PREC="ieee": tf32 would round the float32 rows to 10 mantissa bits (~1e-3 error)
-    and these R x m products are too small to matter for speed. The same holds for the small
-    products of the backward."""
+    PREC is "ieee" or "tf32x3", never "tf32": tf32 would round the float32 rows to 10 mantissa
+    bits (~1e-3 error). The shrink kernels use "ieee" (one epilogue per row block, too small to
+    matter for speed), as do the small products of the backward; the decode layer, which runs
+    this in every column block, uses "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
     r_mask = offs_r < R
     if HAS_MAP:
         offs_m = tl.arange(0, BLOCK_M)
