@@ -9,6 +9,7 @@ Medians of do_bench with the L2 flushed. Writes decode-sweep-<gpu>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import sys
@@ -23,6 +24,8 @@ from common import env_info, save_json  # noqa: E402
 
 import lorafuse  # noqa: E402
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
+
+lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
 
 def candidates(R: int, T: int):
@@ -54,7 +57,7 @@ def main() -> None:
     dt, dev = torch.bfloat16, "cuda"
     bench = lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
     rows = []
-    print("map precision:", os.environ.get("LORAFUSE_MAP_PRECISION", "ieee"))
+    print("map precision:", lg.MAP_PRECISION)
     for T in args.T:
         for dims in args.dims:
             d_in, d_out = map(int, dims.split("x"))
@@ -95,7 +98,8 @@ def main() -> None:
                 print(f"  best sum {best_s['sum_ms'] / base:.2f}x {best_s} | best map "
                       f"{best_m['map_ms'] / base:.2f}x {best_m}", flush=True)
             rows.append(row)
-    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, args.prefix))
+    doc = {"env": env_info(sys.argv), "map_precision": lg.MAP_PRECISION, "rows": rows}
+    print("wrote", save_json(doc, args.out, args.prefix))
 
 
 if __name__ == "__main__":

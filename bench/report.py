@@ -14,7 +14,7 @@ import os
 import tempfile
 
 SHOW = ["lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat", "eager_map",
-        "compile_map"]
+        "compile_map", "graph_loramap"]
 
 
 def rows_for(doc, K, r):
@@ -31,7 +31,8 @@ def markdown(doc, K, r) -> str:
         for s in SHOW:
             e = im.get(s, {})
             if "fwd_ratio" in e:
-                cells.append(f"{e['fwd_ratio']:.2f} / {e.get('fb_ratio', float('nan')):.2f}")
+                fb = e.get("fb_ratio", float("nan"))
+                cells.append(f"{e['fwd_ratio']:.2f} / " + ("-" if fb != fb else f"{fb:.2f}"))
             else:
                 cells.append("error" if "error" in e else "-")
         out.append(f"| {row['T']} | {row['d_in']}x{row['d_out']} | {im['base']['fwd_ms']:.3f} | " + " | ".join(cells)
