@@ -1,0 +1,48 @@
+"""The launch-config tables (host-side logic, no kernels run) and the settings read at import."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("sms", [132, 114, 78])
+@pytest.mark.parametrize("T", [1, 16, 17, 33, 64])
+@pytest.mark.parametrize("N", [1000, 4096, 14336, 28672])
+def test_decode_config_keeps_one_wave(T, N, sms, monkeypatch):
+    # The table is what runs on a GPU; under the interpreter gemm_config returns a fixed small config.
+    monkeypatch.setattr(lg, "is_interpreting", lambda: False)
+    cfg = lg.gemm_config(T, N, 4096, fused=True, R=48, sms=sms)
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    assert bm >= min(T, 64) and bm <= max(16, 2 * T), "one row block for T <= 64, not more rows than needed"
+    programs = _ceil(T, bm) * _ceil(N, bn)
+    if _ceil(T, bm) * _ceil(N, 128) <= sms:
+        assert programs <= sms, f"{programs} programs on {sms} SMs: a second, partial wave"
+        narrower = bn // 2
+        if narrower >= 32:
+            assert _ceil(T, bm) * _ceil(N, narrower) > sms, "the narrowest block that fits one wave"
+    else:
+        assert bn == 128
+    per_stage = (bm * cfg.kwargs["BLOCK_K"] + cfg.kwargs["BLOCK_K"] * bn + cfg.kwargs["BLOCK_K"] * 64) * 2
+    assert cfg.num_stages * per_stage <= 200 * 1024, "shared memory within the budget"
+
+
+def _import_with(value):
+    env = dict(os.environ, LORAFUSE_MAP_PRECISION=value)
+    code = "import importlib; print(importlib.import_module('lorafuse.kernels.lora_gemm').MAP_PRECISION)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_map_precision_setting():
+    assert lg.MAP_PRECISION in ("tf32x3", "ieee")
+    bad = _import_with("tf32")
+    assert bad.returncode != 0 and "LORAFUSE_MAP_PRECISION must be 'ieee' or 'tf32x3'" in bad.stderr
+    ok = _import_with("ieee")
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("ieee"), ok.stderr
