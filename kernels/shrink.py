@@ -370,11 +370,14 @@ def _shrink_backward_single(
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         PREC=dot_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
+    # With one program its partials are the result: a view saves a reduction launch per gradient
+    # (decoding-sized batches).
+    total = (lambda p: p[0]) if nprog == 1 else (lambda p: p.sum(0))  # noqa: E731
     return (
         ds,
-        dscale_p.sum(0) if need_dscale else None,
-        da_p.sum(0) if need_dmap else None,
-        db_p.sum(0) if need_dmap else None,
+        total(dscale_p) if need_dscale else None,
+        total(da_p) if need_dmap else None,
+        total(db_p) if need_dmap else None,
     )
 
 
@@ -708,9 +711,12 @@ def shrink_backward(
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
     )
+    # With one program its partials are the result: a view saves a reduction launch per gradient
+    # (decoding-sized batches).
+    total = (lambda p: p[0]) if nprog == 1 else (lambda p: p.sum(0))  # noqa: E731
     return (
         ds,
-        dscale_p.sum(0) if need_dscale else None,
-        da_p.sum(0) if need_dmap else None,
-        db_p.sum(0) if need_dmap else None,
+        total(dscale_p) if need_dscale else None,
+        total(da_p) if need_dmap else None,
+        total(db_p) if need_dmap else None,
     )
