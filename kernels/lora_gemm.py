@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -68,7 +68,7 @@ def _cfg(bm, bn, bk, w, s, **extra):
                          num_stages=s)
 
 
-def gemm_candidates():
+def gemm_candidates() -> List[triton.Config]:
     """Candidate configs of the pointer kernel (the autotuner's list, and the tuning sweep's)."""
     if is_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
@@ -233,7 +233,7 @@ def _lora_gemm_kernel(
 # Hopper: persistent grid, tensor-memory-accelerator loads of a and b.
 
 
-def tma_candidates():
+def tma_candidates() -> List[triton.Config]:
     """Candidate configs of the Hopper kernel."""
     return [
         _cfg(*c, FLATTEN=f, WARP_SPECIALIZE=False)
@@ -494,7 +494,7 @@ def lora_gemm_fused(
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
     config: Optional[triton.Config] = None,
-):
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one launch (shrink recomputed per column block; for few tokens).
 
     x: (T, d_in); weight: (d_out, d_in); a_cat: (R, d_in); b_cat: (d_out, R); scale (R,) float32.

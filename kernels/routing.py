@@ -15,7 +15,7 @@ methods.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -171,7 +171,7 @@ def routed_shrink(
     router_bias: Optional[torch.Tensor] = None,
     save: bool = False,
     config: Optional[dict] = None,
-):
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x: (T, d_in); a_cat: (R, d_in) and router: (K, d_in) in x's dtype; scale: (R,) float32;
     block_ids: (R,) int32, the adapter (0..K-1) of each rank column; router_bias: (K,) float32 or None.
 

@@ -28,6 +28,7 @@ Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple, Union
 
 import torch
 import triton
@@ -355,7 +356,7 @@ def segmented_lora_(
     idx: torch.Tensor,
     schedule: str = "auto",
     save_s: bool = False,
-):
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
     out: (T, N_out); x: (T, D); fac_in: (num_slots, r_max, D) and fac_out: (num_slots, r_max, N_out)

@@ -9,7 +9,7 @@ x is read once; S' (T x R) is the only intermediate that goes back to memory (th
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import os
 
@@ -616,7 +616,7 @@ def shrink(
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
     config: Optional[dict] = None,
-):
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
 
     Returns (sp, s, u): sp = S' (T, R) in x's dtype; when save, s = S (T, R) and u = U (T, m) in
@@ -667,7 +667,7 @@ def shrink_backward(
     need_dmap: bool = False,
     need_dscale: bool = False,
     config: Optional[dict] = None,
-):
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """dy: (T, d_out), b_cat: (d_out, R) in dy's dtype; s: (T, R), u: (T, m) float32 from shrink(save=True).
 
     Returns (ds, dscale, da_map, db_map): ds = dS (T, R) in dy's dtype (the operand of dx and

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -93,7 +93,7 @@ def check_runnable(name: str, t: torch.Tensor) -> None:
 POISON_OUTPUTS = False
 
 
-def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS and t.numel():
         t.fill_(float("nan"))
@@ -194,7 +194,8 @@ def _launcher_entry(kernel, compiled, n_args: int, const: dict):
     return run, compiled.function, compiled.packed_metadata, tuple(tail)
 
 
-def launch(kernel, grid, *args, **const) -> None:
+def launch(kernel: JITFunction, grid: Union[Tuple[int, ...], Callable[[dict], Tuple[int, ...]]], *args,
+           **const) -> None:
     """kernel[grid](*args, **const), calling the compiled launcher directly once this argument
     specialisation has been launched before. grid: a tuple of 1-3 ints (or a callable of the
     config, which takes Triton's own path); args: the runtime arguments, positionally, in order;

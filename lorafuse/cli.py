@@ -101,7 +101,7 @@ def _load_model(name: str, seed: int, task: str = "classification"):
         raise UsageError(f"--model {name}: {e}") from e
 
 
-def cmd_demo(a) -> int:
+def cmd_demo(a: argparse.Namespace) -> int:
     from .experiments.recycling import COLUMNS, run_recycling
     from .experiments.report import markdown_table
 
@@ -118,7 +118,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_train_adapter(a) -> int:
+def cmd_train_adapter(a: argparse.Namespace) -> int:
     from .train import train_adapter
 
     _check_out(a.out)
@@ -149,7 +149,7 @@ def _composed(a):
     return model, tok
 
 
-def cmd_compose(a) -> int:
+def cmd_compose(a: argparse.Namespace) -> int:
     import lorafuse
 
     _check_adapters(a.adapters)
@@ -166,7 +166,7 @@ def cmd_compose(a) -> int:
     return 0
 
 
-def cmd_evaluate(a) -> int:
+def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_classification
 
     ds = _load_task(a.task, a.data)
@@ -179,7 +179,7 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-def cmd_experiment(a) -> int:
+def cmd_experiment(a: argparse.Namespace) -> int:
     _check_out(a.out)
     if a.methods and a.name != "loramap":
         raise UsageError("--methods: only for the loramap study")
@@ -232,7 +232,7 @@ def cmd_experiment(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
+def cmd_bench(a: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parent.parent / "bench" / ("bench_routing.py" if a.routing else
                                                                   "bench_kernels.py")
     if not script.is_file():

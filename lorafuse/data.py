@@ -35,7 +35,10 @@ import random
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
+    from datasets import DatasetDict
 
 CLASS_NAMES = {"covidfact": ["refuted", "supported"], "scifact": ["not_entailment", "entailment"],
                "perspective-evidence": ["not_entailment", "entailment"],
@@ -122,7 +125,7 @@ def _lm(splits: Dict[str, Dict[str, list]]):
     return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
 
 
-def load_covidfact(data_dir: Optional[str] = None):
+def load_covidfact(data_dir: Optional[str] = None) -> DatasetDict:
     """COVID-Fact: train (3,263), dev (419), test (401, the source's labelled test1.tsv); 1 = supported."""
     root = _root(data_dir)
     files = {"train": "train.tsv", "dev": "dev.tsv", "test": "test1.tsv"}
@@ -130,7 +133,7 @@ def load_covidfact(data_dir: Optional[str] = None):
                            CLASS_NAMES["covidfact"])
 
 
-def load_scifact(data_dir: Optional[str] = None):
+def load_scifact(data_dir: Optional[str] = None) -> DatasetDict:
     """SciFact claims as RTE pairs: train (564), dev (209); 1 = entailment."""
     root = _root(data_dir)
     return _classification({k: _rte(_file(root, "scifact-rte", f"{k}.tsv"), "sentence2") for k in ("train", "dev")},
@@ -149,7 +152,7 @@ def gsm8k_final(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def load_gsm8k(data_dir: Optional[str] = None):
+def load_gsm8k(data_dir: Optional[str] = None) -> DatasetDict:
     """GSM8K: train (7,473), test (1,319); prompt = "Question: ...\\nAnswer:", answer = the worked solution
     (calculator annotations <<...>> removed), plus its final number."""
     root = _root(data_dir)
@@ -162,7 +165,7 @@ def load_gsm8k(data_dir: Optional[str] = None):
     return _lm(splits)
 
 
-def load_pubmedqa(data_dir: Optional[str] = None, with_context: bool = False):
+def load_pubmedqa(data_dir: Optional[str] = None, with_context: bool = False) -> DatasetDict:
     """PubMedQA expert set: train (500 ids), test (the 500 official test ids); prompt = the question
     (and the abstract with with_context=True), answer = the long answer; decision = yes/no/maybe."""
     root = _root(data_dir)
@@ -183,7 +186,7 @@ def load_pubmedqa(data_dir: Optional[str] = None, with_context: bool = False):
     return _lm(splits)
 
 
-def load_covidfact_claims(data_dir: Optional[str] = None):
+def load_covidfact_claims(data_dir: Optional[str] = None) -> DatasetDict:
     """COVID-Fact claims as a text domain (an lm task): prompt "Claim:", answer = claim and its verdict.
     train from train.tsv, test from test1.tsv."""
     cf = load_covidfact(data_dir)
@@ -253,7 +256,8 @@ def _correction_rows(groups: List[dict], rng: random.Random) -> Dict[str, list]:
     return rows
 
 
-def load_perspective(name: str, data_dir: Optional[str] = None, seed: int = 0, dev_fraction: float = 0.1):
+def load_perspective(name: str, data_dir: Optional[str] = None, seed: int = 0,
+                     dev_fraction: float = 0.1) -> DatasetDict:
     """One of the three perspective tasks (train, dev); see the module docstring."""
     if name == "perspective-evidence":
         return _classification({k: v.to_dict() for k, v in load_scifact(data_dir).items()}, CLASS_NAMES[name])
@@ -282,7 +286,7 @@ TASKS = tuple(LOADERS)
 LM_TASKS = ("gsm8k", "pubmedqa", "covidfact-claims")
 
 
-def load_task(name: str, data_dir: Optional[str] = None):
+def load_task(name: str, data_dir: Optional[str] = None) -> DatasetDict:
     """The DatasetDict of a task by name (TASKS)."""
     if name not in LOADERS:
         raise ValueError(f"unknown task {name!r}; valid: two-hop, {', '.join(TASKS)}")

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
+
+if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 import torch
 import torch.nn as nn
@@ -20,8 +24,8 @@ def _batches(model: nn.Module, tokenizer, dataset, task: str, batch_size: int, m
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, tokenizer, dataset, batch_size: int = 64,
-                            max_length: int = 64) -> Dict[str, float]:
+def evaluate_classification(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset,
+                            batch_size: int = 64, max_length: int = 64) -> Dict[str, float]:
     """{"accuracy", "macro_f1", "n"} of the model's argmax predictions on a classification dataset."""
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -40,7 +44,8 @@ def evaluate_classification(model: nn.Module, tokenizer, dataset, batch_size: in
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, dataset, batch_size: int = 8, max_length: int = 256) -> Dict[str, float]:
+def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, batch_size: int = 8,
+               max_length: int = 256) -> Dict[str, float]:
     """{"perplexity", "nll", "tokens"} over the answer tokens of an lm dataset (columns prompt, answer)."""
     was = model.training
     model.eval()

@@ -23,7 +23,10 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
+
+if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
+    from transformers import PreTrainedTokenizerFast
 
 import torch
 
@@ -67,7 +70,7 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def char_tokenizer(lm: bool = False):
+def char_tokenizer(lm: bool = False) -> PreTrainedTokenizerFast:
     """A character-level tokenizer built in code (offline), for the random models."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -16,7 +16,10 @@ Every two-hop statement's two facts are in hop1 and hop2; the three two-hop spli
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
+
+if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
+    from datasets import DatasetDict
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "tr"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -105,7 +108,7 @@ def two_hop_examples(n_people: int = 32, n_cities: int = 8, relations: Sequence[
 
 
 def two_hop(n_people: int = 32, n_cities: int = 8, relations: Sequence[str] = ("mother", "father"),
-            seed: int = 0, split_fractions: Sequence[float] = (0.4, 0.2)):
+            seed: int = 0, split_fractions: Sequence[float] = (0.4, 0.2)) -> DatasetDict:
     """The splits as a datasets.DatasetDict (columns text, text_pair, label: ClassLabel false/true)."""
     try:
         import datasets

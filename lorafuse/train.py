@@ -12,7 +12,12 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence
+
+if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 import torch
 import torch.nn as nn
@@ -20,7 +25,8 @@ import torch.nn as nn
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
-def tokenize(dataset, tokenizer, max_length: int = 64, task: str = "classification"):
+def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 64,
+             task: str = "classification") -> Dataset:
     """A datasets.Dataset of model inputs.
 
     classification: columns text, text_pair ("" = none), label -> input_ids, attention_mask, labels.
@@ -74,9 +80,9 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def fit(model: nn.Module, tokenizer, train_dataset, epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 16,
-        seed: int = 0, max_length: int = 64, task: str = "classification", max_steps: int = -1,
-        progress: bool = True, weight_decay: float = 0.0) -> Dict[str, Any]:
+def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, epochs: float = 3.0,
+        lr: float = 1e-3, batch_size: int = 16, seed: int = 0, max_length: int = 64, task: str = "classification",
+        max_steps: int = -1, progress: bool = True, weight_decay: float = 0.0) -> Dict[str, Any]:
     """Train the parameters of `model` that require grad on `train_dataset` with a transformers Trainer.
 
     Returns {"train_loss", "train_seconds", "trainable_params", "steps"}.
@@ -103,8 +109,8 @@ def fit(model: nn.Module, tokenizer, train_dataset, epochs: float = 3.0, lr: flo
             "steps": int(out.global_step)}
 
 
-def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: int = 8, alpha: float = 16,
-                  target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0,
+def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, out_dir: str,
+                  r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0,
                   also_train: Sequence[nn.Module] = (), **fit_kw) -> Dict[str, Any]:
     """Train one peft LoRA on `train_dataset` and save it (peft format, atomically) to out_dir.
 
@@ -136,7 +142,7 @@ def train_adapter(model: nn.Module, tokenizer, train_dataset, out_dir: str, r: i
     return info
 
 
-def save_adapter(peft_model, out_dir: str) -> None:
+def save_adapter(peft_model: PeftModel, out_dir: str) -> None:
     """peft's save_pretrained into a temporary folder beside out_dir, then one rename."""
     from .export import write_dir_atomically
 
@@ -166,6 +172,7 @@ def freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def train_composition(model: nn.Module, tokenizer, train_dataset, **fit_kw) -> Dict[str, Any]:
+def train_composition(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset,
+                      **fit_kw) -> Dict[str, Any]:
     """Train what a lorafuse composition leaves trainable (LoraMap maps, concat factors, weights)."""
     return fit(model, tokenizer, train_dataset, **fit_kw)
