@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import alloc_rows, map_and_scale, t_bucket
-from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms)
+from .shrink import alloc_rows, check_shrink_operands, map_and_scale, t_bucket
+from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
+                    launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
 
 
 @triton.jit
@@ -352,6 +352,10 @@ GEMM_IMPL = "auto"
 
 def _check_gemm_args(a, b, s, c, bias):
     check_runnable("a", a)
+    if a.dim() != 2:
+        raise ValueError(f"a must have shape (T, K), got {tuple(a.shape)}")
+    if c is not None and s is None:
+        raise ValueError("c is given without s: the low-rank term s @ c needs both")
     T, K = a.shape
     if b.dim() != 2 or b.shape[0] != K:
         raise ValueError(f"b must have shape ({K}, N) to match a {tuple(a.shape)}, got {tuple(b.shape)}")
@@ -365,6 +369,8 @@ def _check_gemm_args(a, b, s, c, bias):
     for name, t in (("b", b), ("s", s), ("c", c), ("bias", bias)):
         if t is not None and (t.device != a.device or t.dtype != a.dtype):
             raise ValueError(f"{name} must be {a.dtype} on {a.device} like a, got {t.dtype} on {t.device}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     return T, K, N
 
 
@@ -384,6 +390,7 @@ def lora_gemm(
     explicit launch config (for tuning), else the heuristic table.
     """
     T, K, N = _check_gemm_args(a, b, s, c, bias)
+    bias = unit_vector(bias)
     out = new_empty((T, N), a.dtype, a.device)
     if T == 0 or N == 0:
         return out
@@ -501,10 +508,15 @@ def lora_gemm_fused(
     Returns (y, sp, s, u) like shrink + lora_gemm: y (T, d_out); when save, sp = S' (T, R) in x's
     dtype, s = S (T, R) and u = U (T, m) in float32 (u None without a mapping), else all None.
     """
-    check_runnable("x", x)
+    scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
     T, D = x.shape
+    expect("weight", weight, (None, D), x.device, x.dtype)
     N = weight.shape[0]
     R = a_cat.shape[0]
+    expect("b_cat", b_cat, (N, R), x.device, x.dtype)
+    if bias is not None:
+        expect("bias", bias, (N,), x.device, x.dtype)
+        bias = unit_vector(bias)
     has_map = a_map is not None
     MR = a_map.shape[0] if has_map else 1
     y = new_empty((T, N), x.dtype, x.device)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .shrink import FINISH_BLOCK_T, _sum_splits, alloc_rows, split_config
-from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty
+from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, unit_vector
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
@@ -206,6 +206,8 @@ def routed_shrink(
         raise ValueError(f"top_k must be None or an integer in 1..{K}, got {top_k!r}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    # Indexed without a stride in the kernels: a sliced or expanded vector is copied first.
+    scale, router_bias, block_ids = unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
 
     f32 = torch.float32
     sp = alloc_rows(T, R, x.dtype, x.device)

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, launch_kwargs,
-                    new_empty, next_pow2, num_sms)
+from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
+                    launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
 
 
 @triton.jit
@@ -608,6 +608,24 @@ def _rows_partial(a, b, T, K, R, cfg, part=None):
     return part, splits
 
 
+def check_shrink_operands(x, a_cat, scale, a_map, b_map) -> torch.Tensor:
+    """The launchers' own checks (they are public: the op checks before them, other callers may
+    not): shapes, dtypes and devices named by argument. Returns scale as a unit-stride vector."""
+    check_runnable("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
+    dev = x.device
+    expect("a_cat", a_cat, (None, x.shape[1]), dev, x.dtype)
+    R = a_cat.shape[0]
+    expect("scale", scale, (R,), dev)
+    if (a_map is None) != (b_map is None):
+        raise ValueError("a_map and b_map must be given together (LoraMap needs both)")
+    if a_map is not None:
+        expect("a_map", a_map, (None, R), dev)
+        expect("b_map", b_map, (R, a_map.shape[0]), dev)
+    return unit_vector(scale)
+
+
 def shrink(
     x: torch.Tensor,
     a_cat: torch.Tensor,
@@ -623,9 +641,9 @@ def shrink(
     float32 (u is None without a mapping), else both None. config: the partial kernel's launch
     shape (split_config's keys), for tuning.
     """
+    scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
     if SHRINK_IMPL == "single":
         return _shrink_single(x, a_cat, scale, a_map, b_map, save=save)
-    check_runnable("x", x)
     T, D = x.shape
     R = a_cat.shape[0]
     has_map = a_map is not None
@@ -673,11 +691,30 @@ def shrink_backward(
     Returns (ds, dscale, da_map, db_map): ds = dS (T, R) in dy's dtype (the operand of dx and
     da_cat), dscale (R,), da_map (m, R), db_map (R, m) in float32; each None unless asked for.
     """
+    check_runnable("grad_output", dy)
+    if dy.dim() != 2:
+        raise ValueError(f"grad_output must have shape (T, d_out), got {tuple(dy.shape)}")
+    T, N = dy.shape
+    dev = dy.device
+    expect("b_cat", b_cat, (N, None), dev, dy.dtype)
+    R = b_cat.shape[1]
+    expect("scale", scale, (R,), dev)
+    scale = unit_vector(scale)
+    if (a_map is None) != (b_map is None):
+        raise ValueError("a_map and b_map must be given together (LoraMap needs both)")
+    if a_map is not None:
+        expect("a_map", a_map, (None, R), dev)
+        expect("b_map", b_map, (R, a_map.shape[0]), dev)
+    # The saved rows the requested gradients read (rows indexed with a unit last stride).
+    if need_dscale or (need_dmap and a_map is not None):
+        expect("s", s, (T, R), dev, torch.float32)
+        s = s if s.stride(-1) == 1 else s.contiguous()
+    if a_map is not None and (need_dscale or need_dmap):
+        expect("u", u, (T, a_map.shape[0]), dev, torch.float32)
+        u = u if u.stride(-1) == 1 else u.contiguous()
     if SHRINK_IMPL == "single":
         return _shrink_backward_single(dy, b_cat, scale, s, u, a_map, b_map, need_ds=need_ds, need_dmap=need_dmap,
                                        need_dscale=need_dscale)
-    check_runnable("grad_output", dy)
-    T, N = dy.shape
     R = b_cat.shape[1]
     has_map = a_map is not None
     M = a_map.shape[0] if has_map else 1

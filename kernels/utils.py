@@ -88,6 +88,29 @@ def check_runnable(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
+def expect(name: str, t, shape: Sequence[Optional[int]], device: torch.device,
+           dtype: Optional[torch.dtype] = None) -> None:
+    """Raise a ValueError naming the argument unless t is a tensor on `device` with this shape
+    (None: any size) and dtype (None: any floating-point dtype)."""
+    want = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(n is not None and n != m for n, m in zip(shape, t.shape)):
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if dtype is None and not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def unit_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A 1-D operand the kernels index without a stride (bias, scale, router bias): itself when
+    contiguous, else a contiguous copy (a sliced or expanded vector would be read wrongly)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 # Tests set this so that every buffer a launch function allocates starts as NaN: an element a
 # kernel fails to write then shows up instead of passing as leftover memory (often zeros).
 POISON_OUTPUTS = False

@@ -11,6 +11,7 @@ MultiLoraLinear's (lorafuse.modules) and lora_linear's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -219,6 +220,8 @@ def compose(
         weights = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
         if len(weights) != K:
             raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite numbers, got {weights}")
     elif method == "weighted":
         weights = [1.0 / K] * K
 

@@ -11,6 +11,7 @@ rank is asked for. As in peft, a layer merges only the adapters that target it.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -86,6 +87,8 @@ def merge_adapters(
     weights = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
     if len(weights) != K:
         raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
     if method in _NEEDS_DENSITY:
         if density is None or not 0 < float(density) <= 1:
             raise ValueError(f"method {method!r} needs density in (0, 1] (the fraction of entries kept), "

@@ -98,6 +98,8 @@ class MultiLoraLinear(nn.Module):
             weights = [1.0 / K] * K if weights is None else [float(w) for w in weights]
             if len(weights) != K:
                 raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
+            if not all(math.isfinite(w) for w in weights):
+                raise ValueError(f"weights must be finite numbers, got {weights}")
         else:
             weights = [1.0] * K
         if method == "loramap":

@@ -56,14 +56,22 @@ class LoraLibrary:
             raise ValueError(f"b must be {a.dtype} on {a.device} like a, got {b.dtype} on {b.device}")
         if not a.is_floating_point():
             raise ValueError(f"a and b must be floating point, got {a.dtype}")
-        if not isinstance(ranks, Tensor) or tuple(ranks.shape) != (n,) or ranks.is_floating_point():
+        if (not isinstance(ranks, Tensor) or tuple(ranks.shape) != (n,) or ranks.is_floating_point()
+                or ranks.dtype == torch.bool or ranks.is_complex()):
             raise ValueError(f"ranks must be an integer tensor of shape ({n},), got {ranks!r}")
-        if not isinstance(scales, Tensor) or tuple(scales.shape) != (n,):
-            raise ValueError(f"scales must be a tensor of shape ({n},), got {scales!r}")
+        if not isinstance(scales, Tensor) or tuple(scales.shape) != (n,) or scales.dtype == torch.bool:
+            raise ValueError(f"scales must be a real tensor of shape ({n},), got {scales!r}")
+        # Checked once here (a host read): the kernels trust every slot's rank to fit in r_max.
+        if n and (int(ranks.min()) < 0 or int(ranks.max()) > r_max):
+            raise ValueError(f"ranks must lie in [0, {r_max}] (r_max, the second dimension of a), "
+                             f"got {ranks.tolist()}")
+        if n and not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"scales must be finite, got {scales.tolist()}")
         self.a = a
         self.b = b
-        self.ranks = ranks.to(a.device, torch.int32)
-        self.scales = scales.to(a.device, torch.float32)
+        # Contiguous: the kernels index both vectors by slot without a stride.
+        self.ranks = ranks.to(a.device, torch.int32).contiguous()
+        self.scales = scales.to(a.device, torch.float32).contiguous()
 
     # -- construction ---------------------------------------------------------------------------
 

@@ -340,6 +340,8 @@ def test_rejects_bad_method_and_weights(saved):
         compose(model, dirs, method="average")
     with pytest.raises(ValueError, match=r"weights must have one entry per adapter \(3\), got 2"):
         compose(model, dirs, method="weighted", weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        compose(model, dirs, method="weighted", weights=[1.0, float("nan"), 1.0])
     with pytest.raises(ValueError, match="map_rank"):
         compose(model, dirs, method="loramap")
     with pytest.raises(ValueError, match="already composed"):

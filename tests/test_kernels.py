@@ -189,3 +189,33 @@ def test_lora_gemm_shape_errors():
                   torch.randn(3, 9, device=DEVICE))
     with pytest.raises(ValueError, match="b must be torch.float32"):
         lora_gemm(a, torch.randn(24, 8, device=DEVICE).half())
+
+
+def test_launchers_check_their_operands():
+    # The launchers are public: they name a wrong operand instead of reading out of bounds.
+    x = torch.randn(5, 32, device=DEVICE)
+    a, scale = torch.randn(12, 32, device=DEVICE), torch.rand(12, device=DEVICE)
+    w, b = torch.randn(40, 32, device=DEVICE), torch.randn(40, 12, device=DEVICE)
+    with pytest.raises(ValueError, match=r"a_cat must have shape \(\*, 32\)"):
+        shrink(x, torch.randn(12, 40, device=DEVICE), scale)
+    with pytest.raises(ValueError, match=r"scale must have shape \(12,\)"):
+        shrink(x, a, scale[:11])
+    with pytest.raises(ValueError, match="a_cat must be torch.float32"):
+        shrink(x, a.half(), scale)
+    with pytest.raises(ValueError, match="a_map and b_map must be given together"):
+        shrink(x, a, scale, torch.randn(4, 12, device=DEVICE), None)
+    with pytest.raises(ValueError, match=r"weight must have shape \(\*, 32\)"):
+        lora_gemm_fused(x, torch.randn(40, 31, device=DEVICE), None, a, b, scale)
+    with pytest.raises(ValueError, match=r"b_cat must have shape \(40, 12\)"):
+        lora_gemm_fused(x, w, None, a, b[:, :11], scale)
+    with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
+        lora_gemm_fused(x, w, torch.randn(3, device=DEVICE), a, b, scale)
+    with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
+        lora_gemm(x, w.t(), bias=torch.randn(3, device=DEVICE))
+    with pytest.raises(ValueError, match="c is given without s"):
+        lora_gemm(x, w.t(), None, b.t())
+    dy = torch.randn(5, 40, device=DEVICE)
+    with pytest.raises(ValueError, match=r"s must be a torch.Tensor of shape \(5, 12\)"):
+        shrink_backward(dy, b, scale, None, None, need_dscale=True)
+    with pytest.raises(ValueError, match=r"b_cat must have shape \(40, \*\)"):
+        shrink_backward(dy, b[:39], scale, None, None)

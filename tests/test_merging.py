@@ -131,3 +131,9 @@ def test_bad_input(saved):
         merge_adapters(dirs, rank=0)
     with pytest.raises(FileNotFoundError, match="no-such"):
         merge_adapters(dirs + ["/tmp/no-such-adapter"])
+
+
+def test_weights_must_be_finite(saved):
+    dirs = saved["llama"][3]
+    with pytest.raises(ValueError, match="weights must be finite"):
+        merge_adapters(dirs, method="task_arithmetic", weights=[1.0, float("inf"), 1.0], rank="full")

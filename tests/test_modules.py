@@ -225,3 +225,10 @@ def test_cuda_graph_and_reduce_overhead_compile(T, seeded):
             y = compiled(x2)
         assert rel_err(y, layer(x2)) < TOL[torch.bfloat16]
         assert rel_err(eager, layer(x2)) > 0.1  # the inputs did change
+
+
+def test_weights_must_be_finite():
+    a, b = torch.randn(4, D_IN, device=DEVICE), torch.randn(D_OUT, 4, device=DEVICE)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weights must be finite"):
+            MultiLoraLinear(_base(), [(a, b, 1.0), (a, b, 1.0)], method="weighted", weights=[bad, 1.0])

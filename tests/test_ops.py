@@ -182,3 +182,16 @@ def test_bad_input_names_the_argument(i, mutate, msg):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=msg):
         lorafuse.lora_linear(*args)
+
+
+@pytest.mark.parametrize("T", [5, 70])  # the one-launch path and the split path
+def test_strided_vectors_match_contiguous(T, seeded):
+    # bias and scale are read without strides by the kernels: views must be copied, not misread.
+    x, w, _, a, bc, _, am, bm = _args(T, 40, 24, 5, 4, torch.float32)
+    bias_view = torch.randn(48, device=DEVICE)[::2]
+    scale_view = (torch.rand(10, device=DEVICE) + 0.5)[::2]
+    expanded = torch.tensor(1.5, device=DEVICE).expand(5)
+    for bias, scale in ((bias_view, scale_view), (None, expanded)):
+        y = lorafuse.lora_linear(x, w, bias, a, bc, scale, am, bm)
+        ref = lorafuse.lora_linear(x, w, None if bias is None else bias.contiguous(), a, bc, scale.contiguous(), am, bm)
+        assert rel_err(y, ref) < 1e-6

@@ -545,3 +545,19 @@ def test_cuda_graph_and_reduce_overhead_compile(T, seeded):
             y = compiled(x2)
         assert rel_err(y, layer(x2)) < TOL[torch.bfloat16]
         assert rel_err(eager, layer(x2)) > 0.1  # the inputs did change
+
+
+def test_routed_strided_vectors_match_contiguous(seeded):
+    # scale, router_bias and bias are read without strides by the kernels: views must be copied.
+    ranks = [3, 2]
+    x = torch.randn(6, 24, device=DEVICE)
+    w = torch.randn(16, 24, device=DEVICE)
+    a_cat, b_cat = torch.randn(5, 24, device=DEVICE) / 5, torch.randn(16, 5, device=DEVICE) / 2
+    router = torch.randn(2, 24, device=DEVICE)
+    bias = torch.randn(32, device=DEVICE)[::2]
+    scale = (torch.rand(10, device=DEVICE) + 0.5)[::2]
+    rbias = torch.randn(4, device=DEVICE)[::2]
+    y = lora_linear_routed(x, w, bias, a_cat, b_cat, scale, ranks, router, "linear", None, 1.0, rbias)
+    ref = lora_linear_routed(x, w, bias.contiguous(), a_cat, b_cat, scale.contiguous(), ranks, router, "linear",
+                             None, 1.0, rbias.contiguous())
+    assert rel_err(y, ref) < 1e-6

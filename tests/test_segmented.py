@@ -520,3 +520,22 @@ def test_out_of_range_id_is_a_device_assertion(bad):
                           timeout=300)
     assert done.returncode != 0 and "finished" not in done.stdout
     assert "assert" in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_library_refuses_ranks_it_cannot_hold_and_copies_strided_vectors():
+    from lorafuse.segmented import LoraLibrary
+
+    a, b = torch.randn(2, 8, 32, device=DEVICE), torch.randn(2, 8, 40, device=DEVICE)
+    scales = torch.ones(2, device=DEVICE)
+    for ranks in ([4, 16], [-1, 4]):
+        with pytest.raises(ValueError, match=r"ranks must lie in \[0, 8\]"):
+            LoraLibrary(a, b, torch.tensor(ranks, dtype=torch.int32, device=DEVICE), scales)
+    with pytest.raises(ValueError, match="ranks must be an integer tensor"):
+        LoraLibrary(a, b, torch.tensor([True, False], device=DEVICE), scales)
+    with pytest.raises(ValueError, match="scales must be finite"):
+        LoraLibrary(a, b, torch.tensor([4, 8], dtype=torch.int32, device=DEVICE),
+                    torch.tensor([1.0, float("nan")], device=DEVICE))
+    strided = LoraLibrary(a, b, torch.tensor([4, 0, 8, 0], dtype=torch.int32, device=DEVICE)[::2],
+                          torch.tensor([2.0, 0.0, 0.5, 0.0], device=DEVICE)[::2])
+    assert strided.ranks.is_contiguous() and strided.scales.is_contiguous()
+    assert strided.ranks.tolist() == [4, 8] and strided.scales.tolist() == [2.0, 0.5]
