@@ -501,22 +501,25 @@ def lora_gemm_fused(
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
     config: Optional[triton.Config] = None,
+    check: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one launch (shrink recomputed per column block; for few tokens).
 
     x: (T, d_in); weight: (d_out, d_in); a_cat: (R, d_in); b_cat: (d_out, R); scale (R,) float32.
     Returns (y, sp, s, u) like shrink + lora_gemm: y (T, d_out); when save, sp = S' (T, R) in x's
     dtype, s = S (T, R) and u = U (T, m) in float32 (u None without a mapping), else all None.
+    check=False skips the operand checks (see shrink).
     """
-    scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
+    if check:  # check=False: the caller has checked (lorafuse.lora_linear), as shrink's `check`
+        scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
+        expect("weight", weight, (None, x.shape[1]), x.device, x.dtype)
+        expect("b_cat", b_cat, (weight.shape[0], a_cat.shape[0]), x.device, x.dtype)
+        if bias is not None:
+            expect("bias", bias, (weight.shape[0],), x.device, x.dtype)
+            bias = unit_vector(bias)
     T, D = x.shape
-    expect("weight", weight, (None, D), x.device, x.dtype)
     N = weight.shape[0]
     R = a_cat.shape[0]
-    expect("b_cat", b_cat, (N, R), x.device, x.dtype)
-    if bias is not None:
-        expect("bias", bias, (N,), x.device, x.dtype)
-        bias = unit_vector(bias)
     has_map = a_map is not None
     MR = a_map.shape[0] if has_map else 1
     y = new_empty((T, N), x.dtype, x.device)

@@ -634,14 +634,17 @@ def shrink(
     b_map: Optional[torch.Tensor] = None,
     save: bool = False,
     config: Optional[dict] = None,
+    check: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
 
     Returns (sp, s, u): sp = S' (T, R) in x's dtype; when save, s = S (T, R) and u = U (T, m) in
     float32 (u is None without a mapping), else both None. config: the partial kernel's launch
-    shape (split_config's keys), for tuning.
+    shape (split_config's keys), for tuning. check=False skips the operand checks, for callers
+    that have made them already (lorafuse.lora_linear: a few microseconds per small call).
     """
-    scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
+    if check:
+        scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
     if SHRINK_IMPL == "single":
         return _shrink_single(x, a_cat, scale, a_map, b_map, save=save)
     T, D = x.shape
@@ -685,12 +688,35 @@ def shrink_backward(
     need_dmap: bool = False,
     need_dscale: bool = False,
     config: Optional[dict] = None,
+    check: bool = True,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """dy: (T, d_out), b_cat: (d_out, R) in dy's dtype; s: (T, R), u: (T, m) float32 from shrink(save=True).
 
     Returns (ds, dscale, da_map, db_map): ds = dS (T, R) in dy's dtype (the operand of dx and
     da_cat), dscale (R,), da_map (m, R), db_map (R, m) in float32; each None unless asked for.
     """
+    if check:
+        s, u, scale = _check_backward_operands(dy, b_cat, scale, s, u, a_map, b_map, need_dmap, need_dscale)
+    if SHRINK_IMPL == "single":
+        return _shrink_backward_single(dy, b_cat, scale, s, u, a_map, b_map, need_ds=need_ds, need_dmap=need_dmap,
+                                       need_dscale=need_dscale)
+    T, N = dy.shape
+    R = b_cat.shape[1]
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    need_dmap = need_dmap and has_map
+    dev = dy.device
+    z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)  # noqa: E731
+    ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
+    if T == 0:
+        return (ds, z(R) if need_dscale else None, z(M, R) if need_dmap else None,
+                z(R, M) if need_dmap else None)
+    return _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, need_dmap, need_dscale,
+                                  config)
+
+
+def _check_backward_operands(dy, b_cat, scale, s, u, a_map, b_map, need_dmap, need_dscale):
+    """shrink_backward's operand checks; returns (s, u, scale) with unit last strides."""
     check_runnable("grad_output", dy)
     if dy.dim() != 2:
         raise ValueError(f"grad_output must have shape (T, d_out), got {tuple(dy.shape)}")
@@ -712,19 +738,16 @@ def shrink_backward(
     if a_map is not None and (need_dscale or need_dmap):
         expect("u", u, (T, a_map.shape[0]), dev, torch.float32)
         u = u if u.stride(-1) == 1 else u.contiguous()
-    if SHRINK_IMPL == "single":
-        return _shrink_backward_single(dy, b_cat, scale, s, u, a_map, b_map, need_ds=need_ds, need_dmap=need_dmap,
-                                       need_dscale=need_dscale)
+    return s, u, scale
+
+
+def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, need_dmap, need_dscale, config):
+    """The split grid's backward (T > 0): partial products dy b_cat, then the finishing kernel."""
+    T, N = dy.shape
     R = b_cat.shape[1]
     has_map = a_map is not None
     M = a_map.shape[0] if has_map else 1
-    need_dmap = need_dmap and has_map
     dev = dy.device
-    z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev)  # noqa: E731
-    ds = alloc_rows(T, R, dy.dtype, dev) if need_ds else None
-    if T == 0:
-        return (ds, z(R) if need_dscale else None, z(M, R) if need_dmap else None,
-                z(R, M) if need_dmap else None)
     cfg = config or split_config(T, N, R, dy.dtype, dev)
     part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
     nprog = cdiv(T, FINISH_BLOCK_T)

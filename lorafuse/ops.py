@@ -166,8 +166,8 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
     T = x.shape[0]
     R = a_cat.shape[0]
     if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
-        return lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save)
-    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
+        return lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save, check=False)
+    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False)
     y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
     return y, (sp if save else None), s, u
 
@@ -179,7 +179,7 @@ def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, n
     dy = dy.contiguous()
     ds, dscale, da_map, db_map = shrink_backward(
         dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
-        need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc,
+        need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc, check=False,
     )
     return [
         lora_gemm(dy, weight, ds, a_cat) if n_x else None,
@@ -334,6 +334,11 @@ def lora_linear(
     a_c = a_cat if a_cat.dtype == dt else a_cat.to(dt)
     b_c = b_cat if b_cat.dtype == dt else b_cat.to(dt)
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
+    # The kernels index bias and scale without a stride: a sliced or expanded vector is copied.
+    if not sc.is_contiguous():
+        sc = sc.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     tensors = (x2, weight, bias, a_c, b_c, sc, a_map, b_map)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
