@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,21 +26,74 @@ class UsageError(Exception):
     """A bad argument, reported as one line (no traceback)."""
 
 
+# argparse types: a bad number is refused as the command line is read (one line, exit 2).
+def _number(kind, low: float, inclusive: bool = False):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(v) or v < low or (v == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+        return v
+    return parse
+
+
+POSITIVE_INT, POSITIVE = _number(int, 0), _number(float, 0.0)
+PEOPLE = _number(int, 3, inclusive=True)  # the two-hop world's three splits need three subjects
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
 def _check_adapters(paths: List[str]) -> List[str]:
     for p in paths:
         d = Path(p)
         if not d.is_dir():
             raise UsageError(f"--adapters: {p} is not a directory (expected a peft adapter folder)")
-        if not (d / "adapter_config.json").is_file():
+        cfg = d / "adapter_config.json"
+        if not cfg.is_file():
             raise UsageError(f"--adapters: {p} has no adapter_config.json (not a peft adapter folder)")
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"--adapters: {cfg} is not valid JSON ({e})") from e
+        if not any((d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UsageError(f"--adapters: {p} has no adapter_model.safetensors (or .bin): the adapter's weights")
     return paths
 
 
-def _check_out(path: str, flag: str = "--out") -> str:
+def _check_out(path: str, flag: str = "--out", new: bool = False) -> str:
     parent = Path(path).resolve().parent
     if not parent.exists():
         raise UsageError(f"{flag}: the parent folder {parent} does not exist")
+    if new and os.path.exists(path):
+        raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten)")
     return path
+
+
+def _check_compose_args(a) -> None:
+    """The composition's flags, checked before any model is loaded."""
+    if a.method not in COMPOSE_METHODS:
+        raise UsageError(f"--method must be one of {', '.join(COMPOSE_METHODS)}; got {a.method!r}")
+    if a.method == "loramap" and not a.map_rank:
+        raise UsageError("--method loramap needs --map-rank (e.g. 16)")
+    if a.map_rank and a.method != "loramap":
+        raise UsageError(f"--map-rank is only used with --method loramap, got --method {a.method}")
+    if a.weights is not None and a.method != "weighted":
+        raise UsageError(f"--weights are only used with --method weighted, got --method {a.method}")
+    if a.weights is not None and len(a.weights) != len(a.adapters):
+        raise UsageError(f"--weights: one per adapter ({len(a.adapters)}), got {len(a.weights)}")
+    if a.method == "route" and not 1 <= a.top_k <= len(a.adapters):
+        raise UsageError(f"--top-k must be in 1..{len(a.adapters)} (the number of adapters), got {a.top_k}")
 
 
 def _check_model_name(name: str) -> str:
@@ -133,19 +187,17 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
 def _composed(a):
     import lorafuse
 
-    if a.method not in COMPOSE_METHODS:
-        raise UsageError(f"--method must be one of {', '.join(COMPOSE_METHODS)}; got {a.method!r}")
-    if a.method == "loramap" and not a.map_rank:
-        raise UsageError("--method loramap needs --map-rank (e.g. 16)")
-    if a.weights is not None and len(a.weights) != len(a.adapters):
-        raise UsageError(f"--weights: one per adapter ({len(a.adapters)}), got {len(a.weights)}")
+    _check_compose_args(a)
     model, tok = _load_model(a.model, a.seed)
     kw = {}
     if a.method == "loramap":
         kw["map_rank"] = a.map_rank
     if a.method == "route":
         kw.update(router="arrow", top_k=a.top_k)
-    lorafuse.compose(model, a.adapters, method=a.method, weights=a.weights, **kw)
+    try:
+        lorafuse.compose(model, a.adapters, method=a.method, weights=a.weights, **kw)
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:  # e.g. an adapter for another model
+        raise UsageError(f"--adapters: {e}") from e
     return model, tok
 
 
@@ -153,7 +205,11 @@ def cmd_compose(a: argparse.Namespace) -> int:
     import lorafuse
 
     _check_adapters(a.adapters)
-    _check_out(a.out)
+    _check_out(a.out, new=True)
+    _check_compose_args(a)
+    if a.method == "route":
+        raise UsageError("--method route: a routed composition has no fixed low-rank delta to export as one "
+                         "peft adapter (use `lorafuse evaluate --method route`)")
     train_ds = _load_task(a.train_task, a.data) if a.train_task else None  # checked before any work
     model, tok = _composed(a)
     if train_ds is not None:
@@ -169,9 +225,11 @@ def cmd_compose(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_classification
 
-    ds = _load_task(a.task, a.data)
     if a.adapters:
         _check_adapters(a.adapters)
+        _check_compose_args(a)
+    ds = _load_task(a.task, a.data)
+    if a.adapters:
         model, tok = _composed(a)
     else:
         model, tok = _load_model(a.model, a.seed)
@@ -269,28 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "reports two-hop accuracy. A few minutes on 2 CPU cores with the default model.")
     common(d)
     d.add_argument("--out", default="lorafuse-demo", help="results folder (default ./lorafuse-demo)")
-    d.add_argument("--people", type=int, default=32, help="subjects in the random world (default 32)")
-    d.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition (default 30)")
-    d.add_argument("--lr", type=float, default=None, help="learning rate of every fit (default 3e-3)")
+    d.add_argument("--people", type=PEOPLE, default=32, help="subjects in the random world (default 32, at least 3)")
+    d.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per adapter and composition (default 30)")
+    d.add_argument("--lr", type=POSITIVE, default=None, help="learning rate of every fit (default 3e-3)")
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train-adapter", help="train one peft LoRA adapter on a task split")
     common(t)
     t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train")
     t.add_argument("--out", required=True, help="adapter folder to write (peft format)")
-    t.add_argument("--r", type=int, default=16)
-    t.add_argument("--alpha", type=float, default=32)
-    t.add_argument("--epochs", type=float, default=30)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--r", type=POSITIVE_INT, default=16)
+    t.add_argument("--alpha", type=POSITIVE, default=32)
+    t.add_argument("--epochs", type=POSITIVE, default=30)
+    t.add_argument("--lr", type=POSITIVE, default=3e-3)
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     t.set_defaults(fn=cmd_train_adapter)
 
     def composing(sp):
         sp.add_argument("--adapters", nargs="+", help="peft adapter folders")
         sp.add_argument("--method", default="sum", help=f"one of {', '.join(COMPOSE_METHODS)} (default sum)")
-        sp.add_argument("--weights", type=float, nargs="*", default=None, help="per-adapter weights (weighted)")
-        sp.add_argument("--map-rank", type=int, default=None, help="LoraMap rank m (loramap)")
-        sp.add_argument("--top-k", type=int, default=1, help="adapters per token (route; default 1)")
+        sp.add_argument("--weights", type=_finite, nargs="*", default=None, help="per-adapter weights (weighted)")
+        sp.add_argument("--map-rank", type=POSITIVE_INT, default=None, help="LoraMap rank m (loramap)")
+        sp.add_argument("--top-k", type=POSITIVE_INT, default=1, help="adapters per token (route; default 1)")
 
     c = sub.add_parser("compose", help="compose adapters (optionally train the composition) and export one"
                                           " peft adapter")
@@ -298,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     composing(c)
     c.add_argument("--out", required=True, help="folder for the exported peft adapter")
     c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, concat)")
-    c.add_argument("--epochs", type=float, default=30)
-    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--epochs", type=POSITIVE, default=30)
+    c.add_argument("--lr", type=POSITIVE, default=3e-3)
     c.set_defaults(fn=cmd_compose)
 
     e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters)")
@@ -313,20 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "MiniLM, 3 seeds), summation (GSM8K/PubMedQA/COVID-Fact claims, SmolLM2)")
     common(x, model=None)
     x.add_argument("--out", required=True, help="results folder")
-    x.add_argument("--people", type=int, default=32, help="recycling: subjects in the random world")
-    x.add_argument("--epochs", type=float, default=None, help="epochs per adapter and composition")
-    x.add_argument("--lr", type=float, default=None, help="learning rate of every fit, adapters and compositions "
+    x.add_argument("--people", type=PEOPLE, default=32, help="recycling: subjects in the random world")
+    x.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per adapter and composition")
+    x.add_argument("--lr", type=POSITIVE, default=None, help="learning rate of every fit, adapters and compositions "
                    "(default: recycling and loramap 3e-3, summation 1e-3)")
-    x.add_argument("--compose-epochs", type=float, default=None, help="loramap: epochs of each method's fit to "
+    x.add_argument("--compose-epochs", type=POSITIVE, default=None, help="loramap: epochs of each method's fit to "
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
     x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")
     x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
                    "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "
                    "loramap_sum, lora_direct)")
-    x.add_argument("--train-limit", type=int, default=None, help="loramap/summation: train examples per task "
+    x.add_argument("--train-limit", type=POSITIVE_INT, default=None, help="loramap/summation: train examples per task "
                    "(default all)")
-    x.add_argument("--eval-limit", type=int, default=None, help="loramap/summation: dev/test examples per split "
-                   "(default all)")
+    x.add_argument("--eval-limit", type=POSITIVE_INT, default=None, help="loramap/summation: dev/test examples per "
+                   "split (default all)")
     x.set_defaults(fn=cmd_experiment)
 
     b = sub.add_parser("bench", help="kernel microbenchmarks (CUDA GPU); extra arguments go to the script")

@@ -115,3 +115,47 @@ def test_experiment_lr_reaches_every_fit(name, study, monkeypatch, capsys, tmp_p
     assert seen["lr"] == 0.0007
     if name != "summation":
         assert seen["compose_lr"] == 0.0007
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--epochs", "-1"], "argument --epochs: must be"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--lr", "nan"], "argument --lr: must be"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--r", "0"], "argument --r: must be"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--alpha", "inf"], "argument --alpha: must be"),
+    (["demo", "--people", "2"], "argument --people: must be a finite number >= 3"),
+    (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--map-rank", "-3"], "argument --map-rank: must be"),
+    (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--weights", "nan"], "argument --weights: must be finite"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--train-limit", "-5"], "argument --train-limit: must be"),
+])
+def test_bad_numbers_are_refused_as_the_line_is_read(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def _fake_adapter(path, config="{}", weights=True):
+    path.mkdir()
+    (path / "adapter_config.json").write_text(config)
+    if weights:
+        (path / "adapter_model.safetensors").write_bytes(b"")
+    return str(path)
+
+
+def test_compose_flags_and_adapter_folders_checked_before_any_work(tmp_path, capsys):
+    a, b = _fake_adapter(tmp_path / "a"), _fake_adapter(tmp_path / "b")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--adapters", a, b, "--method", "sum", "--map-rank", "4", "--out", out], "--map-rank is only used with"),
+        (["--adapters", a, b, "--method", "sum", "--weights", "1", "2", "--out", out], "--weights are only used"),
+        (["--adapters", a, b, "--method", "route", "--out", out], "no fixed low-rank delta"),
+        (["--adapters", a, b, "--method", "sum", "--out", str(tmp_path)], "already exists"),
+        (["--adapters", _fake_adapter(tmp_path / "j", config="{oops"), "--out", out], "is not valid JSON"),
+        (["--adapters", _fake_adapter(tmp_path / "w", weights=False), "--out", out], "no adapter_model.safetensors"),
+    ]
+    for args, msg in cases:
+        code, _, err = run(["compose", "--model", "tiny-bert"] + args, capsys)
+        assert code == 2 and msg in err, (args, err)
+    code, _, err = run(["evaluate", "--task", "two-hop:two_hop", "--model", "tiny-bert", "--adapters", a, b,
+                        "--method", "route", "--top-k", "3"], capsys)
+    assert code == 2 and "--top-k must be in 1..2" in err
+    assert not os.path.exists(out)
