@@ -3,6 +3,7 @@ lorafuse.lora_linear (one fused pass on the GPU)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -103,7 +104,8 @@ class MultiLoraLinear(nn.Module):
         else:
             weights = [1.0] * K
         if method == "loramap":
-            if map_rank is None or int(map_rank) < 1:
+            if (map_rank is None or isinstance(map_rank, bool) or not isinstance(map_rank, numbers.Integral)
+                    or map_rank < 1):
                 raise ValueError(f"map_rank must be a positive integer for method='loramap', got {map_rank!r}")
             if map_init not in MAP_INITS:
                 raise ValueError(f"map_init must be one of {MAP_INITS}, got {map_init!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -40,10 +41,15 @@ ROUTER_KINDS = ("arrow", "linear", "uniform")
 
 
 def _check_ranks(ranks: Sequence[int], R: int) -> List[int]:
+    # Whole numbers only: a string ("48") or 4.9 must not turn silently into other ranks.
     try:
-        ranks = [int(r) for r in ranks]
-    except (TypeError, ValueError):
-        raise TypeError(f"ranks must be a sequence of positive integers, got {ranks!r}") from None
+        values = ranks.tolist() if isinstance(ranks, Tensor) else list(ranks)
+    except TypeError:
+        values = None
+    if (values is None or isinstance(ranks, (str, bytes))
+            or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in values)):
+        raise TypeError(f"ranks must be a sequence of positive integers, got {ranks!r}")
+    ranks = [int(r) for r in values]
     if not ranks or any(r < 1 for r in ranks) or sum(ranks) != R:
         raise ValueError(f"ranks must be positive integers summing to R = {R} (the rows of a_cat), got {ranks}")
     return ranks

@@ -232,3 +232,10 @@ def test_weights_must_be_finite():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="weights must be finite"):
             MultiLoraLinear(_base(), [(a, b, 1.0), (a, b, 1.0)], method="weighted", weights=[bad, 1.0])
+
+
+@pytest.mark.parametrize("bad", [2.7, True, "4"])
+def test_map_rank_must_be_a_whole_number(bad):
+    a, b = torch.randn(4, D_IN, device=DEVICE), torch.randn(D_OUT, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="map_rank must be a positive integer"):
+        MultiLoraLinear(_base(), [(a, b, 1.0)], method="loramap", map_rank=bad)

@@ -561,3 +561,12 @@ def test_routed_strided_vectors_match_contiguous(seeded):
     ref = lora_linear_routed(x, w, bias.contiguous(), a_cat, b_cat, scale.contiguous(), ranks, router, "linear",
                              None, 1.0, rbias.contiguous())
     assert rel_err(y, ref) < 1e-6
+
+
+@pytest.mark.parametrize("bad", ["23", [2.9, 2.1], [True, 4], torch.tensor([2.0, 3.0])])
+def test_routed_ranks_must_be_whole_numbers(bad, seeded):
+    x, w = torch.randn(4, 24, device=DEVICE), torch.randn(16, 24, device=DEVICE)
+    a_cat, b_cat = torch.randn(5, 24, device=DEVICE), torch.randn(16, 5, device=DEVICE)
+    with pytest.raises(TypeError, match="ranks must be a sequence of positive integers"):
+        lora_linear_routed(x, w, None, a_cat, b_cat, torch.ones(5, device=DEVICE), bad,
+                           torch.randn(2, 24, device=DEVICE), "arrow", 1)
