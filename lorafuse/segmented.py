@@ -12,6 +12,7 @@ tensor. Elsewhere it runs in plain torch.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -483,12 +484,25 @@ class LibraryHandle:
         (None or -1: the base model), one per sequence (B,) or per token (B, L). Returns the ids tensor
         the layers read. Ids of the same shape as the previous ones are copied into the same tensor,
         so a CUDA graph captured with them replays with the new ids."""
+        if isinstance(ids, (str, bytes)) or ids is None:
+            raise TypeError(f"ids must be a tensor or a list of slot numbers or adapter names (one per sequence), "
+                            f"got {ids!r}")
         if not isinstance(ids, Tensor):
             index = {n: i for i, n in enumerate(self.names)}
-            try:
-                ids = torch.tensor([-1 if v is None else index[v] if isinstance(v, str) else int(v) for v in ids])
-            except KeyError as e:
-                raise ValueError(f"unknown adapter name {e.args[0]!r}; the library holds {self.names}") from None
+
+            def slot(v):
+                if v is None:
+                    return -1
+                if isinstance(v, str):
+                    if v not in index:
+                        raise ValueError(f"unknown adapter name {v!r}; the library holds {self.names}")
+                    return index[v]
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    raise TypeError(f"ids must hold slot numbers (integers), adapter names or None, got {v!r}")
+                return int(v)
+            ids = torch.tensor([slot(v) for v in ids], dtype=torch.int64)
+        elif ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         if not self.layers:
             raise RuntimeError("the library was detached from the model")
         device = next(iter(self.layers.values())).library.device

@@ -403,6 +403,9 @@ def test_attach_library_errors():
         base(torch.randint(0, 50, (1, 3)))
     with pytest.raises(ValueError, match="unknown adapter name 'a2'"):
         handle.set_ids(["a2"])
+    for bad in ("a0", [0.7, 0], torch.tensor([0.0, 1.0]), None):  # no silent truncation or per-character names
+        with pytest.raises(TypeError, match="ids must"):
+            handle.set_ids(bad)
 
 
 def test_torch_compile_fullgraph(seeded):
