@@ -190,9 +190,16 @@ def read_adapter_dir(path: Union[str, os.PathLike], name: Optional[str] = None) 
         raise FileNotFoundError(f"adapter weights not found: {os.path.join(path, WEIGHT_NAMES[0])!r} "
                                 f"(nor {WEIGHT_NAMES[1]})")
     name = name or os.path.basename(os.path.normpath(path))
-    config = PeftConfig.from_pretrained(path)
+    # A damaged file is reported with its path (peft and safetensors name neither).
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"adapter config {config_path!r} could not be read: {e}") from e
     check_supported(config, name)
-    state_dict = load_peft_weights(path, device="cpu")
+    try:
+        state_dict = load_peft_weights(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"adapter weights in {path!r} could not be read: {type(e).__name__}: {e}") from e
     return adapter_from_state_dict(state_dict, config, name=name, source=path)
 
 

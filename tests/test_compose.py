@@ -377,6 +377,12 @@ def test_missing_paths(saved, tmp_path):
     (empty / "adapter_config.json").write_text(Path(dirs[0], "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         compose(model, [dirs[0], str(empty)])
+    (empty / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"adapter weights in .*empty.* could not be read"):
+        compose(model, [dirs[0], str(empty)])
+    (empty / "adapter_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"adapter config .*adapter_config.json.* could not be read"):
+        compose(model, [dirs[0], str(empty)])
     _assert_unchanged(model, snap)
 
 
