@@ -101,6 +101,11 @@ def merge_adapters(
     if not (rank is None or rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0)):
         raise ValueError(f"rank must be a positive int, 'full' or None, got {rank!r}")
 
+    fifo = {ad.name: bool(getattr(ad.config, "fan_in_fan_out", False)) for ad in loaded}
+    if len(set(fifo.values())) > 1:
+        raise ValueError(f"the adapters disagree on fan_in_fan_out (GPT-2-style Conv1D layers or not): {fifo}; "
+                         "they were trained on different kinds of models and cannot be merged")
+
     modules: List[str] = []
     for ad in loaded:
         modules += [k for k in ad.layers if k not in modules]
@@ -134,7 +139,7 @@ def merge_adapters(
     info = {"method": method, "weights": weights, "density": density, "majority_sign_method": majority_sign_method,
             "seed": seed if method in _RANDOM else None, "rank": rank, "adapters": [ad.name for ad in loaded],
             "truncation_error": errors,
-            "fan_in_fan_out": any(bool(getattr(ad.config, "fan_in_fan_out", False)) for ad in loaded),
+            "fan_in_fan_out": any(fifo.values()),
             "task_type": getattr(first, "task_type", None),
             "base_model_name_or_path": getattr(first, "base_model_name_or_path", None)}
     return LoraAdapter(name or f"{method}_merge", layers, config=None, source="merge_adapters", info=info)

@@ -137,3 +137,8 @@ def test_weights_must_be_finite(saved):
     dirs = saved["llama"][3]
     with pytest.raises(ValueError, match="weights must be finite"):
         merge_adapters(dirs, method="task_arithmetic", weights=[1.0, float("inf"), 1.0], rank="full")
+
+
+def test_adapters_of_different_model_kinds_are_refused(saved):
+    with pytest.raises(ValueError, match="disagree on fan_in_fan_out"):
+        merge_adapters([saved["llama"][3][0], saved["gpt2"][3][0]], method="task_arithmetic")
