@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .compose import compose, get_composition
+from .compose import compose, decompose, get_composition
 
 __all__ = ["lorahub_search", "lorahub_train", "LoraHubResult", "set_lorahub_weights", "COMPOSITIONS"]
 
@@ -87,8 +87,9 @@ def _prepare(model: nn.Module, adapters: Optional[Sequence[Any]], composition: s
     if comp is None:
         if adapters is None:
             raise ValueError("adapters is required unless the model is already composed")
+        adapters = list(adapters)  # read once: a generator would be spent by the first use
         if composition == "exact":
-            compose(model, adapters, method="weighted", weights=[0.0] * len(list(adapters)))
+            compose(model, adapters, method="weighted", weights=[0.0] * len(adapters))
         else:
             _check_equal_ranks(adapters)
             r = _common_rank(adapters)
@@ -201,18 +202,34 @@ def lorahub_search(
     Returns a LoraHubResult; the model is left composed with the weights found.
     """
     ng = _import_nevergrad()
-    import numpy as np
-
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
-    lo, hi = (float(b) for b in bounds)
-    if not lo < hi:
-        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be (low, high), two numbers, got {bounds!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"bounds must be (low, high), finite with low < high, got {bounds!r}")
+    if not (isinstance(l1, (int, float)) and not isinstance(l1, bool) and math.isfinite(l1) and l1 >= 0):
+        raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
     if optimizer not in ng.optimizers.registry:
         raise ValueError(f"optimizer {optimizer!r} is not a nevergrad optimizer (e.g. 'NGOpt', 'CMA', 'OnePlusOne')")
     batches = _batches(examples)
     loss_fn = metric_or_loss or _default_loss
+    composed_here = getattr(model, "_lorafuse_composition", None) is None
     comp = _prepare(model, adapters, composition)
+    try:
+        return _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition, maximize, optimizer, ng)
+    except BaseException:
+        if composed_here:  # a failed search leaves the model as it was given
+            decompose(model)
+        raise
+
+
+def _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition, maximize, optimizer, ng):
+    """lorahub_search's loop on a prepared composition (arguments checked there)."""
+    import numpy as np
+
     K = len(comp.adapters)
     was_training = model.training
     model.eval()

@@ -204,8 +204,17 @@ def test_bad_input(setup, tmp_path):
         lorahub_search(_fresh(base_sd), dirs, batches, composition="linear")
     with pytest.raises(ValueError, match="budget must be a positive int"):
         lorahub_search(_fresh(base_sd), dirs, batches, budget=0)
+    model = _fresh(base_sd)
     with pytest.raises(ValueError, match="needs 'labels'"):
-        lorahub_search(_fresh(base_sd), dirs, [{"input_ids": batches[0]["input_ids"]}], budget=1)
+        lorahub_search(model, dirs, [{"input_ids": batches[0]["input_ids"]}], budget=1)
+    assert getattr(model, "_lorafuse_composition", None) is None  # a failed search leaves the model as given
+    for bounds in ((-1.0, 0.0, 1.0), 1.5, (float("-inf"), 1.0), (1.0, -1.0)):
+        with pytest.raises(ValueError, match="bounds must be"):
+            lorahub_search(_fresh(base_sd), dirs, batches, bounds=bounds)
+    with pytest.raises(ValueError, match="l1 must be"):
+        lorahub_search(_fresh(base_sd), dirs, batches, l1=float("nan"))
+    result = lorahub_search(_fresh(base_sd), (d for d in dirs), batches, budget=2)  # a generator of adapters
+    assert len(result.weights) == len(dirs)
     composed = compose(_fresh(base_sd), dirs, method="sum")
     with pytest.raises(ValueError, match="method='weighted'"):
         lorahub_search(composed, None, batches)
