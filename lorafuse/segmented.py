@@ -549,6 +549,13 @@ def attach_library(
     names = [a.name for a in loaded] if names is None else list(names)
     if len(names) != len(loaded):
         raise ValueError(f"names must have one entry per adapter ({len(loaded)}), got {len(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct (set_ids selects adapters by name), got {names}")
+    if num_slots is not None and (isinstance(num_slots, bool) or not isinstance(num_slots, int)
+                                  or num_slots < len(loaded)):
+        raise ValueError(f"num_slots must be an integer >= the number of adapters ({len(loaded)}), got {num_slots!r}")
+    if any(isinstance(m, SegmentedLoraLinear) for m in model.modules()):
+        raise ValueError("a library is already attached to this model: call detach() on its handle first")
     root = _root_of(model)
     plan = _plan(root, loaded)
     if not plan:

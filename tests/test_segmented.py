@@ -406,6 +406,13 @@ def test_attach_library_errors():
     for bad in ("a0", [0.7, 0], torch.tensor([0.0, 1.0]), None):  # no silent truncation or per-character names
         with pytest.raises(TypeError, match="ids must"):
             handle.set_ids(bad)
+    with pytest.raises(ValueError, match="already attached"):
+        attach_library(base, adapters_from_peft(peft_model, ["a0", "a1"]))
+    handle.detach()
+    with pytest.raises(ValueError, match="names must be distinct"):
+        attach_library(base, adapters_from_peft(peft_model, ["a0", "a1"]), names=["x", "x"])
+    with pytest.raises(ValueError, match=r"num_slots must be an integer >= the number of adapters \(2\)"):
+        attach_library(base, adapters_from_peft(peft_model, ["a0", "a1"]), num_slots=1)
 
 
 def test_torch_compile_fullgraph(seeded):
