@@ -124,6 +124,11 @@ def delta_cosine(adapters: Sequence[Any], modules: Optional[Sequence[str]] = Non
     for ad in loaded:
         all_modules += [k for k in ad.layers if k not in all_modules]
     if modules is not None:
+        if isinstance(modules, str):
+            raise TypeError(f"modules must be a list of module paths, got the string {modules!r} (use [{modules!r}])")
+        modules = list(modules)
+        if not modules:
+            raise ValueError("modules is empty: pass None for every module, or at least one module path")
         unknown = [m for m in modules if m not in all_modules]
         if unknown:
             raise ValueError(f"modules: {unknown[:3]} are targeted by none of the adapters")

@@ -129,5 +129,9 @@ def test_bad_input():
         delta_cosine([x, y])
     with pytest.raises(ValueError, match="targeted by none"):
         delta_cosine([x], modules=["nope"])
+    with pytest.raises(TypeError, match="modules must be a list of module paths"):
+        delta_cosine([x], modules="l0.q")
+    with pytest.raises(ValueError, match="modules is empty"):
+        delta_cosine([x], modules=[])
     with pytest.raises(FileNotFoundError, match="missing-dir"):
         delta_cosine([x, "/nonexistent/missing-dir"])
