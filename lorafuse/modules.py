@@ -21,7 +21,10 @@ MAP_INITS = ("lora", "sum")
 def _check_adapters(adapters, d_in: int, d_out: int):
     if isinstance(adapters, (tuple, list)) and len(adapters) == 3 and isinstance(adapters[0], Tensor):
         raise TypeError("adapters must be a list of (A, B, scale) triples; wrap a single adapter in a list")
-    adapters = list(adapters)
+    try:
+        adapters = list(adapters)
+    except TypeError:
+        raise TypeError(f"adapters must be a list of (A, B, scale) triples, got {type(adapters).__name__}") from None
     if not adapters:
         raise ValueError("adapters must hold at least one (A, B, scale) triple, got an empty list")
     out = []

@@ -399,6 +399,8 @@ def lora_linear_segmented(
     grad (eagerly: not under torch.compile).
     """
     _check_args(x, weight, bias, library)
+    if schedule not in ("auto", "gathered", "grouped"):  # checked here too: empty batches skip the kernels
+        raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
     ids = _row_ids(x, idx)
     if check_ids:
         _check_ids_in_range(ids, library.num_slots)

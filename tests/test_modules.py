@@ -187,6 +187,8 @@ def test_bad_adapters():
         MultiLoraLinear(_base(), [])
     with pytest.raises(TypeError, match="list of"):
         MultiLoraLinear(_base(), (a, b, s))
+    with pytest.raises(TypeError, match="adapters must be a list of .* got NoneType"):
+        MultiLoraLinear(_base(), None)
     with pytest.raises(ValueError, match=r"adapters\[1\] A must have shape \(r, 40\)"):
         MultiLoraLinear(_base(), [(a, b, s), (a[:, :30], b, s)])
     with pytest.raises(ValueError, match=r"adapters\[0\] B must have shape \(24, 3\)"):

@@ -256,6 +256,8 @@ def test_bad_input_is_named(seeded):
     ids = torch.zeros(4, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="idx must have shape"):
         lora_linear_segmented(x, w, b, lib, ids[:3])
+    with pytest.raises(ValueError, match="schedule must be"):
+        lora_linear_segmented(x[:0], w, b, lib, ids[:0], schedule="zzz")  # an empty batch too
     with pytest.raises(ValueError, match="idx must be an integer"):
         lora_linear_segmented(x, w, b, lib, ids.float())
     with pytest.raises(ValueError, match="library must be"):
