@@ -90,7 +90,8 @@ def merge_adapters(
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
     if method in _NEEDS_DENSITY:
-        if density is None or not 0 < float(density) <= 1:
+        if (density is None or isinstance(density, bool) or not isinstance(density, (int, float))
+                or not 0 < float(density) <= 1):
             raise ValueError(f"method {method!r} needs density in (0, 1] (the fraction of entries kept), "
                              f"got {density!r}")
         density = float(density)
@@ -100,6 +101,8 @@ def merge_adapters(
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     if not (rank is None or rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0)):
         raise ValueError(f"rank must be a positive int, 'full' or None, got {rank!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
 
     fifo = {ad.name: bool(getattr(ad.config, "fan_in_fan_out", False)) for ad in loaded}
     if len(set(fifo.values())) > 1:

@@ -77,8 +77,15 @@ def arrow_prototypes(a_cat: Tensor, b_cat: Tensor, ranks: Sequence[int], scale: 
         raise ValueError(f"b_cat must be a tensor of shape (d_out, {R}), got "
                          f"{tuple(b_cat.shape) if isinstance(b_cat, Tensor) else type(b_cat).__name__}")
     ranks = _check_ranks(ranks, R)
-    if scale is not None and tuple(scale.shape) != (R,):
-        raise ValueError(f"scale must have shape ({R},) or be None, got {tuple(scale.shape)}")
+    if scale is not None and (not isinstance(scale, Tensor) or tuple(scale.shape) != (R,)):
+        raise ValueError(f"scale must be a tensor of shape ({R},) or None, got "
+                         f"{tuple(scale.shape) if isinstance(scale, Tensor) else type(scale).__name__}")
+    for name, t in (("b_cat", b_cat), ("scale", scale)):
+        if t is not None and t.device != a_cat.device:
+            raise ValueError(f"{name} must be on {a_cat.device} like a_cat, got {t.device}")
+    if a_cat.device.type == "meta" or not (a_cat.is_floating_point() and b_cat.is_floating_point()):
+        raise ValueError(f"a_cat and b_cat must be floating-point tensors with data, got {a_cat.dtype} and "
+                         f"{b_cat.dtype} on {a_cat.device}")
     f64 = torch.float64
     a64 = a_cat.detach().to(f64)
     b64 = b_cat.detach().to(f64)

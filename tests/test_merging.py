@@ -142,3 +142,11 @@ def test_weights_must_be_finite(saved):
 def test_adapters_of_different_model_kinds_are_refused(saved):
     with pytest.raises(ValueError, match="disagree on fan_in_fan_out"):
         merge_adapters([saved["llama"][3][0], saved["gpt2"][3][0]], method="task_arithmetic")
+
+
+def test_density_and_seed_types_are_named(saved):
+    dirs = saved["llama"][3]
+    with pytest.raises(ValueError, match="needs density in"):
+        merge_adapters(dirs, method="ties", density="half")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        merge_adapters(dirs, method="dare_ties", density=0.5, seed="a")

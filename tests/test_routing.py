@@ -570,3 +570,13 @@ def test_routed_ranks_must_be_whole_numbers(bad, seeded):
     with pytest.raises(TypeError, match="ranks must be a sequence of positive integers"):
         lora_linear_routed(x, w, None, a_cat, b_cat, torch.ones(5, device=DEVICE), bad,
                            torch.randn(2, 24, device=DEVICE), "arrow", 1)
+
+
+def test_arrow_prototypes_bad_input_is_named():
+    a_cat, b_cat = torch.randn(5, 24), torch.randn(16, 5)
+    with pytest.raises(ValueError, match=r"scale must be a tensor of shape \(5,\) or None, got list"):
+        arrow_prototypes(a_cat, b_cat, [2, 3], [1.0] * 5)
+    with pytest.raises(ValueError, match="floating-point tensors with data"):
+        arrow_prototypes(a_cat.to("meta"), b_cat.to("meta"), [2, 3])
+    with pytest.raises(ValueError, match="floating-point tensors with data"):
+        arrow_prototypes(a_cat.long(), b_cat, [2, 3])
