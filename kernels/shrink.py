@@ -313,6 +313,13 @@ _shrink_bwd_tuned = triton.autotune(configs=_row_configs("BLOCK_N"),
                                          "NEED_DSCALE"])(_shrink_bwd_kernel)
 
 
+def _program_totals(*partials):
+    """Sum per-program partial gradients (nprog, ...) over programs; None stays None. With one
+    program its partials are the result: a view saves a reduction launch per gradient (decoding-
+    sized batches)."""
+    return tuple(None if p is None else p[0] if p.shape[0] == 1 else p.sum(0) for p in partials)
+
+
 def _shrink_backward_single(
     dy: torch.Tensor,
     b_cat: torch.Tensor,
@@ -370,15 +377,7 @@ def _shrink_backward_single(
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         PREC=dot_precision(dy.dtype), BLOCK_R=block_for(R), BLOCK_M=block_for(M), **cfg,
     )
-    # With one program its partials are the result: a view saves a reduction launch per gradient
-    # (decoding-sized batches).
-    total = (lambda p: p[0]) if nprog == 1 else (lambda p: p.sum(0))  # noqa: E731
-    return (
-        ds,
-        total(dscale_p) if need_dscale else None,
-        total(da_p) if need_dmap else None,
-        total(db_p) if need_dmap else None,
-    )
+    return (ds, *_program_totals(dscale_p, da_p, db_p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,6 +607,14 @@ def _rows_partial(a, b, T, K, R, cfg, part=None):
     return part, splits
 
 
+def _check_map(a_map, b_map, R: int, dev: torch.device) -> None:
+    if (a_map is None) != (b_map is None):
+        raise ValueError("a_map and b_map must be given together (LoraMap needs both)")
+    if a_map is not None:
+        expect("a_map", a_map, (None, R), dev)
+        expect("b_map", b_map, (R, a_map.shape[0]), dev)
+
+
 def check_shrink_operands(x, a_cat, scale, a_map, b_map) -> torch.Tensor:
     """The launchers' own checks (they are public: the op checks before them, other callers may
     not): shapes, dtypes and devices named by argument. Returns scale as a unit-stride vector."""
@@ -618,11 +625,7 @@ def check_shrink_operands(x, a_cat, scale, a_map, b_map) -> torch.Tensor:
     expect("a_cat", a_cat, (None, x.shape[1]), dev, x.dtype)
     R = a_cat.shape[0]
     expect("scale", scale, (R,), dev)
-    if (a_map is None) != (b_map is None):
-        raise ValueError("a_map and b_map must be given together (LoraMap needs both)")
-    if a_map is not None:
-        expect("a_map", a_map, (None, R), dev)
-        expect("b_map", b_map, (R, a_map.shape[0]), dev)
+    _check_map(a_map, b_map, R, dev)
     return unit_vector(scale)
 
 
@@ -726,11 +729,7 @@ def _check_backward_operands(dy, b_cat, scale, s, u, a_map, b_map, need_dmap, ne
     R = b_cat.shape[1]
     expect("scale", scale, (R,), dev)
     scale = unit_vector(scale)
-    if (a_map is None) != (b_map is None):
-        raise ValueError("a_map and b_map must be given together (LoraMap needs both)")
-    if a_map is not None:
-        expect("a_map", a_map, (None, R), dev)
-        expect("b_map", b_map, (R, a_map.shape[0]), dev)
+    _check_map(a_map, b_map, R, dev)
     # The saved rows the requested gradients read (rows indexed with a unit last stride).
     if need_dscale or (need_dmap and a_map is not None):
         expect("s", s, (T, R), dev, torch.float32)
@@ -771,12 +770,4 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
     )
-    # With one program its partials are the result: a view saves a reduction launch per gradient
-    # (decoding-sized batches).
-    total = (lambda p: p[0]) if nprog == 1 else (lambda p: p.sum(0))  # noqa: E731
-    return (
-        ds,
-        total(dscale_p) if need_dscale else None,
-        total(da_p) if need_dmap else None,
-        total(db_p) if need_dmap else None,
-    )
+    return (ds, *_program_totals(dscale_p, da_p, db_p))

@@ -27,47 +27,41 @@ class UsageError(Exception):
 
 
 # argparse types: a bad number is refused as the command line is read (one line, exit 2).
-def _number(kind, low: float, inclusive: bool = False):
+def _number(kind, low: Optional[float] = None, inclusive: bool = False):
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(v) or v < low or (v == low and not inclusive):
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if low is not None and (v < low or (v == low and not inclusive)):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
         return v
     return parse
 
 
-POSITIVE_INT, POSITIVE = _number(int, 0), _number(float, 0.0)
+POSITIVE_INT, POSITIVE, FINITE = _number(int, 0), _number(float, 0.0), _number(float)
 PEOPLE = _number(int, 3, inclusive=True)  # the two-hop world's three splits need three subjects
 
 
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return v
-
-
 def _check_adapters(paths: List[str]) -> List[str]:
+    from .adapters import CONFIG_NAME, WEIGHT_NAMES
+
     for p in paths:
         d = Path(p)
         if not d.is_dir():
             raise UsageError(f"--adapters: {p} is not a directory (expected a peft adapter folder)")
-        cfg = d / "adapter_config.json"
+        cfg = d / CONFIG_NAME
         if not cfg.is_file():
-            raise UsageError(f"--adapters: {p} has no adapter_config.json (not a peft adapter folder)")
+            raise UsageError(f"--adapters: {p} has no {CONFIG_NAME} (not a peft adapter folder)")
         try:
             json.loads(cfg.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise UsageError(f"--adapters: {cfg} is not valid JSON ({e})") from e
-        if not any((d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise UsageError(f"--adapters: {p} has no adapter_model.safetensors (or .bin): the adapter's weights")
+        if not any((d / f).is_file() for f in WEIGHT_NAMES):
+            raise UsageError(f"--adapters: {p} has no {' or '.join(WEIGHT_NAMES)} (the adapter's weights)")
     return paths
 
 
@@ -185,9 +179,9 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
 
 
 def _composed(a):
+    """The model with the adapters composed (the callers have run _check_compose_args)."""
     import lorafuse
 
-    _check_compose_args(a)
     model, tok = _load_model(a.model, a.seed)
     kw = {}
     if a.method == "loramap":
@@ -225,14 +219,11 @@ def cmd_compose(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_classification
 
-    if a.adapters:
+    if a.adapters:  # every flag is checked before the data and the model are loaded
         _check_adapters(a.adapters)
         _check_compose_args(a)
     ds = _load_task(a.task, a.data)
-    if a.adapters:
-        model, tok = _composed(a)
-    else:
-        model, tok = _load_model(a.model, a.seed)
+    model, tok = _composed(a) if a.adapters else _load_model(a.model, a.seed)
     print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
     return 0
 
@@ -346,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     def composing(sp):
         sp.add_argument("--adapters", nargs="+", help="peft adapter folders")
         sp.add_argument("--method", default="sum", help=f"one of {', '.join(COMPOSE_METHODS)} (default sum)")
-        sp.add_argument("--weights", type=_finite, nargs="*", default=None, help="per-adapter weights (weighted)")
+        sp.add_argument("--weights", type=FINITE, nargs="*", default=None, help="per-adapter weights (weighted)")
         sp.add_argument("--map-rank", type=POSITIVE_INT, default=None, help="LoraMap rank m (loramap)")
         sp.add_argument("--top-k", type=POSITIVE_INT, default=1, help="adapters per token (route; default 1)")
 

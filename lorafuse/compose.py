@@ -11,7 +11,6 @@ MultiLoraLinear's (lorafuse.modules) and lora_linear's.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 
 from . import modules as _modules
 from .adapters import LoraAdapter, adapters_from_peft, load_adapters
-from .modules import MultiLoraLinear
+from .modules import MultiLoraLinear, check_weights
 
 __all__ = ["compose", "decompose", "unmerge", "merge", "get_composition", "Composition"]
 
@@ -217,11 +216,7 @@ def compose(
         adapters = load_adapters(adapters)
     K = len(adapters)
     if weights is not None:
-        weights = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
-        if len(weights) != K:
-            raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite numbers, got {weights}")
+        weights = check_weights(weights, K)
     elif method == "weighted":
         weights = [1.0 / K] * K
 

@@ -11,13 +11,13 @@ rank is asked for. As in peft, a layer merges only the adapters that target it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .adapters import LoraAdapter, load_adapters
+from .modules import check_weights
 
 __all__ = ["merge_adapters", "MERGE_METHODS"]
 
@@ -84,11 +84,7 @@ def merge_adapters(
     K = len(loaded)
     if weights is None:
         weights = [1.0] * K
-    weights = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
-    if len(weights) != K:
-        raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {weights}")
+    weights = check_weights(weights, K)
     if method in _NEEDS_DENSITY:
         if (density is None or isinstance(density, bool) or not isinstance(density, (int, float))
                 or not 0 < float(density) <= 1):

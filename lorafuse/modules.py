@@ -18,6 +18,17 @@ METHODS = ("sum", "weighted", "concat", "loramap", "route")
 MAP_INITS = ("lora", "sum")
 
 
+def check_weights(weights, K: int) -> list:
+    """Per-adapter weights (a sequence or tensor of K numbers) as K finite floats, or a ValueError
+    (shared by MultiLoraLinear, compose and merge_adapters)."""
+    weights = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    if len(weights) != K:
+        raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
+    return weights
+
+
 def _check_adapters(adapters, d_in: int, d_out: int):
     if isinstance(adapters, (tuple, list)) and len(adapters) == 3 and isinstance(adapters[0], Tensor):
         raise TypeError("adapters must be a list of (A, B, scale) triples; wrap a single adapter in a list")
@@ -99,11 +110,7 @@ class MultiLoraLinear(nn.Module):
         if weights is not None and method != "weighted":
             raise ValueError(f"weights are only used with method='weighted', got method={method!r}")
         if method == "weighted":
-            weights = [1.0 / K] * K if weights is None else [float(w) for w in weights]
-            if len(weights) != K:
-                raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
-            if not all(math.isfinite(w) for w in weights):
-                raise ValueError(f"weights must be finite numbers, got {weights}")
+            weights = [1.0 / K] * K if weights is None else check_weights(weights, K)
         else:
             weights = [1.0] * K
         if method == "loramap":
