@@ -12,7 +12,10 @@ the same run. Each lorafuse row is checked against plain torch in float32 on the
 
 Routed (per-token gates over K adapters of rank r, Arrow router, top_k of 1 or 2):
   base              F.linear(x, W)
-  lorafuse_routed   lorafuse.routing.lora_linear_routed (fused routed shrink + lora_gemm)
+  lorafuse_routed   lorafuse.routing.lora_linear_routed, schedule="auto" (what a layer runs)
+  lorafuse_dense    schedule="dense": fused routed shrink over all K adapters + lora_gemm
+  lorafuse_grouped  schedule="grouped": logits, top-k, then one mixed-batch pass per choice (rows
+                    grouped by their adapter) added onto the cuBLAS base product
   torch_ref         lorafuse.routing.lora_linear_routed_reference in bf16: every adapter's shrink
                     (x A_cat^T), the Arrow logits, top-k, softmax, gates, the expand: plain torch
   peft_arrow        peft's Arrow (LoraConfig(arrow_config=...)), K adapters on one nn.Linear;
@@ -57,11 +60,11 @@ from bench_kernels import _graphed, host_us_per_call, time_ms  # noqa: E402
 
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference  # noqa: E402
 
-FULL = dict(T=[16, 512, 8192], seg_T=[16, 128, 512, 2048, 8192], dims=[(4096, 4096)], extra_dims=[(4096, 14336)],
+FULL = dict(T=[16, 512, 2048, 8192], seg_T=[16, 128, 512, 2048, 8192], dims=[(4096, 4096)], extra_dims=[(4096, 14336)],
             K=[4, 16, 64], top_k=[1, 2], r=16, library=64)
 SMOKE = dict(T=[5, 37], seg_T=[5, 37], dims=[(40, 24)], extra_dims=[], K=[2, 4], top_k=[1, 2], r=4,
              library=6)
-ROUTED_IMPLS = ["base", "lorafuse_routed", "torch_ref", "peft_arrow"]
+ROUTED_IMPLS = ["base", "lorafuse_routed", "lorafuse_dense", "lorafuse_grouped", "torch_ref", "peft_arrow"]
 SEGMENTED_IMPLS = ["base", "lorafuse_segmented", "lorafuse_unchecked", "lorafuse_gathered", "lorafuse_grouped",
                    "graph_base", "graph_segmented", "graph_checked", "torch_loop", "peft_mixed"]
 GRAPH_MAX_T = 2048
@@ -193,10 +196,11 @@ def _routed_row(layer, x, args, impls, quick, peft_cache):
         for impl in impls:
             if impl == "base":
                 _run(row, impl, lambda e: _time(e, lambda: F.linear(x, W), quick, host))
-            elif impl == "lorafuse_routed":
-                def body(e):
-                    e["rel_err"] = _rel_err(lora_linear_routed(x, W, None, *args), ref32)
-                    _time(e, lambda: lora_linear_routed(x, W, None, *args), quick, host)
+            elif impl in ("lorafuse_routed", "lorafuse_dense", "lorafuse_grouped"):
+                def body(e, kw={"schedule": {"lorafuse_routed": "auto", "lorafuse_dense": "dense",
+                                              "lorafuse_grouped": "grouped"}[impl]}):
+                    e["rel_err"] = _rel_err(lora_linear_routed(x, W, None, *args, **kw), ref32)
+                    _time(e, lambda: lora_linear_routed(x, W, None, *args, **kw), quick, host)
                 _run(row, impl, body)
             elif impl == "torch_ref":
                 def body(e):

@@ -28,7 +28,7 @@ Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -75,11 +75,12 @@ def _gathered_shrink_kernel(
 
 @triton.jit
 def _gathered_expand_kernel(
-    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr,
     N, SPLITS, NUM_SLOTS,
     stride_ot, stride_on,
     stride_ps, stride_pt,
     stride_fn, stride_fr, stride_fd,
+    HAS_ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -90,6 +91,8 @@ def _gathered_expand_kernel(
     slot = tl.where(valid, slot, 0)
     rank = tl.load(ranks_ptr + slot)
     scale = tl.load(scales_ptr + slot).to(tl.float32)
+    if HAS_ROW_SCALE:
+        scale *= tl.load(row_scale_ptr + t)
     offs_r = tl.arange(0, BLOCK_R)
     # (Scalar conditions folded into the bounds: the interpreter rejects scalar & vector masks.)
     r_mask = offs_r < tl.where(valid, rank, 0)
@@ -254,12 +257,13 @@ def _grouped_shrink_kernel(
 
 @triton.jit
 def _grouped_expand_kernel(
-    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr,
+    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, row_scale_ptr,
     blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr, perm_ptr,
     N, NUM_SLOTS,
     stride_ot, stride_on,
     stride_pt,
     stride_fn, stride_fr, stride_fd,
+    HAS_ROW_SCALE: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -275,7 +279,10 @@ def _grouped_expand_kernel(
     r_mask = offs_r < rank
     s = tl.load(part_ptr + rows[:, None] * stride_pt + offs_r[None, :],
                 mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-    s = (s * scale).to(out_ptr.dtype.element_ty)
+    s = s * scale
+    if HAS_ROW_SCALE:
+        s *= tl.load(row_scale_ptr + rows, mask=t_mask, other=0.0)[:, None]
+    s = s.to(out_ptr.dtype.element_ty)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < tl.where(valid, N, 0)
     f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
@@ -356,6 +363,7 @@ def segmented_lora_(
     idx: torch.Tensor,
     schedule: str = "auto",
     save_s: bool = False,
+    row_scale: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
@@ -364,6 +372,8 @@ def segmented_lora_(
     int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
     schedule: "gathered", "grouped" or "auto" (by T). Returns out, or (out, S) with save_s:
     S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
+    row_scale (T,) float32, optional: a factor per row on top of its slot's scale (a routed
+    layer's gate), applied before the rounding.
     """
     check_runnable("x", x)
     if x.dim() != 2:
@@ -384,6 +394,12 @@ def segmented_lora_(
                          f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
     if schedule not in ("auto", "gathered", "grouped"):
         raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
+    if row_scale is not None and (tuple(row_scale.shape) != (T,) or row_scale.dtype != torch.float32
+                                  or row_scale.device != x.device or (T > 1 and row_scale.stride(0) != 1)):
+        raise ValueError(f"row_scale must be a contiguous float32 tensor of shape ({T},) on {x.device}, "
+                         f"got {row_scale.dtype} {tuple(row_scale.shape)} on {row_scale.device}")
+    has_rs = row_scale is not None
+    row_scale_ = row_scale if has_rs else scales
     if T == 0 or N == 0 or num_slots == 0 or r_max == 0:
         return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     if schedule == "auto":
@@ -406,12 +422,12 @@ def segmented_lora_(
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
         launch(_gathered_expand_kernel, (T, cdiv(N, block_n)),
-            out, part, fac_out, ranks, scales, idx,
+            out, part, fac_out, ranks, scales, idx, row_scale_,
             N, splits, num_slots,
             out.stride(0), out.stride(1),
             part.stride(0), part.stride(1),
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
-            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+            HAS_ROW_SCALE=has_rs, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
         )
         return (out, part.sum(0)) if save_s else out
 
@@ -429,12 +445,12 @@ def segmented_lora_(
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
     launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n)),
-        out, part, fac_out, ranks, scales, *plan_args,
+        out, part, fac_out, ranks, scales, row_scale_, *plan_args,
         N, num_slots,
         out.stride(0), out.stride(1),
         part.stride(0),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
-        PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
     if save_s:
         valid = (idx >= 0) & (idx < num_slots)

@@ -306,6 +306,78 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
     return grads
 
 
+# A top-k layer computes only its rows' chosen adapters when it runs "grouped": the dense path
+# above computes every adapter's rank block (R = K r columns) and zeroes the unchosen ones, which
+# costs as much as a quarter of the base GEMM at K = 64, r = 16. Grouped, the logits come first
+# (a K-column thin GEMM), then each of the top_k choices is one pass of the mixed-batch kernels
+# (lorafuse.kernels.segmented: rows grouped by adapter on the GPU, gate applied per row) added
+# onto the cuBLAS base product. Forward only (no gradients). "auto" takes it for a top-k forward
+# without gradients once R / top_k and T reach these (from bench/bench_routing.py).
+GROUPED_MIN_RANK = 256
+GROUPED_MIN_T = 1024
+ROUTED_SCHEDULES = ("auto", "dense", "grouped")
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_layout(ranks: tuple, device: torch.device) -> Tuple[Optional[Tensor], Tensor]:
+    """(rows, ranks): rows (R,) int64 = each rank column's row in the zero-padded (K * r_max) slot
+    layout (None when every rank is r_max: the layout is a plain view); ranks (K,) int32."""
+    r_max = max(ranks)
+    rows = None
+    if any(r != r_max for r in ranks):
+        rows = torch.tensor([i * r_max + j for i, r in enumerate(ranks) for j in range(r)], dtype=torch.long)
+        rows = rows.to(device)
+    return rows, torch.tensor(ranks, dtype=torch.int32).to(device)
+
+
+def _library_factors(a_c: Tensor, b_c: Tensor, sc: Tensor, ranks: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The adapters as slots: fac_in (K, r_max, d_in) = A_i, fac_out (K, r_max, d_out) = (B_i diag(s_i))^T
+    (each rank column's scale folded into B, so that every slot's own scale is 1), ranks (K,) int32."""
+    ranks = tuple(int(r) for r in ranks)
+    K, r_max = len(ranks), max(ranks)
+    rows, ranks_t = _slot_layout(ranks, a_c.device)
+    bs = (b_c.float() * sc).t().to(a_c.dtype)              # (R, d_out)
+    if rows is None:
+        return a_c.reshape(K, r_max, -1), bs.reshape(K, r_max, -1), ranks_t
+    fac_in = a_c.new_zeros((K * r_max, a_c.shape[1])).index_copy_(0, rows, a_c)
+    fac_out = bs.new_zeros((K * r_max, bs.shape[1])).index_copy_(0, rows, bs)
+    return fac_in.view(K, r_max, -1), fac_out.view(K, r_max, -1), ranks_t
+
+
+def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature):
+    """The top-k routed forward with rows grouped by their chosen adapters (no gradients): y (T, d_out)."""
+    from .kernels.segmented import segmented_lora_
+    from .kernels.shrink import _rows_partial, split_config
+
+    T, d_in = x.shape
+    K = router_c.shape[0]
+    part, _ = _rows_partial(x, router_c.t(), T, d_in, K, split_config(T, d_in, K, x.dtype, x.device))
+    z = part.sum(0)                                        # logits (T, K), float32 accumulation
+    if rbias is not None:
+        z = z + rbias
+    logits = (z.abs() if abs_logits else z) / temperature
+    top, ids = torch.topk(logits, top_k, dim=1)
+    gates = torch.softmax(top, dim=1).t().contiguous()     # (top_k, T): one row per choice
+    ids = ids.t().contiguous()
+    fac_in, fac_out, ranks_t = _library_factors(a_c, b_c, sc, ranks)
+    ones = torch.ones((K,), dtype=torch.float32, device=x.device)
+    y = F.linear(x, weight, bias)
+    for j in range(top_k):
+        segmented_lora_(y, x, fac_in, fac_out, ranks_t, ones, ids[j], row_scale=gates[j])
+    return y
+
+
+def _use_grouped(schedule: str, top_k: Optional[int], ranks: Sequence[int], T: int, save: bool) -> bool:
+    if schedule == "dense":
+        return False
+    if schedule == "grouped":
+        if save:
+            raise NotImplementedError("schedule='grouped' runs the forward only; with gradients use "
+                                      "schedule='dense' or 'auto'")
+        return True
+    return top_k is not None and not save and T >= GROUPED_MIN_T and sum(ranks) >= GROUPED_MIN_RANK * top_k
+
+
 class _RoutedFunction(torch.autograd.Function):
     """The eager kernel path: routed shrink + lora_gemm forward, _routed_backward backward."""
 
@@ -337,8 +409,12 @@ def _empty(x: Tensor) -> Tensor:
 def _routed_fwd_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor, sc: Tensor, router_c: Tensor,
     rbias: Optional[Tensor], ranks: List[int], abs_logits: bool, top_k: int, temperature: float, save: bool,
+    grouped: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save."""
+    """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save (grouped: never)."""
+    if grouped:
+        y = _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature)
+        return y, _empty(x), _empty(x), _empty(x), _empty(x)
     y, sp, s, z, g = _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, _block_ids(ranks, x.device),
                                      abs_logits, top_k or None, temperature, save)
     if not save:
@@ -347,7 +423,7 @@ def _routed_fwd_op(
 
 
 @_routed_fwd_op.register_fake
-def _(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save):
+def _(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save, grouped=False):
     from .kernels.shrink import alloc_rows
 
     T, R, K = x.shape[0], a_c.shape[0], router_c.shape[0]
@@ -378,7 +454,7 @@ def _(dy, x, weight, a_c, router_c, b_c, sc, sp, s, z, g, ranks, abs_logits, tem
 
 
 def _routed_setup_context(ctx, inputs, output):
-    x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save = inputs
+    x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature, save, grouped = inputs
     y, sp, s, z, g = output
     ctx.mark_non_differentiable(sp, s, z, g)
     ctx.save_for_backward(x, weight, a_c, router_c, b_c, sc, sp, s, z, g)
@@ -390,11 +466,11 @@ def _routed_op_backward(ctx, dy, _dsp, _ds, _dz, _dg):
     x, weight, a_c, router_c, b_c, sc, sp, s, z, g = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:8])
     if not any(needs):
-        return (None,) * 13
+        return (None,) * 14
     ranks, abs_logits, temperature = ctx.meta
     grads = torch.ops.lorafuse.lora_linear_routed_bwd(dy, x, weight, a_c, router_c, b_c, sc, sp, s, z, g, ranks,
                                                        abs_logits, temperature, needs)
-    return (*[gr.to(dt) if n else None for n, gr, dt in zip(needs, grads, ctx.dtypes)], None, None, None, None, None)
+    return (*[gr.to(dt) if n else None for n, gr, dt in zip(needs, grads, ctx.dtypes)], *(None,) * 6)
 
 
 torch.library.register_autograd("lorafuse::lora_linear_routed_fwd", _routed_op_backward,
@@ -414,6 +490,7 @@ def lora_linear_routed(
     top_k: Optional[int] = None,
     temperature: float = 1.0,
     router_bias: Optional[Tensor] = None,
+    schedule: str = "auto",
 ) -> Tensor:
     """y = x W^T + b + ((x a_cat^T) * scale * g[:, block]) b_cat^T with per-token gates g (T, K).
 
@@ -426,12 +503,21 @@ def lora_linear_routed(
     Returns (..., d_out) in x's dtype. Differentiable in x, weight, bias, a_cat, b_cat, scale,
     router and router_bias (only the gradients asked for are computed; the top-k choice itself has
     no gradient). The router and LoRA tensors are used in x's dtype, scale and router_bias in float32.
+    schedule (kernel path): "dense" computes every adapter's rank block and gates it on chip;
+    "grouped" (top_k only, forward without gradients) computes only each row's top_k adapters, rows
+    grouped by adapter; "auto" takes grouped for a top-k forward without gradients when T >=
+    GROUPED_MIN_T and R >= GROUPED_MIN_RANK * top_k, else dense.
 
     Example: a token whose top logit belongs to adapter 2 with top_k=1 gets exactly adapter 2's
     delta: y = x W^T + b + s_2 (x A_2^T) B_2^T.
     """
     ranks = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
                                temperature, router_bias)
+    if schedule not in ROUTED_SCHEDULES:
+        raise ValueError(f"schedule must be one of {ROUTED_SCHEDULES}, got {schedule!r}")
+    if schedule == "grouped" and top_k is None:
+        raise ValueError("schedule='grouped' needs top_k (each row's chosen adapters); a dense softmax "
+                         "uses every adapter: use schedule='dense' or 'auto'")
     K = len(ranks)
     if router_kind == "uniform":
         # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.
@@ -454,9 +540,12 @@ def lora_linear_routed(
                router_bias.to(torch.float32) if router_bias is not None else None)
     abs_logits = router_kind == "arrow"
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grouped = _use_grouped(schedule, top_k, ranks, x2.shape[0], save)
     if torch.compiler.is_compiling():
         y = torch.ops.lorafuse.lora_linear_routed_fwd(*tensors, list(ranks), abs_logits, int(top_k or 0),
-                                                      float(temperature), save)[0]
+                                                      float(temperature), save, grouped)[0]
+    elif grouped:
+        y = _routed_grouped(*tensors, ranks, abs_logits, top_k, float(temperature))
     elif save:
         y = _RoutedFunction.apply(*tensors, _block_ids(ranks, x.device), abs_logits, top_k, float(temperature))
     else:

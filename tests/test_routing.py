@@ -195,7 +195,8 @@ def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, 
     x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
     router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, dtype)
     temperature = 0.7
-    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias)
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias,
+                           schedule="dense")
     ref = reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias)
     assert y.dtype == dtype and y.shape == (T, d_out)
     stable = ~near_tie_rows(x, router, rbias, kind, top_k, temperature)
@@ -203,6 +204,75 @@ def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, 
     assert rel_err(y[stable.to(y.device)], ref[stable.to(ref.device)]) < TOL[dtype]
     if kind != "uniform":
         assert len(kernel_calls) == 1  # the fused routed shrink ran (on the GPU or the interpreter)
+
+
+@pytest.fixture
+def segmented_calls(monkeypatch):
+    """Counts passes of the mixed-batch kernels (one per top-k choice on the grouped schedule)."""
+    import lorafuse.kernels.segmented as seg
+
+    calls = []
+    orig = seg.segmented_lora_
+
+    def counting(*args, **kw):
+        calls.append(kw.get("row_scale") is not None)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(seg, "segmented_lora_", counting)
+    return calls
+
+
+GROUPED_CASES = [(1, 16, 24, [4, 4]), (37, 48, 40, [3, 8, 5]), (300, 40, 72, [1, 7, 16, 2, 5])]
+if HAS_CUDA:
+    GROUPED_CASES += [(2048, 1024, 512, [16] * 16), (4096, 4096, 4096, [16] * 64), (300, 4096, 4096, [8, 16, 32, 4])]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", GROUPED_CASES)
+@pytest.mark.parametrize("kind,top_k", [("arrow", 1), ("arrow", 2), ("linear", 1), ("linear", 3)])
+def test_grouped_forward_matches_float64(dtype, case, kind, top_k, segmented_calls, kernel_calls, seeded):
+    """schedule="grouped": only each row's top_k adapters are computed (the mixed-batch kernels, one
+    pass per choice, both of their schedules: T <= 256 gathered, above grouped); same result."""
+    T, d_in, d_out, ranks = case
+    top_k = min(top_k, len(ranks))
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
+    router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, dtype)
+    y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, 0.7, rbias,
+                           schedule="grouped")
+    ref = reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, 0.7, rbias)
+    assert y.dtype == dtype and y.shape == (T, d_out)
+    stable = ~near_tie_rows(x, router, rbias, kind, top_k, 0.7)
+    assert stable.float().mean() > 0.9
+    assert rel_err(y[stable.to(y.device)], ref[stable.to(ref.device)]) < TOL[dtype]
+    assert segmented_calls == [True] * top_k and not kernel_calls
+
+
+def test_grouped_schedule_choice_and_errors(segmented_calls, kernel_calls, monkeypatch, seeded):
+    """"auto" takes grouped only for a top-k forward without gradients above the thresholds; an
+    explicit "grouped" refuses what it cannot do."""
+    import lorafuse.routing as routing
+
+    ranks = [3, 5, 4]
+    x, w, b, a_cat, b_cat, scale = make_layer(20, 16, 8, ranks, torch.float32)
+    router = arrow_prototypes(a_cat, b_cat, ranks, scale)
+    args = (x, w, b, a_cat, b_cat, scale, ranks, router, "arrow")
+    lora_linear_routed(*args, 1)
+    assert not segmented_calls and len(kernel_calls) == 1  # below the thresholds: dense
+    monkeypatch.setattr(routing, "GROUPED_MIN_T", 16)
+    monkeypatch.setattr(routing, "GROUPED_MIN_RANK", 6)
+    lora_linear_routed(*args, 2)  # R = 12 >= 6 * 2
+    assert segmented_calls == [True] * 2 and len(kernel_calls) == 1
+    lora_linear_routed(*args, 3)  # R = 12 < 6 * 3
+    lora_linear_routed(*args, None)  # dense softmax
+    x.requires_grad_()
+    lora_linear_routed(*args, 1).sum().backward()  # gradients: dense
+    assert len(segmented_calls) == 2 and len(kernel_calls) == 4
+    with pytest.raises(NotImplementedError, match="schedule='grouped' runs the forward only"):
+        lora_linear_routed(*args, 1, schedule="grouped")
+    with pytest.raises(ValueError, match="schedule='grouped' needs top_k"):
+        lora_linear_routed(*args, None, schedule="grouped")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lora_linear_routed(*args, 1, schedule="sparse")
 
 
 @pytest.mark.parametrize("K", [16, 64])
