@@ -38,9 +38,12 @@ def _stacked_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """part[split, t, c] = sum over d in the split of x[t, d] * [a_cat; router][c, d] (float32), for the
-    R + K columns c. Grid (column chunks, splits, row blocks), as shrink's _rows_partial_kernel."""
+    R + K columns c. Grid (column chunks, splits, row blocks), as shrink's _rows_partial_kernel.
+    EVEN_D: D is a multiple of BLOCK_D (split ranges then always are): no mask along d, so that the
+    compiler can prove the loads aligned (as the shrink's EVEN_K)."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -57,14 +60,19 @@ def _stacked_partial_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for d0 in range(d_start, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < d_end
-        x = tl.load(x_ptr + offs_t_c[:, None] * stride_xt + offs_d[None, :] * stride_xd, mask=d_mask[None, :],
-                    other=0.0)
+        x_ptrs = x_ptr + offs_t_c[:, None] * stride_xt + offs_d[None, :] * stride_xd
         # The (BLOCK_D, BLOCK_R) tile of [a_cat; router]^T: each column from one of the two sources.
-        w = tl.load(a_ptr + offs_a[None, :] * stride_ar + offs_d[:, None] * stride_ad,
-                    mask=d_mask[:, None] & from_a[None, :], other=0.0)
-        w += tl.load(rt_ptr + offs_rt[None, :] * stride_rk + offs_d[:, None] * stride_rd,
-                     mask=d_mask[:, None] & from_router[None, :], other=0.0)
+        a_ptrs = a_ptr + offs_a[None, :] * stride_ar + offs_d[:, None] * stride_ad
+        r_ptrs = rt_ptr + offs_rt[None, :] * stride_rk + offs_d[:, None] * stride_rd
+        if EVEN_D:
+            x = tl.load(x_ptrs)
+            w = tl.load(a_ptrs, mask=from_a[None, :], other=0.0)
+            w += tl.load(r_ptrs, mask=from_router[None, :], other=0.0)
+        else:
+            d_mask = offs_d < d_end
+            x = tl.load(x_ptrs, mask=d_mask[None, :], other=0.0)
+            w = tl.load(a_ptrs, mask=d_mask[:, None] & from_a[None, :], other=0.0)
+            w += tl.load(r_ptrs, mask=d_mask[:, None] & from_router[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PREC)
     tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_c[None, :], acc,
              mask=t_mask[:, None] & (offs_c < R + K)[None, :])
@@ -83,7 +91,7 @@ def _stacked_partial(x, a_cat, router, cfg):
         x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), router.stride(0), router.stride(1),
         part.stride(0), part.stride(1),
         PREC=dot_precision(x.dtype), BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN_D=D % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return part, splits
 

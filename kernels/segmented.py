@@ -80,6 +80,7 @@ def _gathered_expand_kernel(
     stride_ot, stride_on,
     stride_ps, stride_pt,
     stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
     HAS_ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -90,12 +91,13 @@ def _gathered_expand_kernel(
     valid = (slot >= 0) & (slot < NUM_SLOTS)
     slot = tl.where(valid, slot, 0)
     rank = tl.load(ranks_ptr + slot)
-    scale = tl.load(scales_ptr + slot).to(tl.float32)
-    if HAS_ROW_SCALE:
-        scale *= tl.load(row_scale_ptr + t)
     offs_r = tl.arange(0, BLOCK_R)
     # (Scalar conditions folded into the bounds: the interpreter rejects scalar & vector masks.)
     r_mask = offs_r < tl.where(valid, rank, 0)
+    # The slot's scale per rank column (stride_sr = 0: one scale for the whole slot).
+    scale = tl.load(scales_ptr + slot * stride_sn + offs_r * stride_sr, mask=r_mask, other=0.0).to(tl.float32)
+    if HAS_ROW_SCALE:
+        scale *= tl.load(row_scale_ptr + t)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k in range(0, SPLITS):
         s += tl.load(part_ptr + k * stride_ps + t * stride_pt + offs_r, mask=r_mask, other=0.0)
@@ -263,6 +265,7 @@ def _grouped_expand_kernel(
     stride_ot, stride_on,
     stride_pt,
     stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
     HAS_ROW_SCALE: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -274,12 +277,12 @@ def _grouped_expand_kernel(
     slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
                                             perm_ptr, NUM_SLOTS, BLOCK_T)
     rank = tl.load(ranks_ptr + slot)
-    scale = tl.load(scales_ptr + slot).to(tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    scale = tl.load(scales_ptr + slot * stride_sn + offs_r * stride_sr, mask=r_mask, other=0.0).to(tl.float32)
     s = tl.load(part_ptr + rows[:, None] * stride_pt + offs_r[None, :],
                 mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-    s = s * scale
+    s = s * scale[None, :]
     if HAS_ROW_SCALE:
         s *= tl.load(row_scale_ptr + rows, mask=t_mask, other=0.0)[:, None]
     s = s.to(out_ptr.dtype.element_ty)
@@ -349,8 +352,9 @@ def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.T
     if tuple(ranks.shape) != (N,) or ranks.dtype not in (torch.int32, torch.int64) or ranks.device != x.device:
         raise ValueError(f"ranks must be an int32/int64 tensor of shape ({N},) on {x.device}, "
                          f"got {ranks.dtype} {tuple(ranks.shape)} on {ranks.device}")
-    if tuple(scales.shape) != (N,) or scales.device != x.device:
-        raise ValueError(f"scales must have shape ({N},) on {x.device}, got {tuple(scales.shape)} on {scales.device}")
+    if tuple(scales.shape) not in ((N,), (N, fac.shape[1])) or scales.device != x.device:
+        raise ValueError(f"scales must have shape ({N},) (one per slot) or ({N}, {fac.shape[1]}) (one per rank "
+                         f"column) on {x.device}, got {tuple(scales.shape)} on {scales.device}")
 
 
 def segmented_lora_(
@@ -368,7 +372,8 @@ def segmented_lora_(
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
     out: (T, N_out); x: (T, D); fac_in: (num_slots, r_max, D) and fac_out: (num_slots, r_max, N_out)
-    in x's dtype (zero-padded slots); ranks (num_slots,) int; scales (num_slots,) float32; idx (T,)
+    in x's dtype (zero-padded slots; any strides); ranks (num_slots,) int; scales (num_slots,) float32,
+    or (num_slots, r_max) for a scale per rank column; idx (T,)
     int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
     schedule: "gathered", "grouped" or "auto" (by T). Returns out, or (out, S) with save_s:
     S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
@@ -400,6 +405,7 @@ def segmented_lora_(
                          f"got {row_scale.dtype} {tuple(row_scale.shape)} on {row_scale.device}")
     has_rs = row_scale is not None
     row_scale_ = row_scale if has_rs else scales
+    scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     if T == 0 or N == 0 or num_slots == 0 or r_max == 0:
         return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     if schedule == "auto":
@@ -427,6 +433,7 @@ def segmented_lora_(
             out.stride(0), out.stride(1),
             part.stride(0), part.stride(1),
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+            *scale_strides,
             HAS_ROW_SCALE=has_rs, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
         )
         return (out, part.sum(0)) if save_s else out
@@ -450,6 +457,7 @@ def segmented_lora_(
         out.stride(0), out.stride(1),
         part.stride(0),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+        *scale_strides,
         HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
     if save_s:

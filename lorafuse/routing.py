@@ -330,18 +330,21 @@ def _slot_layout(ranks: tuple, device: torch.device) -> Tuple[Optional[Tensor], 
     return rows, torch.tensor(ranks, dtype=torch.int32).to(device)
 
 
-def _library_factors(a_c: Tensor, b_c: Tensor, sc: Tensor, ranks: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The adapters as slots: fac_in (K, r_max, d_in) = A_i, fac_out (K, r_max, d_out) = (B_i diag(s_i))^T
-    (each rank column's scale folded into B, so that every slot's own scale is 1), ranks (K,) int32."""
+def _library_factors(a_c: Tensor, b_c: Tensor, sc: Tensor,
+                     ranks: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The adapters as library slots: fac_in (K, r_max, d_in) = A_i, fac_out (K, r_max, d_out) = B_i^T,
+    scales (K, r_max) per rank column, ranks (K,) int32. With equal ranks all are views (no copy:
+    fac_out reads b_cat's rows r_max columns at a time); mixed ranks are zero-padded copies."""
     ranks = tuple(int(r) for r in ranks)
     K, r_max = len(ranks), max(ranks)
     rows, ranks_t = _slot_layout(ranks, a_c.device)
-    bs = (b_c.float() * sc).t().to(a_c.dtype)              # (R, d_out)
+    bt = b_c.t()                                           # (R, d_out), a view
     if rows is None:
-        return a_c.reshape(K, r_max, -1), bs.reshape(K, r_max, -1), ranks_t
+        return a_c.reshape(K, r_max, -1), bt.reshape(K, r_max, -1), sc.reshape(K, r_max), ranks_t
     fac_in = a_c.new_zeros((K * r_max, a_c.shape[1])).index_copy_(0, rows, a_c)
-    fac_out = bs.new_zeros((K * r_max, bs.shape[1])).index_copy_(0, rows, bs)
-    return fac_in.view(K, r_max, -1), fac_out.view(K, r_max, -1), ranks_t
+    fac_out = bt.new_zeros((K * r_max, bt.shape[1])).index_copy_(0, rows, bt)
+    scales = sc.new_zeros((K * r_max,)).index_copy_(0, rows, sc)
+    return fac_in.view(K, r_max, -1), fac_out.view(K, r_max, -1), scales.view(K, r_max), ranks_t
 
 
 def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature):
@@ -355,15 +358,17 @@ def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_l
     z = part.sum(0)                                        # logits (T, K), float32 accumulation
     if rbias is not None:
         z = z + rbias
-    logits = (z.abs() if abs_logits else z) / temperature
-    top, ids = torch.topk(logits, top_k, dim=1)
-    gates = torch.softmax(top, dim=1).t().contiguous()     # (top_k, T): one row per choice
-    ids = ids.t().contiguous()
-    fac_in, fac_out, ranks_t = _library_factors(a_c, b_c, sc, ranks)
-    ones = torch.ones((K,), dtype=torch.float32, device=x.device)
+    logits = z.abs() if abs_logits else z
+    if top_k == 1:  # the softmax over one kept logit is 1: no gate to apply
+        ids, gates = logits.argmax(1)[None], [None]
+    else:
+        top, ids = torch.topk(logits, top_k, dim=1)
+        gates = torch.softmax(top / temperature, dim=1).t().contiguous()  # (top_k, T): a row per choice
+        ids = ids.t().contiguous()
+    fac_in, fac_out, scales, ranks_t = _library_factors(a_c, b_c, sc, ranks)
     y = F.linear(x, weight, bias)
     for j in range(top_k):
-        segmented_lora_(y, x, fac_in, fac_out, ranks_t, ones, ids[j], row_scale=gates[j])
+        segmented_lora_(y, x, fac_in, fac_out, ranks_t, scales, ids[j], row_scale=gates[j])
     return y
 
 
