@@ -312,9 +312,12 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
 # (a K-column thin GEMM), then each of the top_k choices is one pass of the mixed-batch kernels
 # (lorafuse.kernels.segmented: rows grouped by adapter on the GPU, gate applied per row) added
 # onto the cuBLAS base product. Forward only (no gradients). "auto" takes it for a top-k forward
-# without gradients once R / top_k and T reach these (from bench/bench_routing.py).
-GROUPED_MIN_RANK = 256
-GROUPED_MIN_T = 1024
+# without gradients once R / top_k and T reach these. From bench/routed_profile.py on an H100 at
+# 4096 x 4096, r = 16: grouped costs a fixed ~0.1-0.15 ms of GPU time over the base GEMM plus about
+# twice dense's host time (a dozen more launches and torch calls), so it wins at T = 8192 from
+# R = 1024 (K = 64: 1.38x vs 2.39x the base GEMM from a CUDA graph) and loses at K = 4 (1.31x vs 1.17x).
+GROUPED_MIN_RANK = 512
+GROUPED_MIN_T = 4096
 ROUTED_SCHEDULES = ("auto", "dense", "grouped")
 
 
@@ -354,8 +357,8 @@ def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_l
 
     T, d_in = x.shape
     K = router_c.shape[0]
-    part, _ = _rows_partial(x, router_c.t(), T, d_in, K, split_config(T, d_in, K, x.dtype, x.device))
-    z = part.sum(0)                                        # logits (T, K), float32 accumulation
+    part, splits = _rows_partial(x, router_c.t(), T, d_in, K, split_config(T, d_in, K, x.dtype, x.device))
+    z = part[0] if splits == 1 else part.sum(0)           # logits (T, K), float32 accumulation
     if rbias is not None:
         z = z + rbias
     logits = z.abs() if abs_logits else z
