@@ -65,12 +65,13 @@ def _check_adapters(paths: List[str]) -> List[str]:
     return paths
 
 
-def _check_out(path: str, flag: str = "--out", new: bool = False) -> str:
+def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: bool = False) -> str:
     parent = Path(path).resolve().parent
     if not parent.exists():
         raise UsageError(f"{flag}: the parent folder {parent} does not exist")
     if new and os.path.exists(path):
-        raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten)")
+        raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten"
+                         f"{'; --overwrite replaces it' if flag == '--out' and overwritable else ''})")
     return path
 
 
@@ -169,7 +170,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_train_adapter(a: argparse.Namespace) -> int:
     from .train import train_adapter
 
-    _check_out(a.out)
+    if a.overwrite:
+        _check_out(a.out)
+        if os.path.exists(a.out) and not os.path.isdir(a.out):
+            raise UsageError(f"--out: {a.out} is a file, not an adapter folder")
+    else:
+        _check_out(a.out, new=True, overwritable=True)
     ds = _load_task(a.task, a.data)
     model, tok = _load_model(a.model, a.seed)
     info = train_adapter(model, tok, ds, a.out, r=a.r, alpha=a.alpha, epochs=a.epochs, lr=a.lr,
@@ -326,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-adapter", help="train one peft LoRA adapter on a task split")
     common(t)
     t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train")
-    t.add_argument("--out", required=True, help="adapter folder to write (peft format)")
+    t.add_argument("--out", required=True, help="adapter folder to write (peft format); must not exist yet")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (the new adapter takes its place in one rename)")
     t.add_argument("--r", type=POSITIVE_INT, default=16)
     t.add_argument("--alpha", type=POSITIVE, default=32)
     t.add_argument("--epochs", type=POSITIVE, default=30)

@@ -122,6 +122,8 @@ def export_peft(
     """
     from safetensors.torch import save_file
 
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise TypeError(f"out_dir must be a folder path (str or os.PathLike), got {out_dir!r}")
     if isinstance(model_or_adapter, LoraAdapter):
         factors, meta = _factors_of_adapter(model_or_adapter)
     elif isinstance(model_or_adapter, nn.Module):

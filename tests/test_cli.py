@@ -55,6 +55,15 @@ def test_compose_method_and_map_rank_checked(tmp_path, capsys):
     code, _, _ = run(["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out",
                       str(tmp_path / "a"), "--epochs", "1", "--r", "4", "--quiet"], capsys)
     assert code == 0 and (tmp_path / "a" / "adapter_config.json").is_file()
+    # An existing adapter is not overwritten unless asked; then it is replaced whole.
+    again = ["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out", str(tmp_path / "a"),
+             "--epochs", "1", "--r", "4", "--quiet"]
+    (tmp_path / "a" / "marker").write_text("old")
+    code, _, err = run(again, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite replaces it" in err
+    assert (tmp_path / "a" / "marker").is_file()
+    code, _, _ = run(again + ["--overwrite"], capsys)
+    assert code == 0 and (tmp_path / "a" / "adapter_config.json").is_file() and not (tmp_path / "a" / "marker").exists()
     code, _, err = run(["compose", "--adapters", str(tmp_path / "a"), "--method", "mean", "--model", "tiny-bert",
                         "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--method must be one of" in err

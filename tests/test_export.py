@@ -82,6 +82,9 @@ def test_export_refuses_routing_and_existing_dir(saved, tmp_path):
     export_peft(model, tmp_path / "a")
     with pytest.raises(FileExistsError, match="already exists"):
         export_peft(model, tmp_path / "a")
+    for bad in (None, "", 3):
+        with pytest.raises(TypeError, match="out_dir must be a folder path"):
+            export_peft(model, bad)
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     # overwrite replaces the directory in one rename
     layer = next(iter(get_composition(model).layers().values()))
