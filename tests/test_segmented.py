@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 
 import lorafuse
 from lorafuse.kernels.segmented import group_rows
@@ -495,16 +495,7 @@ print("compiled")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter does not compile: build every kernel for sm_90 (PTX and cubin, bf16) so that
     a compile error shows up in CI without a GPU."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr):
-        pytest.skip("no ptxas with this triton install")
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_in_subprocess(_COMPILE_FOR_HOPPER)
 
 
 _BAD_ID_ON_CUDA = r"""
