@@ -27,9 +27,10 @@ Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) g
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import triton
@@ -323,6 +324,12 @@ def check_ids_on_device(idx: torch.Tensor, num_slots: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # Launch functions
 
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One extra CUDA stream per device, for work that may overlap the current stream's."""
+    return torch.cuda.Stream(device=device)
+
 # Up to this many rows the gathered schedule runs; above it, the grouped one. An estimate, to be set
 # from bench/bench_routing.py (which times both): gathered re-reads each row's adapter from L2,
 # T * r * (d_in + d_out) elements (64 MB at T = 256, r = 16, 4096 x 4096, a few us), and needs two
@@ -371,6 +378,7 @@ def segmented_lora_(
     schedule: str = "auto",
     save_s: bool = False,
     row_scale: Optional[torch.Tensor] = None,
+    base: Optional[Callable[[], object]] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
@@ -382,6 +390,10 @@ def segmented_lora_(
     S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
     row_scale (T,) float32, optional: a factor per row on top of its slot's scale (a routed
     layer's gate), applied before the rounding.
+    base, optional: a callable that writes the base product into out (e.g. cuBLAS's x W^T + b),
+    called before the expand. While a CUDA graph is being captured and the schedule is gathered,
+    it runs on a side stream beside the row shrink (which does not need it), so that a replay
+    overlaps the two: decoding pays the base GEMM and the expand, not the shrink's latency too.
     """
     check_runnable("x", x)
     if x.dim() != 2:
@@ -409,10 +421,20 @@ def segmented_lora_(
     has_rs = row_scale is not None
     row_scale_ = row_scale if has_rs else scales
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
-    if T == 0 or N == 0 or num_slots == 0 or r_max == 0:
-        return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     if schedule == "auto":
         schedule = "gathered" if T <= GATHERED_MAX_T else "grouped"
+    empty = T == 0 or N == 0 or num_slots == 0 or r_max == 0
+    fork = (base is not None and schedule == "gathered" and not empty and x.is_cuda
+            and torch.cuda.is_current_stream_capturing())
+    if fork:
+        stream, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            base()
+    elif base is not None:
+        base()
+    if empty:
+        return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     block_r = block_for(r_max)
     if schedule == "gathered":
         block_d, block_n, warps = _gathered_blocks(block_r)
@@ -430,6 +452,8 @@ def segmented_lora_(
             part.stride(0), part.stride(1),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
+        if fork:
+            stream.wait_stream(side)  # the expand adds onto the base product
         launch(_gathered_expand_kernel, (T, cdiv(N, block_n)),
             out, part, fac_out, ranks, scales, idx, row_scale_,
             N, splits, num_slots,

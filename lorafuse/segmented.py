@@ -327,6 +327,22 @@ def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tens
     return out
 
 
+def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
+    """x2 W^T + b plus the rows' low-rank terms, no autograd. While a CUDA graph is being captured,
+    the base GEMM goes to segmented_lora_ as `base`, which overlaps it with the row shrink."""
+    if torch.compiler.is_compiling() or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)
+    y = x2.new_empty((x2.shape[0], weight.shape[0]))
+    wt = weight.t()
+    if bias is None:
+        def base():
+            torch.mm(x2, wt, out=y)
+    else:
+        def base():
+            torch.addmm(bias, x2, wt, out=y)
+    return segmented_lora_(y, x2, fac_in, fac_out, ranks, scales, ids, schedule, base=base)
+
+
 class _SegmentedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, ids, a, b, ranks, scales, schedule):
@@ -424,8 +440,7 @@ def lora_linear_segmented(
         y = _SegmentedFunction.apply(x2, weight, bias, ids, library.a, library.b, library.ranks,
                                      library.scales, schedule)
     else:
-        y = _add_lowrank_(F.linear(x2, weight, bias), x2, library.a, library.b, library.ranks, library.scales, ids,
-                          schedule)
+        y = _linear_lowrank(x2, weight, bias, library.a, library.b, library.ranks, library.scales, ids, schedule)
     return y.reshape(*lead, d_out)
 
 

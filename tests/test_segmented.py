@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 
 import lorafuse
+from lorafuse.kernels import can_run
 from lorafuse.kernels.segmented import group_rows
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference
 
@@ -284,18 +285,46 @@ def test_exported_from_package():
     assert lorafuse.LoraLibrary is LoraLibrary
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_base_callable_writes_before_the_expand(seeded, schedule):
+    """segmented_lora_(out=empty, base=fn): fn writes the base product, the low-rank terms are added
+    onto it (on a GPU while a graph is captured it runs beside the shrink: the capture test below)."""
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    from lorafuse.kernels.segmented import segmented_lora_
+
+    adapters = make_adapters(40, 24, [4, 7, 2], torch.float32)
+    lib = LoraLibrary.from_adapters(adapters)
+    w, b = make_layer(40, 24, torch.float32)
+    x = torch.randn(9, 40, device=DEVICE)
+    ids = random_ids(9, 3, 3)
+    out = torch.full((9, 24), float("nan"), device=DEVICE)
+    calls = []
+
+    def base():
+        calls.append(1)
+        torch.addmm(b, x, w.t(), out=out)
+
+    y = segmented_lora_(out, x, lib.a, lib.b, lib.ranks, lib.scales, ids, schedule, base=base)
+    assert y is out and calls == [1]
+    assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.float32]
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA only
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs and sync checks need a GPU")
-@pytest.mark.parametrize("T,schedule", [(16, "auto"), (16, "grouped"), (2000, "auto"), (2000, "gathered")])
-def test_cuda_graph_capture_and_replay_with_new_ids(seeded, T, schedule):
+@pytest.mark.parametrize("T,schedule,bias", [(16, "auto", True), (16, "gathered", False), (16, "grouped", True),
+                                             (2000, "auto", True), (2000, "gathered", True)])
+def test_cuda_graph_capture_and_replay_with_new_ids(seeded, T, schedule, bias):
+    """Captured and replayed (the gathered schedule overlaps the base GEMM with the row shrink on a
+    side stream while capturing) with new ids, new inputs and a slot rewritten in place."""
     d_in, d_out, dtype = 512, 384, torch.bfloat16
     ranks = [16, 8, 32, 4] * 16
     adapters = make_adapters(d_in, d_out, ranks, dtype)
     lib = LoraLibrary.from_adapters(adapters)
-    w, b = make_layer(d_in, d_out, dtype)
+    w, b = make_layer(d_in, d_out, dtype, bias=bias)
     x = torch.randn(T, d_in, device=DEVICE).to(dtype)
     ids = random_ids(T, 64, 64)
     run = lambda: lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)  # noqa: E731
