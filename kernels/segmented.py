@@ -86,6 +86,7 @@ def _gathered_expand_kernel(
     HAS_ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -100,9 +101,12 @@ def _gathered_expand_kernel(
     scale = tl.load(scales_ptr + slot * stride_sn + offs_r * stride_sr, mask=r_mask, other=0.0).to(tl.float32)
     if HAS_ROW_SCALE:
         scale *= tl.load(row_scale_ptr + t)
-    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k in range(0, SPLITS):
-        s += tl.load(part_ptr + k * stride_ps + t * stride_pt + offs_r, mask=r_mask, other=0.0)
+    # The shrink's partials of this row, all splits in one load (a loop over the splits would wait
+    # on one load after the other: at T = 16 that chain was most of the kernel's time).
+    offs_k = tl.arange(0, BLOCK_SPLITS)
+    parts = tl.load(part_ptr + offs_k[:, None] * stride_ps + t * stride_pt + offs_r[None, :],
+                    mask=(offs_k < SPLITS)[:, None] & r_mask[None, :], other=0.0)
+    s = tl.sum(parts, axis=0)
     # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
     s = (s * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -330,11 +334,12 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     """One extra CUDA stream per device, for work that may overlap the current stream's."""
     return torch.cuda.Stream(device=device)
 
-# Up to this many rows the gathered schedule runs; above it, the grouped one. An estimate, to be set
-# from bench/bench_routing.py (which times both): gathered re-reads each row's adapter from L2,
-# T * r * (d_in + d_out) elements (64 MB at T = 256, r = 16, 4096 x 4096, a few us), and needs two
-# launches; grouped reads each adapter once and uses tensor cores but adds three small launches.
-GATHERED_MAX_T = 256
+# Up to this many rows the gathered schedule runs; above it, the grouped one. Gathered re-reads each
+# row's adapter (its cost grows with T); grouped reads each adapter once with tensor cores but adds
+# three small launches (a flat ~25 us). Per-kernel GPU times on an H100 (64 adapters of rank 16, bf16,
+# from a CUDA graph) put the crossing near T = 100 at 4096 x 4096 and T = 40 at 4096 x 14336: at
+# T = 128 grouped was 58 vs 63 us and 105 vs 141 us.
+GATHERED_MAX_T = 64
 
 
 def _gathered_blocks(block_r: int):
@@ -461,7 +466,8 @@ def segmented_lora_(
             part.stride(0), part.stride(1),
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
             *scale_strides,
-            HAS_ROW_SCALE=has_rs, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+            HAS_ROW_SCALE=has_rs, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_SPLITS=block_for(splits),
+            num_warps=warps,
         )
         return (out, part.sum(0)) if save_s else out
 

@@ -502,7 +502,7 @@ compile_for_sm90(S._gathered_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16
                  "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256})
 compile_for_sm90(S._gathered_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
                  "ranks_ptr": "*i32", "scales_ptr": "*fp32", "idx_ptr": "*i64", "row_scale_ptr": "*fp32"},
-                 {"HAS_ROW_SCALE": True, "BLOCK_R": 16, "BLOCK_N": 256})
+                 {"HAS_ROW_SCALE": True, "BLOCK_R": 16, "BLOCK_N": 256, "BLOCK_SPLITS": 16})
 compile_for_sm90(S._grouped_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
                  "part_ptr": "*fp32", **plan}, {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
 compile_for_sm90(S._grouped_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
