@@ -334,6 +334,7 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     """One extra CUDA stream per device, for work that may overlap the current stream's."""
     return torch.cuda.Stream(device=device)
 
+
 # Up to this many rows the gathered schedule runs; above it, the grouped one. Gathered re-reads each
 # row's adapter (its cost grows with T); grouped reads each adapter once with tensor cores but adds
 # three small launches (a flat ~25 us). Per-kernel GPU times on an H100 (64 adapters of rank 16, bf16,
