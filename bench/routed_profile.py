@@ -13,14 +13,13 @@ import contextlib
 import functools
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, save_json  # noqa: E402
-from bench_kernels import _graphed  # noqa: E402
+from bench_kernels import _graphed, host_us_per_call  # noqa: E402
 
 from lorafuse.routing import arrow_prototypes, lora_linear_routed  # noqa: E402
 
@@ -64,17 +63,6 @@ def kernel_table(fn, calls=10):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def host_us(fn, n=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, nargs=2, default=[4096, 4096], metavar=("D_IN", "D_OUT"))
@@ -116,7 +104,7 @@ def main() -> None:
                         e = {"eager_ms": do_bench(lambda: f(x), warmup=50, rep=300, return_mode="median")}
                         g = _graphed(f, x)
                         e["graph_ms"] = do_bench(g, warmup=50, rep=300, return_mode="median")
-                        e["host_us_T16"] = host_us(lambda: f(small))
+                        e["host_us_T16"] = host_us_per_call(lambda: f(small))
                         e["kernels_us"] = kernel_table(lambda: f(x))
                         for k in ("eager_ms", "graph_ms"):
                             e[k.replace("_ms", "_ratio")] = e[k] / row["base_ms"]

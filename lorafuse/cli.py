@@ -71,7 +71,7 @@ def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: 
         raise UsageError(f"{flag}: the parent folder {parent} does not exist")
     if new and os.path.exists(path):
         raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten"
-                         f"{'; --overwrite replaces it' if flag == '--out' and overwritable else ''})")
+                         f"{'; --overwrite replaces it' if overwritable else ''})")
     return path
 
 
