@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, num_sms
+from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, next_pow2,
+                    num_sms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,17 +45,13 @@ from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreti
 
 
 @triton.jit
-def _gathered_shrink_kernel(
-    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
-    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
-    stride_xt, stride_xd,
-    stride_fn, stride_fr, stride_fd,
-    stride_ps, stride_pt,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+def _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, t, split,
+                D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+                stride_xt, stride_xd,
+                stride_fn, stride_fr, stride_fd,
+                stride_ps, stride_pt,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[split, t] = fac_in[idx[t], :r] x[t, slice]: one row's shrink over one slice of D."""
     slot = tl.load(idx_ptr + t).to(tl.int64)
     valid = (slot >= 0) & (slot < NUM_SLOTS)
     slot = tl.where(valid, slot, 0)
@@ -76,20 +73,34 @@ def _gathered_shrink_kernel(
 
 
 @triton.jit
-def _gathered_expand_kernel(
-    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr,
-    N, SPLITS, NUM_SLOTS,
-    stride_ot, stride_on,
-    stride_ps, stride_pt,
+def _gathered_shrink_kernel(
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+    stride_xt, stride_xd,
     stride_fn, stride_fr, stride_fd,
-    stride_sn, stride_sr,
-    HAS_ROW_SCALE: tl.constexpr,
+    stride_ps, stride_pt,
     BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+                tl.program_id(0).to(tl.int64), tl.program_id(1),
+                D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+                stride_xt, stride_xd, stride_fn, stride_fr, stride_fd, stride_ps, stride_pt,
+                BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _row_delta(part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr, t, offs_n,
+               N, SPLITS, NUM_SLOTS,
+               stride_ps, stride_pt,
+               stride_fn, stride_fr, stride_fd,
+               stride_sn, stride_sr,
+               OUT_DTYPE: tl.constexpr,
+               HAS_ROW_SCALE: tl.constexpr,
+               BLOCK_R: tl.constexpr,
+               BLOCK_SPLITS: tl.constexpr):
+    """round(S[t] * scale) fac_out[idx[t], :r, offs_n] in float32 (zeros for a row without an
+    adapter), S[t] the sum of the shrink's split partials of row t."""
     slot = tl.load(idx_ptr + t).to(tl.int64)
     valid = (slot >= 0) & (slot < NUM_SLOTS)
     slot = tl.where(valid, slot, 0)
@@ -108,15 +119,131 @@ def _gathered_expand_kernel(
                     mask=(offs_k < SPLITS)[:, None] & r_mask[None, :], other=0.0)
     s = tl.sum(parts, axis=0)
     # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
-    s = (s * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = (s * scale).to(OUT_DTYPE).to(tl.float32)
     n_mask = offs_n < tl.where(valid, N, 0)
     f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-    delta = tl.sum(f * s[:, None], axis=0)
+    return tl.sum(f * s[:, None], axis=0)
+
+
+@triton.jit
+def _gathered_expand_kernel(
+    out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr,
+    N, SPLITS, NUM_SLOTS,
+    stride_ot, stride_on,
+    stride_ps, stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
+    HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    delta = _row_delta(part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr, t, offs_n,
+                       N, SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
+                       stride_sn, stride_sr, out_ptr.dtype.element_ty, HAS_ROW_SCALE, BLOCK_R, BLOCK_SPLITS)
+    n_mask = offs_n < N
     o_ptrs = out_ptr + t * stride_ot + offs_n * stride_on
     y = tl.load(o_ptrs, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: the base GEMM and the rows' adapters in two launches (few rows)
+
+
+@triton.jit
+def _decode_partial_kernel(
+    x_ptr, w_ptr, gpart_ptr, fac_ptr, ranks_ptr, idx_ptr, spart_ptr,
+    T, N, D, K_PER_SPLIT, N_BLOCKS, NUM_SHRINK,
+    R_MAX, D_PER_SPLIT, S_SPLITS, NUM_SLOTS,
+    stride_xt, stride_xd, stride_wn, stride_wd,
+    stride_gs, stride_gt,
+    stride_fn, stride_fr, stride_fd,
+    stride_ps, stride_pt,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Two kinds of programs in one grid: the first NUM_SHRINK each run one (row, D slice) of the
+    gathered row shrink; the rest each write the float32 partial base product
+    x[:, k-slice] W[n-block, k-slice]^T of one (column block, K slice). Neither needs the other, so
+    one launch holds both; the shrink's few programs come first so that they start in the first wave
+    instead of adding their latency after the last GEMM tile."""
+    pid = tl.program_id(0)
+    if pid < NUM_SHRINK:
+        _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, spart_ptr, (pid // S_SPLITS).to(tl.int64), pid % S_SPLITS,
+                    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+                    stride_xt, stride_xd, stride_fn, stride_fr, stride_fd, stride_ps, stride_pt,
+                    BLOCK_R, BLOCK_D)
+    else:
+        pid -= NUM_SHRINK
+        pid_n = pid % N_BLOCKS
+        split = pid // N_BLOCKS
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        t_mask = offs_t < T
+        n_mask = offs_n < N
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
+        x_ptrs = x_ptr + offs_t[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xd
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wd
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+                if EVEN_N:
+                    wv = tl.load(w_ptrs)
+                else:
+                    wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < k_hi
+                xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+                wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
+            x_ptrs += BLOCK_K * stride_xd
+            w_ptrs += BLOCK_K * stride_wd
+        tl.store(gpart_ptr + split * stride_gs + offs_t[:, None] * stride_gt + offs_n[None, :], acc,
+                 mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _decode_finish_kernel(
+    out_ptr, gpart_ptr, bias_ptr, spart_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    N, K_SPLITS, S_SPLITS, NUM_SLOTS,
+    stride_ot, stride_on,
+    stride_gs, stride_gt,
+    stride_ps, stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    """out[t, n-block] = sum of the base partials + bias + the row's adapter term, rounded once."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_ks = tl.arange(0, BLOCK_KS)
+    g = tl.load(gpart_ptr + offs_ks[:, None] * stride_gs + t * stride_gt + offs_n[None, :],
+                mask=(offs_ks < K_SPLITS)[:, None] & n_mask[None, :], other=0.0)
+    y = tl.sum(g, axis=0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y += _row_delta(spart_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, scales_ptr, t, offs_n,
+                    N, S_SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
+                    stride_sn, stride_sr, out_ptr.dtype.element_ty, False, BLOCK_R, BLOCK_SPLITS)
+    tl.store(out_ptr + t * stride_ot + offs_n * stride_on, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +500,21 @@ def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.T
                          f"column) on {x.device}, got {tuple(scales.shape)} on {scales.device}")
 
 
+def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Tensor, ranks: torch.Tensor,
+                scales: torch.Tensor, idx: torch.Tensor) -> None:
+    """The library and the row ids against rows x (T, D) and an output width N."""
+    T, D = x.shape
+    _check_library("fac_in", fac_in, x, ranks, scales)
+    _check_library("fac_out", fac_out, x, ranks, scales)
+    num_slots, r_max = fac_in.shape[:2]
+    if fac_in.shape[2] != D or tuple(fac_out.shape) != (num_slots, r_max, N):
+        raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) and fac_out ({num_slots}, {r_max}, {N}), "
+                         f"got {tuple(fac_in.shape)} and {tuple(fac_out.shape)}")
+    if tuple(idx.shape) != (T,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != x.device:
+        raise ValueError(f"idx must be an int32/int64 tensor of shape ({T},) on {x.device}, "
+                         f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
+
+
 def segmented_lora_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -409,15 +551,8 @@ def segmented_lora_(
         raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     N = out.shape[1]
-    _check_library("fac_in", fac_in, x, ranks, scales)
-    _check_library("fac_out", fac_out, x, ranks, scales)
+    _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
     num_slots, r_max = fac_in.shape[:2]
-    if fac_in.shape[2] != D or tuple(fac_out.shape) != (num_slots, r_max, N):
-        raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) and fac_out ({num_slots}, {r_max}, {N}), "
-                         f"got {tuple(fac_in.shape)} and {tuple(fac_out.shape)}")
-    if tuple(idx.shape) != (T,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != x.device:
-        raise ValueError(f"idx must be an int32/int64 tensor of shape ({T},) on {x.device}, "
-                         f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
     if schedule not in ("auto", "gathered", "grouped"):
         raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
     if row_scale is not None and (tuple(row_scale.shape) != (T,) or row_scale.dtype != torch.float32
@@ -498,6 +633,110 @@ def segmented_lora_(
         valid = (idx >= 0) & (idx < num_slots)
         return out, torch.where(valid[:, None], part, 0.0)  # rows without an adapter were not written
     return out
+
+
+# Up to this many rows, lora_linear_segmented runs the decode pair below in place of cuBLAS plus
+# the gathered shrink and expand (see bench/NOTES.md, mixed-batch decode).
+DECODE_MAX_T = 64
+
+
+def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
+    """Launch config of _decode_partial_kernel: BLOCK_N x BLOCK_K tiles of W, K_SPLITS slices of D.
+
+    The layer is bound by reading W once; enough (column block, K slice) programs keep every SM
+    streaming, and few enough slices keep the float32 partials (K_SPLITS x T x N) small against W."""
+    if is_interpreting():
+        return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_SPLITS": 2}, num_warps=4, num_stages=1)
+    bn, bk = 64, (128 if dtype != torch.float32 else 64)
+    n_blocks = cdiv(N, bn)
+    splits = max(1, min(cdiv(2 * sms, n_blocks), D // (4 * bk), max(1, D // (16 * max(T, 16)))))
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPLITS": splits}, num_warps=4, num_stages=4)
+
+
+def segmented_linear_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fac_in: torch.Tensor,
+    fac_out: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    idx: torch.Tensor,
+    config: Optional[triton.Config] = None,
+) -> torch.Tensor:
+    """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
+
+    For few rows (decoding, T <= DECODE_MAX_T): two launches in place of the base GEMM plus the
+    gathered shrink and expand. The first runs the base product as split-K float32 partials and the
+    row shrink side by side; the second sums the partials, adds the bias and the row's adapter
+    term and rounds once, so the output is written once and never read back.
+    x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (scales (num_slots,)
+    or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not range-checked here).
+    config: a triton.Config with BLOCK_N, BLOCK_K and K_SPLITS (for tuning), else decode_config's.
+    Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable.
+    """
+    check_runnable("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, D), got {tuple(x.shape)}")
+    T, D = x.shape
+    if weight.dim() != 2 or weight.shape[1] != D or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be a (N, {D}) {x.dtype} tensor on {x.device}, "
+                         f"got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    N = weight.shape[0]
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be a ({N},) {x.dtype} tensor on {x.device}, "
+                         f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    if T > DECODE_MAX_T:
+        raise ValueError(f"segmented_linear_decode takes at most {DECODE_MAX_T} rows, got T = {T} "
+                         "(use segmented_lora_ onto a base product)")
+    _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
+    num_slots, r_max = fac_in.shape[:2]
+    if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do
+        return torch.nn.functional.linear(x, weight, bias)
+    y = new_empty((T, N), x.dtype, x.device)
+    cfg = dict(config.kwargs) if config is not None else None
+    launch_opts = (config.num_warps, config.num_stages) if config is not None else None
+    if cfg is None:
+        c = decode_config(T, N, D, x.dtype, num_sms(x.device))
+        cfg, launch_opts = dict(c.kwargs), (c.num_warps, c.num_stages)
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    k_per = cdiv(cdiv(D, max(1, cfg["K_SPLITS"])), block_k) * block_k
+    k_splits = cdiv(D, k_per)
+    n_blocks = cdiv(N, block_n)
+    block_r = block_for(r_max)
+    block_d, block_n2, warps2 = _gathered_blocks(block_r)
+    # The row shrink: about half the SMs' worth of (row, D slice) programs, each a whole BLOCK_D
+    # multiple, so that they finish within the GEMM's first wave.
+    s_splits = max(1, min(cdiv(D, block_d), cdiv(num_sms(x.device), 2 * T)))
+    d_per = cdiv(cdiv(D, s_splits), block_d) * block_d
+    s_splits = cdiv(D, d_per)
+    gpart = new_empty((k_splits, T, N), torch.float32, x.device)
+    spart = new_empty((s_splits, T, r_max), torch.float32, x.device)
+    launch(_decode_partial_kernel, (T * s_splits + n_blocks * k_splits,),
+        x, weight, gpart, fac_in, ranks, idx, spart,
+        T, N, D, k_per, n_blocks, T * s_splits,
+        r_max, d_per, s_splits, num_slots,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        gpart.stride(0), gpart.stride(1),
+        fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
+        spart.stride(0), spart.stride(1),
+        PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=D % block_k == 0, EVEN_N=N % block_n == 0, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=launch_opts[0], num_stages=launch_opts[1],
+    )
+    scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
+    launch(_decode_finish_kernel, (T, cdiv(N, block_n2)),
+        y, gpart, bias if bias is not None else y, spart, fac_out, ranks, scales, idx,
+        N, k_splits, s_splits, num_slots,
+        y.stride(0), y.stride(1),
+        gpart.stride(0), gpart.stride(1),
+        spart.stride(0), spart.stride(1),
+        fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+        *scale_strides,
+        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=block_n2,
+        BLOCK_KS=max(2, next_pow2(k_splits)), BLOCK_SPLITS=max(2, next_pow2(s_splits)), num_warps=warps2,
+    )
+    return y
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse.kernels.segmented import check_ids_on_device, group_rows, segmented_lora_, segmented_outer
+from lorafuse.kernels.segmented import (DECODE_MAX_T, check_ids_on_device, group_rows, segmented_linear_decode,
+                                        segmented_lora_, segmented_outer)
 from lorafuse.kernels.utils import can_run, is_interpreting
 
 from .modules import _check_adapters
@@ -328,8 +329,13 @@ def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tens
 
 
 def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
-    """x2 W^T + b plus the rows' low-rank terms, no autograd. While a CUDA graph is being captured,
-    the base GEMM goes to segmented_lora_ as `base`, which overlaps it with the row shrink."""
+    """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows (decoding) run the decode
+    pair (base GEMM and row shrink in one launch, the row expand in the GEMM's finishing pass);
+    otherwise cuBLAS, then segmented_lora_. While a CUDA graph is being captured, the base GEMM goes
+    to segmented_lora_ as `base`, which overlaps it with the row shrink."""
+    if (not torch.compiler.is_compiling() and x2.shape[0] <= DECODE_MAX_T and schedule != "grouped"
+            and weight.stride(-1) == 1):
+        return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids)
     if torch.compiler.is_compiling() or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)
     y = x2.new_empty((x2.shape[0], weight.shape[0]))

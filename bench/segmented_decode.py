@@ -1,0 +1,122 @@
+"""Mixed-batch decoding (one adapter per row, few rows): the decode pair against cuBLAS plus the
+gathered row kernels, and a sweep of the decode pair's launch configs.
+
+    python bench/segmented_decode.py [--dims 4096x4096 4096x14336 14336x4096] [--T 1 16 32 64]
+                                     [--library 64] [--r 16] [--sweep-T 16]
+
+Every layer is timed replayed from a CUDA graph (the way decoding runs; eager calls at these sizes
+measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),
+"unfused" (cuBLAS beside the gathered row shrink on a side stream, then the gathered expand: the
+path before the decode pair), "decode" (segmented_linear_decode with its heuristic config), and at
+--sweep-T every candidate config of the decode pair, each checked against a float32 reference.
+Also the per-kernel GPU times (torch.profiler) of both paths. Writes segmented-decode-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernels import _graphed  # noqa: E402
+from common import env_info, save_json  # noqa: E402
+from routed_profile import kernel_table  # noqa: E402
+
+from lorafuse.kernels.segmented import decode_config, segmented_linear_decode, segmented_lora_  # noqa: E402
+from lorafuse.kernels.utils import num_sms  # noqa: E402
+from lorafuse.segmented import LoraLibrary  # noqa: E402
+
+
+def candidates():
+    for bn, bk, splits, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (3, 4)):
+        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPLITS": splits}, num_warps=4, num_stages=stages)
+
+
+def cfg_dict(c: triton.Config) -> dict:
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
+    p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
+    p.add_argument("--sweep-T", type=int, nargs="*", default=[16])
+    p.add_argument("--library", type=int, default=64)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    dev, dt = "cuda", torch.bfloat16
+    doc = {"env": env_info([os.path.relpath(__file__)] + list(argv if argv is not None else sys.argv[1:])),
+           "dtype": str(dt), "library": args.library, "r": args.r, "rows": []}
+    bench = lambda f: do_bench(f, warmup=25, rep=200, return_mode="median") * 1e3  # noqa: E731 (us)
+    for dims in args.dims:
+        d_in, d_out = map(int, dims.split("x"))
+        gen = torch.Generator(device=dev).manual_seed(d_in + d_out)
+        W = (torch.randn(d_out, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt)
+        ads = [((torch.randn(args.r, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt),
+                (torch.randn(d_out, args.r, device=dev, generator=gen) / args.r ** 0.5).to(dt), 2.0)
+               for _ in range(args.library)]
+        lib = LoraLibrary.from_adapters(ads)
+        lib_args = (lib.a, lib.b, lib.ranks, lib.scales)
+        for T in args.T:
+            x = torch.randn(T, d_in, device=dev, generator=gen).to(dt)
+            # Distinct adapters per row, as many as there are rows (up to the library's size).
+            ids = (torch.randperm(args.library, device=dev, generator=gen)[:T] if T <= args.library
+                   else torch.randint(0, args.library, (T,), device=dev, generator=gen))
+            ref = F.linear(x.float(), W.float())
+            for t, i in enumerate(ids.tolist()):
+                a, b, s = ads[i]
+                ref[t] += s * (x[t].float() @ a.float().t()) @ b.float().t()
+
+            def err(y):
+                return ((y.float() - ref).norm() / ref.norm()).item()
+
+            def unfused(xx):
+                y = xx.new_empty((T, d_out))
+                return segmented_lora_(y, xx, *lib_args, ids, "gathered", base=lambda: torch.mm(xx, W.t(), out=y))
+
+            heur = decode_config(T, d_out, d_in, dt, num_sms(x.device))
+            row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": cfg_dict(heur)}
+            with torch.no_grad():
+                g_base = _graphed(lambda xx: F.linear(xx, W), x)
+                g_unf = _graphed(unfused, x)
+                g_dec = _graphed(lambda xx: segmented_linear_decode(xx, W, None, *lib_args, ids), x)
+                row["base_us"] = bench(g_base)
+                row["unfused_us"], row["unfused_err"] = bench(g_unf), err(g_unf())
+                row["decode_us"], row["decode_err"] = bench(g_dec), err(g_dec())
+                row["kernels_unfused"] = kernel_table(g_unf)
+                row["kernels_decode"] = kernel_table(g_dec)
+                if T in args.sweep_T:
+                    row["sweep"] = []
+                    for cfg in candidates():
+                        e = {"config": cfg_dict(cfg)}
+                        try:
+                            g = _graphed(lambda xx, c=cfg: segmented_linear_decode(xx, W, None, *lib_args, ids,
+                                                                                   config=c), x)
+                            e["err"] = err(g())
+                            e["us"] = bench(g)
+                            del g
+                        except Exception as ex:  # a config that does not fit is recorded, not fatal
+                            e["error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                        row["sweep"].append(e)
+                    ok = sorted((e for e in row["sweep"] if "us" in e and e["err"] < 2e-2), key=lambda e: e["us"])
+                    row["sweep_best"] = ok[:5]
+            doc["rows"].append(row)
+            best = f" best {row['sweep_best'][0]['us']:.1f} us {row['sweep_best'][0]['config']}" if row.get(
+                "sweep_best") else ""
+            print(f"{d_in}x{d_out} T={T}: base {row['base_us']:.1f} us, unfused {row['unfused_us']:.1f} "
+                  f"({row['unfused_us'] / row['base_us']:.2f}x), decode {row['decode_us']:.1f} "
+                  f"({row['decode_us'] / row['base_us']:.2f}x) err {row['decode_err']:.1e}{best}", flush=True)
+            print("   decode kernels:", {k[:30]: v for k, v in row["kernels_decode"].items()}, flush=True)
+            save_json(doc, args.out, "segmented-decode")
+    print("wrote", save_json(doc, args.out, "segmented-decode"))
+
+
+if __name__ == "__main__":
+    main()
