@@ -1,5 +1,5 @@
-"""Mixed-batch decoding (one adapter per row, few rows): the decode pair against cuBLAS plus the
-gathered row kernels, and a sweep of the decode pair's launch configs.
+"""Mixed-batch decoding (one adapter per row, few rows): segmented_linear_decode against cuBLAS
+plus the gathered row kernels, and a sweep of its launch configs.
 
     python bench/segmented_decode.py [--dims 4096x4096 4096x14336 14336x4096] [--T 1 16 32 64]
                                      [--library 64] [--r 16] [--sweep-T 16]
@@ -7,8 +7,9 @@ gathered row kernels, and a sweep of the decode pair's launch configs.
 Every layer is timed replayed from a CUDA graph (the way decoding runs; eager calls at these sizes
 measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),
 "unfused" (cuBLAS beside the gathered row shrink on a side stream, then the gathered expand: the
-path before the decode pair), "decode" (segmented_linear_decode with its heuristic config), and at
---sweep-T every candidate config of the decode pair, each checked against a float32 reference.
+path before the decode kernels), "decode" (segmented_linear_decode with its heuristic config),
+"decode_nopdl" (the same without programmatic dependent launch), and at --sweep-T every candidate
+config of the decode GEMM, each checked against a float32 reference.
 Also the per-kernel GPU times (torch.profiler) of both paths. Writes segmented-decode-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -28,14 +29,15 @@ from bench_kernels import _graphed  # noqa: E402
 from common import env_info, save_json  # noqa: E402
 from routed_profile import kernel_table  # noqa: E402
 
+import lorafuse.kernels.segmented as S  # noqa: E402
 from lorafuse.kernels.segmented import decode_config, segmented_linear_decode, segmented_lora_  # noqa: E402
 from lorafuse.kernels.utils import num_sms  # noqa: E402
 from lorafuse.segmented import LoraLibrary  # noqa: E402
 
 
 def candidates():
-    for bn, bk, splits, stages in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (3, 4)):
-        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPLITS": splits}, num_warps=4, num_stages=stages)
+    for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5)):
+        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages)
 
 
 def cfg_dict(c: triton.Config) -> dict:
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
-    p.add_argument("--sweep-T", type=int, nargs="*", default=[16])
+    p.add_argument("--sweep-T", type=int, nargs="*", default=[16, 64])
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -90,6 +92,13 @@ def main(argv=None) -> None:
                 row["base_us"] = bench(g_base)
                 row["unfused_us"], row["unfused_err"] = bench(g_unf), err(g_unf())
                 row["decode_us"], row["decode_err"] = bench(g_dec), err(g_dec())
+                pdl = S._pdl_supported
+                S._pdl_supported = lambda _i: False
+                try:
+                    g_nopdl = _graphed(lambda xx: segmented_linear_decode(xx, W, None, *lib_args, ids), x)
+                    row["decode_nopdl_us"], row["decode_nopdl_err"] = bench(g_nopdl), err(g_nopdl())
+                finally:
+                    S._pdl_supported = pdl
                 row["kernels_unfused"] = kernel_table(g_unf)
                 row["kernels_decode"] = kernel_table(g_dec)
                 if T in args.sweep_T:
@@ -112,7 +121,8 @@ def main(argv=None) -> None:
                 "sweep_best") else ""
             print(f"{d_in}x{d_out} T={T}: base {row['base_us']:.1f} us, unfused {row['unfused_us']:.1f} "
                   f"({row['unfused_us'] / row['base_us']:.2f}x), decode {row['decode_us']:.1f} "
-                  f"({row['decode_us'] / row['base_us']:.2f}x) err {row['decode_err']:.1e}{best}", flush=True)
+                  f"({row['decode_us'] / row['base_us']:.2f}x; no PDL {row['decode_nopdl_us']:.1f}) "
+                  f"err {row['decode_err']:.1e}{best}", flush=True)
             print("   decode kernels:", {k[:30]: v for k, v in row["kernels_decode"].items()}, flush=True)
             save_json(doc, args.out, "segmented-decode")
     print("wrote", save_json(doc, args.out, "segmented-decode"))

@@ -81,7 +81,10 @@ def _gathered_shrink_kernel(
     stride_ps, stride_pt,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the decode kernel may start now: it waits for this kernel before reading its output
+        tl.extra.cuda.gdc_launch_dependents()
     _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
                 tl.program_id(0).to(tl.int64), tl.program_id(1),
                 D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
@@ -151,99 +154,79 @@ def _gathered_expand_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode: the base GEMM and the rows' adapters in two launches (few rows)
+# Decode: the rows' adapters in the base GEMM's epilogue (few rows)
 
 
 @triton.jit
-def _decode_partial_kernel(
-    x_ptr, w_ptr, gpart_ptr, fac_ptr, ranks_ptr, idx_ptr, spart_ptr,
-    T, N, D, K_PER_SPLIT, N_BLOCKS, NUM_SHRINK,
-    R_MAX, D_PER_SPLIT, S_SPLITS, NUM_SLOTS,
-    stride_xt, stride_xd, stride_wn, stride_wd,
-    stride_gs, stride_gt,
-    stride_fn, stride_fr, stride_fd,
-    stride_ps, stride_pt,
-    PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Two kinds of programs in one grid: the first NUM_SHRINK each run one (row, D slice) of the
-    gathered row shrink; the rest each write the float32 partial base product
-    x[:, k-slice] W[n-block, k-slice]^T of one (column block, K slice). Neither needs the other, so
-    one launch holds both; the shrink's few programs come first so that they start in the first wave
-    instead of adding their latency after the last GEMM tile."""
-    pid = tl.program_id(0)
-    if pid < NUM_SHRINK:
-        _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, spart_ptr, (pid // S_SPLITS).to(tl.int64), pid % S_SPLITS,
-                    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
-                    stride_xt, stride_xd, stride_fn, stride_fr, stride_fd, stride_ps, stride_pt,
-                    BLOCK_R, BLOCK_D)
-    else:
-        pid -= NUM_SHRINK
-        pid_n = pid % N_BLOCKS
-        split = pid // N_BLOCKS
-        offs_t = tl.arange(0, BLOCK_T)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        t_mask = offs_t < T
-        n_mask = offs_n < N
-        k_lo = split * K_PER_SPLIT
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
-        x_ptrs = x_ptr + offs_t[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xd
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wd
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
-                if EVEN_N:
-                    wv = tl.load(w_ptrs)
-                else:
-                    wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
-            else:
-                k_mask = (k0 + offs_k) < k_hi
-                xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-                wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
-            x_ptrs += BLOCK_K * stride_xd
-            w_ptrs += BLOCK_K * stride_wd
-        tl.store(gpart_ptr + split * stride_gs + offs_t[:, None] * stride_gt + offs_n[None, :], acc,
-                 mask=t_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _decode_finish_kernel(
-    out_ptr, gpart_ptr, bias_ptr, spart_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
-    N, K_SPLITS, S_SPLITS, NUM_SLOTS,
-    stride_ot, stride_on,
-    stride_gs, stride_gt,
+def _decode_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    T, N, D, R_MAX, SPLITS, NUM_SLOTS,
+    stride_xt, stride_xd, stride_wn, stride_wd, stride_ot, stride_on,
     stride_ps, stride_pt,
     stride_fn, stride_fr, stride_fd,
     stride_sn, stride_sr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_KS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """out[t, n-block] = sum of the base partials + bias + the row's adapter term, rounded once."""
-    t = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[:, n-block] = x W[n-block]^T + b + each row's round(S[t] * scale) fac_out[idx[t], :, n-block].
+
+    One program per column block holds every row (T <= 64) over all of D, so the adapter term goes
+    into the epilogue and the output is written once. S[t] comes from the row shrink launched just
+    before as split partials; with programmatic dependent launch (PDL) this kernel starts while the
+    shrink runs and waits for it only after its K loop."""
+    pid_n = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_mask = offs_t < T
     n_mask = offs_n < N
-    offs_ks = tl.arange(0, BLOCK_KS)
-    g = tl.load(gpart_ptr + offs_ks[:, None] * stride_gs + t * stride_gt + offs_n[None, :],
-                mask=(offs_ks < K_SPLITS)[:, None] & n_mask[None, :], other=0.0)
-    y = tl.sum(g, axis=0)
+    # The ids, ranks and scales are inputs, not the shrink's output: loaded before the wait.
+    slot = tl.load(idx_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
+    valid = t_mask & (slot >= 0) & (slot < NUM_SLOTS)
+    slot = tl.where(valid, slot, 0)
+    rank = tl.where(valid, tl.load(ranks_ptr + slot), 0)
+    x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+            if EVEN_N:
+                wv = tl.load(w_ptrs)
+            else:
+                wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < D
+            xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    y += _row_delta(spart_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, scales_ptr, t, offs_n,
-                    N, S_SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
-                    stride_sn, stride_sr, out_ptr.dtype.element_ty, False, BLOCK_R, BLOCK_SPLITS)
-    tl.store(out_ptr + t * stride_ot + offs_n * stride_on, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible after this
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    s_mask = offs_s < SPLITS
+    for r in range(0, R_MAX):
+        r_ok = valid & (r < rank)
+        parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + offs_t[None, :] * stride_pt + r,
+                        mask=s_mask[:, None] & r_ok[None, :], other=0.0)
+        sc = tl.load(scales_ptr + slot * stride_sn + r * stride_sr, mask=r_ok, other=0.0).to(tl.float32)
+        # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
+        sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty).to(tl.float32)
+        f = tl.load(fac_ptr + slot[:, None] * stride_fn + r * stride_fr + offs_n[None, :] * stride_fd,
+                    mask=r_ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        acc += sp[:, None] * f
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,22 +618,37 @@ def segmented_lora_(
     return out
 
 
-# Up to this many rows, lora_linear_segmented runs the decode pair below in place of cuBLAS plus
-# the gathered shrink and expand (see bench/NOTES.md, mixed-batch decode).
+# Up to this many rows, lora_linear_segmented runs segmented_linear_decode in place of cuBLAS plus
+# the gathered shrink and expand (bench/NOTES.md, mixed-batch decode).
 DECODE_MAX_T = 64
 
 
-def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
-    """Launch config of _decode_partial_kernel: BLOCK_N x BLOCK_K tiles of W, K_SPLITS slices of D.
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that exposes it."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return (torch.cuda.get_device_capability(device_index)[0] >= 9
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and hasattr(tl.extra.cuda, "gdc_wait"))
 
-    The layer is bound by reading W once; enough (column block, K slice) programs keep every SM
-    streaming, and few enough slices keep the float32 partials (K_SPLITS x T x N) small against W."""
+
+def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
+    """Launch config of _decode_kernel (BLOCK_N x BLOCK_K tiles of W, one program per column block).
+
+    The layer is bound by reading W once: narrow column blocks give enough programs to keep the
+    SMs streaming (a sweep on the H100 found 32-wide blocks best or within 3 % of the best, for
+    4096-14336 wide layers; bench/results/segmented-decode-*.json), and deep K blocks keep many bytes
+    in flight per program, as far as shared memory allows with up to 64 rows."""
     if is_interpreting():
-        return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_SPLITS": 2}, num_warps=4, num_stages=1)
-    bn, bk = 64, (128 if dtype != torch.float32 else 64)
-    n_blocks = cdiv(N, bn)
-    splits = max(1, min(cdiv(2 * sms, n_blocks), D // (4 * bk), max(1, D // (16 * max(T, 16)))))
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPLITS": splits}, num_warps=4, num_stages=4)
+        return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    bn = 32 if cdiv(N, 32) >= sms // 2 else 16
+    bk = 256 if T <= 32 else 128
+    if dtype == torch.float32:
+        bk //= 2
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=4)
 
 
 def segmented_linear_decode(
@@ -666,14 +664,14 @@ def segmented_linear_decode(
 ) -> torch.Tensor:
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
-    For few rows (decoding, T <= DECODE_MAX_T): two launches in place of the base GEMM plus the
-    gathered shrink and expand. The first runs the base product as split-K float32 partials and the
-    row shrink side by side; the second sums the partials, adds the bias and the row's adapter
-    term and rounds once, so the output is written once and never read back.
-    x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (scales (num_slots,)
-    or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not range-checked here).
-    config: a triton.Config with BLOCK_N, BLOCK_K and K_SPLITS (for tuning), else decode_config's.
-    Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable.
+    For few rows (decoding, T <= DECODE_MAX_T): the gathered row shrink, then one GEMM over all rows
+    whose epilogue adds each row's adapter term, so the output is written once and never read
+    back. On Hopper the GEMM is launched as a programmatic dependent of the shrink: it streams W while
+    the shrink runs. x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_
+    (zero-padded slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots)
+    (not range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K (for tuning), else
+    decode_config's. Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph
+    capturable.
     """
     check_runnable("x", x)
     if x.dim() != 2:
@@ -693,48 +691,38 @@ def segmented_linear_decode(
     num_slots, r_max = fac_in.shape[:2]
     if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do
         return torch.nn.functional.linear(x, weight, bias)
-    y = new_empty((T, N), x.dtype, x.device)
-    cfg = dict(config.kwargs) if config is not None else None
-    launch_opts = (config.num_warps, config.num_stages) if config is not None else None
-    if cfg is None:
-        c = decode_config(T, N, D, x.dtype, num_sms(x.device))
-        cfg, launch_opts = dict(c.kwargs), (c.num_warps, c.num_stages)
-    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    k_per = cdiv(cdiv(D, max(1, cfg["K_SPLITS"])), block_k) * block_k
-    k_splits = cdiv(D, k_per)
-    n_blocks = cdiv(N, block_n)
+    cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device))
+    block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
+                                                                  else torch.cuda.current_device())
     block_r = block_for(r_max)
-    block_d, block_n2, warps2 = _gathered_blocks(block_r)
-    # The row shrink: about half the SMs' worth of (row, D slice) programs, each a whole BLOCK_D
-    # multiple, so that they finish within the GEMM's first wave.
-    s_splits = max(1, min(cdiv(D, block_d), cdiv(num_sms(x.device), 2 * T)))
-    d_per = cdiv(cdiv(D, s_splits), block_d) * block_d
-    s_splits = cdiv(D, d_per)
-    gpart = new_empty((k_splits, T, N), torch.float32, x.device)
-    spart = new_empty((s_splits, T, r_max), torch.float32, x.device)
-    launch(_decode_partial_kernel, (T * s_splits + n_blocks * k_splits,),
-        x, weight, gpart, fac_in, ranks, idx, spart,
-        T, N, D, k_per, n_blocks, T * s_splits,
-        r_max, d_per, s_splits, num_slots,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        gpart.stride(0), gpart.stride(1),
+    block_d, _, warps = _gathered_blocks(block_r)
+    # Enough (row, slice of D) programs to fill the GPU even for a few rows (as the gathered schedule).
+    splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
+    per_split = cdiv(cdiv(D, splits), block_d) * block_d
+    splits = cdiv(D, per_split)
+    part = new_empty((splits, T, r_max), torch.float32, x.device)
+    y = new_empty((T, N), x.dtype, x.device)
+    pdl_opt = {"launch_pdl": True} if pdl else {}
+    launch(_gathered_shrink_kernel, (T, splits),
+        x, fac_in, ranks, idx, part,
+        D, r_max, per_split, num_slots,
+        x.stride(0), x.stride(1),
         fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
-        spart.stride(0), spart.stride(1),
-        PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=D % block_k == 0, EVEN_N=N % block_n == 0, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=launch_opts[0], num_stages=launch_opts[1],
+        part.stride(0), part.stride(1),
+        BLOCK_R=block_r, BLOCK_D=block_d, PDL=pdl, num_warps=warps,
     )
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
-    launch(_decode_finish_kernel, (T, cdiv(N, block_n2)),
-        y, gpart, bias if bias is not None else y, spart, fac_out, ranks, scales, idx,
-        N, k_splits, s_splits, num_slots,
-        y.stride(0), y.stride(1),
-        gpart.stride(0), gpart.stride(1),
-        spart.stride(0), spart.stride(1),
+    launch(_decode_kernel, (cdiv(N, block_n),),
+        x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
+        T, N, D, r_max, splits, num_slots,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        part.stride(0), part.stride(1),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
-        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_N=block_n2,
-        BLOCK_KS=max(2, next_pow2(k_splits)), BLOCK_SPLITS=max(2, next_pow2(s_splits)), num_warps=warps2,
+        HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), EVEN_K=D % block_k == 0,
+        EVEN_N=N % block_n == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opt,
     )
     return y
 

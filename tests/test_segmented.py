@@ -84,7 +84,7 @@ def test_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, num_slots, dt
         delta = y.double() - F.linear(x.double(), w.double(), b.double())
         assert rel_err(delta, ref - F.linear(x.double(), w.double(), b.double())) < 1e-4, f"seed {seeded}"
     # Rows without an adapter (or with an empty slot) are the base layer's output: exactly when the
-    # base product is F.linear's; the decode pair (few rows) computes it itself, so there the rows
+    # base product is F.linear's; the decode kernels (few rows) compute it themselves, so there the rows
     # must match the float64 base product as closely as the whole output does.
     plain = (ids < 0) | (ids >= len(ranks))
     if plain.any():
@@ -304,9 +304,9 @@ if HAS_CUDA:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,ranks", DECODE_CASES)
-def test_decode_pair_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, dtype, bias, per_column):
-    """segmented_linear_decode (base GEMM as split-K partials beside the row shrink, then one
-    finishing pass): the whole output against float64, and the adapter term alone in float32."""
+def test_decode_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, dtype, bias, per_column):
+    """segmented_linear_decode (the row shrink, then the GEMM with the rows' adapters in its
+    epilogue): the whole output against float64, and the adapter term alone in float32."""
     adapters = make_adapters(d_in, d_out, ranks, dtype)
     lib, scales = _library_tensors(adapters, len(ranks) + 1, per_column)
     w, b = make_layer(d_in, d_out, dtype, bias=bias)
@@ -321,22 +321,22 @@ def test_decode_pair_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, d
         assert rel_err(y.double() - base, ref - base) < 1e-4, f"seed {seeded}"
 
 
-@pytest.mark.parametrize("splits", [1, 3, 8])
-def test_decode_pair_any_split_of_d(seeded, splits):
-    """Explicit configs: one K slice, a count that does not divide D's blocks, more slices than blocks."""
+@pytest.mark.parametrize("block_n,block_k", [(16, 16), (32, 64), (64, 32)])
+def test_decode_any_tile(seeded, block_n, block_k):
+    """Explicit configs: column and K blocks that divide neither d_out nor d_in, or exceed d_in."""
     import triton
-    adapters = make_adapters(200, 72, [4, 9], torch.float32)
+    adapters = make_adapters(50, 72, [4, 9], torch.float32)
     lib, scales = _library_tensors(adapters, 2, False)
-    w, b = make_layer(200, 72, torch.float32)
-    x = torch.randn(7, 200, device=DEVICE)
+    w, b = make_layer(50, 72, torch.float32)
+    x = torch.randn(7, 50, device=DEVICE)
     ids = torch.tensor([1, 0, -1, 1, 1, 0, -1], device=DEVICE)
-    cfg = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "K_SPLITS": splits}, num_warps=4, num_stages=1)
+    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=1)
     y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
     assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.float32], f"seed {seeded}"
 
 
-def test_few_rows_without_grad_take_the_decode_pair(seeded, monkeypatch):
-    """lora_linear_segmented runs the decode pair for T <= DECODE_MAX_T without gradients (auto or
+def test_few_rows_without_grad_take_the_decode_kernels(seeded, monkeypatch):
+    """lora_linear_segmented runs segmented_linear_decode for T <= DECODE_MAX_T without gradients (auto or
     gathered), and cuBLAS + segmented_lora_ otherwise; both give the definition's result."""
     if not can_run(torch.zeros(1, device=DEVICE)):
         pytest.skip("the kernels do not run here (CPU without TRITON_INTERPRET=1)")
@@ -358,7 +358,7 @@ def test_few_rows_without_grad_take_the_decode_pair(seeded, monkeypatch):
         assert rel_err(y, expected(x.detach(), w, b, adapters, ids)) < TOL[torch.float32], (T, schedule, grad)
 
 
-def test_decode_pair_bad_input_is_named():
+def test_decode_bad_input_is_named():
     adapters = make_adapters(16, 8, [2, 3], torch.float32)
     lib = LoraLibrary.from_adapters(adapters)
     w, b = make_layer(16, 8, torch.float32)
@@ -518,7 +518,7 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
     assert torch.equal(plain[1], out[1])
     handle.detach()
     assert type(base.model.layers[0].self_attn.o_proj).__name__ == "Linear"
-    with torch.no_grad():  # (few rows: the decode pair computed `plain`'s base products, in its own order)
+    with torch.no_grad():  # (few rows: the decode kernels computed `plain`'s base products, in its own order)
         assert rel_err(base(tokens).logits, plain) < 1e-6
 
 
@@ -614,15 +614,14 @@ compile_for_sm90(S._grouped_outer_kernel, {"u_ptr": "*fp32", "v_ptr": "*bf16", "
                  "out_ptr": "*fp32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "perm_ptr": "*i32"},
                  {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
 compile_for_sm90(S._check_ids_kernel, {"idx_ptr": "*i64"}, {"BLOCK": 1024})
-for even in (True, False):
-    compile_for_sm90(S._decode_partial_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "gpart_ptr": "*fp32",
-                     "fac_ptr": "*bf16", "ranks_ptr": "*i32", "idx_ptr": "*i64", "spart_ptr": "*fp32"},
-                     {"PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_K": 128, "EVEN_K": even, "EVEN_N": even,
-                      "BLOCK_R": 16, "BLOCK_D": 256})
-compile_for_sm90(S._decode_finish_kernel, {"out_ptr": "*bf16", "gpart_ptr": "*fp32", "bias_ptr": "*bf16",
-                 "spart_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
-                 "idx_ptr": "*i64"},
-                 {"HAS_BIAS": True, "BLOCK_R": 16, "BLOCK_N": 256, "BLOCK_KS": 8, "BLOCK_SPLITS": 16})
+compile_for_sm90(S._gathered_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
+                 "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256, "PDL": True})
+for even, pdl in ((True, True), (False, False)):
+    compile_for_sm90(S._decode_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                     "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
+                     "idx_ptr": "*i64"},
+                     {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 256,
+                      "BLOCK_SPLITS": 16, "EVEN_K": even, "EVEN_N": even, "PDL": pdl})
 print("compiled")
 """
 
