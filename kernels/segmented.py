@@ -171,6 +171,8 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK_T: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     PDL: tl.constexpr,
@@ -187,11 +189,6 @@ def _decode_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
     n_mask = offs_n < N
-    # The ids, ranks and scales are inputs, not the shrink's output: loaded before the wait.
-    slot = tl.load(idx_ptr + offs_t, mask=t_mask, other=-1).to(tl.int64)
-    valid = t_mask & (slot >= 0) & (slot < NUM_SLOTS)
-    slot = tl.where(valid, slot, 0)
-    rank = tl.where(valid, tl.load(ranks_ptr + slot), 0)
     x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -213,18 +210,29 @@ def _decode_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible after this
+    # The adapter term as tensor-core dots over chunks of CHUNK_T rows: the K axis of a chunk runs
+    # over (row, rank column) pairs, the left operand is block-diagonal (row t's S' in its own
+    # columns), the right one row t's factor rows gathered from its slot. All loads of a chunk are
+    # independent, so the epilogue waits on memory once per chunk, not once per rank column.
+    kk = tl.arange(0, CHUNK_T * BLOCK_R)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     s_mask = offs_s < SPLITS
-    for r in range(0, R_MAX):
-        r_ok = valid & (r < rank)
-        parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + offs_t[None, :] * stride_pt + r,
-                        mask=s_mask[:, None] & r_ok[None, :], other=0.0)
-        sc = tl.load(scales_ptr + slot * stride_sn + r * stride_sr, mask=r_ok, other=0.0).to(tl.float32)
+    for c in range(0, T, CHUNK_T):
+        row = c + kk // BLOCK_R
+        col = kk % BLOCK_R
+        slot = tl.load(idx_ptr + row, mask=row < T, other=-1).to(tl.int64)
+        ok = (row < T) & (slot >= 0) & (slot < NUM_SLOTS)
+        slot = tl.where(ok, slot, 0)
+        ok = ok & (col < tl.load(ranks_ptr + slot))
+        parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + row[None, :] * stride_pt + col[None, :],
+                        mask=s_mask[:, None] & ok[None, :], other=0.0)
+        sc = tl.load(scales_ptr + slot * stride_sn + col * stride_sr, mask=ok, other=0.0).to(tl.float32)
         # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
-        sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty).to(tl.float32)
-        f = tl.load(fac_ptr + slot[:, None] * stride_fn + r * stride_fr + offs_n[None, :] * stride_fd,
-                    mask=r_ok[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        acc += sp[:, None] * f
+        sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty)
+        sp_rows = tl.where(offs_t[:, None] == row[None, :], sp[None, :], 0.0).to(out_ptr.dtype.element_ty)
+        f = tl.load(fac_ptr + slot[:, None] * stride_fn + col[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                    mask=ok[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(sp_rows, f, acc, input_precision=PREC)
     tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
@@ -721,7 +729,8 @@ def segmented_linear_decode(
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), EVEN_K=D % block_k == 0,
+        BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
+        CHUNK_T=max(1, min(block_for(T), 256 // block_r)), EVEN_K=D % block_k == 0,
         EVEN_N=N % block_n == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opt,
     )
     return y

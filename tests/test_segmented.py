@@ -621,7 +621,8 @@ for even, pdl in ((True, True), (False, False)):
                      "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
                      "idx_ptr": "*i64"},
                      {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 256,
-                      "BLOCK_SPLITS": 16, "EVEN_K": even, "EVEN_N": even, "PDL": pdl})
+                      "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "EVEN_K": even, "EVEN_N": even,
+                      "PDL": pdl})
 print("compiled")
 """
 
