@@ -626,9 +626,20 @@ def segmented_lora_(
     return out
 
 
-# Up to this many rows, lora_linear_segmented runs segmented_linear_decode in place of cuBLAS plus
-# the gathered shrink and expand (bench/NOTES.md, mixed-batch decode).
+# Up to this many rows, and for layers at least DECODE_MIN_WIDTH times wider than deep (d_out >=
+# 2 d_in: the MLP's up and gate projections), lora_linear_segmented runs segmented_linear_decode in
+# place of cuBLAS plus the gathered shrink and expand. From CUDA graphs on an H100, 64 adapters of
+# rank 16, bf16 (bench/results/segmented-decode-*.json): at 4096 x 14336 the decode kernels beat the
+# unfused path (T = 16 71 -> 64 us, T = 64 106 -> 81 us); at 4096 x 4096 and 14336 x 4096 our
+# one-pass GEMM over few rows is slower than cuBLAS's split-K one by about what the fused epilogue
+# saves, so there the unfused path stays.
 DECODE_MAX_T = 64
+DECODE_MIN_WIDTH = 2
+
+
+def decode_wins(T: int, N: int, D: int) -> bool:
+    """Whether segmented_linear_decode is the faster path for T rows of a (D -> N) layer."""
+    return 0 < T <= DECODE_MAX_T and N >= DECODE_MIN_WIDTH * D
 
 
 @functools.lru_cache(maxsize=None)
@@ -646,17 +657,14 @@ def _pdl_supported(device_index: int) -> bool:
 def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
     """Launch config of _decode_kernel (BLOCK_N x BLOCK_K tiles of W, one program per column block).
 
-    The layer is bound by reading W once: narrow column blocks give enough programs to keep the
-    SMs streaming (a sweep on the H100 found 32-wide blocks best or within 3 % of the best, for
-    4096-14336 wide layers; bench/results/segmented-decode-*.json), and deep K blocks keep many bytes
-    in flight per program, as far as shared memory allows with up to 64 rows."""
+    The layer is bound by reading W once. The sweep on the H100 (bench/segmented_decode.py, 27
+    configs at T = 16 and 64) put 64 x 128 tiles with 3 stages best or within 1 % of the best at
+    4096 x 14336 for both; shared memory holds 3 stages of (64 rows + 64 columns) x 128 at 16 bits."""
     if is_interpreting():
         return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    bn = 32 if cdiv(N, 32) >= sms // 2 else 16
-    bk = 256 if T <= 32 else 128
-    if dtype == torch.float32:
-        bk //= 2
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=4)
+    bn = 64 if cdiv(N, 64) >= sms // 2 else 32
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": 128 if dtype != torch.float32 else 64}, num_warps=4,
+                         num_stages=3)
 
 
 def segmented_linear_decode(
@@ -672,7 +680,8 @@ def segmented_linear_decode(
 ) -> torch.Tensor:
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
-    For few rows (decoding, T <= DECODE_MAX_T): the gathered row shrink, then one GEMM over all rows
+    For few rows (decoding, T <= DECODE_MAX_T; faster than cuBLAS plus segmented_lora_ where
+    decode_wins says so): the gathered row shrink, then one GEMM over all rows
     whose epilogue adds each row's adapter term, so the output is written once and never read
     back. On Hopper the GEMM is launched as a programmatic dependent of the shrink: it streams W while
     the shrink runs. x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse.kernels.segmented import (DECODE_MAX_T, check_ids_on_device, group_rows, segmented_linear_decode,
+from lorafuse.kernels.segmented import (check_ids_on_device, decode_wins, group_rows, segmented_linear_decode,
                                         segmented_lora_, segmented_outer)
 from lorafuse.kernels.utils import can_run, is_interpreting
 
@@ -329,12 +329,12 @@ def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tens
 
 
 def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
-    """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows (decoding) run the decode
-    pair (base GEMM and row shrink in one launch, the row expand in the GEMM's finishing pass);
-    otherwise cuBLAS, then segmented_lora_. While a CUDA graph is being captured, the base GEMM goes
-    to segmented_lora_ as `base`, which overlaps it with the row shrink."""
-    if (not torch.compiler.is_compiling() and x2.shape[0] <= DECODE_MAX_T and schedule != "grouped"
-            and weight.stride(-1) == 1):
+    """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows of a wide layer (decode_wins)
+    run segmented_linear_decode (the row expand in our GEMM's epilogue); otherwise cuBLAS, then
+    segmented_lora_. While a CUDA graph is being captured, the base GEMM goes to segmented_lora_ as
+    `base`, which overlaps it with the row shrink."""
+    if (not torch.compiler.is_compiling() and schedule != "grouped" and weight.stride(-1) == 1
+            and decode_wins(x2.shape[0], weight.shape[0], x2.shape[1])):
         return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids)
     if torch.compiler.is_compiling() or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)

@@ -11,7 +11,7 @@ from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess
 
 import lorafuse
 from lorafuse.kernels import can_run
-from lorafuse.kernels.segmented import DECODE_MAX_T, group_rows, segmented_linear_decode
+from lorafuse.kernels.segmented import DECODE_MAX_T, decode_wins, group_rows, segmented_linear_decode
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference
 
 SCHEDULES = ["gathered", "grouped"]
@@ -88,7 +88,7 @@ def test_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, num_slots, dt
     # must match the float64 base product as closely as the whole output does.
     plain = (ids < 0) | (ids >= len(ranks))
     if plain.any():
-        if T <= DECODE_MAX_T and schedule == "gathered":
+        if decode_wins(T, d_out, d_in) and schedule == "gathered":
             assert rel_err(y[plain], F.linear(x.double(), w.double(), b.double())[plain]) < TOL[dtype]
         else:
             assert torch.equal(y[plain], F.linear(x, w, b)[plain])
@@ -336,26 +336,31 @@ def test_decode_any_tile(seeded, block_n, block_k):
 
 
 def test_few_rows_without_grad_take_the_decode_kernels(seeded, monkeypatch):
-    """lora_linear_segmented runs segmented_linear_decode for T <= DECODE_MAX_T without gradients (auto or
-    gathered), and cuBLAS + segmented_lora_ otherwise; both give the definition's result."""
+    """lora_linear_segmented runs segmented_linear_decode where decode_wins (T <= DECODE_MAX_T rows of a
+    layer at least twice as wide as deep, no gradients, auto or gathered), and cuBLAS + segmented_lora_
+    otherwise; both give the definition's result."""
     if not can_run(torch.zeros(1, device=DEVICE)):
         pytest.skip("the kernels do not run here (CPU without TRITON_INTERPRET=1)")
     import lorafuse.segmented as seg
     calls = []
     real = seg.segmented_linear_decode
     monkeypatch.setattr(seg, "segmented_linear_decode", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    adapters = make_adapters(48, 40, [3, 6], torch.float32)
-    lib = LoraLibrary.from_adapters(adapters)
-    w, b = make_layer(48, 40, torch.float32)
-    for T, schedule, grad, decoded in [(DECODE_MAX_T, "auto", False, True), (DECODE_MAX_T + 1, "auto", False, False),
-                                       (3, "gathered", False, True), (3, "grouped", False, False),
-                                       (3, "auto", True, False)]:
-        calls.clear()
-        x = torch.randn(T, 48, device=DEVICE, requires_grad=grad)
-        ids = random_ids(T, 2, 2)
-        y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
-        assert calls == ([T] if decoded else []), (T, schedule, grad)
-        assert rel_err(y, expected(x.detach(), w, b, adapters, ids)) < TOL[torch.float32], (T, schedule, grad)
+    for d_in, d_out in [(24, 48), (48, 40)]:
+        adapters = make_adapters(d_in, d_out, [3, 6], torch.float32)
+        lib = LoraLibrary.from_adapters(adapters)
+        w, b = make_layer(d_in, d_out, torch.float32)
+        wide = d_out >= 2 * d_in
+        for T, schedule, grad, decoded in [(DECODE_MAX_T, "auto", False, wide),
+                                           (DECODE_MAX_T + 1, "auto", False, False),
+                                           (3, "gathered", False, wide), (3, "grouped", False, False),
+                                           (3, "auto", True, False)]:
+            calls.clear()
+            x = torch.randn(T, d_in, device=DEVICE, requires_grad=grad)
+            ids = random_ids(T, 2, 2)
+            y = lora_linear_segmented(x, w, b, lib, ids, schedule=schedule)
+            assert calls == ([T] if decoded else []), (d_in, d_out, T, schedule, grad)
+            ref = expected(x.detach(), w, b, adapters, ids)
+            assert rel_err(y, ref) < TOL[torch.float32], (d_in, d_out, T, schedule, grad)
 
 
 def test_decode_bad_input_is_named():
