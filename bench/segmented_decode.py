@@ -36,8 +36,8 @@ from lorafuse.segmented import LoraLibrary  # noqa: E402
 
 
 def candidates():
-    for bn, bk, stages, splits in itertools.product((32, 64), (128, 256), (3, 4), (1, 2, 4, 8)):
-        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPLITS": splits}, num_warps=4, num_stages=stages)
+    for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5)):
+        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages)
 
 
 def cfg_dict(c: triton.Config) -> dict:
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
-    p.add_argument("--sweep-T", type=int, nargs="*", default=[16])
+    p.add_argument("--sweep-T", type=int, nargs="*", default=[16, 64])
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

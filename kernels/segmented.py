@@ -74,8 +74,8 @@ def _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, t, split,
 
 @triton.jit
 def _gathered_shrink_kernel(
-    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, count_ptr,
-    D, R_MAX, D_PER_SPLIT, NUM_SLOTS, NUM_COUNTS,
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
     stride_xt, stride_xd,
     stride_fn, stride_fr, stride_fd,
     stride_ps, stride_pt,
@@ -85,11 +85,6 @@ def _gathered_shrink_kernel(
 ):
     if PDL:  # the decode kernel may start now: it waits for this kernel before reading its output
         tl.extra.cuda.gdc_launch_dependents()
-    if NUM_COUNTS > 0:  # the split-K decode kernel's per-column-block counters, zeroed for it
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            for i in range(0, NUM_COUNTS, 1024):
-                offs = i + tl.arange(0, 1024)
-                tl.store(count_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NUM_COUNTS)
     _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
                 tl.program_id(0).to(tl.int64), tl.program_id(1),
                 D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
@@ -163,15 +158,54 @@ def _gathered_expand_kernel(
 
 
 @triton.jit
-def _decode_epilogue(acc, out_ptr, bias_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n,
-                     T, N, SPLITS, NUM_SLOTS,
-                     stride_ot, stride_on, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
-                     stride_sn, stride_sr,
-                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                     BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr, PDL: tl.constexpr):
-    """out[:, n-block] = acc + b + the rows' adapter terms, rounded once."""
+def _decode_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    T, N, D, R_MAX, SPLITS, NUM_SLOTS,
+    stride_xt, stride_xd, stride_wn, stride_wd, stride_ot, stride_on,
+    stride_ps, stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
+    HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK_T: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """out[:, n-block] = x W[n-block]^T + b + each row's round(S[t] * scale) fac_out[idx[t], :, n-block].
+
+    One program per column block holds every row (T <= 64) over all of D, so the adapter term goes
+    into the epilogue and the output is written once. S[t] comes from the row shrink launched just
+    before as split partials; with programmatic dependent launch (PDL) this kernel starts while the
+    shrink runs and waits for it only after its K loop."""
+    pid_n = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
     n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+            if EVEN_N:
+                wv = tl.load(w_ptrs)
+            else:
+                wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < D
+            xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
@@ -201,87 +235,6 @@ def _decode_epilogue(acc, out_ptr, bias_ptr, part_ptr, fac_ptr, ranks_ptr, scale
         acc = tl.dot(sp_rows, f, acc, input_precision=PREC)
     tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _decode_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, gpart_ptr, count_ptr,
-    T, N, D, R_MAX, SPLITS, NUM_SLOTS, K_PER_SPLIT, N_BLOCKS,
-    stride_xt, stride_xd, stride_wn, stride_wd, stride_ot, stride_on,
-    stride_ps, stride_pt,
-    stride_fn, stride_fr, stride_fd,
-    stride_sn, stride_sr,
-    stride_gs, stride_gt,
-    HAS_BIAS: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    CHUNK_T: tl.constexpr,
-    K_SPLITS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """out[:, n-block] = x W[n-block]^T + b + each row's round(S[t] * scale) fac_out[idx[t], :, n-block].
-
-    Every program holds all rows (T <= 64) of one column block over one of K_SPLITS slices of D. With
-    one slice the epilogue follows the K loop directly; with more, each program writes its float32
-    partial tile and takes a ticket from its column block's counter (zeroed by the shrink), and the
-    last to arrive sums the partials and runs the epilogue: no finishing launch, and the output is
-    written once. S[t] comes from the row shrink launched just before as split partials;
-    with programmatic dependent launch (PDL) this kernel starts while the shrink runs and waits for
-    it only in the epilogue."""
-    pid = tl.program_id(0)
-    pid_n = pid % N_BLOCKS
-    split = pid // N_BLOCKS
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    t_mask = offs_t < T
-    n_mask = offs_n < N
-    k_lo = split * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
-    x_ptrs = x_ptr + offs_t[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xd
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_lo + offs_k)[None, :] * stride_wd
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
-            if EVEN_N:
-                wv = tl.load(w_ptrs)
-            else:
-                wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < k_hi
-            xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
-        x_ptrs += BLOCK_K * stride_xd
-        w_ptrs += BLOCK_K * stride_wd
-    if K_SPLITS == 1:
-        _decode_epilogue(acc, out_ptr, bias_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n,
-                         T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
-                         stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                         HAS_BIAS, PREC, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
-    else:
-        tile = offs_t[:, None] * stride_gt + offs_n[None, :]
-        tile_mask = t_mask[:, None] & n_mask[None, :]
-        tl.store(gpart_ptr + split * stride_gs + tile, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's partial stored before the ticket is taken
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the shrink zeroes the counters
-        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == K_SPLITS - 1:
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(K_SPLITS):  # unrolled: the loads do not wait on one another
-                acc += tl.load(gpart_ptr + i * stride_gs + tile, mask=tile_mask, other=0.0)
-            _decode_epilogue(acc, out_ptr, bias_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t,
-                             offs_n, T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
-                             stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                             HAS_BIAS, PREC, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,8 +577,8 @@ def segmented_lora_(
         splits = cdiv(D, per_split)
         part = new_empty((splits, T, r_max), torch.float32, x.device)
         launch(_gathered_shrink_kernel, (T, splits),
-            x, fac_in, ranks, idx, part, part,
-            D, r_max, per_split, num_slots, 0,
+            x, fac_in, ranks, idx, part,
+            D, r_max, per_split, num_slots,
             x.stride(0), x.stride(1),
             fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
             part.stride(0), part.stride(1),
@@ -728,14 +681,14 @@ def segmented_linear_decode(
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
     For few rows (decoding, T <= DECODE_MAX_T; faster than cuBLAS plus segmented_lora_ where
-    decode_wins says so): the gathered row shrink, then one GEMM over all rows whose epilogue adds
-    each row's adapter term, so the output is written once and never read back. On Hopper the GEMM
-    is launched as a programmatic dependent of the shrink: it streams W while the shrink runs.
-    x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (zero-padded
-    slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not
-    range-checked here). config: a triton.Config with BLOCK_N, BLOCK_K and optionally K_SPLITS
-    (slices of D, default 1), for tuning; else decode_config's. Returns y (T, N) in x's dtype.
-    Fixed shapes, no host read-back: CUDA-graph capturable.
+    decode_wins says so): the gathered row shrink, then one GEMM over all rows
+    whose epilogue adds each row's adapter term, so the output is written once and never read
+    back. On Hopper the GEMM is launched as a programmatic dependent of the shrink: it streams W while
+    the shrink runs. x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_
+    (zero-padded slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots)
+    (not range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K (for tuning), else
+    decode_config's. Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph
+    capturable.
     """
     check_runnable("x", x)
     if x.dim() != 2:
@@ -757,10 +710,6 @@ def segmented_linear_decode(
         return torch.nn.functional.linear(x, weight, bias)
     cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device))
     block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    n_blocks = cdiv(N, block_n)
-    # Slices of D for the GEMM: whole K blocks each; a K_SPLITS that would leave a slice empty shrinks.
-    k_per = cdiv(cdiv(D, max(1, cfg.kwargs.get("K_SPLITS", 1))), block_k) * block_k
-    k_splits = cdiv(D, k_per)
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())
     block_r = block_for(r_max)
@@ -771,32 +720,26 @@ def segmented_linear_decode(
     splits = cdiv(D, per_split)
     part = new_empty((splits, T, r_max), torch.float32, x.device)
     y = new_empty((T, N), x.dtype, x.device)
-    if k_splits > 1:
-        gpart = new_empty((k_splits, T, N), torch.float32, x.device)
-        counts = torch.empty(n_blocks, dtype=torch.int32, device=x.device)  # zeroed by the shrink kernel
-    else:
-        gpart, counts = part, ranks  # not read
     pdl_opt = {"launch_pdl": True} if pdl else {}
     launch(_gathered_shrink_kernel, (T, splits),
-        x, fac_in, ranks, idx, part, counts,
-        D, r_max, per_split, num_slots, n_blocks if k_splits > 1 else 0,
+        x, fac_in, ranks, idx, part,
+        D, r_max, per_split, num_slots,
         x.stride(0), x.stride(1),
         fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
         part.stride(0), part.stride(1),
         BLOCK_R=block_r, BLOCK_D=block_d, PDL=pdl, num_warps=warps,
     )
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
-    launch(_decode_kernel, (n_blocks * k_splits,),
-        x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx, gpart, counts,
-        T, N, D, r_max, splits, num_slots, k_per, n_blocks,
+    launch(_decode_kernel, (cdiv(N, block_n),),
+        x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
+        T, N, D, r_max, splits, num_slots,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         part.stride(0), part.stride(1),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
-        gpart.stride(0), gpart.stride(1),
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-        CHUNK_T=max(1, min(block_for(T), 256 // block_r)), K_SPLITS=k_splits, EVEN_K=D % block_k == 0,
+        CHUNK_T=max(1, min(block_for(T), 256 // block_r)), EVEN_K=D % block_k == 0,
         EVEN_N=N % block_n == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opt,
     )
     return y
