@@ -55,7 +55,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json  # noqa: E402
+from common import env_info, save_json, warm_up  # noqa: E402
 from bench_kernels import _graphed, host_us_per_call, time_ms  # noqa: E402
 
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference  # noqa: E402
@@ -406,6 +406,7 @@ def main(argv=None):
     argv_list = argv if argv is not None else sys.argv[1:]
     doc = {"env": env_info([os.path.relpath(__file__)] + list(argv_list)), "dtype": str(dtype),
            "grid": {k: v for k, v in grid.items()}, "rows": [], "skipped": []}
+    warm_up()
     t_start = time.time()
 
     try:

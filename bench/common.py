@@ -80,3 +80,23 @@ def save_json(doc: dict, out_dir: str, prefix: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def warm_up(seconds: float = 3.0) -> None:
+    """Busy the GPU and the launching host for a few seconds before the first timed row: idle clocks
+    (the SMs start near 350 MHz) and a cold host made the first rows of a run read 2-4x slow."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    small = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            a @ a  # the GPU's clocks
+            small @ a  # the host's launch path
+        torch.cuda.synchronize()
+

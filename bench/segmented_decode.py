@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import _graphed  # noqa: E402
-from common import env_info, save_json  # noqa: E402
+from common import env_info, save_json, warm_up  # noqa: E402
 from routed_profile import kernel_table  # noqa: E402
 
 import lorafuse.kernels.segmented as S  # noqa: E402
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     doc = {"env": env_info([os.path.relpath(__file__)] + list(argv if argv is not None else sys.argv[1:])),
            "dtype": str(dt), "library": args.library, "r": args.r, "rows": []}
     bench = lambda f: do_bench(f, warmup=25, rep=200, return_mode="median") * 1e3  # noqa: E731 (us)
+    warm_up()
     for dims in args.dims:
         d_in, d_out = map(int, dims.split("x"))
         gen = torch.Generator(device=dev).manual_seed(d_in + d_out)
