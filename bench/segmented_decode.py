@@ -8,9 +8,8 @@ Every layer is timed replayed from a CUDA graph (the way decoding runs; eager ca
 measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),
 "unfused" (cuBLAS beside the gathered row shrink on a side stream, then the gathered expand: the
 path before the decode kernels), "decode" (segmented_linear_decode with its heuristic config),
-"decode_nopdl" (the same without programmatic dependent launch), "cublas_epilogue_bn*" (cuBLAS beside
-the row shrink, then the decode epilogue alone as the expand, three column-block widths), and at
---sweep-T every candidate config of the decode GEMM, each checked against a float32 reference.
+"decode_nopdl" (the same without programmatic dependent launch), and at --sweep-T every candidate
+config of the decode GEMM, each checked against a float32 reference.
 Also the per-kernel GPU times (torch.profiler) of both paths. Writes segmented-decode-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -101,13 +100,6 @@ def main(argv=None) -> None:
                     row["decode_nopdl_us"], row["decode_nopdl_err"] = bench(g_nopdl), err(g_nopdl())
                 finally:
                     S._pdl_supported = pdl
-                for bn in (16, 32, 64):  # cuBLAS base, the decode epilogue as the expand (no K loop)
-                    c = triton.Config({"BLOCK_N": bn, "BLOCK_K": 16}, num_warps=4, num_stages=1)
-                    g = _graphed(lambda xx, c=c: segmented_linear_decode(xx, W, None, *lib_args, ids, config=c,
-                                                                         cublas_base=True), x)
-                    row[f"cublas_epilogue_bn{bn}_us"], row[f"cublas_epilogue_bn{bn}_err"] = bench(g), err(g())
-                    if bn == 32:
-                        row["kernels_cublas_epilogue"] = kernel_table(g)
                 row["kernels_unfused"] = kernel_table(g_unf)
                 row["kernels_decode"] = kernel_table(g_dec)
                 if T in args.sweep_T:
@@ -132,10 +124,6 @@ def main(argv=None) -> None:
                   f"({row['unfused_us'] / row['base_us']:.2f}x), decode {row['decode_us']:.1f} "
                   f"({row['decode_us'] / row['base_us']:.2f}x; no PDL {row['decode_nopdl_us']:.1f}) "
                   f"err {row['decode_err']:.1e}{best}", flush=True)
-            print("   cuBLAS + epilogue expand, BLOCK_N 16/32/64:",
-                  " / ".join(f"{row[f'cublas_epilogue_bn{bn}_us']:.1f}" for bn in (16, 32, 64)), "us;",
-                  {k[:30]: v for k, v in row["kernels_cublas_epilogue"].items()}, flush=True)
-            print("   unfused kernels:", {k[:30]: v for k, v in row["kernels_unfused"].items()}, flush=True)
             print("   decode kernels:", {k[:30]: v for k, v in row["kernels_decode"].items()}, flush=True)
             save_json(doc, args.out, "segmented-decode")
     print("wrote", save_json(doc, args.out, "segmented-decode"))

@@ -27,7 +27,6 @@ Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) g
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 from dataclasses import dataclass
@@ -177,44 +176,38 @@ def _decode_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     PDL: tl.constexpr,
-    ADD_TO_OUT: tl.constexpr = False,
 ):
     """out[:, n-block] = x W[n-block]^T + b + each row's round(S[t] * scale) fac_out[idx[t], :, n-block].
 
     One program per column block holds every row (T <= 64) over all of D, so the adapter term goes
     into the epilogue and the output is written once. S[t] comes from the row shrink launched just
     before as split partials; with programmatic dependent launch (PDL) this kernel starts while the
-    shrink runs and waits for it only after its K loop. ADD_TO_OUT: out already holds the base product
-    (cuBLAS's): no K loop, the epilogue adds onto it."""
+    shrink runs and waits for it only after its K loop."""
     pid_n = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     t_mask = offs_t < T
     n_mask = offs_n < N
-    if ADD_TO_OUT:
-        acc = tl.load(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
-                      mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-    else:
-        x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN_K:
-                xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
-                if EVEN_N:
-                    wv = tl.load(w_ptrs)
-                else:
-                    wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+    x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=t_mask[:, None], other=0.0)
+            if EVEN_N:
+                wv = tl.load(w_ptrs)
             else:
-                k_mask = (k0 + offs_k) < D
-                xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-                wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
-            x_ptrs += BLOCK_K * stride_xd
-            w_ptrs += BLOCK_K * stride_wd
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                wv = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < D
+            xv = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            wv = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible after this
     # The adapter term as tensor-core dots over chunks of CHUNK_T rows: the K axis of a chunk runs
@@ -684,7 +677,6 @@ def segmented_linear_decode(
     scales: torch.Tensor,
     idx: torch.Tensor,
     config: Optional[triton.Config] = None,
-    cublas_base: bool = False,
 ) -> torch.Tensor:
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
@@ -728,18 +720,6 @@ def segmented_linear_decode(
     splits = cdiv(D, per_split)
     part = new_empty((splits, T, r_max), torch.float32, x.device)
     y = new_empty((T, N), x.dtype, x.device)
-    fork = False
-    if cublas_base:
-        pdl = False
-        fork = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if fork:
-            stream, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-            side.wait_stream(stream)
-        with torch.cuda.stream(side) if fork else contextlib.nullcontext():
-            if bias is None:
-                torch.mm(x, weight.t(), out=y)
-            else:
-                torch.addmm(bias, x, weight.t(), out=y)
     pdl_opt = {"launch_pdl": True} if pdl else {}
     launch(_gathered_shrink_kernel, (T, splits),
         x, fac_in, ranks, idx, part,
@@ -750,8 +730,6 @@ def segmented_linear_decode(
         BLOCK_R=block_r, BLOCK_D=block_d, PDL=pdl, num_warps=warps,
     )
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
-    if fork:
-        stream.wait_stream(side)  # the epilogue adds onto the base product
     launch(_decode_kernel, (cdiv(N, block_n),),
         x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
         T, N, D, r_max, splits, num_slots,
@@ -762,8 +740,7 @@ def segmented_linear_decode(
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
         CHUNK_T=max(1, min(block_for(T), 256 // block_r)), EVEN_K=D % block_k == 0,
-        EVEN_N=N % block_n == 0, PDL=pdl, ADD_TO_OUT=cublas_base, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_opt,
+        EVEN_N=N % block_n == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opt,
     )
     return y
 
