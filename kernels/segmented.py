@@ -506,6 +506,37 @@ def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Te
                          f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
 
 
+def _check_x(x: torch.Tensor) -> Tuple[int, int]:
+    check_runnable("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (T, D), got {tuple(x.shape)}")
+    return x.shape
+
+
+def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor,
+                     pdl: bool = False) -> torch.Tensor:
+    """The row shrink's float32 partials (splits, T, r_max), one launch of (row, slice of D)
+    programs: enough of them to fill the GPU even for a few rows; the consumer sums the slices,
+    so the result does not depend on timing (no atomics). pdl: let a programmatic dependent start."""
+    T, D = x.shape
+    num_slots, r_max = fac_in.shape[:2]
+    block_r = block_for(r_max)
+    block_d, _, warps = _gathered_blocks(block_r)
+    splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
+    per_split = cdiv(cdiv(D, splits), block_d) * block_d
+    splits = cdiv(D, per_split)
+    part = new_empty((splits, T, r_max), torch.float32, x.device)
+    launch(_gathered_shrink_kernel, (T, splits),
+        x, fac_in, ranks, idx, part,
+        D, r_max, per_split, num_slots,
+        x.stride(0), x.stride(1),
+        fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
+        part.stride(0), part.stride(1),
+        BLOCK_R=block_r, BLOCK_D=block_d, PDL=pdl, num_warps=warps,
+    )
+    return part
+
+
 def segmented_lora_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -534,10 +565,7 @@ def segmented_lora_(
     it runs on a side stream beside the row shrink (which does not need it), so that a replay
     overlaps the two: decoding pays the base GEMM and the expand, not the shrink's latency too.
     """
-    check_runnable("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (T, D), got {tuple(x.shape)}")
-    T, D = x.shape
+    T, D = _check_x(x)
     if out.dim() != 2 or out.shape[0] != T or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -569,21 +597,9 @@ def segmented_lora_(
         return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     block_r = block_for(r_max)
     if schedule == "gathered":
-        block_d, block_n, warps = _gathered_blocks(block_r)
-        # Enough (row, slice of D) programs to fill the GPU even for a few rows; the expand sums
-        # the slices' partials, so the result does not depend on timing (no atomics).
-        splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
-        per_split = cdiv(cdiv(D, splits), block_d) * block_d
-        splits = cdiv(D, per_split)
-        part = new_empty((splits, T, r_max), torch.float32, x.device)
-        launch(_gathered_shrink_kernel, (T, splits),
-            x, fac_in, ranks, idx, part,
-            D, r_max, per_split, num_slots,
-            x.stride(0), x.stride(1),
-            fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
-            part.stride(0), part.stride(1),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-        )
+        _, block_n, warps = _gathered_blocks(block_r)
+        part = _gathered_shrink(x, fac_in, ranks, idx)
+        splits = part.shape[0]
         if fork:
             stream.wait_stream(side)  # the expand adds onto the base product
         launch(_gathered_expand_kernel, (T, cdiv(N, block_n)),
@@ -690,10 +706,7 @@ def segmented_linear_decode(
     decode_config's. Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph
     capturable.
     """
-    check_runnable("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (T, D), got {tuple(x.shape)}")
-    T, D = x.shape
+    T, D = _check_x(x)
     if weight.dim() != 2 or weight.shape[1] != D or weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight must be a (N, {D}) {x.dtype} tensor on {x.device}, "
                          f"got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
@@ -713,22 +726,10 @@ def segmented_linear_decode(
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())
     block_r = block_for(r_max)
-    block_d, _, warps = _gathered_blocks(block_r)
-    # Enough (row, slice of D) programs to fill the GPU even for a few rows (as the gathered schedule).
-    splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
-    per_split = cdiv(cdiv(D, splits), block_d) * block_d
-    splits = cdiv(D, per_split)
-    part = new_empty((splits, T, r_max), torch.float32, x.device)
+    part = _gathered_shrink(x, fac_in, ranks, idx, pdl=pdl)
+    splits = part.shape[0]
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}
-    launch(_gathered_shrink_kernel, (T, splits),
-        x, fac_in, ranks, idx, part,
-        D, r_max, per_split, num_slots,
-        x.stride(0), x.stride(1),
-        fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
-        part.stride(0), part.stride(1),
-        BLOCK_R=block_r, BLOCK_D=block_d, PDL=pdl, num_warps=warps,
-    )
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     launch(_decode_kernel, (cdiv(N, block_n),),
         x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
