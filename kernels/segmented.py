@@ -23,6 +23,10 @@ Two schedules, neither of which reads anything back to the host (fixed shapes: C
   a few loads. Rows of one slot are ordered by the atomics, which changes which rows share a block
   but not any row's result (each row's dot products are its own).
 
+For a few rows of a wide layer (decoding), segmented_linear_decode replaces the base GEMM and the
+gathered expand with one GEMM of its own whose epilogue adds the rows' adapter terms (after the
+gathered shrink), so the output is written once.
+
 Ids outside [0, N) (-1, and invalid ids when the caller skips the range check) get no adapter.
 """
 from __future__ import annotations
