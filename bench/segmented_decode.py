@@ -2,7 +2,7 @@
 plus the gathered row kernels, and a sweep of its launch configs.
 
     python bench/segmented_decode.py [--dims 4096x4096 4096x14336 14336x4096] [--T 1 16 32 64]
-                                     [--library 64] [--r 16] [--sweep-T 16]
+                                     [--library 64] [--r 16] [--sweep-T 16 64]
 
 Every layer is timed replayed from a CUDA graph (the way decoding runs; eager calls at these sizes
 measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),

@@ -333,10 +333,11 @@ def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, sched
     run segmented_linear_decode (the row expand in our GEMM's epilogue); otherwise cuBLAS, then
     segmented_lora_. While a CUDA graph is being captured, the base GEMM goes to segmented_lora_ as
     `base`, which overlaps it with the row shrink."""
-    if (not torch.compiler.is_compiling() and schedule != "grouped" and weight.stride(-1) == 1
+    compiling = torch.compiler.is_compiling()
+    if (not compiling and schedule != "grouped" and weight.stride(-1) == 1
             and decode_wins(x2.shape[0], weight.shape[0], x2.shape[1])):
         return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids)
-    if torch.compiler.is_compiling() or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if compiling or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)
     y = x2.new_empty((x2.shape[0], weight.shape[0]))
     wt = weight.t()
