@@ -9,6 +9,8 @@
 # Usage (results go to results/<name>/ in the tree and their json/md/png plus the log to $OUT):
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh smoke
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh full [extra flags]
+#   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh probe [extra flags]
+# probe: bench/study_probe.py (which adapter setting lets the model learn COVID-Fact at all);
 # smoke: a small run (512 training / 128 eval examples, seed 0, three methods) that also counts how
 # often the composed layers ran the Triton kernels; full: all data, seeds 0 1 2, default epochs.
 # Extra flags go to `lorafuse experiment loramap` (e.g. --epochs 2 --compose-epochs 1 to shorten a run).
@@ -39,11 +41,16 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 'fsspec', fsspec.__version__, 'hub', h.__version__)" || exit 1
 [ -n "${LORAFUSE_COMMIT:-}" ] || echo "warning: LORAFUSE_COMMIT is not set; the results take the commit from git here"
 
+if [ "$mode" = probe ]; then  # bench/study_probe.py: can the model learn COVID-Fact, by adapter setting
+  timeout "${STUDY_TIMEOUT:-540}" $PY bench/study_probe.py --data .carry/data --model .carry/minilm "$@" 2>&1 \
+    | grep -v "it/s\]" | tee "$OUT/probe.log"
+  rc=${PIPESTATUS[0]}; cp results/loramap-probe/probe.json "$OUT"/ 2>/dev/null; exit "$rc"
+fi
 case "$mode" in
   smoke) name=loramap-smoke
          args=(--train-limit 512 --eval-limit 128 --seeds 0 --methods base loramap_sum lora_direct) ;;
   full)  name=loramap-full; args=() ;;
-  *) echo "mode must be smoke or full, got $mode"; exit 2 ;;
+  *) echo "mode must be smoke, full or probe, got $mode"; exit 2 ;;
 esac
 t0=$(date +%s)
 # The study through the CLI, with a count of the composed layers' calls that took the Triton kernels
