@@ -2,7 +2,7 @@
 plus the gathered row kernels, and a sweep of its launch configs.
 
     python bench/segmented_decode.py [--dims 4096x4096 4096x14336 14336x4096] [--T 1 16 32 64]
-                                     [--library 64] [--r 16] [--sweep-T 16 64]
+                                     [--library 64] [--r 16] [--sweep-T 16 64] [--sweep-kind all]
 
 Every layer is timed replayed from a CUDA graph (the way decoding runs; eager calls at these sizes
 measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),
@@ -35,9 +35,18 @@ from lorafuse.kernels.utils import num_sms  # noqa: E402
 from lorafuse.segmented import LoraLibrary  # noqa: E402
 
 
-def candidates():
-    for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5)):
-        yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages)
+def candidates(kind: str):
+    """Launch configs of the decode GEMM: "pointer" (_decode_kernel) or "tma" (_decode_tma_kernel;
+    SWAP puts W's rows on the MMA's M side, which needs BLOCK_N >= 64)."""
+    if kind in ("pointer", "all"):
+        for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5)):
+            yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages)
+    if kind in ("tma", "all"):
+        for swap, bn, bk, stages in itertools.product((False, True), (32, 64, 128), (64, 128), (4, 6)):
+            if swap and bn < 64 or bn * bk * stages > 128 * 128 * 4:  # (shared memory)
+                continue
+            yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": True, "SWAP": swap}, num_warps=4,
+                                num_stages=stages)
 
 
 def cfg_dict(c: triton.Config) -> dict:
@@ -49,6 +58,8 @@ def main(argv=None) -> None:
     p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
     p.add_argument("--sweep-T", type=int, nargs="*", default=[16, 64])
+    p.add_argument("--sweep-kind", choices=["pointer", "tma", "all"], default="all",
+                   help="which decode GEMM's configs the sweep tries")
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -104,7 +115,7 @@ def main(argv=None) -> None:
                 row["kernels_decode"] = kernel_table(g_dec)
                 if T in args.sweep_T:
                     row["sweep"] = []
-                    for cfg in candidates():
+                    for cfg in candidates(args.sweep_kind):
                         e = {"config": cfg_dict(cfg)}
                         try:
                             g = _graphed(lambda xx, c=cfg: segmented_linear_decode(xx, W, None, *lib_args, ids,

@@ -210,6 +210,68 @@ def _decode_kernel(
         acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
+    _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+                     stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
+                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
+
+
+@triton.jit
+def _decode_tma_kernel(
+    x_desc, w_desc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    T, N, D, SPLITS, NUM_SLOTS,
+    stride_ot, stride_on,
+    stride_ps, stride_pt,
+    stride_fn, stride_fr, stride_fd,
+    stride_sn, stride_sr,
+    HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK_T: tl.constexpr,
+    SWAP: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """_decode_kernel with x and W read by the tensor memory accelerator (Hopper): the copies are
+    asynchronous, so the pipeline keeps num_stages tiles of W in flight per program without
+    registers to hold them (the layer is bound by reading W). Rows past T and columns past D or N
+    are filled with zeros by the copy. SWAP computes W x^T (BLOCK_N rows on the tensor cores' M
+    side, where Hopper's warp-group MMA needs 64; the few rows go on the N side)."""
+    pid_n = tl.program_id(0)
+    off_n = pid_n * BLOCK_N
+    offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            acc_t = tl.dot(w_desc.load([off_n, k0]), tl.trans(x_desc.load([0, k0])), acc_t, input_precision=PREC)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            acc = tl.dot(x_desc.load([0, k0]), tl.trans(w_desc.load([off_n, k0])), acc, input_precision=PREC)
+    _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+                     stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
+                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
+
+
+@triton.jit
+def _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+                     stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr,
+                     PDL: tl.constexpr):
+    """acc (BLOCK_T, BLOCK_N) = x W[offs_n]^T in float32; adds the bias and each row's adapter term
+    and stores the rows' outputs."""
+    offs_t = tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    n_mask = offs_n < N
+
+
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
@@ -674,6 +736,15 @@ def _pdl_supported(device_index: int) -> bool:
             and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
+def _decode_tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The tensor-memory-accelerator path: Hopper, 16-bit inputs, rows of x and W 16-byte aligned."""
+    if not x.is_cuda or is_interpreting() or x.dtype == torch.float32 or x.stride(1) != 1 or weight.stride(1) != 1:
+        return False
+    from .lora_gemm import _tma_available, _tma_compatible
+
+    return _tma_available(x.device) and _tma_compatible(x, weight)
+
+
 def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
     """Launch config of _decode_kernel (BLOCK_N x BLOCK_K tiles of W, one program per column block).
 
@@ -735,6 +806,24 @@ def segmented_linear_decode(
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
+    common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
+                  BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
+                  CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages, **pdl_opt)
+    if cfg.kwargs.get("TMA", False) and _decode_tma_ok(x, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        x_desc = TensorDescriptor(x, [T, D], [x.stride(0), 1], [common["BLOCK_T"], block_k])
+        w_desc = TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [block_n, block_k])
+        launch(_decode_tma_kernel, (cdiv(N, block_n),),
+            x_desc, w_desc, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
+            T, N, D, splits, num_slots,
+            y.stride(0), y.stride(1),
+            part.stride(0), part.stride(1),
+            fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
+            *scale_strides,
+            SWAP=cfg.kwargs.get("SWAP", False), **common,
+        )
+        return y
     launch(_decode_kernel, (cdiv(N, block_n),),
         x, weight, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
         T, N, D, r_max, splits, num_slots,
@@ -742,10 +831,7 @@ def segmented_linear_decode(
         part.stride(0), part.stride(1),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
-        HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-        CHUNK_T=max(1, min(block_for(T), 256 // block_r)), EVEN_K=D % block_k == 0,
-        EVEN_N=N % block_n == 0, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_opt,
+        EVEN_K=D % block_k == 0, EVEN_N=N % block_n == 0, **common,
     )
     return y
 

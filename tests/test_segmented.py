@@ -335,6 +335,46 @@ def test_decode_any_tile(seeded, block_n, block_k):
     assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.float32], f"seed {seeded}"
 
 
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
+@pytest.mark.parametrize("swap,block_n,block_k,stages", [(False, 32, 64, 4), (False, 64, 128, 6),
+                                                          (True, 64, 128, 4), (True, 128, 64, 6)])
+@pytest.mark.parametrize("T,d_in,d_out", [(1, 1000, 200), (16, 4096, 1000), (37, 520, 4104), (64, 64, 96)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, T, d_in, d_out, dtype):
+    """_decode_tma_kernel (x and W by TMA copies, zero-filled past T, d_in and d_out; SWAP puts W's
+    rows on the MMA's M side) against float64, with bias and a row without an adapter; the launch is
+    checked to be the TMA kernel's."""
+    import triton
+
+    import lorafuse.kernels.segmented as S
+    adapters = make_adapters(d_in, d_out, [16, 5, 8], dtype)
+    lib, scales = _library_tensors(adapters, 4, False)
+    w, b = make_layer(d_in, d_out, dtype)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    ids = random_ids(T, lib.num_slots, 3)
+    ids[0] = -1
+    launched = []
+    real = S.launch
+    monkeypatch.setattr(S, "launch", lambda fn, *a, **k: launched.append(fn) or real(fn, *a, **k))
+    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "TMA": True, "SWAP": swap}, num_warps=4,
+                        num_stages=stages)
+    y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
+    assert S._decode_tma_kernel in launched and S._decode_kernel not in launched
+    assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
+    # Unaligned rows (d_in = 1001 elements: 2002 bytes) cannot be TMA copies: the pointer kernel runs.
+    launched.clear()
+    x2, w2 = torch.randn(T, d_in + 1, device=DEVICE).to(dtype), torch.randn(d_out, d_in + 1, device=DEVICE).to(dtype)
+    a2 = make_adapters(d_in + 1, d_out, [4], dtype)
+    lib2, sc2 = _library_tensors(a2, 1, False)
+    ids2 = torch.zeros(T, dtype=torch.long, device=DEVICE)
+    y2 = segmented_linear_decode(x2, w2, None, lib2.a, lib2.b, lib2.ranks, sc2, ids2, config=cfg)
+    assert S._decode_kernel in launched and S._decode_tma_kernel not in launched
+    assert rel_err(y2, expected(x2, w2, None, a2, ids2)) < TOL[dtype], f"seed {seeded}"
+
+
 def test_few_rows_without_grad_take_the_decode_kernels(seeded, monkeypatch):
     """lora_linear_segmented runs segmented_linear_decode where decode_wins (T <= DECODE_MAX_T rows of a
     layer at least twice as wide as deep, no gradients, auto or gathered), and cuBLAS + segmented_lora_
@@ -628,6 +668,13 @@ for even, pdl in ((True, True), (False, False)):
                      {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 256,
                       "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "EVEN_K": even, "EVEN_N": even,
                       "PDL": pdl})
+for swap, bn in ((True, 64), (False, 32)):
+    compile_for_sm90(S._decode_tma_kernel, {"x_desc": "tensordesc<bf16[16,128]>",
+                     "w_desc": f"tensordesc<bf16[{bn},128]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                     "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
+                     "idx_ptr": "*i64"},
+                     {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": bn, "BLOCK_K": 128,
+                      "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "SWAP": swap, "PDL": True})
 print("compiled")
 """
 
