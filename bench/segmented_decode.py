@@ -41,6 +41,12 @@ def candidates(kind: str):
     if kind in ("pointer", "all"):
         for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 5)):
             yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=stages)
+    if kind == "tma-deep":  # deeper pipelines of the narrow layers' best tiles (after the "tma" sweep)
+        for swap, bn, bk, stages in ((True, 64, 128, 6), (True, 64, 128, 8), (False, 64, 128, 8),
+                                     (False, 32, 128, 6), (False, 32, 128, 8), (False, 32, 128, 10),
+                                     (False, 32, 256, 4), (False, 32, 256, 6), (True, 64, 256, 4)):
+            yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": True, "SWAP": swap}, num_warps=4,
+                                num_stages=stages)
     if kind in ("tma", "all"):
         for swap, bn, bk, stages in itertools.product((False, True), (32, 64, 128), (64, 128), (4, 6)):
             if swap and bn < 64 or bn * bk * stages > 128 * 128 * 4:  # (shared memory)
@@ -58,7 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
     p.add_argument("--sweep-T", type=int, nargs="*", default=[16, 64])
-    p.add_argument("--sweep-kind", choices=["pointer", "tma", "all"], default="all",
+    p.add_argument("--sweep-kind", choices=["pointer", "tma", "tma-deep", "all"], default="all",
                    help="which decode GEMM's configs the sweep tries")
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
@@ -95,7 +101,7 @@ def main(argv=None) -> None:
                 y = xx.new_empty((T, d_out))
                 return segmented_lora_(y, xx, *lib_args, ids, "gathered", base=lambda: torch.mm(xx, W.t(), out=y))
 
-            heur = decode_config(T, d_out, d_in, dt, num_sms(x.device))
+            heur = decode_config(T, d_out, d_in, dt, num_sms(x.device), S.decode_uses_tma(x, W))
             row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": cfg_dict(heur)}
             with torch.no_grad():
                 g_base = _graphed(lambda xx: F.linear(xx, W), x)

@@ -708,20 +708,23 @@ def segmented_lora_(
     return out
 
 
-# Up to this many rows, and for layers at least DECODE_MIN_WIDTH times wider than deep (d_out >=
-# 2 d_in: the MLP's up and gate projections), lora_linear_segmented runs segmented_linear_decode in
-# place of cuBLAS plus the gathered shrink and expand. From CUDA graphs on an H100, 64 adapters of
-# rank 16, bf16 (bench/results/segmented-decode-*.json): at 4096 x 14336 the decode kernels beat the
-# unfused path (T = 16 71 -> 64 us, T = 64 106 -> 81 us); at 4096 x 4096 and 14336 x 4096 our
-# one-pass GEMM over few rows is slower than cuBLAS's split-K one by about what the fused epilogue
-# saves, so there the unfused path stays.
+# Up to this many rows lora_linear_segmented runs segmented_linear_decode in place of cuBLAS plus the
+# gathered shrink and expand, for layers at least DECODE_MIN_WIDTH times wider than deep (d_out >=
+# 2 d_in: the MLP's up and gate projections) and, where the TMA kernel runs (Hopper, 16-bit), for
+# every layer. From CUDA graphs on an H100, 64 adapters of rank 16, bf16
+# (bench/results/segmented-decode-*.json): at 4096 x 14336 the pointer kernel beats the unfused path
+# (T = 16 71 -> 64 us, T = 64 106 -> 81 us); at 4096 x 4096 and 14336 x 4096 it is slower than
+# cuBLAS's split-K GEMM by about what the fused epilogue saves, and only the TMA kernel's deeper
+# pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
+# 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
 DECODE_MIN_WIDTH = 2
 
 
-def decode_wins(T: int, N: int, D: int) -> bool:
-    """Whether segmented_linear_decode is the faster path for T rows of a (D -> N) layer."""
-    return 0 < T <= DECODE_MAX_T and N >= DECODE_MIN_WIDTH * D
+def decode_wins(T: int, N: int, D: int, tma: bool = False) -> bool:
+    """Whether segmented_linear_decode is the faster path for T rows of a (D -> N) layer; tma: whether
+    its TMA kernel runs for these tensors (decode_uses_tma)."""
+    return 0 < T <= DECODE_MAX_T and (tma or N >= DECODE_MIN_WIDTH * D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -736,7 +739,7 @@ def _pdl_supported(device_index: int) -> bool:
             and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
-def _decode_tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def decode_uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The tensor-memory-accelerator path: Hopper, 16-bit inputs, rows of x and W 16-byte aligned."""
     if not x.is_cuda or is_interpreting() or x.dtype == torch.float32 or x.stride(1) != 1 or weight.stride(1) != 1:
         return False
@@ -745,14 +748,21 @@ def _decode_tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _tma_available(x.device) and _tma_compatible(x, weight)
 
 
-def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int) -> triton.Config:
-    """Launch config of _decode_kernel (BLOCK_N x BLOCK_K tiles of W, one program per column block).
+def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int, tma: bool = False) -> triton.Config:
+    """Launch config of the decode GEMM (BLOCK_N x BLOCK_K tiles of W, one program per column block);
+    tma: whether the TMA kernel can run (decode_uses_tma).
 
-    The layer is bound by reading W once. The sweep on the H100 (bench/segmented_decode.py, 27
-    configs at T = 16 and 64) put 64 x 128 tiles with 3 stages best or within 1 % of the best at
-    4096 x 14336 for both; shared memory holds 3 stages of (64 rows + 64 columns) x 128 at 16 bits."""
+    The layer is bound by reading W once. The sweeps on the H100 (bench/segmented_decode.py): with
+    at least one column block of 64 per SM (4096 x 14336) the pointer kernel's 64 x 128 tiles with 3
+    stages are best or within 1 % of the best at T = 16 and 64, and the TMA kernel is no faster;
+    with fewer blocks (4096 x 4096, 14336 x 4096) each program must keep more of W in flight, and
+    the TMA kernel with 6 stages of 64 x 128 tiles, W's rows on the MMA's M side, is best or within
+    5 % of the best at T = 16 and 64."""
     if is_interpreting():
         return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    if tma and cdiv(N, 64) < sms:
+        return triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "TMA": True, "SWAP": True}, num_warps=4,
+                             num_stages=6)
     bn = 64 if cdiv(N, 64) >= sms // 2 else 32
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": 128 if dtype != torch.float32 else 64}, num_warps=4,
                          num_stages=3)
@@ -772,14 +782,16 @@ def segmented_linear_decode(
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
     For few rows (decoding, T <= DECODE_MAX_T; faster than cuBLAS plus segmented_lora_ where
-    decode_wins says so): the gathered row shrink, then one GEMM over all rows
-    whose epilogue adds each row's adapter term, so the output is written once and never read
-    back. On Hopper the GEMM is launched as a programmatic dependent of the shrink: it streams W while
-    the shrink runs. x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_
-    (zero-padded slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots)
-    (not range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K (for tuning), else
-    decode_config's. Returns y (T, N) in x's dtype. Fixed shapes, no host read-back: CUDA-graph
-    capturable.
+    decode_wins says so): the gathered row shrink, then one GEMM over all rows whose epilogue adds
+    each row's adapter term, so the output is written once and never read back. On Hopper the GEMM
+    is launched as a programmatic dependent of the shrink: it streams W while the shrink runs; with
+    16-bit inputs it reads x and W by TMA copies (_decode_tma_kernel).
+
+    x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (zero-padded
+    slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not
+    range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K, and optionally TMA and
+    SWAP (the TMA kernel, where decode_uses_tma; for tuning), else decode_config's. Returns y (T, N)
+    in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable.
     """
     T, D = _check_x(x)
     if weight.dim() != 2 or weight.shape[1] != D or weight.dtype != x.dtype or weight.device != x.device:
@@ -796,7 +808,8 @@ def segmented_linear_decode(
     num_slots, r_max = fac_in.shape[:2]
     if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do
         return torch.nn.functional.linear(x, weight, bias)
-    cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device))
+    tma = decode_uses_tma(x, weight)
+    cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device), tma)
     block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())
@@ -810,7 +823,7 @@ def segmented_linear_decode(
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
                   CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
-    if cfg.kwargs.get("TMA", False) and _decode_tma_ok(x, weight):
+    if cfg.kwargs.get("TMA", False) and tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         x_desc = TensorDescriptor(x, [T, D], [x.stride(0), 1], [common["BLOCK_T"], block_k])
         w_desc = TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [block_n, block_k])

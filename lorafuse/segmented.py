@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse.kernels.segmented import (check_ids_on_device, decode_wins, group_rows, segmented_linear_decode,
-                                        segmented_lora_, segmented_outer)
+from lorafuse.kernels.segmented import (check_ids_on_device, decode_uses_tma, decode_wins, group_rows,
+                                        segmented_linear_decode, segmented_lora_, segmented_outer)
 from lorafuse.kernels.utils import can_run, is_interpreting
 
 from .modules import _check_adapters
@@ -329,13 +329,13 @@ def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tens
 
 
 def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
-    """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows of a wide layer (decode_wins)
+    """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows (decode_wins)
     run segmented_linear_decode (the row expand in our GEMM's epilogue); otherwise cuBLAS, then
     segmented_lora_. While a CUDA graph is being captured, the base GEMM goes to segmented_lora_ as
     `base`, which overlaps it with the row shrink."""
     compiling = torch.compiler.is_compiling()
     if (not compiling and schedule != "grouped" and weight.stride(-1) == 1
-            and decode_wins(x2.shape[0], weight.shape[0], x2.shape[1])):
+            and decode_wins(x2.shape[0], weight.shape[0], x2.shape[1], decode_uses_tma(x2, weight))):
         return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids)
     if compiling or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)

@@ -11,7 +11,8 @@ from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess
 
 import lorafuse
 from lorafuse.kernels import can_run
-from lorafuse.kernels.segmented import DECODE_MAX_T, decode_wins, group_rows, segmented_linear_decode
+from lorafuse.kernels.segmented import (DECODE_MAX_T, decode_uses_tma, decode_wins, group_rows,
+                                        segmented_linear_decode)
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented, lora_linear_segmented_reference
 
 SCHEDULES = ["gathered", "grouped"]
@@ -88,7 +89,7 @@ def test_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, num_slots, dt
     # must match the float64 base product as closely as the whole output does.
     plain = (ids < 0) | (ids >= len(ranks))
     if plain.any():
-        if decode_wins(T, d_out, d_in) and schedule == "gathered":
+        if decode_wins(T, d_out, d_in, decode_uses_tma(x, w)) and schedule == "gathered":
             assert rel_err(y[plain], F.linear(x.double(), w.double(), b.double())[plain]) < TOL[dtype]
         else:
             assert torch.equal(y[plain], F.linear(x, w, b)[plain])
@@ -375,10 +376,31 @@ def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, 
     assert rel_err(y2, expected(x2, w2, None, a2, ids2)) < TOL[dtype], f"seed {seeded}"
 
 
+@pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
+def test_narrow_layers_take_the_tma_decode_kernel_on_hopper(seeded, monkeypatch):
+    """With 16-bit inputs on Hopper, few rows of any layer (here d_out = d_in) run the TMA decode
+    kernel through lora_linear_segmented; float32 and gradients keep cuBLAS + segmented_lora_."""
+    import lorafuse.kernels.segmented as S
+    launched = []
+    real = S.launch
+    monkeypatch.setattr(S, "launch", lambda fn, *a, **k: launched.append(fn) or real(fn, *a, **k))
+    for dtype in (torch.bfloat16, torch.float32):
+        adapters = make_adapters(512, 512, [8, 16], dtype)
+        lib = LoraLibrary.from_adapters(adapters)
+        w, b = make_layer(512, 512, dtype)
+        for T in (1, 16, DECODE_MAX_T):
+            launched.clear()
+            x = torch.randn(T, 512, device=DEVICE).to(dtype)
+            ids = random_ids(T, 2, 2)
+            y = lora_linear_segmented(x, w, b, lib, ids)
+            assert (S._decode_tma_kernel in launched) == (dtype == torch.bfloat16), (dtype, T)
+            assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], (dtype, T)
+
+
 def test_few_rows_without_grad_take_the_decode_kernels(seeded, monkeypatch):
     """lora_linear_segmented runs segmented_linear_decode where decode_wins (T <= DECODE_MAX_T rows of a
-    layer at least twice as wide as deep, no gradients, auto or gathered), and cuBLAS + segmented_lora_
-    otherwise; both give the definition's result."""
+    layer at least twice as wide as deep, no gradients, auto or gathered; float32 here, so not the
+    TMA kernel), and cuBLAS + segmented_lora_ otherwise; both give the definition's result."""
     if not can_run(torch.zeros(1, device=DEVICE)):
         pytest.skip("the kernels do not run here (CPU without TRITON_INTERPRET=1)")
     import lorafuse.segmented as seg
