@@ -96,6 +96,30 @@ def _gathered_shrink_kernel(
                 BLOCK_R, BLOCK_D)
 
 
+@triton.jit(debug=True)  # debug keeps the device_assert (in this variant only)
+def _gathered_shrink_checked_kernel(
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+    stride_xt, stride_xd,
+    stride_fn, stride_fr, stride_fd,
+    stride_ps, stride_pt,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """_gathered_shrink_kernel that also asserts idx[t] in [-1, NUM_SLOTS): the id range check of
+    lora_linear_segmented without a launch of its own."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(idx_ptr + t)
+    tl.device_assert((slot >= -1) & (slot < NUM_SLOTS), "idx holds an adapter id outside [-1, num_slots)")
+    _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, t, tl.program_id(1),
+                D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
+                stride_xt, stride_xd, stride_fn, stride_fr, stride_fd, stride_ps, stride_pt,
+                BLOCK_R, BLOCK_D)
+
+
 @triton.jit
 def _row_delta(part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, row_scale_ptr, t, offs_n,
                N, SPLITS, NUM_SLOTS,
@@ -580,10 +604,12 @@ def _check_x(x: torch.Tensor) -> Tuple[int, int]:
 
 
 def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor,
-                     pdl: bool = False) -> torch.Tensor:
+                     pdl: bool = False, check_ids: bool = False) -> torch.Tensor:
     """The row shrink's float32 partials (splits, T, r_max), one launch of (row, slice of D)
     programs: enough of them to fill the GPU even for a few rows; the consumer sums the slices,
-    so the result does not depend on timing (no atomics). pdl: let a programmatic dependent start."""
+    so the result does not depend on timing (no atomics). pdl: let a programmatic dependent start.
+    check_ids: assert on the device that idx lies in [-1, num_slots) (CUDA; the interpreter does
+    not raise device assertions)."""
     T, D = x.shape
     num_slots, r_max = fac_in.shape[:2]
     block_r = block_for(r_max)
@@ -592,7 +618,7 @@ def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor,
     per_split = cdiv(cdiv(D, splits), block_d) * block_d
     splits = cdiv(D, per_split)
     part = new_empty((splits, T, r_max), torch.float32, x.device)
-    launch(_gathered_shrink_kernel, (T, splits),
+    launch(_gathered_shrink_checked_kernel if check_ids and x.is_cuda else _gathered_shrink_kernel, (T, splits),
         x, fac_in, ranks, idx, part,
         D, r_max, per_split, num_slots,
         x.stride(0), x.stride(1),
@@ -615,6 +641,7 @@ def segmented_lora_(
     save_s: bool = False,
     row_scale: Optional[torch.Tensor] = None,
     base: Optional[Callable[[], object]] = None,
+    check_ids: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
@@ -630,6 +657,8 @@ def segmented_lora_(
     called before the expand. While a CUDA graph is being captured and the schedule is gathered,
     it runs on a side stream beside the row shrink (which does not need it), so that a replay
     overlaps the two: decoding pays the base GEMM and the expand, not the shrink's latency too.
+    check_ids: assert on the device (CUDA) that idx lies in [-1, num_slots); in the gathered
+    schedule the row shrink does it, without a launch of its own.
     """
     T, D = _check_x(x)
     if out.dim() != 2 or out.shape[0] != T or out.dtype != x.dtype or out.device != x.device:
@@ -660,11 +689,13 @@ def segmented_lora_(
     elif base is not None:
         base()
     if empty:
+        if check_ids and x.is_cuda:
+            check_ids_on_device(idx, num_slots)
         return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out
     block_r = block_for(r_max)
     if schedule == "gathered":
         _, block_n, warps = _gathered_blocks(block_r)
-        part = _gathered_shrink(x, fac_in, ranks, idx)
+        part = _gathered_shrink(x, fac_in, ranks, idx, check_ids=check_ids)
         splits = part.shape[0]
         if fork:
             stream.wait_stream(side)  # the expand adds onto the base product
@@ -680,6 +711,8 @@ def segmented_lora_(
         )
         return (out, part.sum(0)) if save_s else out
 
+    if check_ids and x.is_cuda:
+        check_ids_on_device(idx, num_slots)
     block_t, block_d, block_n, warps = _grouped_blocks(T, x.dtype)
     plan = group_rows(idx, num_slots, block_t)
     part = new_empty((T, r_max), torch.float32, x.device)
@@ -778,6 +811,7 @@ def segmented_linear_decode(
     scales: torch.Tensor,
     idx: torch.Tensor,
     config: Optional[triton.Config] = None,
+    check_ids: bool = False,
 ) -> torch.Tensor:
     """y[t] = x[t] W^T + b + round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i], i = idx[t].
 
@@ -791,7 +825,8 @@ def segmented_linear_decode(
     slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not
     range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K, and optionally TMA and
     SWAP (the TMA kernel, where decode_uses_tma; for tuning), else decode_config's. Returns y (T, N)
-    in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable.
+    in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable. check_ids: the row shrink
+    asserts on the device (CUDA) that idx lies in [-1, num_slots).
     """
     T, D = _check_x(x)
     if weight.dim() != 2 or weight.shape[1] != D or weight.dtype != x.dtype or weight.device != x.device:
@@ -807,6 +842,8 @@ def segmented_linear_decode(
     _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
     num_slots, r_max = fac_in.shape[:2]
     if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do
+        if check_ids and x.is_cuda:
+            check_ids_on_device(idx, num_slots)
         return torch.nn.functional.linear(x, weight, bias)
     tma = decode_uses_tma(x, weight)
     cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device), tma)
@@ -814,7 +851,7 @@ def segmented_linear_decode(
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())
     block_r = block_for(r_max)
-    part = _gathered_shrink(x, fac_in, ranks, idx, pdl=pdl)
+    part = _gathered_shrink(x, fac_in, ranks, idx, pdl=pdl, check_ids=check_ids)
     splits = part.shape[0]
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}

@@ -320,25 +320,26 @@ def _(out, x, fac_in, fac_out, ranks, scales, ids, schedule):
     return None
 
 
-def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
-    if torch.compiler.is_compiling():
+def _add_lowrank_(out, x, fac_in, fac_out, ranks, scales, ids, schedule, check_ids: bool = False) -> Tensor:
+    if torch.compiler.is_compiling():  # (check_ids is only asked for outside torch.compile)
         torch.ops.lorafuse.segmented_lora_add(out, x, fac_in, fac_out, ranks, scales, ids, schedule)
     else:  # eager: the launch function directly (a custom op's dispatch costs host time per call)
-        segmented_lora_(out, x, fac_in, fac_out, ranks, scales, ids, schedule)
+        segmented_lora_(out, x, fac_in, fac_out, ranks, scales, ids, schedule, check_ids=check_ids)
     return out
 
 
-def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule) -> Tensor:
+def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, schedule, check_ids=False) -> Tensor:
     """x2 W^T + b plus the rows' low-rank terms, no autograd. Few rows (decode_wins)
     run segmented_linear_decode (the row expand in our GEMM's epilogue); otherwise cuBLAS, then
     segmented_lora_. While a CUDA graph is being captured, the base GEMM goes to segmented_lora_ as
-    `base`, which overlaps it with the row shrink."""
+    `base`, which overlaps it with the row shrink. check_ids: the kernels assert the ids' range."""
     compiling = torch.compiler.is_compiling()
     if (not compiling and schedule != "grouped" and weight.stride(-1) == 1
             and decode_wins(x2.shape[0], weight.shape[0], x2.shape[1], decode_uses_tma(x2, weight))):
-        return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids)
+        return segmented_linear_decode(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, check_ids=check_ids)
     if compiling or not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule)
+        return _add_lowrank_(F.linear(x2, weight, bias), x2, fac_in, fac_out, ranks, scales, ids, schedule,
+                             check_ids)
     y = x2.new_empty((x2.shape[0], weight.shape[0]))
     wt = weight.t()
     if bias is None:
@@ -347,7 +348,7 @@ def _linear_lowrank(x2, weight, bias, fac_in, fac_out, ranks, scales, ids, sched
     else:
         def base():
             torch.addmm(bias, x2, wt, out=y)
-    return segmented_lora_(y, x2, fac_in, fac_out, ranks, scales, ids, schedule, base=base)
+    return segmented_lora_(y, x2, fac_in, fac_out, ranks, scales, ids, schedule, base=base, check_ids=check_ids)
 
 
 class _SegmentedFunction(torch.autograd.Function):
@@ -427,8 +428,6 @@ def lora_linear_segmented(
     if schedule not in ("auto", "gathered", "grouped"):  # checked here too: empty batches skip the kernels
         raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
     ids = _row_ids(x, idx)
-    if check_ids:
-        _check_ids_in_range(ids, library.num_slots)
     grad_on = torch.is_grad_enabled()
     lib_grads = grad_on and any(t.requires_grad for t in (library.a, library.b, library.scales))
     if lib_grads and torch.compiler.is_compiling():
@@ -437,19 +436,26 @@ def lora_linear_segmented(
             "lora_linear_segmented outside torch.compile, or freeze the library (requires_grad_(False))")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
-    if x2.shape[0] == 0 or not (can_run(x2) and x2.dtype in _KERNEL_DTYPES):
+    kernels = x2.shape[0] != 0 and can_run(x2) and x2.dtype in _KERNEL_DTYPES
+    needs_grad = lib_grads or (grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias)))
+    # On CUDA without gradients the kernels check the ids themselves (no launch of its own).
+    check_in_kernels = (check_ids and kernels and not needs_grad and ids.is_cuda
+                        and not torch.compiler.is_compiling())
+    if check_ids and not check_in_kernels:
+        _check_ids_in_range(ids, library.num_slots)
+    if not kernels:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = F.linear(x2, weight, bias) + _lowrank_torch(x2, library, ids, acc).to(x.dtype)
         return y.reshape(*lead, d_out)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     ids = ids.contiguous()
-    needs_grad = lib_grads or (grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias)))
     if needs_grad:
         y = _SegmentedFunction.apply(x2, weight, bias, ids, library.a, library.b, library.ranks,
                                      library.scales, schedule)
     else:
-        y = _linear_lowrank(x2, weight, bias, library.a, library.b, library.ranks, library.scales, ids, schedule)
+        y = _linear_lowrank(x2, weight, bias, library.a, library.b, library.ranks, library.scales, ids, schedule,
+                            check_in_kernels)
     return y.reshape(*lead, d_out)
 
 

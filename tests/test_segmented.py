@@ -681,6 +681,8 @@ compile_for_sm90(S._grouped_outer_kernel, {"u_ptr": "*fp32", "v_ptr": "*bf16", "
                  "out_ptr": "*fp32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "perm_ptr": "*i32"},
                  {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
 compile_for_sm90(S._check_ids_kernel, {"idx_ptr": "*i64"}, {"BLOCK": 1024})
+compile_for_sm90(S._gathered_shrink_checked_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
+                 "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256, "PDL": True})
 compile_for_sm90(S._gathered_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
                  "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256, "PDL": True})
 for even, pdl in ((True, True), (False, False)):
@@ -712,10 +714,12 @@ _BAD_ID_ON_CUDA = r"""
 import sys
 import torch
 from lorafuse.segmented import LoraLibrary, lora_linear_segmented
-lib = LoraLibrary.from_adapters([(torch.randn(4, 32), torch.randn(16, 4), 1.0)] * 3).to("cuda")
-w = torch.randn(16, 32, device="cuda")
-ids = torch.tensor([0, 1, int(sys.argv[1]), -1], device="cuda")
-y = lora_linear_segmented(torch.randn(4, 32, device="cuda"), w, None, lib, ids)
+bad, dtype, schedule, grad = int(sys.argv[1]), getattr(torch, sys.argv[2]), sys.argv[3], sys.argv[4] == "grad"
+lib = LoraLibrary.from_adapters([(torch.randn(4, 32), torch.randn(16, 4), 1.0)] * 3).to("cuda", dtype)
+w = torch.randn(16, 32, device="cuda", dtype=dtype)
+ids = torch.tensor([0, 1, bad, -1], device="cuda")
+x = torch.randn(4, 32, device="cuda", dtype=dtype, requires_grad=grad)
+y = lora_linear_segmented(x, w, None, lib, ids, schedule=schedule)
 torch.cuda.synchronize()
 print("finished")
 """
@@ -723,15 +727,22 @@ print("finished")
 
 @pytest.mark.skipif(not HAS_CUDA, reason="device-side assertions need a GPU")
 @pytest.mark.parametrize("bad", [3, -2])
-def test_out_of_range_id_is_a_device_assertion(bad):
-    """An out-of-range id ends the CUDA context (so it runs in a child process); a valid one does not."""
+@pytest.mark.parametrize("dtype,schedule,grad", [("float32", "auto", ""), ("bfloat16", "auto", ""),
+                                                 ("float32", "grouped", ""), ("float32", "auto", "grad")])
+def test_out_of_range_id_is_a_device_assertion(bad, dtype, schedule, grad):
+    """An out-of-range id ends the CUDA context (so it runs in a child process); a valid one does not.
+    Every path checks: the gathered row shrink (float32), the decode kernels' shrink (bfloat16 on
+    Hopper), the grouped schedule and the autograd path (a check launch of their own)."""
     import subprocess
     import sys
 
-    ok = subprocess.run([sys.executable, "-c", _BAD_ID_ON_CUDA, "2"], capture_output=True, text=True, timeout=300)
+    def run(i):
+        return subprocess.run([sys.executable, "-c", _BAD_ID_ON_CUDA, str(i), dtype, schedule, grad or "-"],
+                              capture_output=True, text=True, timeout=300)
+
+    ok = run(2)
     assert ok.returncode == 0 and "finished" in ok.stdout, ok.stderr[-2000:]
-    done = subprocess.run([sys.executable, "-c", _BAD_ID_ON_CUDA, str(bad)], capture_output=True, text=True,
-                          timeout=300)
+    done = run(bad)
     assert done.returncode != 0 and "finished" not in done.stdout
     assert "assert" in done.stderr.lower(), done.stderr[-2000:]
 
