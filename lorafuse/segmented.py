@@ -417,9 +417,9 @@ def lora_linear_segmented(
 
     Nothing is read back to the host (CUDA-graph capturable at fixed shapes); ids are range-checked
     with a device-side assertion (check_ids=False skips even that). schedule: "auto", "gathered"
-    (one program per row, for decoding; without gradients, up to 64 rows of a layer at least twice
-    as wide as deep take the decode kernels, which add the rows' adapters in the base GEMM's
-    epilogue) or "grouped" (rows grouped by adapter, for large batches);
+    (one program per row, for decoding; without gradients, up to 64 rows take the decode kernels,
+    which add the rows' adapters in the base GEMM's epilogue, where kernels.segmented.decode_wins
+    says they are faster) or "grouped" (rows grouped by adapter, for large batches);
     the plain-torch path runs where the kernels cannot (CPU without TRITON_INTERPRET=1, float64).
     Differentiable in x, weight and bias, and in the library's a, b and scales where they require
     grad (eagerly: not under torch.compile).
