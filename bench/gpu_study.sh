@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Study 1 (lorafuse experiment loramap) on the GPU machine, which has no network and no `datasets`.
+# The studies that fit the GPU machine (study 1, `lorafuse experiment loramap`; study 3, recycling), which has no network and no `datasets`.
 # Everything it needs travels in the git-ignored folder .carry/:
 #   .carry/wheels/   datasets, dill, multiprocess, and nevergrad (LoraHub) with bayesian-optimization,
 #                    cma, directsearch: pure-Python wheels, installed to /tmp/site
@@ -10,7 +10,9 @@
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh smoke
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh full [extra flags]
 #   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh probe [extra flags]
+#   OUT=/tmp/out LORAFUSE_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_study.sh recycling [extra flags]
 # probe: bench/study_probe.py (which adapter setting lets the model learn COVID-Fact at all);
+# recycling: study 3 on the two-hop world with 128 subjects, seeds 0 1 2 (results/recycling-gpu/);
 # smoke: a small run (512 training / 128 eval examples, seed 0, three methods) that also counts how
 # often the composed layers ran the Triton kernels; full: all data, seeds 0 1 2, default epochs.
 # Extra flags go to `lorafuse experiment loramap` (e.g. --epochs 2 --compose-epochs 1 to shorten a run).
@@ -48,15 +50,18 @@ if [ "$mode" = probe ]; then  # bench/study_probe.py: can the model learn COVID-
 fi
 case "$mode" in
   smoke) name=loramap-smoke
-         args=(--train-limit 512 --eval-limit 128 --seeds 0 --methods base loramap_sum lora_direct) ;;
-  full)  name=loramap-full; args=() ;;
-  *) echo "mode must be smoke, full or probe, got $mode"; exit 2 ;;
+         cmd=(experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet
+              --train-limit 512 --eval-limit 128 --seeds 0 --methods base loramap_sum lora_direct) ;;
+  full)  name=loramap-full
+         cmd=(experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet) ;;
+  recycling) name=recycling-gpu
+         cmd=(experiment recycling --out "results/$name" --model .carry/minilm --quiet --seeds 0 1 2 --people 128) ;;
+  *) echo "mode must be smoke, full, recycling or probe, got $mode"; exit 2 ;;
 esac
 t0=$(date +%s)
 # The study through the CLI, with a count of the composed layers' calls that took the Triton kernels
 # (lorafuse.ops._use_kernels) and those that fell back to torch: on a GPU the second must stay 0.
-timeout "${STUDY_TIMEOUT:-540}" $PY - experiment loramap --out "results/$name" --data .carry/data --model .carry/minilm --quiet \
-  "${args[@]}" "$@" <<'EOF' 2>&1 | tee "$OUT/$name.log"
+timeout "${STUDY_TIMEOUT:-540}" $PY - "${cmd[@]}" "$@" <<'EOF' 2>&1 | tee "$OUT/$name.log"
 import sys
 import torch
 import lorafuse.ops as ops
@@ -80,6 +85,9 @@ print(f"composed-layer calls: {counts[True]} on the Triton kernels, {counts[Fals
 sys.exit(rc)
 EOF
 rc=${PIPESTATUS[0]}
-cp "results/$name"/loramap.{json,md,png} "$OUT"/ 2>/dev/null
+cp "results/$name"/*.{json,md,png} "$OUT"/ 2>/dev/null
+for d in "results/$name"/seed*/; do  # multi-seed studies: each seed's own results too
+  [ -f "$d/recycling.json" ] && cp "$d/recycling.json" "$OUT/$(basename "$d")-recycling.json"
+done
 echo "== $mode: $(( $(date +%s) - t0 ))s, rc $rc"
 exit "$rc"

@@ -160,6 +160,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     kw = {"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}
     if a.lr:
         kw.update(lr=a.lr, compose_lr=a.lr)
+    if getattr(a, "seeds", None):
+        from .experiments.recycling import SEEDS_COLUMNS, run_recycling_seeds
+
+        doc = run_recycling_seeds(a.out, a.seeds, model=a.model, n_people=a.people, progress=not a.quiet, **kw)
+        print()
+        print(markdown_table(doc["rows"], SEEDS_COLUMNS))
+        print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
+        return 0
     doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet, **kw)
     print()
     print(markdown_table(doc["rows"], COLUMNS))
@@ -244,9 +252,14 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         bad = [m for m in a.methods if m not in METHODS]
         if bad:
             raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
+    if a.seeds is not None:
+        if a.name == "summation":
+            raise UsageError("--seeds: only for the loramap and recycling studies (summation takes --seed)")
+        if len(set(a.seeds)) != len(a.seeds):
+            raise UsageError(f"--seeds: each seed once, got {' '.join(map(str, a.seeds))}")
     if a.name == "recycling":
         return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people,
-                                           quiet=a.quiet, epochs=a.epochs, lr=a.lr))
+                                           quiet=a.quiet, epochs=a.epochs, lr=a.lr, seeds=a.seeds))
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
@@ -376,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: recycling and loramap 3e-3, summation 1e-3)")
     x.add_argument("--compose-epochs", type=POSITIVE, default=None, help="loramap: epochs of each method's fit to "
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
-    x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2)")
+    x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2); "
+                   "recycling: run once per seed and report mean and sd (default: --seed alone)")
     x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
                    "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "
                    "loramap_sum, lora_direct)")

@@ -126,6 +126,26 @@ def test_experiment_lr_reaches_every_fit(name, study, monkeypatch, capsys, tmp_p
         assert seen["compose_lr"] == 0.0007
 
 
+def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, tmp_path):
+    from lorafuse.experiments import recycling
+
+    seen = {}
+
+    def fake(out_dir, seeds, **kw):
+        seen.update(kw, out_dir=out_dir, seeds=seeds)
+        return {"rows": [], "total_seconds": 0.0, "paths": {}}
+
+    monkeypatch.setattr(recycling, "run_recycling_seeds", fake)
+    code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--model", "tiny-bert", "--seeds",
+                        "3", "4", "--people", "10", "--quiet"], capsys)
+    assert code == 0, err
+    assert seen["seeds"] == [3, 4] and seen["n_people"] == 10 and seen["out_dir"] == str(tmp_path / "o")
+    code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--seeds", "1", "1"], capsys)
+    assert code == 2 and "--seeds: each seed once" in err
+    code, _, err = run(["experiment", "summation", "--out", str(tmp_path / "o"), "--seeds", "1", "2"], capsys)
+    assert code == 2 and "--seeds: only for the loramap and recycling studies" in err
+
+
 @pytest.mark.parametrize("args,msg", [
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--epochs", "-1"], "argument --epochs: must be"),
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--lr", "nan"], "argument --lr: must be"),

@@ -35,6 +35,41 @@ def test_recycling_pipeline_writes_complete_results(tmp_path, torch_backend):
         assert (tmp_path / "adapters" / name / "adapter_config.json").is_file()
 
 
+def test_recycling_over_seeds_reports_mean_and_spread(tmp_path, monkeypatch):
+    """run_recycling_seeds: one run per seed in its own folder, then per method the mean and sd over
+    the seeds and the chance band of the pooled two-hop statements (the per-seed study is stubbed
+    with known numbers; the study itself is tested above)."""
+    from lorafuse.experiments import recycling
+
+    acc = {0: (0.5, 0.9, 0.8), 1: (0.7, 0.7, 0.6), 2: (0.6, 0.8, 1.0)}
+    calls = []
+
+    def fake(out_dir, seed, log, **kw):
+        calls.append((out_dir, seed, kw))
+        rows = [{"method": m, "two_hop_acc": acc[seed][0] + i / 100, "hop1_acc": acc[seed][1],
+                 "hop2_acc": acc[seed][2], "trainable_params": i, "seconds": 1.0}
+                for i, m in enumerate(("base", "sum"))]
+        return {"rows": rows, "config": {"model": "tiny-bert", "seed": seed, "sizes": {"two_hop": 25}}}
+
+    monkeypatch.setattr(recycling, "run_recycling", fake)
+    doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], log=lambda *a: None, n_people=6)
+    assert [(c[0], c[1], c[2]) for c in calls] == [(str(tmp_path / f"seed{s}"), s, {"n_people": 6}) for s in (0, 1, 2)]
+    base, summed = doc["rows"]
+    assert base["method"] == "base" and summed["method"] == "sum" and base["seeds"] == 3
+    assert base["two_hop_acc"] == pytest.approx(0.6) and base["two_hop_acc_sd"] == pytest.approx(0.1)
+    assert summed["two_hop_acc"] == pytest.approx(0.61) and summed["trainable_params"] == 1
+    assert base["hop2_acc"] == pytest.approx(0.8) and base["hop2_acc_sd"] == pytest.approx(0.2)
+    assert doc["two_hop_statements"] == 75
+    lo, hi = doc["chance_band_95"]
+    assert lo == pytest.approx(0.5 - 1.96 * 0.5 / math.sqrt(75)) and hi == pytest.approx(1 - lo)
+    assert len(doc["runs"]) == 6 and {r["seed"] for r in doc["runs"]} == {0, 1, 2}
+    saved = json.loads((tmp_path / "recycling.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(doc["rows"])) and saved["config"]["seeds"] == [0, 1, 2]
+    assert "within chance" in (tmp_path / "recycling.md").read_text()
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        recycling.run_recycling_seeds(str(tmp_path), [1, 1])
+
+
 needs_data = pytest.mark.skipif(default_data_dir() is None, reason="no data folder (set LORAFUSE_DATA)")
 
 

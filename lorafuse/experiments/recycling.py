@@ -21,15 +21,19 @@ wall time are recorded. The test split (two_hop) is used once, at the end of eac
 """
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .common import check_methods
 from .report import header, write_results
 
 METHODS = ("base", "hop1", "hop2", "union", "average", "sum", "arrow_top1", "lorahub", "loramap_lora", "loramap_sum")
 COLUMNS = ("method", "two_hop_acc", "two_hop_f1", "hop1_acc", "hop2_acc", "trainable_params", "seconds")
+SEEDS_COLUMNS = ("method", "two_hop_acc", "two_hop_acc_sd", "hop1_acc", "hop1_acc_sd", "hop2_acc", "hop2_acc_sd",
+                 "trainable_params", "seconds", "seeds")
 
 
 def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: int = 0, n_people: int = 32,
@@ -125,4 +129,44 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
             lorafuse.decompose(net)
     doc["total_seconds"] = time.perf_counter() - t_start
     doc["paths"] = write_results(str(out), "recycling", doc, COLUMNS, ["two_hop_acc", "hop1_acc", "hop2_acc"])
+    return doc
+
+
+def run_recycling_seeds(out_dir: str, seeds: Sequence[int], log=print, **kw) -> Dict[str, Any]:
+    """run_recycling once per seed (each seed draws its own world, head and data order) into
+    out_dir/seed<N>/, then out_dir/recycling.{json,md,png}: per method the mean and standard
+    deviation over the seeds. kw: run_recycling's other arguments."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    t_start = time.perf_counter()
+    runs: List[dict] = []
+    for seed in seeds:
+        log(f"seed {seed}")
+        runs.append(run_recycling(out_dir=str(Path(out_dir) / f"seed{seed}"), seed=seed, log=log, **kw))
+    config = dict(runs[0]["config"], seeds=seeds)
+    config.pop("seed", None)
+    config["sizes"] = {f"seed{s}": r["config"]["sizes"] for s, r in zip(seeds, runs)}
+    doc = header(f"recycling: two-hop reasoning from recycled adapters ({len(seeds)} seeds)", config)
+    doc["runs"] = [dict(row, seed=s) for s, r in zip(seeds, runs) for row in r["rows"]]
+    doc["rows"] = []
+    for method in [row["method"] for row in runs[0]["rows"]]:
+        rows = [row for r in runs for row in r["rows"] if row["method"] == method]
+        out: Dict[str, Any] = {"method": method}
+        for k in ("two_hop_acc", "hop1_acc", "hop2_acc"):
+            vals = [row[k] for row in rows]
+            out[k], out[k + "_sd"] = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        out.update(trainable_params=rows[0]["trainable_params"], seeds=len(rows),
+                   seconds=statistics.fmean(row.get("seconds", 0.0) for row in rows))
+        doc["rows"].append(out)
+    # How far a mean over all seeds' two-hop statements may stray from 0.5 by chance (95 %).
+    n = sum(r["config"]["sizes"]["two_hop"] for r in runs)
+    doc["two_hop_statements"] = n
+    doc["chance_band_95"] = [0.5 - 1.96 * 0.5 / math.sqrt(n), 0.5 + 1.96 * 0.5 / math.sqrt(n)]
+    doc["total_seconds"] = time.perf_counter() - t_start
+    lo, hi = doc["chance_band_95"]
+    notes = (f"{n} two-hop test statements over {len(seeds)} seeds: a mean two-hop accuracy between {lo:.3f} "
+             f"and {hi:.3f} is within chance (95 %). Per-seed results: seed<N>/recycling.json.")
+    doc["paths"] = write_results(out_dir, "recycling", doc, SEEDS_COLUMNS, ["two_hop_acc", "hop1_acc", "hop2_acc"],
+                                 notes=notes)
     return doc
