@@ -252,9 +252,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         bad = [m for m in a.methods if m not in METHODS]
         if bad:
             raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
+    if a.reuse and (a.name != "summation" or a.seeds is None):
+        raise UsageError("--reuse: only for the summation study with --seeds")
     if a.seeds is not None:
-        if a.name == "summation":
-            raise UsageError("--seeds: only for the loramap and recycling studies (summation takes --seed)")
         if len(set(a.seeds)) != len(a.seeds):
             raise UsageError(f"--seeds: each seed once, got {' '.join(map(str, a.seeds))}")
     if a.name == "recycling":
@@ -282,20 +282,25 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         limits["compose_epochs"] = a.compose_epochs
     try:
         if a.name == "loramap":
-            from .experiments.loramap import COLUMNS, run_loramap
+            from .experiments.loramap import COLUMNS as columns, run_loramap
 
             seeds = a.seeds if a.seeds is not None else [0, 1, 2]
             doc = run_loramap(out_dir=a.out, model=model, data_dir=a.data,
                               seeds=seeds, methods=a.methods, **limits)
         else:
-            from .experiments.summation import COLUMNS, run_summation
+            from .experiments import summation
 
-            doc = run_summation(out_dir=a.out, model=model, data_dir=a.data,
-                                seed=a.seed, **limits)
+            if a.seeds is not None:
+                columns = summation.SEEDS_COLUMNS
+                doc = summation.run_summation_seeds(a.out, a.seeds, reuse=a.reuse, model=model, data_dir=a.data,
+                                                    **limits)
+            else:
+                columns = summation.COLUMNS
+                doc = summation.run_summation(out_dir=a.out, model=model, data_dir=a.data, seed=a.seed, **limits)
     except FileNotFoundError as e:
         raise UsageError(f"--data: {e}") from e
     print()
-    print(markdown_table(doc["rows"], [c for c in COLUMNS if any(c in r for r in doc["rows"])]))
+    print(markdown_table(doc["rows"], [c for c in columns if any(c in r for r in doc["rows"])]))
     print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
     return 0
 
@@ -390,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--compose-epochs", type=POSITIVE, default=None, help="loramap: epochs of each method's fit to "
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
     x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2); "
-                   "recycling: run once per seed and report mean and sd (default: --seed alone)")
+                   "recycling, summation: run once per seed and report mean and sd (default: --seed alone)")
+    x.add_argument("--reuse", action="store_true", help="summation with --seeds: keep a seed's results already "
+                   "in <out>/seed<N>/ when they were run with the same settings")
     x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
                    "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "
                    "loramap_sum, lora_direct)")

@@ -142,8 +142,15 @@ def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, t
     assert seen["seeds"] == [3, 4] and seen["n_people"] == 10 and seen["out_dir"] == str(tmp_path / "o")
     code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--seeds", "1", "1"], capsys)
     assert code == 2 and "--seeds: each seed once" in err
-    code, _, err = run(["experiment", "summation", "--out", str(tmp_path / "o"), "--seeds", "1", "2"], capsys)
-    assert code == 2 and "--seeds: only for the loramap and recycling studies" in err
+    code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--reuse"], capsys)
+    assert code == 2 and "--reuse: only for the summation study with --seeds" in err
+    from lorafuse.experiments import summation
+
+    monkeypatch.setattr(summation, "run_summation_seeds", fake)
+    code, _, err = run(["experiment", "summation", "--out", str(tmp_path / "s"), "--model", "tiny-llama", "--data",
+                        str(tmp_path), "--seeds", "0", "2", "--reuse", "--train-limit", "8", "--quiet"], capsys)
+    assert code == 0, err
+    assert seen["seeds"] == [0, 2] and seen["reuse"] is True and seen["train_limit"] == 8
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -1,6 +1,7 @@
 """The recycling study end to end on a tiny random model: every method runs and its outputs are written."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -68,6 +69,57 @@ def test_recycling_over_seeds_reports_mean_and_spread(tmp_path, monkeypatch):
     assert "within chance" in (tmp_path / "recycling.md").read_text()
     with pytest.raises(ValueError, match="seeds must be distinct"):
         recycling.run_recycling_seeds(str(tmp_path), [1, 1])
+
+
+def test_summation_over_seeds_pools_points_and_reuses_matching_runs(tmp_path, monkeypatch):
+    """run_summation_seeds: per row the mean and sd of each perplexity, Pearson r per seed and over the
+    pooled points; with reuse, a seed's saved run is taken when its settings match and run again when
+    they do not (the per-seed study is stubbed with known numbers)."""
+    from lorafuse.experiments import summation
+
+    calls = []
+
+    def fake(out_dir, seed, log, **kw):
+        calls.append(seed)
+        cfg = dict(model="m", seed=seed, r=4, alpha=64, epochs=1, lr=kw.get("lr", 1e-3), batch_size=8, max_length=128,
+                   train_limit=kw.get("train_limit"), eval_limit=200, domains={"math": "gsm8k", "claims": "c"},
+                   sizes={"math": {"train": 4, "test": 2}})
+        rows = [{"adapters": "base", "math_ppl": 10.0 + seed, "claims_ppl": 20.0},
+                {"adapters": "math+claims", "math_ppl": 12.0 + 2 * seed, "claims_ppl": 22.0, "rms_cosine": 0.1 * seed,
+                 "overall_cosine": 0.0}]
+        pts = [{"pair": "math+claims", "domain": d, "rms_cosine": 0.1 * seed + 0.01 * i,
+                "ppl_change_vs_single": 0.2 * seed + 0.05 * i, "ppl_change_vs_merged": 0.1 * seed - 0.02 * i}
+               for i, d in enumerate(("math", "claims"))]
+        doc = {"config": cfg, "rows": rows, "interference": pts,
+               "pearson_rms_cosine_vs_ppl_change": {"vs_single": 1.0, "vs_merged": -1.0, "points": 2}}
+        sub = tmp_path / f"seed{seed}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "summation.json").write_text(json.dumps(dict(doc, command="x")))
+        return doc
+
+    monkeypatch.setattr(summation, "run_summation", fake)
+    kw = dict(model="m", train_limit=4, domains=("math", "claims"), log=lambda *a: None)
+    doc = summation.run_summation_seeds(str(tmp_path), [0, 1, 2], **kw)
+    assert calls == [0, 1, 2]
+    base, pair = doc["rows"]
+    assert base["math_ppl"] == pytest.approx(11.0) and base["math_ppl_sd"] == pytest.approx(1.0)
+    assert pair["math_ppl"] == pytest.approx(14.0) and pair["math_ppl_sd"] == pytest.approx(2.0)
+    assert pair["rms_cosine"] == pytest.approx(0.1) and base["seeds"] == 3 and "rms_cosine" not in base
+    pc = doc["pearson_rms_cosine_vs_ppl_change"]
+    xs = [0.1 * s + 0.01 * i for s in range(3) for i in range(2)]
+    ys = [0.2 * s + 0.05 * i for s in range(3) for i in range(2)]
+    assert pc["points"] == 6 and pc["vs_single"] == pytest.approx(statistics.correlation(xs, ys))
+    assert [p["seed"] for p in doc["pearson_per_seed"]] == [0, 1, 2]
+    saved = json.loads((tmp_path / "summation.json").read_text())
+    assert saved["config"]["seeds"] == [0, 1, 2] and len(saved["runs"]) == 6
+    assert "math_ppl_sd" in (tmp_path / "summation.md").read_text()
+    calls.clear()
+    summation.run_summation_seeds(str(tmp_path), [0, 1, 2], reuse=True, **kw)
+    assert calls == [], "matching runs are reused"
+    summation.run_summation_seeds(str(tmp_path), [0, 1], reuse=True, **dict(kw, lr=5e-4))
+    assert calls == [0, 1], "a run with other settings is run again"
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        summation.run_summation_seeds(str(tmp_path), [0, 0], **kw)
 
 
 needs_data = pytest.mark.skipif(default_data_dir() is None, reason="no data folder (set LORAFUSE_DATA)")

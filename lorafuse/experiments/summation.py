@@ -14,6 +14,7 @@ does not hold).
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import statistics
 import time
@@ -25,6 +26,8 @@ from .report import header, write_results
 
 DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
 COLUMNS = ("adapters", "math_ppl", "medicine_ppl", "claims_ppl", "rms_cosine", "overall_cosine")
+SEEDS_COLUMNS = ("adapters", "math_ppl", "math_ppl_sd", "medicine_ppl", "medicine_ppl_sd", "claims_ppl",
+                 "claims_ppl_sd", "rms_cosine", "seeds")
 
 
 def run_summation(out_dir: str = "results/summation", model: str = "smollm2", data_dir: Optional[str] = None,
@@ -125,4 +128,99 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
              f"{pc['vs_merged']:.3f} against the merged-data adapter.")
     doc["paths"] = write_results(str(out), "summation", doc, cols, [f"{d}_ppl" for d in domains],
                                  label_key="adapters", ylim=None, notes=notes, log_y=True)
+    return doc
+
+
+def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False, log=print,
+                        **kw) -> Dict[str, Any]:
+    """run_summation once per seed (each seed draws its own training and test subsets, data order and
+    initialisation) into out_dir/seed<N>/, then out_dir/summation.{json,md,png}: per row the mean and
+    standard deviation of each perplexity over the seeds, and the Pearson correlation between RMS
+    cosine and perplexity change, per seed and over all seeds' points pooled. reuse: take a seed's
+    existing out_dir/seed<N>/summation.json when its config matches this run's (a study cut short
+    goes on where it stopped). kw: run_summation's other arguments."""
+    import json
+
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    t_start = time.perf_counter()
+    docs: List[dict] = []
+    for seed in seeds:
+        sub = Path(out_dir) / f"seed{seed}"
+        old = sub / "summation.json"
+        if reuse and old.is_file():
+            prev = json.loads(old.read_text())
+            mismatch = {k: (prev["config"].get(k), v) for k, v in _settings(kw).items()
+                        if _setting(prev["config"], k) != v}
+            if prev["config"].get("seed") == seed and not mismatch:
+                log(f"seed {seed}: reusing {old}")
+                docs.append(prev)
+                continue
+            log(f"seed {seed}: {old} was run with other settings {mismatch}; running again")
+        log(f"seed {seed}")
+        docs.append(run_summation(out_dir=str(sub), seed=seed, log=log, **kw))
+    doc = summarise_seeds(docs)
+    doc["total_seconds"] = time.perf_counter() - t_start
+    domains = list(docs[0]["config"]["domains"])
+    cols = [c for c in SEEDS_COLUMNS if c.split("_ppl")[0] in domains or "_ppl" not in c]
+    pc = doc["pearson_rms_cosine_vs_ppl_change"]
+    notes = (f"Pearson r between a pair's RMS delta cosine and its sum's perplexity change on each of its domains, "
+             f"all seeds' {pc['points']} points pooled: {pc['vs_single']:.3f} against the domain's own adapter, "
+             f"{pc['vs_merged']:.3f} against the merged-data adapter; per seed: "
+             + ", ".join(f"{s['vs_single']:.2f} / {s['vs_merged']:.2f}" for s in doc["pearson_per_seed"])
+             + ". Per-seed results: seed<N>/summation.json.")
+    doc["paths"] = write_results(out_dir, "summation", doc, cols, [f"{d}_ppl" for d in domains],
+                                 label_key="adapters", ylim=None, notes=notes, log_y=True)
+    return doc
+
+
+# What makes two runs of one seed the same study (the data folder and progress bars do not).
+_SETTINGS = ("model", "r", "alpha", "epochs", "lr", "batch_size", "max_length", "train_limit", "eval_limit", "domains")
+
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(run_summation).parameters.items()}
+
+
+def _settings(kw: dict) -> Dict[str, Any]:
+    """run_summation's settings for these keyword arguments, its defaults filling the rest."""
+    out = {k: kw.get(k, _DEFAULTS[k]) for k in _SETTINGS}
+    out["domains"] = list(out["domains"])
+    return out
+
+
+def _setting(config: dict, key: str):
+    return list(config["domains"]) if key == "domains" else config.get(key)
+
+
+def summarise_seeds(docs: Sequence[dict]) -> Dict[str, Any]:
+    """The multi-seed summary of run_summation results (see run_summation_seeds)."""
+    first = docs[0]
+    domains = list(first["config"]["domains"])
+    config = dict(first["config"], seeds=[d["config"]["seed"] for d in docs])
+    config.pop("seed", None)
+    config["sizes"] = {f"seed{d['config']['seed']}": d["config"]["sizes"] for d in docs}
+    doc = header(f"summation: naive LoRA summation across domains ({len(docs)} seeds)", config)
+    doc["runs"] = [dict(row, seed=d["config"]["seed"]) for d in docs for row in d["rows"]]
+    doc["rows"] = []
+    for label in [row["adapters"] for row in first["rows"]]:
+        rows = [row for d in docs for row in d["rows"] if row["adapters"] == label]
+        out: Dict[str, Any] = {"adapters": label, "seeds": len(rows)}
+        for k in [f"{d}_ppl" for d in domains] + (["rms_cosine", "overall_cosine"] if "rms_cosine" in rows[0] else []):
+            vals = [row[k] for row in rows]
+            out[k], out[k + "_sd"] = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        doc["rows"].append(out)
+    points = [dict(p, seed=d["config"]["seed"]) for d in docs for p in d["interference"]]
+    doc["interference"] = points
+
+    def pearson(pts, key):
+        try:
+            return statistics.correlation([p["rms_cosine"] for p in pts], [p[key] for p in pts])
+        except statistics.StatisticsError:  # constant input or too few points
+            return float("nan")
+
+    doc["pearson_rms_cosine_vs_ppl_change"] = {"vs_single": pearson(points, "ppl_change_vs_single"),
+                                               "vs_merged": pearson(points, "ppl_change_vs_merged"),
+                                               "points": len(points)}
+    doc["pearson_per_seed"] = [dict(d["pearson_rms_cosine_vs_ppl_change"], seed=d["config"]["seed"]) for d in docs]
     return doc
