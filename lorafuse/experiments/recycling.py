@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import check_methods
+from .common import check_methods, check_seeds, mean_sd
 from .report import header, write_results
 
 METHODS = ("base", "hop1", "hop2", "union", "average", "sum", "arrow_top1", "lorahub", "loramap_lora", "loramap_sum")
@@ -136,9 +136,7 @@ def run_recycling_seeds(out_dir: str, seeds: Sequence[int], log=print, **kw) -> 
     """run_recycling once per seed (each seed draws its own world, head and data order) into
     out_dir/seed<N>/, then out_dir/recycling.{json,md,png}: per method the mean and standard
     deviation over the seeds. kw: run_recycling's other arguments."""
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    seeds = check_seeds(seeds)
     t_start = time.perf_counter()
     runs: List[dict] = []
     for seed in seeds:
@@ -154,8 +152,7 @@ def run_recycling_seeds(out_dir: str, seeds: Sequence[int], log=print, **kw) -> 
         rows = [row for r in runs for row in r["rows"] if row["method"] == method]
         out: Dict[str, Any] = {"method": method}
         for k in ("two_hop_acc", "hop1_acc", "hop2_acc"):
-            vals = [row[k] for row in rows]
-            out[k], out[k + "_sd"] = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            out[k], out[k + "_sd"] = mean_sd([row[k] for row in rows])
         out.update(trainable_params=rows[0]["trainable_params"], seeds=len(rows),
                    seconds=statistics.fmean(row.get("seconds", 0.0) for row in rows))
         doc["rows"].append(out)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import subset
+from .common import check_seeds, mean_sd, subset
 from .report import header, write_results
 
 DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
@@ -141,9 +141,7 @@ def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False,
     goes on where it stopped). kw: run_summation's other arguments."""
     import json
 
-    seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    seeds = check_seeds(seeds)
     t_start = time.perf_counter()
     docs: List[dict] = []
     for seed in seeds:
@@ -207,8 +205,7 @@ def summarise_seeds(docs: Sequence[dict]) -> Dict[str, Any]:
         rows = [row for d in docs for row in d["rows"] if row["adapters"] == label]
         out: Dict[str, Any] = {"adapters": label, "seeds": len(rows)}
         for k in [f"{d}_ppl" for d in domains] + (["rms_cosine", "overall_cosine"] if "rms_cosine" in rows[0] else []):
-            vals = [row[k] for row in rows]
-            out[k], out[k + "_sd"] = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            out[k], out[k + "_sd"] = mean_sd([row[k] for row in rows])
         doc["rows"].append(out)
     points = [dict(p, seed=d["config"]["seed"]) for d in docs for p in d["interference"]]
     doc["interference"] = points
