@@ -294,8 +294,6 @@ def _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scale
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     n_mask = offs_n < N
-
-
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
