@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -111,15 +112,7 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
                            "ppl_change_vs_merged": pair_ppl / by["merged"][f"{d}_ppl"] - 1})
     doc["interference"] = points
 
-    def pearson(key):
-        xs, ys = [p["rms_cosine"] for p in points], [p[key] for p in points]
-        try:
-            return statistics.correlation(xs, ys)
-        except statistics.StatisticsError:  # constant input
-            return float("nan")
-
-    doc["pearson_rms_cosine_vs_ppl_change"] = {"vs_single": pearson("ppl_change_vs_single"),
-                                               "vs_merged": pearson("ppl_change_vs_merged"), "points": len(points)}
+    doc["pearson_rms_cosine_vs_ppl_change"] = _pearson(points)
     doc["total_seconds"] = time.perf_counter() - t_start
     cols = [c for c in COLUMNS if c == "adapters" or not c.endswith("_ppl") or c[:-4] in domains]
     pc = doc["pearson_rms_cosine_vs_ppl_change"]
@@ -131,6 +124,18 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
     return doc
 
 
+def _pearson(points: Sequence[dict]) -> Dict[str, Any]:
+    """Pearson r between the pairs' RMS cosine and their sums' perplexity change, against the domain's
+    own adapter and against the merged-data adapter (nan for constant input or too few points)."""
+    def r(key):
+        try:
+            return statistics.correlation([p["rms_cosine"] for p in points], [p[key] for p in points])
+        except statistics.StatisticsError:
+            return float("nan")
+
+    return {"vs_single": r("ppl_change_vs_single"), "vs_merged": r("ppl_change_vs_merged"), "points": len(points)}
+
+
 def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False, log=print,
                         **kw) -> Dict[str, Any]:
     """run_summation once per seed (each seed draws its own training and test subsets, data order and
@@ -139,8 +144,6 @@ def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False,
     cosine and perplexity change, per seed and over all seeds' points pooled. reuse: take a seed's
     existing out_dir/seed<N>/summation.json when its config matches this run's (a study cut short
     goes on where it stopped). kw: run_summation's other arguments."""
-    import json
-
     seeds = check_seeds(seeds)
     t_start = time.perf_counter()
     docs: List[dict] = []
@@ -175,8 +178,6 @@ def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False,
 
 # What makes two runs of one seed the same study (the data folder and progress bars do not).
 _SETTINGS = ("model", "r", "alpha", "epochs", "lr", "batch_size", "max_length", "train_limit", "eval_limit", "domains")
-
-
 _DEFAULTS = {k: p.default for k, p in inspect.signature(run_summation).parameters.items()}
 
 
@@ -209,15 +210,6 @@ def summarise_seeds(docs: Sequence[dict]) -> Dict[str, Any]:
         doc["rows"].append(out)
     points = [dict(p, seed=d["config"]["seed"]) for d in docs for p in d["interference"]]
     doc["interference"] = points
-
-    def pearson(pts, key):
-        try:
-            return statistics.correlation([p["rms_cosine"] for p in pts], [p[key] for p in pts])
-        except statistics.StatisticsError:  # constant input or too few points
-            return float("nan")
-
-    doc["pearson_rms_cosine_vs_ppl_change"] = {"vs_single": pearson(points, "ppl_change_vs_single"),
-                                               "vs_merged": pearson(points, "ppl_change_vs_merged"),
-                                               "points": len(points)}
+    doc["pearson_rms_cosine_vs_ppl_change"] = _pearson(points)
     doc["pearson_per_seed"] = [dict(d["pearson_rms_cosine_vs_ppl_change"], seed=d["config"]["seed"]) for d in docs]
     return doc
