@@ -307,6 +307,121 @@ def _lora_gemm_tma_kernel(
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
+@triton.jit
+def _band_shrink(x_desc, al_desc, off_m, k_tiles, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                 T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
+                 HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr):
+    """S' for rows off_m .. off_m + BLOCK_M (x a_cat^T, the mapping, the scale), stored to sp_ptr
+    (and S, U to s_ptr, u_ptr when SAVE). Rows of a_cat past R come back from the copy engine as zeros."""
+    acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for ki in range(k_tiles):
+        a = x_desc.load([off_m, ki * BLOCK_K])
+        al = al_desc.load([0, ki * BLOCK_K])
+        acc_s = tl.dot(a, al.T, acc_s, input_precision=PREC)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
+                             stride_amm, stride_amr, stride_bmr, stride_bmm, HAS_MAP, BLOCK_MR, MAP_PREC)
+    mr_mask = (offs_m < T)[:, None] & (offs_r < R)[None, :]
+    tl.store(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty), mask=mr_mask)
+    if SAVE:
+        tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc_s, mask=mr_mask)
+        if HAS_MAP:
+            offs_mr = tl.arange(0, BLOCK_MR)
+            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_mr[None, :], u,
+                     mask=(offs_m < T)[:, None] & (offs_mr < MR)[None, :])
+
+
+@triton.jit
+def _lora_layer_tma_kernel(
+    x_desc, w_desc, al_desc, out_desc, c_ptr, bias_ptr, scale_ptr, a_map_ptr, b_map_ptr,
+    sp_ptr, s_ptr, u_ptr, flag_ptr,
+    T, N, K, R, MR,
+    stride_cr, stride_cn,
+    stride_amm, stride_amr, stride_bmr, stride_bmm,
+    stride_spm, stride_sm, stride_um,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    SAVE: tl.constexpr,
+    PREC: tl.constexpr,
+    MAP_PREC: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_MR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SHRINK_TILES: tl.constexpr,
+):
+    """The whole layer in one persistent launch (Hopper, many tokens). The first cdiv(T, BLOCK_M)
+    work items are shrink tiles: S' of one row band (an R-wide GEMM against a_cat, the mapping,
+    the scale) written to sp_ptr, then the band's flag set to 1 (release). The rest are the base
+    GEMM's tiles in grouped order; each reads its band's S' for the expand (extra K-steps) after
+    its main loop, by which time the band's shrink tile has long finished.
+
+    A flag is claimed (0 -> 2) before its band is computed, by the shrink tile or, if a GEMM tile
+    gets there first, by that tile, which then computes the band itself. Whoever waits therefore
+    waits for a program that is running and waits for nothing: no hang even when programs of this
+    launch are not all resident (another kernel holding SMs). SHRINK_TILES=False leaves the
+    leading tiles out, so that every band is computed that way (for tests)."""
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    lead = num_pid_m if SHRINK_TILES else 0
+    num_tiles = lead + num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
+        if tile_id < lead:
+            if tl.atomic_cas(flag_ptr + tile_id, 0, 2, sem="acquire") == 0:
+                _band_shrink(x_desc, al_desc, tile_id * BLOCK_M, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
+                             sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                             stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
+                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
+                tl.debug_barrier()  # every thread's stores issued before the flag is released
+                tl.atomic_xchg(flag_ptr + tile_id, 1, sem="release")
+        else:
+            pid_m, pid_n = _tile_ids(tile_id - lead, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = x_desc.load([off_m, ki * BLOCK_K])
+                b = w_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, input_precision=PREC)
+            state = tl.atomic_cas(flag_ptr + pid_m, 0, 2, sem="acquire")
+            if state == 0:  # the band's shrink tile has not started: compute the band here
+                _band_shrink(x_desc, al_desc, off_m, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
+                             sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                             stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
+                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
+                tl.debug_barrier()
+                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release")
+            else:
+                while state != 1:
+                    state = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+            tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            m_mask = offs_m < T
+            n_mask = offs_n < N
+            for r0 in range(0, R, BLOCK_K):
+                offs_r = r0 + tl.arange(0, BLOCK_K)
+                r_mask = offs_r < R
+                # S' was written by another program of this launch: read it from L2 (".cg"), never
+                # from this SM's L1, which may hold a stale line shared with the band above.
+                sp = tl.load(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :],
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
+                c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(sp, c, acc, input_precision=PREC)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                acc += bias[None, :]
+            out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
 _lora_gemm_tuned = triton.autotune(
     configs=gemm_candidates(), key=["T_BUCKET", "N", "K", "R", "HAS_BIAS", "FUSE_SHRINK", "HAS_MAP", "SAVE"],
     prune_configs_by={"early_config_prune": _prune})(_lora_gemm_kernel)
@@ -559,5 +674,107 @@ def lora_gemm_fused(
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
+    )
+    return y, sp, s, u
+
+
+# The whole layer in one persistent launch (Hopper): from this many rows, 16-bit operands, R up to
+# PERSISTENT_MAX_R (one shrink tile holds every rank column, for the mapping).
+PERSISTENT_MIN_T = 1024
+PERSISTENT_MAX_R = 128
+
+
+def persistent_ok(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) -> bool:
+    """Whether lora_gemm_persistent can run these operands: Hopper, float16/bfloat16, at least
+    PERSISTENT_MIN_T rows, R <= PERSISTENT_MAX_R, copy-engine-compatible x, weight and a_cat."""
+    return (x.is_cuda and x.dtype != torch.float32 and x.shape[0] >= PERSISTENT_MIN_T
+            and x.stride(-1) == 1 and weight.stride(-1) == 1 and a_cat.stride(-1) == 1
+            and 0 < a_cat.shape[0] <= PERSISTENT_MAX_R and _tma_available(x.device)
+            and (weight.shape[0] * x.element_size()) % 16 == 0 and _tma_compatible(x, weight, a_cat))
+
+
+def persistent_config(T: int, N: int, K: int) -> triton.Config:
+    """128 x 256 x 64 tiles, 8 warps, 3 stages: the base GEMM's tuned tile (tma_config)."""
+    return _cfg(128, 256, 64, 8, 3)
+
+
+def lora_gemm_persistent(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_cat: torch.Tensor,
+    b_cat: torch.Tensor,
+    scale: torch.Tensor,
+    a_map: Optional[torch.Tensor] = None,
+    b_map: Optional[torch.Tensor] = None,
+    save: bool = False,
+    config: Optional[triton.Config] = None,
+    check: bool = True,
+    shrink_tiles: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The whole layer in one persistent launch, the shrink as leading tiles (Hopper, many tokens).
+
+    Same arguments and returns as lora_gemm_fused: x (T, d_in); weight (d_out, d_in); a_cat (R, d_in);
+    b_cat (d_out, R); scale (R,) float32. Returns (y, sp, s, u); sp = S' (T, R) always (the expand
+    reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). shrink_tiles=False:
+    no leading shrink tiles, each band's S' computed by the first GEMM tile that needs it (tests
+    the kernel's fallback).
+    """
+    if check:
+        scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
+        expect("weight", weight, (None, x.shape[1]), x.device, x.dtype)
+        expect("b_cat", b_cat, (weight.shape[0], a_cat.shape[0]), x.device, x.dtype)
+        if bias is not None:
+            expect("bias", bias, (weight.shape[0],), x.device, x.dtype)
+            bias = unit_vector(bias)
+        if not persistent_ok(x, weight, a_cat):
+            raise ValueError(
+                "lora_gemm_persistent needs a Hopper GPU, float16/bfloat16 operands, at least "
+                f"{PERSISTENT_MIN_T} rows, 1 <= R <= {PERSISTENT_MAX_R}, and x, weight, a_cat with unit "
+                f"last stride and 16-byte aligned rows; got x {tuple(x.shape)} {x.dtype} on {x.device}, "
+                f"R = {a_cat.shape[0]}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    T, D = x.shape
+    N = weight.shape[0]
+    R = a_cat.shape[0]
+    has_map = a_map is not None
+    MR = a_map.shape[0] if has_map else 1
+    cfg = config or persistent_config(T, N, D)
+    bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    br = block_for(R)
+    y = new_empty((T, N), x.dtype, x.device)
+    sp = alloc_rows(T, R, x.dtype, x.device)
+    s = new_empty((T, R), torch.float32, x.device) if save else None
+    u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
+    rows = cdiv(T, bm)
+    # One flag per row band: 0 untouched, 2 being computed, 1 S' ready. Zeroed on every call (a
+    # memset: also inside a CUDA graph).
+    flags = torch.zeros(rows, dtype=torch.int32, device=x.device)
+    # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
+    # _rank_aligned).
+    c = b_cat
+    if c.stride(1) != 1 or c.stride(0) % 16:
+        c = alloc_rows(N, R, x.dtype, x.device)
+        c.copy_(b_cat)
+    sms = num_sms(x.device)
+    dummy = sp
+    am = a_map if has_map else scale
+    bmp = b_map if has_map else scale
+    s_, u_ = (s if save else dummy), (u if u is not None else dummy)
+    launch(
+        _lora_layer_tma_kernel, (min(sms, (rows if shrink_tiles else 0) + rows * cdiv(N, bn)),),
+        TensorDescriptor(x, [T, D], [x.stride(0), 1], [bm, bk]),
+        TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [bn, bk]),
+        TensorDescriptor(a_cat, [R, D], [a_cat.stride(0), 1], [br, bk]),
+        TensorDescriptor(y, [T, N], [y.stride(0), 1], [bm, bn]),
+        c, bias if bias is not None else dummy, scale, am, bmp, sp, s_, u_, flags,
+        T, N, D, R, MR,
+        c.stride(1), c.stride(0),
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bmp.stride(0) if has_map else 0, bmp.stride(1) if has_map else 0,
+        sp.stride(0), s_.stride(0), u_.stride(0),
+        HAS_BIAS=bias is not None, HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype), MAP_PREC="ieee",
+        NUM_SMS=sms, BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_TILES=shrink_tiles, **launch_kwargs(cfg),
     )
     return y, sp, s, u

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
+from lorafuse.kernels.lora_gemm import lora_gemm_persistent, persistent_ok
 from lorafuse.kernels.shrink import alloc_rows
 from lorafuse.kernels.utils import can_run
 
@@ -32,6 +33,10 @@ _BACKEND = "auto"
 # block); above it, shrink + one GEMM with the expand as extra K-steps. Tuned on an H100.
 FUSED_MAX_T = 64
 FUSED_MAX_R = 128
+
+# Many tokens on Hopper: the whole layer in one persistent launch, the shrink as its leading tiles
+# (kernels.lora_gemm.persistent_ok says where it runs). False: shrink + lora_gemm, two launches.
+PERSISTENT = True
 
 
 @contextlib.contextmanager
@@ -167,6 +172,10 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
     R = a_cat.shape[0]
     if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
         return lora_gemm_fused(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save, check=False)
+    if PERSISTENT and persistent_ok(x, weight, a_cat):
+        y, sp, s, u = lora_gemm_persistent(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save,
+                                           check=False)
+        return y, (sp if save else None), s, u
     sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False)
     y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
     return y, (sp if save else None), s, u

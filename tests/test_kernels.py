@@ -6,10 +6,11 @@ bfloat16 and larger shapes). Tolerances: conftest.TOL.
 import pytest
 import torch
 
-from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, rel_err
+from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 import importlib
 
-from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
+from lorafuse.kernels import lora_gemm, lora_gemm_fused, lora_gemm_persistent, shrink, shrink_backward
+from lorafuse.kernels.lora_gemm import persistent_ok
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
@@ -157,6 +158,128 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, seeded):
     y2, sp2, s2, u2 = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False)
     assert sp2 is None and s2 is None and u2 is None
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
+
+
+# The persistent layer (Hopper): (T, d_in, d_out, R, m). A partial last row band (T = 1030, 4099),
+# d not a multiple of the tiles, R = 1 and R = 128 (its limit), with and without a mapping.
+PERSISTENT_CASES = [
+    (1030, 24, 40, 1, None),
+    (1500, 1000, 3000, 5, 4),
+    (2048, 4096, 4096, 48, 16),
+    (4099, 1000, 3000, 64, None),
+    (2048, 4096, 14336, 128, 16),
+    (8192, 4096, 4096, 24, 16),
+]
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the persistent layer runs on Hopper GPUs only")
+
+
+def _layer_ref(x, w, bias, a_cat, b_cat, scale, a_map, b_map):
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    y_ref = x.double() @ w.double().t() + sp_ref @ b_cat.double().t()
+    return (y_ref + bias.double() if bias is not None else y_ref), sp_ref, s_ref, u_ref
+
+
+@needs_hopper
+@pytest.mark.parametrize("shrink_tiles", [True, False], ids=["shrink-tiles", "bands-on-demand"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", PERSISTENT_CASES, ids=[f"T{c[0]}-din{c[1]}-dout{c[2]}-R{c[3]}-m{c[4]}"
+                                                                    for c in PERSISTENT_CASES])
+def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, shrink_tiles, seeded):
+    """shrink_tiles=False: no leading shrink tiles, so every band takes the kernel's other path (the
+    first GEMM tile to need a band computes it, the band's other tiles wait for it)."""
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE).to(dtype)
+    assert persistent_ok(x, w, a_cat)
+    y_ref, sp_ref, s_ref, u_ref = _layer_ref(x, w, bias, a_cat, b_cat, scale, a_map, b_map)
+    y, sp, s, u = lora_gemm_persistent(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True,
+                                       shrink_tiles=shrink_tiles)
+    assert y.dtype == dtype and rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(sp, sp_ref) < TOL[dtype]
+    assert rel_err(s, s_ref) < ACC_TOL[dtype]
+    assert (u is None) == (m is None)
+    if m:
+        assert rel_err(u, u_ref) < ACC_TOL[dtype]
+    y2, sp2, s2, u2 = lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False,
+                                           shrink_tiles=shrink_tiles)
+    assert s2 is None and u2 is None and rel_err(sp2, sp_ref) < TOL[dtype]
+    assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
+
+
+@needs_hopper
+def test_lora_gemm_persistent_reads_this_calls_bands(seeded):
+    """Each GEMM tile must read its band's S' of this call, never a previous call's (the buffers of
+    consecutive calls share addresses through torch's caching allocator, and a tile that did not wait
+    for its band's flag would read the last call's values). Alternating inputs, 40 calls; also two
+    launches on two streams at once, which must neither hang nor mix their bands."""
+    T, d_in, d_out, R, m, dtype = 4096, 2048, 2048, 48, 16, torch.bfloat16
+    xs = [torch.randn(T, d_in, device=DEVICE).to(dtype) for _ in range(2)]
+    _, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    refs = [_layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0] for x in xs]
+    for i in range(40):
+        y = lora_gemm_persistent(xs[i % 2], w, None, a_cat, b_cat, scale, a_map, b_map)[0]
+        assert rel_err(y, refs[i % 2]) < TOL[dtype], f"call {i}"
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for x, st in zip(xs, streams):
+        with torch.cuda.stream(st):
+            outs.append(lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0])
+    torch.cuda.synchronize()
+    for y, ref in zip(outs, refs):
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+@needs_hopper
+def test_lora_gemm_persistent_refuses_what_it_cannot_run():
+    x = torch.randn(2048, 64, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(64, 64, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(64, 8, device=DEVICE, dtype=torch.bfloat16)
+    scale = torch.ones(8, device=DEVICE)
+    a = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert persistent_ok(x, w, a)
+    for bad_x, bad_a, what in ((x[:1000], a, "rows"), (x.float(), a.float(), "float16/bfloat16"),
+                               (x[:, :60], a[:, :60], "aligned")):
+        assert not persistent_ok(bad_x, w[:, :bad_x.shape[1]].to(bad_x.dtype), bad_a)
+        with pytest.raises(ValueError, match="lora_gemm_persistent needs"):
+            lora_gemm_persistent(bad_x, w[:, :bad_x.shape[1]].to(bad_x.dtype), None, bad_a, b.to(bad_x.dtype), scale)
+    big = torch.randn(200, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert not persistent_ok(x, w, big)
+
+
+_COMPILE_PERSISTENT_FOR_HOPPER = r"""
+import importlib, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+G = importlib.import_module("lorafuse.kernels.lora_gemm")
+fn = G._lora_layer_tma_kernel
+types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64]>",
+         "al_desc": "tensordesc<bf16[64,64]>", "out_desc": "tensordesc<bf16[128,256]>", "c_ptr": "*bf16",
+         "bias_ptr": "*bf16", "scale_ptr": "*fp32", "a_map_ptr": "*fp32", "b_map_ptr": "*fp32", "sp_ptr": "*bf16",
+         "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32"}
+consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee", "NUM_SMS": 132,
+          "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
+          "SHRINK_TILES": True}
+sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8, "num_stages": 3})
+ptx = k.asm["ptx"]
+# One thread claims and releases each band's flag; the expand reads S' from L2, not L1.
+assert "atom.global.acquire.gpu.cas.b32" in ptx and "atom.global.gpu.release.exch.b32" in ptx
+assert "ld.global.cg" in ptx
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the persistent-layer tests compile and run the kernel")
+def test_persistent_layer_compiles_for_hopper_without_a_gpu():
+    """The interpreter cannot run the persistent layer (its programs wait on each other): build it for
+    sm_90 so that a compile error, or the loss of its flag protocol's instructions, shows in CI."""
+    compile_in_subprocess(_COMPILE_PERSISTENT_FOR_HOPPER)
 
 
 def test_empty_batch(shrink_impl):

@@ -69,6 +69,24 @@ def test_fused_and_split_paths(path, dtype, monkeypatch, seeded):
     _check_against_reference(_args(37, 40, 24, 5, 4, dtype), dtype)
 
 
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] == 9),
+                    reason="the persistent layer runs on Hopper GPUs only")
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "two-launch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_persistent_and_two_launch_paths(persistent, dtype, monkeypatch, seeded):
+    # Many tokens on Hopper: one persistent launch (shrink as leading tiles), or shrink + GEMM.
+    import lorafuse.kernels.lora_gemm as lg
+
+    monkeypatch.setattr(ops, "PERSISTENT", persistent)
+    calls = []
+    orig = ops.lora_gemm_persistent
+    monkeypatch.setattr(ops, "lora_gemm_persistent", lambda *a, **k: calls.append(k) or orig(*a, **k))
+    args = _args(2050, 1000, 3000, 48, 16, dtype)
+    assert lg.persistent_ok(args[0], args[1], args[3])
+    _check_against_reference(args, dtype)
+    assert bool(calls) == persistent and all(k["save"] for k in calls)
+
+
 @pytest.mark.parametrize(
     "mask",
     [
