@@ -353,73 +353,67 @@ def _lora_layer_tma_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_MR: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SHRINK_TILES: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """The whole layer in one persistent launch (Hopper, many tokens). The first cdiv(T, BLOCK_M)
-    work items are shrink tiles: S' of one row band (an R-wide GEMM against a_cat, the mapping,
-    the scale) written to sp_ptr, then the band's flag set to 1 (release). The rest are the base
-    GEMM's tiles in grouped order; each reads its band's S' for the expand (extra K-steps) after
-    its main loop, by which time the band's shrink tile has long finished.
+    """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
 
-    A flag is claimed (0 -> 2) before its band is computed, by the shrink tile or, if a GEMM tile
-    gets there first, by that tile, which then computes the band itself. Whoever waits therefore
-    waits for a program that is running and waits for nothing: no hang even when programs of this
-    launch are not all resident (another kernel holding SMs). SHRINK_TILES=False leaves the
-    leading tiles out, so that every band is computed that way (for tests)."""
+    1. Shrink tiles: S' of one row band each (an R-wide GEMM against a_cat, the mapping, the scale),
+       written to sp_ptr, then the band's flag set to 1 (release). Programs take them from a counter
+       (flag_ptr[num_bands]) until it runs past the last band.
+    2. The base GEMM's tiles, statically strided over the programs in grouped order, with the same
+       loop as lora_gemm's Hopper kernel; after its main loop a tile waits for its band's flag
+       (acquire) and adds S' b_cat^T as extra K-steps.
+
+    A program reaches phase 2 only once the counter has passed every band, that is once every
+    shrink tile is held by a program that is running and waits for nothing: whoever waits on a
+    flag waits for a running program, even when not all programs of the launch are resident."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    lead = num_pid_m if SHRINK_TILES else 0
-    num_tiles = lead + num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS):
-        if tile_id < lead:
-            if tl.atomic_cas(flag_ptr + tile_id, 0, 2, sem="acquire") == 0:
-                _band_shrink(x_desc, al_desc, tile_id * BLOCK_M, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
-                             sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                             stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
-                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
-                tl.debug_barrier()  # every thread's stores issued before the flag is released
-                tl.atomic_xchg(flag_ptr + tile_id, 1, sem="release")
-        else:
-            pid_m, pid_n = _tile_ids(tile_id - lead, num_pid_m, num_pid_n, GROUP_M)
-            off_m = pid_m * BLOCK_M
-            off_n = pid_n * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = x_desc.load([off_m, ki * BLOCK_K])
-                b = w_desc.load([off_n, ki * BLOCK_K])
-                acc = tl.dot(a, b.T, acc, input_precision=PREC)
-            state = tl.atomic_cas(flag_ptr + pid_m, 0, 2, sem="acquire")
-            if state == 0:  # the band's shrink tile has not started: compute the band here
-                _band_shrink(x_desc, al_desc, off_m, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
-                             sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                             stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
-                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
-                tl.debug_barrier()
-                tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release")
-            else:
-                while state != 1:
-                    state = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
-            tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
-            offs_m = off_m + tl.arange(0, BLOCK_M)
-            offs_n = off_n + tl.arange(0, BLOCK_N)
-            m_mask = offs_m < T
-            n_mask = offs_n < N
-            for r0 in range(0, R, BLOCK_K):
-                offs_r = r0 + tl.arange(0, BLOCK_K)
-                r_mask = offs_r < R
-                # S' was written by another program of this launch: read it from L2 (".cg"), never
-                # from this SM's L1, which may hold a stale line shared with the band above.
-                sp = tl.load(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :],
-                             mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
-                c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
-                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(sp, c, acc, input_precision=PREC)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                acc += bias[None, :]
-            out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+    band = tl.atomic_add(flag_ptr + num_pid_m, 1)
+    while band < num_pid_m:
+        _band_shrink(x_desc, al_desc, band * BLOCK_M, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
+                     sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                     stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
+                     BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
+        tl.debug_barrier()  # every thread's stores issued before the flag is released
+        tl.atomic_xchg(flag_ptr + band, 1, sem="release")
+        band = tl.atomic_add(flag_ptr + num_pid_m, 1)
+
+    num_tiles = num_pid_m * num_pid_n
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            b = w_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, input_precision=PREC)
+        ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+        while ready != 1:
+            ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+        tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < T
+        n_mask = offs_n < N
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            r_mask = offs_r < R
+            # S' was written by another program of this launch: read it from L2 (".cg"), never
+            # from this SM's L1, which may hold a stale line shared with the band above.
+            sp = tl.load(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
+            c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(sp, c, acc, input_precision=PREC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 _lora_gemm_tuned = triton.autotune(
@@ -694,8 +688,9 @@ def persistent_ok(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) ->
 
 
 def persistent_config(T: int, N: int, K: int) -> triton.Config:
-    """128 x 256 x 64 tiles, 8 warps, 3 stages: the base GEMM's tuned tile (tma_config)."""
-    return _cfg(128, 256, 64, 8, 3)
+    """The base GEMM's tuned loop for W^T (tma_config): 128 x 256 x 64 tiles, 8 warps, 3 stages,
+    the tile loop flattened and warp-specialised."""
+    return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=True)
 
 
 def lora_gemm_persistent(
@@ -710,15 +705,13 @@ def lora_gemm_persistent(
     save: bool = False,
     config: Optional[triton.Config] = None,
     check: bool = True,
-    shrink_tiles: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one persistent launch, the shrink as leading tiles (Hopper, many tokens).
 
     Same arguments and returns as lora_gemm_fused: x (T, d_in); weight (d_out, d_in); a_cat (R, d_in);
     b_cat (d_out, R); scale (R,) float32. Returns (y, sp, s, u); sp = S' (T, R) always (the expand
-    reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). shrink_tiles=False:
-    no leading shrink tiles, each band's S' computed by the first GEMM tile that needs it (tests
-    the kernel's fallback).
+    reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). config: a triton.Config
+    with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys), for tuning.
     """
     if check:
         scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
@@ -748,9 +741,9 @@ def lora_gemm_persistent(
     s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     rows = cdiv(T, bm)
-    # One flag per row band: 0 untouched, 2 being computed, 1 S' ready. Zeroed on every call (a
+    # One flag per row band (1: S' ready), then the shrink tiles' counter. Zeroed on every call (a
     # memset: also inside a CUDA graph).
-    flags = torch.zeros(rows, dtype=torch.int32, device=x.device)
+    flags = torch.zeros(rows + 1, dtype=torch.int32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
     # _rank_aligned).
     c = b_cat
@@ -763,7 +756,7 @@ def lora_gemm_persistent(
     bmp = b_map if has_map else scale
     s_, u_ = (s if save else dummy), (u if u is not None else dummy)
     launch(
-        _lora_layer_tma_kernel, (min(sms, (rows if shrink_tiles else 0) + rows * cdiv(N, bn)),),
+        _lora_layer_tma_kernel, (min(sms, rows * cdiv(N, bn)),),
         TensorDescriptor(x, [T, D], [x.stride(0), 1], [bm, bk]),
         TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [bn, bk]),
         TensorDescriptor(a_cat, [R, D], [a_cat.stride(0), 1], [br, bk]),
@@ -775,6 +768,6 @@ def lora_gemm_persistent(
         bmp.stride(0) if has_map else 0, bmp.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_BIAS=bias is not None, HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype), MAP_PREC="ieee",
-        NUM_SMS=sms, BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_TILES=shrink_tiles, **launch_kwargs(cfg),
+        NUM_SMS=sms, BLOCK_R=br, BLOCK_MR=block_for(MR), **launch_kwargs(cfg),
     )
     return y, sp, s, u

@@ -10,7 +10,7 @@ from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_s
 import importlib
 
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, lora_gemm_persistent, shrink, shrink_backward
-from lorafuse.kernels.lora_gemm import persistent_ok
+from lorafuse.kernels.lora_gemm import _cfg, persistent_ok
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
@@ -181,28 +181,26 @@ def _layer_ref(x, w, bias, a_cat, b_cat, scale, a_map, b_map):
 
 
 @needs_hopper
-@pytest.mark.parametrize("shrink_tiles", [True, False], ids=["shrink-tiles", "bands-on-demand"])
+@pytest.mark.parametrize("loop", ["tuned", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", PERSISTENT_CASES, ids=[f"T{c[0]}-din{c[1]}-dout{c[2]}-R{c[3]}-m{c[4]}"
                                                                     for c in PERSISTENT_CASES])
-def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, shrink_tiles, seeded):
-    """shrink_tiles=False: no leading shrink tiles, so every band takes the kernel's other path (the
-    first GEMM tile to need a band computes it, the band's other tiles wait for it)."""
+def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, loop, seeded):
+    """loop: the GEMM phase flattened and warp-specialised (the default), or a plain loop."""
+    cfg = None if loop == "tuned" else _cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
     w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
     bias = torch.randn(d_out, device=DEVICE).to(dtype)
     assert persistent_ok(x, w, a_cat)
     y_ref, sp_ref, s_ref, u_ref = _layer_ref(x, w, bias, a_cat, b_cat, scale, a_map, b_map)
-    y, sp, s, u = lora_gemm_persistent(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True,
-                                       shrink_tiles=shrink_tiles)
+    y, sp, s, u = lora_gemm_persistent(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True, config=cfg)
     assert y.dtype == dtype and rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(sp, sp_ref) < TOL[dtype]
     assert rel_err(s, s_ref) < ACC_TOL[dtype]
     assert (u is None) == (m is None)
     if m:
         assert rel_err(u, u_ref) < ACC_TOL[dtype]
-    y2, sp2, s2, u2 = lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False,
-                                           shrink_tiles=shrink_tiles)
+    y2, sp2, s2, u2 = lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False, config=cfg)
     assert s2 is None and u2 is None and rel_err(sp2, sp_ref) < TOL[dtype]
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
@@ -263,13 +261,14 @@ types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64
          "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32"}
 consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee", "NUM_SMS": 132,
           "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
-          "SHRINK_TILES": True}
+          "FLATTEN": True, "WARP_SPECIALIZE": True}
 sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 8, "num_stages": 3})
 ptx = k.asm["ptx"]
-# One thread claims and releases each band's flag; the expand reads S' from L2, not L1.
-assert "atom.global.acquire.gpu.cas.b32" in ptx and "atom.global.gpu.release.exch.b32" in ptx
+# One thread releases each band's flag, and waits for it with acquire loads; the expand reads S'
+# from L2, not L1.
+assert "atom.global.gpu.release.exch.b32" in ptx and "ld.global.gpu.acquire.b32" in ptx
 assert "ld.global.cg" in ptx
 print("compiled")
 """

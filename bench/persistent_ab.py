@@ -1,0 +1,82 @@
+"""The persistent layer against the two-launch path and the GEMMs they build on, in interleaved rounds.
+
+    python bench/persistent_ab.py [--rounds 5] [--R 48] [--out bench/results]
+
+Clock and power drift on the H100 moves a single do_bench median by several percent between
+measurements of one run; here every variant of a shape is timed once per round, rounds alternate,
+and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear); the Triton
+Hopper GEMM without low-rank work, with its tuned loop (flattened, warp-specialised where the
+weight is W^T) and with a plain loop; lora_gemm with the expand (on a ready S'); shrink alone;
+lora_gemm_persistent with the tuned loop and with a plain loop. Kernels
+only, L2 flushed before each call. Writes persistent-ab-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, save_json  # noqa: E402
+
+from lorafuse.kernels import lora_gemm, lora_gemm_persistent, shrink  # noqa: E402
+from lorafuse.kernels.lora_gemm import _cfg, tma_config  # noqa: E402
+
+SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096), (2048, 4096, 14336),
+          (2048, 14336, 4096)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--R", type=int, default=48)
+    p.add_argument("--m", type=int, default=16, help="LoraMap rank (0: no mapping)")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "persistent_ab.py needs a GPU"
+    dt, dev, R = torch.bfloat16, "cuda", args.R
+    rows = []
+    for T, d_in, d_out in SHAPES:
+        x = torch.randn(T, d_in, device=dev, dtype=dt)
+        w = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in ** 0.5
+        a = torch.randn(R, d_in, device=dev, dtype=dt) / d_in ** 0.5
+        b = torch.randn(d_out, R, device=dev, dtype=dt) / R ** 0.5
+        scale = torch.ones(R, device=dev, dtype=torch.float32)
+        am = torch.randn(args.m, R, device=dev) / R ** 0.5 if args.m else None
+        bm = torch.randn(R, args.m, device=dev) / args.m ** 0.5 if args.m else None
+        sp = shrink(x, a, scale, am, bm)[0]
+        plain = _cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
+        variants = {
+            "cublas": lambda: F.linear(x, w),
+            "gemm_tuned": lambda: lora_gemm(x, w.t(), impl="tma", config=tma_config(T, d_out, d_in)),
+            "gemm_plain_loop": lambda: lora_gemm(x, w.t(), impl="tma", config=plain),
+            "lora_gemm": lambda: lora_gemm(x, w.t(), sp, b.t()),
+            "shrink": lambda: shrink(x, a, scale, am, bm),
+            "persistent": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm),
+            "persistent_plain_loop": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm, config=plain),
+        }
+        times = {k: [] for k in variants}
+        for fn in variants.values():
+            fn()
+        torch.cuda.synchronize()
+        for _ in range(args.rounds):
+            for k, fn in variants.items():
+                times[k].append(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = med["cublas"]
+        row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": args.m, "rounds": times,
+               "median_ms": med, "ratio": {k: v / base for k, v in med.items()},
+               "two_launch_ratio": (med["shrink"] + med["lora_gemm"]) / base}
+        rows.append(row)
+        print(f"T={T} {d_in}x{d_out} R={R}: " + " | ".join(f"{k} {v:.4f} ({v / base:.3f}x)" for k, v in med.items())
+              + f" | shrink+lora_gemm {row['two_launch_ratio']:.3f}x", flush=True)
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "persistent-ab"))
+
+
+if __name__ == "__main__":
+    main()
