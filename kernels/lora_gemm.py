@@ -308,17 +308,12 @@ def _lora_gemm_tma_kernel(
 
 
 @triton.jit
-def _band_shrink(x_desc, al_desc, off_m, k_tiles, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+def _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
                  T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
-                 HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr):
-    """S' for rows off_m .. off_m + BLOCK_M (x a_cat^T, the mapping, the scale), stored to sp_ptr
-    (and S, U to s_ptr, u_ptr when SAVE). Rows of a_cat past R come back from the copy engine as zeros."""
-    acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for ki in range(k_tiles):
-        a = x_desc.load([off_m, ki * BLOCK_K])
-        al = al_desc.load([0, ki * BLOCK_K])
-        acc_s = tl.dot(a, al.T, acc_s, input_precision=PREC)
+                 HAS_MAP: tl.constexpr, SAVE: tl.constexpr, MAP_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr):
+    """From S (rows off_m .. off_m + BLOCK_M of x a_cat^T, float32): the mapping and the scale, S'
+    stored to sp_ptr (and S, U to s_ptr, u_ptr when SAVE)."""
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
@@ -336,8 +331,8 @@ def _band_shrink(x_desc, al_desc, off_m, k_tiles, scale_ptr, a_map_ptr, b_map_pt
 @triton.jit
 def _lora_layer_tma_kernel(
     x_desc, w_desc, al_desc, out_desc, c_ptr, bias_ptr, scale_ptr, a_map_ptr, b_map_ptr,
-    sp_ptr, s_ptr, u_ptr, flag_ptr,
-    T, N, K, R, MR,
+    sp_ptr, s_ptr, u_ptr, flag_ptr, part_ptr,
+    T, N, K, R, MR, SPLITS,
     stride_cr, stride_cn,
     stride_amm, stride_amr, stride_bmr, stride_bmm,
     stride_spm, stride_sm, stride_um,
@@ -358,29 +353,51 @@ def _lora_layer_tma_kernel(
 ):
     """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
 
-    1. Shrink tiles: S' of one row band each (an R-wide GEMM against a_cat, the mapping, the scale),
-       written to sp_ptr, then the band's flag set to 1 (release). Programs take them from a counter
-       (flag_ptr[num_bands]) until it runs past the last band.
+    1. The shrink, as work items (row band, range of d_in) that programs take from a counter until
+       it runs past the last: each writes its partial S to part_ptr[split] and counts itself in on
+       its band (flag_ptr[num_bands + band]); the last of a band sums the partials in split order
+       (deterministic), applies the mapping and the scale, stores S' and sets the band's flag to 1
+       (release). Splitting d_in spreads one band's reading of x over several SMs: a whole band on
+       one SM was bound by that SM's share of the memory bandwidth.
     2. The base GEMM's tiles, statically strided over the programs in grouped order, with the same
        loop as lora_gemm's Hopper kernel; after its main loop a tile waits for its band's flag
        (acquire) and adds S' b_cat^T as extra K-steps.
 
-    A program reaches phase 2 only once the counter has passed every band, that is once every
-    shrink tile is held by a program that is running and waits for nothing: whoever waits on a
-    flag waits for a running program, even when not all programs of the launch are resident."""
+    A program reaches phase 2 only once the counter has passed every item, that is once every item
+    is held by a program that is running and waits for nothing: whoever waits on a flag waits for
+    running programs, even when not all programs of the launch are resident."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    band = tl.atomic_add(flag_ptr + num_pid_m, 1)
-    while band < num_pid_m:
-        _band_shrink(x_desc, al_desc, band * BLOCK_M, k_tiles, scale_ptr, a_map_ptr, b_map_ptr,
-                     sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                     stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
-                     BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR)
-        tl.debug_barrier()  # every thread's stores issued before the flag is released
-        tl.atomic_xchg(flag_ptr + band, 1, sem="release")
-        band = tl.atomic_add(flag_ptr + num_pid_m, 1)
+    k_per = tl.cdiv(k_tiles, SPLITS)
+    offs_bm = tl.arange(0, BLOCK_M)
+    offs_br = tl.arange(0, BLOCK_R)
+    part_rows = num_pid_m * BLOCK_M
+    item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
+    while item < num_pid_m * SPLITS:
+        band = item // SPLITS
+        split = item % SPLITS
+        off_m = band * BLOCK_M
+        acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for ki in range(split * k_per, tl.minimum(split * k_per + k_per, k_tiles)):
+            # Rows past T and rows of a_cat past R come back from the copy engine as zeros.
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            al = al_desc.load([0, ki * BLOCK_K])
+            acc_s = tl.dot(a, al.T, acc_s, input_precision=PREC)
+        part = part_ptr + (off_m + offs_bm)[:, None] * BLOCK_R + offs_br[None, :]
+        tl.store(part + split * part_rows * BLOCK_R, acc_s)
+        tl.debug_barrier()  # every thread's partial stored before this program counts itself in
+        if tl.atomic_add(flag_ptr + num_pid_m + band, 1, sem="acq_rel") == SPLITS - 1:
+            acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
+                acc_s += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
+            _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                         T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
+                         HAS_MAP, SAVE, MAP_PREC, BLOCK_M, BLOCK_R, BLOCK_MR)
+            tl.debug_barrier()  # every thread's stores issued before the flag is released
+            tl.atomic_xchg(flag_ptr + band, 1, sem="release")
+        item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
 
     num_tiles = num_pid_m * num_pid_n
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -741,16 +758,19 @@ def lora_gemm_persistent(
     s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     rows = cdiv(T, bm)
-    # One flag per row band (1: S' ready), then the shrink tiles' counter. Zeroed on every call (a
-    # memset: also inside a CUDA graph).
-    flags = torch.zeros(rows + 1, dtype=torch.int32, device=x.device)
+    # Per row band a flag (1: S' ready) and a count of its finished items, then the item counter.
+    # Zeroed on every call (a memset: also inside a CUDA graph).
+    flags = torch.zeros(2 * rows + 1, dtype=torch.int32, device=x.device)
+    sms = num_sms(x.device)
+    # Shrink items: about one per SM, each at least 4 steps of d_in.
+    splits = max(1, min(cdiv(sms, rows), cdiv(D, bk) // 4))
+    part = torch.empty((splits, rows * bm, br), dtype=torch.float32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
     # _rank_aligned).
     c = b_cat
     if c.stride(1) != 1 or c.stride(0) % 16:
         c = alloc_rows(N, R, x.dtype, x.device)
         c.copy_(b_cat)
-    sms = num_sms(x.device)
     dummy = sp
     am = a_map if has_map else scale
     bmp = b_map if has_map else scale
@@ -761,8 +781,8 @@ def lora_gemm_persistent(
         TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [bn, bk]),
         TensorDescriptor(a_cat, [R, D], [a_cat.stride(0), 1], [br, bk]),
         TensorDescriptor(y, [T, N], [y.stride(0), 1], [bm, bn]),
-        c, bias if bias is not None else dummy, scale, am, bmp, sp, s_, u_, flags,
-        T, N, D, R, MR,
+        c, bias if bias is not None else dummy, scale, am, bmp, sp, s_, u_, flags, part,
+        T, N, D, R, MR, splits,
         c.stride(1), c.stride(0),
         am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
         bmp.stride(0) if has_map else 0, bmp.stride(1) if has_map else 0,

@@ -238,11 +238,12 @@ def test_lora_gemm_persistent_refuses_what_it_cannot_run():
     scale = torch.ones(8, device=DEVICE)
     a = torch.randn(8, 64, device=DEVICE, dtype=torch.bfloat16)
     assert persistent_ok(x, w, a)
-    for bad_x, bad_a, what in ((x[:1000], a, "rows"), (x.float(), a.float(), "float16/bfloat16"),
-                               (x[:, :60], a[:, :60], "aligned")):
-        assert not persistent_ok(bad_x, w[:, :bad_x.shape[1]].to(bad_x.dtype), bad_a)
+    # Too few rows; float32; rows of 60 elements (120 bytes: not 16-byte aligned).
+    for bad_x, bad_a in ((x[:1000], a), (x.float(), a.float()), (x[:, :60].contiguous(), a[:, :60].contiguous())):
+        bad_w = w[:, :bad_x.shape[1]].to(bad_x.dtype).contiguous()
+        assert not persistent_ok(bad_x, bad_w, bad_a)
         with pytest.raises(ValueError, match="lora_gemm_persistent needs"):
-            lora_gemm_persistent(bad_x, w[:, :bad_x.shape[1]].to(bad_x.dtype), None, bad_a, b.to(bad_x.dtype), scale)
+            lora_gemm_persistent(bad_x, bad_w, None, bad_a, b.to(bad_x.dtype), scale)
     big = torch.randn(200, 64, device=DEVICE, dtype=torch.bfloat16)
     assert not persistent_ok(x, w, big)
 
@@ -258,7 +259,7 @@ fn = G._lora_layer_tma_kernel
 types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64]>",
          "al_desc": "tensordesc<bf16[64,64]>", "out_desc": "tensordesc<bf16[128,256]>", "c_ptr": "*bf16",
          "bias_ptr": "*bf16", "scale_ptr": "*fp32", "a_map_ptr": "*fp32", "b_map_ptr": "*fp32", "sp_ptr": "*bf16",
-         "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32"}
+         "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32", "part_ptr": "*fp32"}
 consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee", "NUM_SMS": 132,
           "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
           "FLATTEN": True, "WARP_SPECIALIZE": True}
