@@ -7,7 +7,8 @@ measurements of one run; here every variant of a shape is timed once per round, 
 and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear); the Triton
 Hopper GEMM without low-rank work, with its tuned loop (flattened, warp-specialised where the
 weight is W^T) and with a plain loop; lora_gemm with the expand (on a ready S'); shrink alone;
-lora_gemm_persistent with the tuned loop and with a plain loop. Kernels
+lora_gemm_persistent with the tuned loop and with a plain loop, and with one shrink item per row
+band or about one per SM instead of its default split. Kernels
 only, L2 flushed before each call. Writes persistent-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -59,6 +60,10 @@ def main() -> None:
             "shrink": lambda: shrink(x, a, scale, am, bm),
             "persistent": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm),
             "persistent_plain_loop": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm, config=plain),
+            "persistent_one_item_per_band": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm, splits=1),
+            "persistent_item_per_sm": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm,
+                                                                   splits=max(1, min(-(-132 // -(-T // 128)),
+                                                                                     d_in // 256))),
         }
         times = {k: [] for k in variants}
         for fn in variants.values():

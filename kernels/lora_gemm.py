@@ -704,6 +704,16 @@ def persistent_ok(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) ->
             and (weight.shape[0] * x.element_size()) % 16 == 0 and _tma_compatible(x, weight, a_cat))
 
 
+def persistent_splits(bands: int, k_tiles: int, sms: int) -> int:
+    """Shrink items per row band. persistent-ab-*.json (H100, R = 48): one item per band (a whole
+    band's x on one SM, bound by that SM's share of the bandwidth) cost T = 2048 1.64x / 1.16x /
+    1.36x the base GEMM (4096 x 4096 / 4096 x 14336 / 14336 x 4096); about one item per SM, 1.44x /
+    1.08x / 1.18x at T = 2048 but worse at T = 8192 (14336 x 4096: 1.11x -> 1.17x), where every
+    program then reads its share of x before any GEMM tile starts. So: items for about half the
+    SMs, the other half starting on GEMM tiles at once; each item at least 4 steps of d_in."""
+    return max(1, min((sms // 2) // bands, k_tiles // 4))
+
+
 def persistent_config(T: int, N: int, K: int) -> triton.Config:
     """The base GEMM's tuned loop for W^T (tma_config): 128 x 256 x 64 tiles, 8 warps, 3 stages,
     the tile loop flattened and warp-specialised."""
@@ -722,13 +732,15 @@ def lora_gemm_persistent(
     save: bool = False,
     config: Optional[triton.Config] = None,
     check: bool = True,
+    splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one persistent launch, the shrink as leading tiles (Hopper, many tokens).
 
     Same arguments and returns as lora_gemm_fused: x (T, d_in); weight (d_out, d_in); a_cat (R, d_in);
     b_cat (d_out, R); scale (R,) float32. Returns (y, sp, s, u); sp = S' (T, R) always (the expand
     reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). config: a triton.Config
-    with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys), for tuning.
+    with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys), and splits: the
+    number of d_in ranges each row band's shrink is split into (default persistent_splits), for tuning.
     """
     if check:
         scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
@@ -762,8 +774,7 @@ def lora_gemm_persistent(
     # Zeroed on every call (a memset: also inside a CUDA graph).
     flags = torch.zeros(2 * rows + 1, dtype=torch.int32, device=x.device)
     sms = num_sms(x.device)
-    # Shrink items: about one per SM, each at least 4 steps of d_in.
-    splits = max(1, min(cdiv(sms, rows), cdiv(D, bk) // 4))
+    splits = splits or persistent_splits(rows, cdiv(D, bk), sms)
     part = torch.empty((splits, rows * bm, br), dtype=torch.float32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
     # _rank_aligned).
