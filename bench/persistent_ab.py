@@ -6,8 +6,8 @@ Clock and power drift on the H100 moves a single do_bench median by several perc
 measurements of one run; here every variant of a shape is timed once per round, rounds alternate,
 and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear); the Triton
 Hopper GEMM without low-rank work, with its tuned loop (flattened, warp-specialised where the
-weight is W^T) and with a plain loop; the op (lorafuse.lora_linear with a bias) through the persistent
-layer and through the two-launch path; lora_gemm with the expand (on a ready S'); shrink alone;
+weight is W^T) and with a plain loop; the op (lorafuse.lora_linear, with and without a bias) through the
+persistent layer and through the two-launch path; lora_gemm with the expand (on a ready S'); shrink alone;
 lora_gemm_persistent with the tuned loop and with a plain loop, and with one shrink item per row
 band or about one per SM instead of its default split. Kernels
 only, L2 flushed before each call. Writes persistent-ab-<gpu>-<date>.json.
@@ -57,18 +57,22 @@ def main() -> None:
         plain = _cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
         bias = torch.randn(d_out, device=dev, dtype=dt)
 
-        def op(persistent):
+        def op(persistent, with_bias=True):
+            old = ops.PERSISTENT
             ops.PERSISTENT = persistent
             try:
-                return lorafuse.lora_linear(x, w, bias, a, b, scale, am, bm)
+                return lorafuse.lora_linear(x, w, bias if with_bias else None, a, b, scale, am, bm)
             finally:
-                ops.PERSISTENT = True
+                ops.PERSISTENT = old
 
         variants = {
             "cublas": lambda: F.linear(x, w),
             "cublas_bias": lambda: F.linear(x, w, bias),
             "op_persistent": lambda: op(True),
             "op_two_launch": lambda: op(False),
+            "op_persistent_no_bias": lambda: op(True, False),
+            "op_two_launch_no_bias": lambda: op(False, False),
+            "persistent_bias": lambda: lora_gemm_persistent(x, w, bias, a, b, scale, am, bm),
             "gemm_tuned": lambda: lora_gemm(x, w.t(), impl="tma", config=tma_config(T, d_out, d_in)),
             "gemm_plain_loop": lambda: lora_gemm(x, w.t(), impl="tma", config=plain),
             "lora_gemm": lambda: lora_gemm(x, w.t(), sp, b.t()),
