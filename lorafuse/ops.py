@@ -10,6 +10,7 @@ plain torch.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -34,9 +35,11 @@ _BACKEND = "auto"
 FUSED_MAX_T = 64
 FUSED_MAX_R = 128
 
-# Many tokens on Hopper: the whole layer in one persistent launch, the shrink as its leading tiles
-# (kernels.lora_gemm.persistent_ok says where it runs). False: shrink + lora_gemm, two launches.
-PERSISTENT = True
+# Many tokens on Hopper: the whole layer in one persistent launch, the shrink as its first phase
+# (kernels.lora_gemm.persistent_ok says where it can run), instead of shrink + lora_gemm. Off unless
+# LORAFUSE_PERSISTENT=1: through the op it measured slower than the two launches at T = 8192 on all
+# three benchmark shapes and faster only at T = 2048, 4096 x 4096 (bench/NOTES.md, entry 8).
+PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
 
 @contextlib.contextmanager
