@@ -438,6 +438,39 @@ def _rows_partial_kernel(
 
 
 @triton.jit
+def _rows_partial_tma_kernel(
+    a_desc, b_desc, part_ptr,
+    T, K, R, K_PER_SPLIT,
+    stride_ps, stride_pt,
+    B_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """_rows_partial_kernel with both operands read by the copy engine (Hopper), all R columns in
+    one block. b_desc covers b^T (R, K) when B_T (b is a transposed row-major matrix: a_cat^T),
+    else b (K, R). Parts of a tile past T, K or R come back as zeros; split ranges are multiples
+    of BLOCK_K, so no tile crosses into the next split."""
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    off_t = pid_t * BLOCK_T
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = a_desc.load([off_t, k0])
+        if B_T:
+            acc = tl.dot(a, b_desc.load([0, k0]).T, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a, b_desc.load([k0, 0]), acc, input_precision=PREC)
+    offs_t = off_t + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], acc,
+             mask=(offs_t < T)[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
 def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask,
                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -588,13 +621,55 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 FINISH_BLOCK_T = 32
 
 
+# The partial kernel reads by the copy engine on Hopper where the operands allow it (16-bit,
+# 16-byte aligned rows, R <= TMA_MAX_R); "0" keeps the pointer kernel everywhere.
+SHRINK_TMA = os.environ.get("LORAFUSE_SHRINK_TMA", "1") == "1"
+TMA_MAX_R = 128
+
+
+def partial_uses_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether _rows_partial(a, b) takes the copy-engine kernel: a (T, K), b (K, R)."""
+    if not (SHRINK_TMA and a.is_cuda and a.dtype != torch.float32 and b.shape[1] <= TMA_MAX_R):
+        return False
+    from .lora_gemm import _tma_available, _tma_compatible
+
+    bt = b.t() if b.stride(0) == 1 else b
+    return _tma_available(a.device) and a.stride(1) == 1 and bt.stride(-1) == 1 and _tma_compatible(a, bt)
+
+
+def tma_partial_config(T: int, K: int, R: int, sms: int) -> dict:
+    """Launch shape of the copy-engine partial kernel: 64 rows x 128 columns of x per step, 4 stages,
+    enough splits of K to give every SM two programs."""
+    bt, bk = 64, 128
+    splits = max(1, min(cdiv(2 * sms, cdiv(T, bt)), K // (4 * bk)))
+    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": 4,
+            "num_stages": 4, "TMA": True}
+
+
 def _rows_partial(a, b, T, K, R, cfg, part=None):
-    """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
+    """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R). cfg["TMA"]: the
+    copy-engine kernel (needs partial_uses_tma(a, b) and BLOCK_R >= R)."""
     splits = cfg["SPLITS"]
     k_per = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = cdiv(K, k_per)
     if part is None:
         part = new_empty((splits, T, R), torch.float32, a.device)
+    if cfg.get("TMA"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        bt_, bk_, br_ = cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["BLOCK_R"]
+        b_t = b.stride(0) == 1
+        bm = b.t() if b_t else b
+        launch(
+            _rows_partial_tma_kernel, (splits, cdiv(T, bt_)),
+            TensorDescriptor(a, [T, K], [a.stride(0), 1], [bt_, bk_]),
+            TensorDescriptor(bm, list(bm.shape), [bm.stride(0), 1], [br_, bk_] if b_t else [bk_, br_]),
+            part, T, K, R, k_per,
+            part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
+            B_T=b_t, PREC=dot_precision(a.dtype), BLOCK_T=bt_, BLOCK_K=bk_, BLOCK_R=br_,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return part, splits
     grid = (cdiv(R, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
     launch(
         _rows_partial_kernel, grid,
@@ -659,7 +734,12 @@ def shrink(
     u = new_empty((T, M), torch.float32, x.device) if (save and has_map) else None
     if T == 0:
         return sp, s, u
-    cfg = config or split_config(T, D, R, x.dtype, x.device)
+    if config is not None:
+        cfg = config
+    elif partial_uses_tma(x, a_cat.t()):
+        cfg = tma_partial_config(T, D, R, num_sms(x.device))
+    else:
+        cfg = split_config(T, D, R, x.dtype, x.device)
     # With one split the partial sums are S itself: write them straight into the saved buffer.
     part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg, part=s if (save and cfg["SPLITS"] == 1) else None)
     dummy = part

@@ -15,11 +15,15 @@ from lorafuse.kernels.lora_gemm import _cfg, persistent_ok
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
 
-@pytest.fixture(params=["split", "single"])
+@pytest.fixture(params=["split", "single"] + (["split-pointer"] if HAS_CUDA else []))
 def shrink_impl(request, monkeypatch):
-    """Both shrink implementations: the split grid (default) and the one-kernel path."""
-    monkeypatch.setattr(shrink_module, "SHRINK_IMPL", request.param)
-    return request.param
+    """Both shrink implementations: the split grid (default; on Hopper its partial kernel reads by
+    the copy engine where the operands allow) and the one-kernel path; on a GPU also the split grid
+    with the pointer partial kernel everywhere."""
+    impl = request.param
+    monkeypatch.setattr(shrink_module, "SHRINK_IMPL", "split" if impl == "split-pointer" else impl)
+    monkeypatch.setattr(shrink_module, "SHRINK_TMA", impl != "split-pointer")
+    return impl
 
 # (T, d_in, d_out, R, m); m None = no mapping. Odd sizes on purpose: T = 1, 37, 300; d = 24, 40,
 # 1000; R = 1, 5, 48; m = 1, 4, 16.
@@ -271,14 +275,25 @@ ptx = k.asm["ptx"]
 # from L2, not L1.
 assert "atom.global.gpu.release.exch.b32" in ptx and "ld.global.gpu.acquire.b32" in ptx
 assert "ld.global.cg" in ptx
+S = importlib.import_module("lorafuse.kernels.shrink")
+fn = S._rows_partial_tma_kernel
+for b_t in (True, False):
+    types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": f"tensordesc<bf16[{'64,128' if b_t else '128,64'}]>",
+             "part_ptr": "*fp32"}
+    consts = {"B_T": b_t, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64}
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 4})
+    assert "cp.async.bulk.tensor" in k.asm["ptx"]
 print("compiled")
 """
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the persistent-layer tests compile and run the kernel")
-def test_persistent_layer_compiles_for_hopper_without_a_gpu():
-    """The interpreter cannot run the persistent layer (its programs wait on each other): build it for
-    sm_90 so that a compile error, or the loss of its flag protocol's instructions, shows in CI."""
+def test_hopper_only_kernels_compile_without_a_gpu():
+    """The interpreter cannot run the persistent layer (its programs wait on each other) nor the
+    copy-engine partial shrink: build them for sm_90 so that a compile error, or the loss of the
+    flag protocol's instructions, shows in CI."""
     compile_in_subprocess(_COMPILE_PERSISTENT_FOR_HOPPER)
 
 

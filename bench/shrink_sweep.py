@@ -1,0 +1,85 @@
+"""The forward shrink (x -> S', partial kernel + finishing kernel) under launch configs, against x's
+byte floor.
+
+    python bench/shrink_sweep.py [--T 2048 8192 16384] [--d 4096 14336] [--R 48 128] [--out bench/results]
+
+Each config runs shrink(x, a_cat, scale, a_map, b_map, config=...) with the L2 flushed before every
+call (median of do_bench). Configs: the pointer kernel's table (split_config) and the copy-engine
+kernel (Hopper) over tile shapes, pipeline depths and K splits. GB/s counts x's bytes only (the
+floor's bytes: a_cat, the partials and S' are small beside it). Writes shrink-sweep-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, save_json  # noqa: E402
+
+from lorafuse.kernels import shrink  # noqa: E402
+from lorafuse.kernels.shrink import partial_uses_tma, split_config, tma_partial_config  # noqa: E402
+from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 16384])
+    p.add_argument("--d", type=int, nargs="+", default=[4096, 14336])
+    p.add_argument("--R", type=int, nargs="+", default=[48, 128])
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "shrink_sweep.py needs a GPU"
+    dt, dev = torch.bfloat16, "cuda"
+    sms = num_sms(torch.device(dev))
+    rows = []
+    for d in args.d:
+        for T in args.T:
+            x = torch.randn(T, d, device=dev, dtype=dt)
+            for R in args.R:
+                a = torch.randn(R, d, device=dev, dtype=dt) / d ** 0.5
+                scale = torch.ones(R, device=dev)
+                am = torch.randn(args.m, R, device=dev) / R ** 0.5
+                bm = torch.randn(R, args.m, device=dev) / args.m ** 0.5
+                ref = shrink(x, a, scale, am, bm, config=split_config(T, d, R, dt, x.device))[0].float()
+                configs = {"pointer": split_config(T, d, R, dt, x.device)}
+                if partial_uses_tma(x, a.t()):
+                    base = tma_partial_config(T, d, R, sms)
+                    for bt, bk, w in ((64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4)):
+                        for st in (3, 4, 6):
+                            for f in (0.5, 1, 2):
+                                splits = max(1, min(round(base["SPLITS"] * f) or 1, d // (2 * bk)))
+                                if f != 1 and splits == base["SPLITS"]:
+                                    continue
+                                configs[f"tma_t{bt}_k{bk}_w{w}_s{st}_x{f}"] = dict(
+                                    base, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=st, SPLITS=splits,
+                                    BLOCK_R=block_for(R))
+                res = {}
+                for name, cfg in configs.items():
+                    try:
+                        out = shrink(x, a, scale, am, bm, config=cfg)[0].float()
+                        err = ((out - ref).norm() / ref.norm()).item()
+                        ms = do_bench(lambda: shrink(x, a, scale, am, bm, config=cfg), warmup=10, rep=40,
+                                      return_mode="median")
+                        res[name] = {"ms": ms, "gbps": T * d * 2 / ms / 1e6, "rel_err_vs_pointer": err,
+                                     "splits": cfg["SPLITS"]}
+                    except Exception as e:  # a config the GPU cannot run (shared memory): record it
+                        res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                ok = {k: v for k, v in res.items() if "ms" in v}
+                best = min(ok, key=lambda k: ok[k]["ms"])
+                default_tma = "tma_t64_k128_w4_s4_x1"
+                rows.append({"T": T, "d_in": d, "R": R, "floor_ms": T * d * 2 / 3.0e9 * 1e3, "configs": res,
+                             "best": best})
+                print(f"T={T} d={d} R={R}: pointer {ok['pointer']['ms']:.4f} ms | tma default "
+                      f"{ok.get(default_tma, {}).get('ms', float('nan')):.4f} | best {best} {ok[best]['ms']:.4f} ms "
+                      f"({ok[best]['gbps']:.0f} GB/s, err {ok[best]['rel_err_vs_pointer']:.1e}) | floor "
+                      f"{T * d * 2 / 3.0e9 * 1e3:.4f}", flush=True)
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-sweep"))
+
+
+if __name__ == "__main__":
+    main()
