@@ -4,17 +4,19 @@
 
 Clock and power drift on the H100 moves a single do_bench median by several percent between
 measurements of one run; here every variant of a shape is timed once per round, rounds alternate,
-and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear); the Triton
-Hopper GEMM without low-rank work, with its tuned loop (flattened, warp-specialised where the
-weight is W^T) and with a plain loop; the op (lorafuse.lora_linear, with and without a bias) through the
-persistent layer and through the two-launch path; lora_gemm with the expand (on a ready S'); shrink alone;
-lora_gemm_persistent with the tuned loop and with a plain loop, and with one shrink item per row
-band or about one per SM instead of its default split. Kernels
-only, L2 flushed before each call. Writes persistent-ab-<gpu>-<date>.json.
+and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear, with and
+without a bias); the op (lorafuse.lora_linear, with and without a bias) through the persistent layer
+and through the two-launch path (also with the pointer shrink kernel); the Triton Hopper GEMM
+without low-rank work, with its tuned loop (flattened, warp-specialised where the weight is W^T)
+and with a plain loop; lora_gemm with the expand (on a ready S'); the shrink alone;
+lora_gemm_persistent with the tuned loop and with a plain loop, with a bias, and with one shrink
+item per row band or about one per SM instead of its default split. L2 flushed before each call.
+Writes persistent-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -30,6 +32,8 @@ import lorafuse  # noqa: E402
 import lorafuse.ops as ops  # noqa: E402
 from lorafuse.kernels import lora_gemm, lora_gemm_persistent, shrink  # noqa: E402
 from lorafuse.kernels.lora_gemm import _cfg, tma_config  # noqa: E402
+
+shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096), (2048, 4096, 14336),
           (2048, 14336, 4096)]
@@ -65,11 +69,20 @@ def main() -> None:
             finally:
                 ops.PERSISTENT = old
 
+        def pointer_shrink(fn):
+            old = shrink_module.SHRINK_TMA
+            shrink_module.SHRINK_TMA = False
+            try:
+                return fn()
+            finally:
+                shrink_module.SHRINK_TMA = old
+
         variants = {
             "cublas": lambda: F.linear(x, w),
             "cublas_bias": lambda: F.linear(x, w, bias),
             "op_persistent": lambda: op(True),
             "op_two_launch": lambda: op(False),
+            "op_two_launch_pointer_shrink": lambda: pointer_shrink(lambda: op(False)),
             "op_persistent_no_bias": lambda: op(True, False),
             "op_two_launch_no_bias": lambda: op(False, False),
             "persistent_bias": lambda: lora_gemm_persistent(x, w, bias, a, b, scale, am, bm),

@@ -4,8 +4,10 @@ byte floor.
     python bench/shrink_sweep.py [--T 2048 8192 16384] [--d 4096 14336] [--R 48 128] [--out bench/results]
 
 Each config runs shrink(x, a_cat, scale, a_map, b_map, config=...) with the L2 flushed before every
-call (median of do_bench). Configs: the pointer kernel's table (split_config) and the copy-engine
-kernel (Hopper) over tile shapes, pipeline depths and K splits. GB/s counts x's bytes only (the
+call (median of do_bench). Configs: the pointer kernel's table (split_config); on Hopper the
+copy-engine shrink (one launch; tma_partial_config, the default there), the copy-engine partial
+kernel with the separate finishing kernel (two launches), and the one-launch kernel over tile
+shapes, pipeline depths and K splits. GB/s counts x's bytes only (the
 floor's bytes: a_cat, the partials and S' are small beside it). Writes shrink-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from common import env_info, save_json  # noqa: E402
 
 from lorafuse.kernels import shrink  # noqa: E402
 from lorafuse.kernels.shrink import partial_uses_tma, split_config, tma_partial_config  # noqa: E402
-from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
+from lorafuse.kernels.utils import num_sms  # noqa: E402
 
 
 def main() -> None:
@@ -49,15 +51,16 @@ def main() -> None:
                 configs = {"pointer": split_config(T, d, R, dt, x.device)}
                 if partial_uses_tma(x, a.t()):
                     base = tma_partial_config(T, d, R, sms)
-                    for bt, bk, w in ((64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4)):
-                        for st in (3, 4, 6):
+                    configs["tma_default"] = base
+                    configs["tma_two_launch"] = dict(base, FUSED=False)
+                    for bt, w in ((64, 4), (128, 8)):
+                        for st in (3, 4):
                             for f in (0.5, 1, 2):
-                                splits = max(1, min(round(base["SPLITS"] * f) or 1, d // (2 * bk)))
+                                splits = max(1, min(round(base["SPLITS"] * f) or 1, d // (4 * base["BLOCK_K"])))
                                 if f != 1 and splits == base["SPLITS"]:
                                     continue
-                                configs[f"tma_t{bt}_k{bk}_w{w}_s{st}_x{f}"] = dict(
-                                    base, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=st, SPLITS=splits,
-                                    BLOCK_R=block_for(R))
+                                configs[f"tma_t{bt}_w{w}_s{st}_x{f}"] = dict(
+                                    base, BLOCK_T=bt, num_warps=w, num_stages=st, SPLITS=splits)
                 res = {}
                 for name, cfg in configs.items():
                     try:
@@ -71,13 +74,13 @@ def main() -> None:
                         res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 ok = {k: v for k, v in res.items() if "ms" in v}
                 best = min(ok, key=lambda k: ok[k]["ms"])
-                default_tma = "tma_t64_k128_w4_s4_x1"
-                rows.append({"T": T, "d_in": d, "R": R, "floor_ms": T * d * 2 / 3.0e9 * 1e3, "configs": res,
+                default_tma = "tma_default"
+                rows.append({"T": T, "d_in": d, "R": R, "floor_ms": T * d * 2 / 3.0e12 * 1e3, "configs": res,
                              "best": best})
                 print(f"T={T} d={d} R={R}: pointer {ok['pointer']['ms']:.4f} ms | tma default "
                       f"{ok.get(default_tma, {}).get('ms', float('nan')):.4f} | best {best} {ok[best]['ms']:.4f} ms "
                       f"({ok[best]['gbps']:.0f} GB/s, err {ok[best]['rel_err_vs_pointer']:.1e}) | floor "
-                      f"{T * d * 2 / 3.0e9 * 1e3:.4f}", flush=True)
+                      f"{T * d * 2 / 3.0e12 * 1e3:.4f} ms", flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-sweep"))
 
 

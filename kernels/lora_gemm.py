@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import alloc_rows, check_shrink_operands, map_and_scale, t_bucket
+from .shrink import _band_finish, alloc_rows, check_shrink_operands, map_and_scale, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
 
@@ -305,27 +305,6 @@ def _lora_gemm_tma_kernel(
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
-
-
-@triton.jit
-def _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
-                 T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
-                 HAS_MAP: tl.constexpr, SAVE: tl.constexpr, MAP_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr):
-    """From S (rows off_m .. off_m + BLOCK_M of x a_cat^T, float32): the mapping and the scale, S'
-    stored to sp_ptr (and S, U to s_ptr, u_ptr when SAVE)."""
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
-                             stride_amm, stride_amr, stride_bmr, stride_bmm, HAS_MAP, BLOCK_MR, MAP_PREC)
-    mr_mask = (offs_m < T)[:, None] & (offs_r < R)[None, :]
-    tl.store(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty), mask=mr_mask)
-    if SAVE:
-        tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc_s, mask=mr_mask)
-        if HAS_MAP:
-            offs_mr = tl.arange(0, BLOCK_MR)
-            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_mr[None, :], u,
-                     mask=(offs_m < T)[:, None] & (offs_mr < MR)[None, :])
 
 
 @triton.jit

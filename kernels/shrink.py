@@ -471,6 +471,72 @@ def _rows_partial_tma_kernel(
 
 
 @triton.jit
+def _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                 T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
+                 HAS_MAP: tl.constexpr, SAVE: tl.constexpr, MAP_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr):
+    """From S (rows off_m .. off_m + BLOCK_M of x a_cat^T, float32): the mapping and the scale, S'
+    stored to sp_ptr (and S, U to s_ptr, u_ptr when SAVE)."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
+                             stride_amm, stride_amr, stride_bmr, stride_bmm, HAS_MAP, BLOCK_MR, MAP_PREC)
+    mr_mask = (offs_m < T)[:, None] & (offs_r < R)[None, :]
+    tl.store(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty), mask=mr_mask)
+    if SAVE:
+        tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc_s, mask=mr_mask)
+        if HAS_MAP:
+            offs_mr = tl.arange(0, BLOCK_MR)
+            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_mr[None, :], u,
+                     mask=(offs_m < T)[:, None] & (offs_mr < MR)[None, :])
+
+
+@triton.jit
+def _shrink_tma_kernel(
+    a_desc, b_desc, part_ptr, count_ptr, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+    T, K, R, M, K_PER_SPLIT, SPLITS,
+    stride_amm, stride_amr, stride_bmr, stride_bmm,
+    stride_spt, stride_st, stride_ut,
+    HAS_MAP: tl.constexpr,
+    SAVE: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks). Each program
+    sums x a_cat^T over its K range (both read by the copy engine); with several splits it stores
+    its partial to part_ptr[split] (rows padded to whole blocks, BLOCK_R columns) and counts itself
+    in on its row block (count_ptr); the last of a row block sums the partials in split order
+    (deterministic) and finishes: the mapping, the scale, S' (and S, U when SAVE)."""
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    off_t = pid_t * BLOCK_T
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        acc = tl.dot(a_desc.load([off_t, k0]), b_desc.load([0, k0]).T, acc, input_precision=PREC)
+    if SPLITS == 1:
+        _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                     T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
+                     HAS_MAP, SAVE, "ieee", BLOCK_T, BLOCK_R, BLOCK_M)
+    else:
+        rows = tl.num_programs(1) * BLOCK_T
+        part = part_ptr + (off_t + tl.arange(0, BLOCK_T))[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        tl.store(part + pid_s * rows * BLOCK_R, acc)
+        tl.debug_barrier()  # every thread's partial stored before this program counts itself in
+        if tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel") == SPLITS - 1:
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
+                acc += tl.load(part + j * rows * BLOCK_R, cache_modifier=".cg")
+            _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                         T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
+                         HAS_MAP, SAVE, "ieee", BLOCK_T, BLOCK_R, BLOCK_M)
+
+
+@triton.jit
 def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask,
                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -638,12 +704,51 @@ def partial_uses_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def tma_partial_config(T: int, K: int, R: int, sms: int) -> dict:
-    """Launch shape of the copy-engine partial kernel: 64 rows x 128 columns of x per step, 4 stages,
-    enough splits of K to give every SM two programs."""
-    bt, bk = 64, 128
-    splits = max(1, min(cdiv(2 * sms, cdiv(T, bt)), K // (4 * bk)))
-    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": 4,
-            "num_stages": 4, "TMA": True}
+    """Launch shape of the copy-engine shrink, from shrink-sweep-*.json (H100, bf16, R = 48 and 128,
+    T = 2048-16384, d_in = 4096 and 14336): 128 columns of x per step, 3 stages; 64-row blocks and
+    4 warps, or 128 rows and 8 warps for R > 64 or T >= 16384; about one program per SM (twice as
+    many measured 3-12 % slower)."""
+    bt, w = (128, 8) if (R > 64 or T >= 16384) else (64, 4)
+    bk = 128
+    splits = max(1, min(cdiv(sms, cdiv(T, bt)), K // (4 * bk)))
+    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": w,
+            "num_stages": 3, "TMA": True}
+
+
+def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
+    """The forward shrink in one launch (_shrink_tma_kernel) into sp (and s, u when given)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    T, K = x.shape
+    R = a_cat.shape[0]
+    bt, bk, br = cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["BLOCK_R"]
+    k_per = cdiv(cdiv(K, cfg["SPLITS"]), bk) * bk
+    splits = cdiv(K, k_per)
+    blocks = cdiv(T, bt)
+    if splits > 1:
+        part = torch.empty((splits, blocks * bt, br), dtype=torch.float32, device=x.device)
+        count = torch.zeros(blocks, dtype=torch.int32, device=x.device)
+    else:  # unused by the kernel with one split; typed as the kernel expects
+        part = torch.empty(1, dtype=torch.float32, device=x.device)
+        count = torch.empty(1, dtype=torch.int32, device=x.device)
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    am = a_map if has_map else scale
+    bm = b_map if has_map else scale
+    s_ = s if s is not None else sp
+    u_ = u if u is not None else sp
+    launch(
+        _shrink_tma_kernel, (splits, blocks),
+        TensorDescriptor(x, [T, K], [x.stride(0), 1], [bt, bk]),
+        TensorDescriptor(a_cat, [R, K], [a_cat.stride(0), 1], [br, bk]),
+        part, count, scale, am, bm, sp, s_, u_,
+        T, K, R, M, k_per, splits,
+        am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
+        bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
+        sp.stride(0), s_.stride(0), u_.stride(0),
+        HAS_MAP=has_map, SAVE=s is not None, PREC=dot_precision(x.dtype), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br,
+        BLOCK_M=block_for(M), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def _rows_partial(a, b, T, K, R, cfg, part=None):
@@ -740,6 +845,9 @@ def shrink(
         cfg = tma_partial_config(T, D, R, num_sms(x.device))
     else:
         cfg = split_config(T, D, R, x.dtype, x.device)
+    if cfg.get("TMA") and cfg.get("FUSED", True):
+        _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg)
+        return sp, s, u
     # With one split the partial sums are S itself: write them straight into the saved buffer.
     part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg, part=s if (save and cfg["SPLITS"] == 1) else None)
     dummy = part

@@ -285,6 +285,22 @@ for b_t in (True, False):
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 4})
     assert "cp.async.bulk.tensor" in k.asm["ptx"]
+fn = S._shrink_tma_kernel
+types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": "tensordesc<bf16[64,128]>", "part_ptr": "*fp32",
+         "count_ptr": "*i32", "scale_ptr": "*fp32", "a_map_ptr": "*fp32", "b_map_ptr": "*fp32", "sp_ptr": "*bf16",
+         "s_ptr": "*fp32", "u_ptr": "*fp32"}
+for splits in (1, 3):
+    consts = {"HAS_MAP": True, "SAVE": True, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64,
+              "BLOCK_M": 16}
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    if splits == 1:
+        consts["SPLITS"] = 1
+        sig["SPLITS"] = "constexpr"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3})
+    assert "cp.async.bulk.tensor" in k.asm["ptx"]
+    # Several splits: the last program of a row block sums the others' partials from L2.
+    assert ("ld.global.cg" in k.asm["ptx"]) == (splits > 1)
 print("compiled")
 """
 
