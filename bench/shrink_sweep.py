@@ -4,10 +4,9 @@ byte floor.
     python bench/shrink_sweep.py [--T 2048 8192 16384] [--d 4096 14336] [--R 48 128] [--out bench/results]
 
 Each config runs shrink(x, a_cat, scale, a_map, b_map, config=...) with the L2 flushed before every
-call (median of do_bench). Configs: the pointer kernel's table (split_config); on Hopper the
-copy-engine shrink (one launch; tma_partial_config, the default there), the copy-engine partial
-kernel with the separate finishing kernel (two launches), and the one-launch kernel over tile
-shapes, pipeline depths and K splits. GB/s counts x's bytes only (the
+call (median of do_bench). Configs: the pointer kernel and its finishing kernel (split_config);
+on Hopper the one-launch copy-engine kernel with its table's config (tma_shrink_config, the default
+from kernels.shrink.TMA_MIN_T rows) and over tile shapes, pipeline depths and K splits. GB/s counts x's bytes only (the
 floor's bytes: a_cat, the partials and S' are small beside it). Writes shrink-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -23,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, save_json  # noqa: E402
 
 from lorafuse.kernels import shrink  # noqa: E402
-from lorafuse.kernels.shrink import partial_uses_tma, split_config, tma_partial_config  # noqa: E402
+from lorafuse.kernels.shrink import split_config, tma_shrink_config  # noqa: E402
+from lorafuse.kernels.lora_gemm import _tma_available  # noqa: E402
 from lorafuse.kernels.utils import num_sms  # noqa: E402
 
 
@@ -49,10 +49,9 @@ def main() -> None:
                 bm = torch.randn(R, args.m, device=dev) / args.m ** 0.5
                 ref = shrink(x, a, scale, am, bm, config=split_config(T, d, R, dt, x.device))[0].float()
                 configs = {"pointer": split_config(T, d, R, dt, x.device)}
-                if partial_uses_tma(x, a.t()):
-                    base = tma_partial_config(T, d, R, sms)
+                if _tma_available(x.device) and R <= 128:
+                    base = tma_shrink_config(T, d, R, sms)
                     configs["tma_default"] = base
-                    configs["tma_two_launch"] = dict(base, FUSED=False)
                     for bt, w in ((64, 4), (128, 8)):
                         for st in (3, 4):
                             for f in (0.5, 1, 2):

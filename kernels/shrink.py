@@ -438,39 +438,6 @@ def _rows_partial_kernel(
 
 
 @triton.jit
-def _rows_partial_tma_kernel(
-    a_desc, b_desc, part_ptr,
-    T, K, R, K_PER_SPLIT,
-    stride_ps, stride_pt,
-    B_T: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """_rows_partial_kernel with both operands read by the copy engine (Hopper), all R columns in
-    one block. b_desc covers b^T (R, K) when B_T (b is a transposed row-major matrix: a_cat^T),
-    else b (K, R). Parts of a tile past T, K or R come back as zeros; split ranges are multiples
-    of BLOCK_K, so no tile crosses into the next split."""
-    pid_s = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    off_t = pid_t * BLOCK_T
-    k_start = pid_s * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        a = a_desc.load([off_t, k0])
-        if B_T:
-            acc = tl.dot(a, b_desc.load([0, k0]).T, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(a, b_desc.load([k0, 0]), acc, input_precision=PREC)
-    offs_t = off_t + tl.arange(0, BLOCK_T)
-    offs_r = tl.arange(0, BLOCK_R)
-    tl.store(part_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], acc,
-             mask=(offs_t < T)[:, None] & (offs_r < R)[None, :])
-
-
-@triton.jit
 def _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
                  T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
                  HAS_MAP: tl.constexpr, SAVE: tl.constexpr, MAP_PREC: tl.constexpr,
@@ -687,32 +654,35 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 FINISH_BLOCK_T = 32
 
 
-# The partial kernel reads by the copy engine on Hopper where the operands allow it (16-bit,
-# 16-byte aligned rows, R <= TMA_MAX_R); "0" keeps the pointer kernel everywhere.
+# The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) from TMA_MIN_T rows
+# where the operands allow it (16-bit, 16-byte aligned rows, R <= TMA_MAX_R). shrink-sweep-e6783b1-*.json
+# (H100, bf16, L2 flushed): from T = 8192 it took 0-25 % less time than the pointer kernel and its
+# finishing kernel (T = 16384, d_in = 4096, R = 48: 0.131 -> 0.098 ms), at T = 2048, d_in = 4096 up
+# to 50 % more. LORAFUSE_SHRINK_TMA=0 keeps the pointer kernels everywhere.
 SHRINK_TMA = os.environ.get("LORAFUSE_SHRINK_TMA", "1") == "1"
+TMA_MIN_T = 8192
 TMA_MAX_R = 128
 
 
-def partial_uses_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether _rows_partial(a, b) takes the copy-engine kernel: a (T, K), b (K, R)."""
-    if not (SHRINK_TMA and a.is_cuda and a.dtype != torch.float32 and b.shape[1] <= TMA_MAX_R):
+def shrink_uses_tma(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
+    """Whether shrink(x, a_cat, ...) runs the copy-engine kernel: x (T, d_in), a_cat (R, d_in)."""
+    if not (SHRINK_TMA and x.is_cuda and x.dtype != torch.float32 and x.shape[0] >= TMA_MIN_T
+            and a_cat.shape[0] <= TMA_MAX_R and x.stride(1) == 1 and a_cat.stride(1) == 1):
         return False
     from .lora_gemm import _tma_available, _tma_compatible
 
-    bt = b.t() if b.stride(0) == 1 else b
-    return _tma_available(a.device) and a.stride(1) == 1 and bt.stride(-1) == 1 and _tma_compatible(a, bt)
+    return _tma_available(x.device) and _tma_compatible(x, a_cat)
 
 
-def tma_partial_config(T: int, K: int, R: int, sms: int) -> dict:
-    """Launch shape of the copy-engine shrink, from shrink-sweep-*.json (H100, bf16, R = 48 and 128,
-    T = 2048-16384, d_in = 4096 and 14336): 128 columns of x per step, 3 stages; 64-row blocks and
-    4 warps, or 128 rows and 8 warps for R > 64 or T >= 16384; about one program per SM (twice as
-    many measured 3-12 % slower)."""
-    bt, w = (128, 8) if (R > 64 or T >= 16384) else (64, 4)
-    bk = 128
-    splits = max(1, min(cdiv(sms, cdiv(T, bt)), K // (4 * bk)))
-    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": w,
-            "num_stages": 3, "TMA": True}
+def tma_shrink_config(T: int, K: int, R: int, sms: int) -> dict:
+    """Launch shape of the copy-engine shrink: 64 rows x 128 columns of x per step, 4 warps, 4
+    stages, about one program per two SMs (shrink-sweep-e6783b1-*.json: the most frequent winner of
+    the 12 shapes; one program per SM and 128-row blocks were slower, 128 x 128 tiles with R = 128
+    did not fit in shared memory)."""
+    bt, bk = 64, 128
+    splits = max(1, min(cdiv(sms, 2 * cdiv(T, bt)), K // (4 * bk)))
+    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": 4,
+            "num_stages": 4, "TMA": True}
 
 
 def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
@@ -752,29 +722,12 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
 
 
 def _rows_partial(a, b, T, K, R, cfg, part=None):
-    """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R). cfg["TMA"]: the
-    copy-engine kernel (needs partial_uses_tma(a, b) and BLOCK_R >= R)."""
+    """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
     splits = cfg["SPLITS"]
     k_per = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = cdiv(K, k_per)
     if part is None:
         part = new_empty((splits, T, R), torch.float32, a.device)
-    if cfg.get("TMA"):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        bt_, bk_, br_ = cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["BLOCK_R"]
-        b_t = b.stride(0) == 1
-        bm = b.t() if b_t else b
-        launch(
-            _rows_partial_tma_kernel, (splits, cdiv(T, bt_)),
-            TensorDescriptor(a, [T, K], [a.stride(0), 1], [bt_, bk_]),
-            TensorDescriptor(bm, list(bm.shape), [bm.stride(0), 1], [br_, bk_] if b_t else [bk_, br_]),
-            part, T, K, R, k_per,
-            part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
-            B_T=b_t, PREC=dot_precision(a.dtype), BLOCK_T=bt_, BLOCK_K=bk_, BLOCK_R=br_,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        return part, splits
     grid = (cdiv(R, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
     launch(
         _rows_partial_kernel, grid,
@@ -841,11 +794,11 @@ def shrink(
         return sp, s, u
     if config is not None:
         cfg = config
-    elif partial_uses_tma(x, a_cat.t()):
-        cfg = tma_partial_config(T, D, R, num_sms(x.device))
+    elif shrink_uses_tma(x, a_cat):
+        cfg = tma_shrink_config(T, D, R, num_sms(x.device))
     else:
         cfg = split_config(T, D, R, x.dtype, x.device)
-    if cfg.get("TMA") and cfg.get("FUSED", True):
+    if cfg.get("TMA"):
         _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg)
         return sp, s, u
     # With one split the partial sums are S itself: write them straight into the saved buffer.

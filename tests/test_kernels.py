@@ -17,12 +17,13 @@ shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
 @pytest.fixture(params=["split", "single"] + (["split-pointer"] if HAS_CUDA else []))
 def shrink_impl(request, monkeypatch):
-    """Both shrink implementations: the split grid (default; on Hopper its partial kernel reads by
-    the copy engine where the operands allow) and the one-kernel path; on a GPU also the split grid
-    with the pointer partial kernel everywhere."""
+    """Both shrink implementations: the split grid (default; on Hopper the one-launch copy-engine
+    kernel where the operands allow, here at every T) and the one-kernel path; on a GPU also the
+    split grid with the pointer kernels everywhere."""
     impl = request.param
     monkeypatch.setattr(shrink_module, "SHRINK_IMPL", "split" if impl == "split-pointer" else impl)
     monkeypatch.setattr(shrink_module, "SHRINK_TMA", impl != "split-pointer")
+    monkeypatch.setattr(shrink_module, "TMA_MIN_T", 1)  # the copy-engine shrink at every test size
     return impl
 
 # (T, d_in, d_out, R, m); m None = no mapping. Odd sizes on purpose: T = 1, 37, 300; d = 24, 40,
@@ -276,15 +277,6 @@ ptx = k.asm["ptx"]
 assert "atom.global.gpu.release.exch.b32" in ptx and "ld.global.gpu.acquire.b32" in ptx
 assert "ld.global.cg" in ptx
 S = importlib.import_module("lorafuse.kernels.shrink")
-fn = S._rows_partial_tma_kernel
-for b_t in (True, False):
-    types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": f"tensordesc<bf16[{'64,128' if b_t else '128,64'}]>",
-             "part_ptr": "*fp32"}
-    consts = {"B_T": b_t, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64}
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 4})
-    assert "cp.async.bulk.tensor" in k.asm["ptx"]
 fn = S._shrink_tma_kernel
 types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": "tensordesc<bf16[64,128]>", "part_ptr": "*fp32",
          "count_ptr": "*i32", "scale_ptr": "*fp32", "a_map_ptr": "*fp32", "b_map_ptr": "*fp32", "sp_ptr": "*bf16",
