@@ -595,6 +595,17 @@ def _even_k(K: int, cfg: dict) -> bool:
     return "BLOCK_K" in cfg and K % cfg["BLOCK_K"] == 0
 
 
+def _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
+    """The whole-layer launchers' operand checks (named by argument); returns scale and bias as
+    unit-stride vectors."""
+    scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
+    expect("weight", weight, (None, x.shape[1]), x.device, x.dtype)
+    expect("b_cat", b_cat, (weight.shape[0], a_cat.shape[0]), x.device, x.dtype)
+    if bias is not None:
+        expect("bias", bias, (weight.shape[0],), x.device, x.dtype)
+    return scale, unit_vector(bias)
+
+
 def lora_gemm_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -616,12 +627,7 @@ def lora_gemm_fused(
     check=False skips the operand checks (see shrink).
     """
     if check:  # check=False: the caller has checked (lorafuse.lora_linear), as shrink's `check`
-        scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
-        expect("weight", weight, (None, x.shape[1]), x.device, x.dtype)
-        expect("b_cat", b_cat, (weight.shape[0], a_cat.shape[0]), x.device, x.dtype)
-        if bias is not None:
-            expect("bias", bias, (weight.shape[0],), x.device, x.dtype)
-            bias = unit_vector(bias)
+        scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
     T, D = x.shape
     N = weight.shape[0]
     R = a_cat.shape[0]
@@ -722,12 +728,7 @@ def lora_gemm_persistent(
     number of d_in ranges each row band's shrink is split into (default persistent_splits), for tuning.
     """
     if check:
-        scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
-        expect("weight", weight, (None, x.shape[1]), x.device, x.dtype)
-        expect("b_cat", b_cat, (weight.shape[0], a_cat.shape[0]), x.device, x.dtype)
-        if bias is not None:
-            expect("bias", bias, (weight.shape[0],), x.device, x.dtype)
-            bias = unit_vector(bias)
+        scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
         if not persistent_ok(x, weight, a_cat):
             raise ValueError(
                 "lora_gemm_persistent needs a Hopper GPU, float16/bfloat16 operands, at least "
