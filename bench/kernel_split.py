@@ -4,7 +4,7 @@
 
 For each R: the base GEMM (cuBLAS), the shrink alone (x -> S', scale applied), lora_gemm alone (the
 GEMM with the expand as extra K-steps, on a ready S'), lora_gemm with R = 0 (the Triton GEMM without
-the tail), the persistent layer (one launch, the shrink as leading tiles; Hopper, where it runs),
+the tail), the persistent layer (one launch, the shrink as its first phase; Hopper, where it runs),
 and the whole op through each of the two paths (ops.PERSISTENT); medians of do_bench with the L2 flushed. Writes
 kernel-split-<gpu>-<date>.json.
 """

@@ -3,13 +3,17 @@
 Forward of a multi-LoRA layer: a = x (T, d_in), b = W^T, s = S' (T, R) from the shrink, c = b_cat^T.
 Backward (dx):                  a = dY (T, d_out), b = W, s = dS (T, R), c = a_cat.
 
-Two kernels:
+Three kernels:
 - `_lora_gemm_kernel`: pointer loads, runs everywhere (and under the interpreter). With FUSE_SHRINK it
   also computes the shrink itself (x a_cat^T, mapping, scale) alongside the main K loop and applies the
   expand in the epilogue: one launch for the whole layer. It recomputes the shrink in every column
   block (R / BLOCK_N extra work), which only pays when the layer is memory-bound (few tokens).
 - `_lora_gemm_tma_kernel`: Hopper, persistent grid, tensor-memory-accelerator loads of the two big
   operands; the short low-rank tail uses plain loads.
+- `_lora_layer_tma_kernel` (lora_gemm_persistent, opt-in): the whole many-token layer in one
+  persistent Hopper launch, the shrink as its first phase and the GEMM tiles waiting for their row
+  band's S' by flag. Through the op it measured slower than shrink + lora_gemm at T = 8192
+  (bench/NOTES.md, entry 8), so lorafuse.ops uses it only with LORAFUSE_PERSISTENT=1.
 """
 from __future__ import annotations
 
@@ -719,7 +723,7 @@ def lora_gemm_persistent(
     check: bool = True,
     splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The whole layer in one persistent launch, the shrink as leading tiles (Hopper, many tokens).
+    """The whole layer in one persistent launch, the shrink as its first phase (Hopper, many tokens).
 
     Same arguments and returns as lora_gemm_fused: x (T, d_in); weight (d_out, d_in); a_cat (R, d_in);
     b_cat (d_out, R); scale (R,) float32. Returns (y, sp, s, u); sp = S' (T, R) always (the expand
