@@ -32,6 +32,7 @@ import lorafuse  # noqa: E402
 import lorafuse.ops as ops  # noqa: E402
 from lorafuse.kernels import lora_gemm, lora_gemm_persistent, shrink  # noqa: E402
 from lorafuse.kernels.lora_gemm import _cfg, tma_config  # noqa: E402
+from lorafuse.kernels.utils import num_sms  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
@@ -59,6 +60,8 @@ def main() -> None:
         bm = torch.randn(R, args.m, device=dev) / args.m ** 0.5 if args.m else None
         sp = shrink(x, a, scale, am, bm)[0]
         plain = _cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
+        bands = -(-T // 128)
+        item_per_sm = max(1, min(-(-num_sms(x.device) // bands), d_in // 256))  # ~one shrink item per SM
         bias = torch.randn(d_out, device=dev, dtype=dt)
 
         def op(persistent, with_bias=True):
@@ -94,8 +97,7 @@ def main() -> None:
             "persistent_plain_loop": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm, config=plain),
             "persistent_one_item_per_band": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm, splits=1),
             "persistent_item_per_sm": lambda: lora_gemm_persistent(x, w, None, a, b, scale, am, bm,
-                                                                   splits=max(1, min(-(-132 // -(-T // 128)),
-                                                                                     d_in // 256))),
+                                                                   splits=item_per_sm),
         }
         times = {k: [] for k in variants}
         for fn in variants.values():

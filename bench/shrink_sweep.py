@@ -1,5 +1,4 @@
-"""The forward shrink (x -> S', partial kernel + finishing kernel) under launch configs, against x's
-byte floor.
+"""The forward shrink (x -> S') under launch configs, against x's byte floor.
 
     python bench/shrink_sweep.py [--T 2048 8192 16384] [--d 4096 14336] [--R 48 128] [--out bench/results]
 

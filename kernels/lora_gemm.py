@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import _band_finish, alloc_rows, check_shrink_operands, map_and_scale, t_bucket
+from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
 
@@ -45,13 +45,14 @@ def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                   stride_sm, stride_sr, stride_cr, stride_cn,
-                  PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps."""
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr = ""):
+    """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps. S_CACHE: the cache
+    modifier of s's loads (".cg" where another program of the same launch wrote s)."""
     for r0 in range(0, R, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R
         s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=S_CACHE)
         c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(s, c, acc, input_precision=PREC)
@@ -337,11 +338,10 @@ def _lora_layer_tma_kernel(
     """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
 
     1. The shrink, as work items (row band, range of d_in) that programs take from a counter until
-       it runs past the last: each writes its partial S to part_ptr[split] and counts itself in on
-       its band (flag_ptr[num_bands + band]); the last of a band sums the partials in split order
-       (deterministic), applies the mapping and the scale, stores S' and sets the band's flag to 1
-       (release). Splitting d_in spreads one band's reading of x over several SMs: a whole band on
-       one SM was bound by that SM's share of the memory bandwidth.
+       it runs past the last (kernels.shrink._shrink_block, the band's count at
+       flag_ptr[num_bands + band]); the program that finishes a band sets its flag to 1 (release).
+       Splitting d_in spreads one band's reading of x over several SMs: a whole band on one SM was
+       bound by that SM's share of the memory bandwidth.
     2. The base GEMM's tiles, statically strided over the programs in grouped order, with the same
        loop as lora_gemm's Hopper kernel; after its main loop a tile waits for its band's flag
        (acquire) and adds S' b_cat^T as extra K-steps.
@@ -354,30 +354,16 @@ def _lora_layer_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     k_per = tl.cdiv(k_tiles, SPLITS)
-    offs_bm = tl.arange(0, BLOCK_M)
-    offs_br = tl.arange(0, BLOCK_R)
-    part_rows = num_pid_m * BLOCK_M
     item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
     while item < num_pid_m * SPLITS:
         band = item // SPLITS
         split = item % SPLITS
-        off_m = band * BLOCK_M
-        acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for ki in range(split * k_per, tl.minimum(split * k_per + k_per, k_tiles)):
-            # Rows past T and rows of a_cat past R come back from the copy engine as zeros.
-            a = x_desc.load([off_m, ki * BLOCK_K])
-            al = al_desc.load([0, ki * BLOCK_K])
-            acc_s = tl.dot(a, al.T, acc_s, input_precision=PREC)
-        part = part_ptr + (off_m + offs_bm)[:, None] * BLOCK_R + offs_br[None, :]
-        tl.store(part + split * part_rows * BLOCK_R, acc_s)
-        tl.debug_barrier()  # every thread's partial stored before this program counts itself in
-        if tl.atomic_add(flag_ptr + num_pid_m + band, 1, sem="acq_rel") == SPLITS - 1:
-            acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
-                acc_s += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
-            _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
-                         T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
-                         HAS_MAP, SAVE, MAP_PREC, BLOCK_M, BLOCK_R, BLOCK_MR)
+        k_lo = split * k_per * BLOCK_K
+        if _shrink_block(x_desc, al_desc, band * BLOCK_M, k_lo, tl.minimum(k_lo + k_per * BLOCK_K, K), split, SPLITS,
+                         part_ptr, num_pid_m * BLOCK_M, flag_ptr + num_pid_m + band, scale_ptr, a_map_ptr, b_map_ptr,
+                         sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                         stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
+                         BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR):
             tl.debug_barrier()  # every thread's stores issued before the flag is released
             tl.atomic_xchg(flag_ptr + band, 1, sem="release")
         item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
@@ -400,16 +386,10 @@ def _lora_layer_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_mask = offs_m < T
         n_mask = offs_n < N
-        for r0 in range(0, R, BLOCK_K):
-            offs_r = r0 + tl.arange(0, BLOCK_K)
-            r_mask = offs_r < R
-            # S' was written by another program of this launch: read it from L2 (".cg"), never
-            # from this SM's L1, which may hold a stale line shared with the band above.
-            sp = tl.load(sp_ptr + offs_m[:, None] * stride_spm + offs_r[None, :],
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
-            c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(sp, c, acc, input_precision=PREC)
+        # S' was written by another program of this launch: read it from L2 (".cg"), never from this
+        # SM's L1, which may hold a stale line shared with the band above.
+        acc = _lowrank_tail(acc, sp_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg")
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
@@ -759,7 +739,8 @@ def lora_gemm_persistent(
     flags = torch.zeros(2 * rows + 1, dtype=torch.int32, device=x.device)
     sms = num_sms(x.device)
     splits = splits or persistent_splits(rows, cdiv(D, bk), sms)
-    part = torch.empty((splits, rows * bm, br), dtype=torch.float32, device=x.device)
+    # The shrink items' partial sums (unused with one split).
+    part = torch.empty((splits, rows * bm, br) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
     # _rank_aligned).
     c = b_cat

@@ -459,6 +459,38 @@ def _band_finish(acc_s, off_m, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u
 
 
 @triton.jit
+def _shrink_block(a_desc, b_desc, off_t, k_lo, k_hi, split, SPLITS, part_ptr, part_rows, count_ptr,
+                  scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                  T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
+                  HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One work item of the copy-engine shrink: x a_cat^T for rows off_t .. off_t + BLOCK_T over columns
+    k_lo .. k_hi of d_in (a_desc: x, b_desc: a_cat, both read by the copy engine; parts past T, d_in
+    or R come back as zeros). With one split it finishes the rows itself (_band_finish). Else it
+    stores its partial to part_ptr[split] (part_rows rows of BLOCK_R columns per split) and counts
+    itself in at count_ptr; the last of the rows' SPLITS items sums the partials in split order
+    (deterministic) and finishes. Returns whether this program finished the rows."""
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = tl.dot(a_desc.load([off_t, k0]), b_desc.load([0, k0]).T, acc, input_precision=PREC)
+    done = SPLITS == 1
+    if not done:
+        part = part_ptr + (off_t + tl.arange(0, BLOCK_T))[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        tl.store(part + split * part_rows * BLOCK_R, acc)
+        tl.debug_barrier()  # every thread's partial stored before this program counts itself in
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLITS - 1
+        if done:
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
+                acc += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
+    if done:
+        _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                     T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
+                     HAS_MAP, SAVE, MAP_PREC, BLOCK_T, BLOCK_R, BLOCK_M)
+    return done
+
+
+@triton.jit
 def _shrink_tma_kernel(
     a_desc, b_desc, part_ptr, count_ptr, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
     T, K, R, M, K_PER_SPLIT, SPLITS,
@@ -472,35 +504,16 @@ def _shrink_tma_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks). Each program
-    sums x a_cat^T over its K range (both read by the copy engine); with several splits it stores
-    its partial to part_ptr[split] (rows padded to whole blocks, BLOCK_R columns) and counts itself
-    in on its row block (count_ptr); the last of a row block sums the partials in split order
-    (deterministic) and finishes: the mapping, the scale, S' (and S, U when SAVE)."""
+    """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks), each program
+    one _shrink_block (its row block's count at count_ptr[block]); the program that finishes a row
+    block writes S' (and S, U when SAVE)."""
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
-    off_t = pid_t * BLOCK_T
     k_start = pid_s * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        acc = tl.dot(a_desc.load([off_t, k0]), b_desc.load([0, k0]).T, acc, input_precision=PREC)
-    if SPLITS == 1:
-        _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
-                     T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
-                     HAS_MAP, SAVE, "ieee", BLOCK_T, BLOCK_R, BLOCK_M)
-    else:
-        rows = tl.num_programs(1) * BLOCK_T
-        part = part_ptr + (off_t + tl.arange(0, BLOCK_T))[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
-        tl.store(part + pid_s * rows * BLOCK_R, acc)
-        tl.debug_barrier()  # every thread's partial stored before this program counts itself in
-        if tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
-                acc += tl.load(part + j * rows * BLOCK_R, cache_modifier=".cg")
-            _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
-                         T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
-                         HAS_MAP, SAVE, "ieee", BLOCK_T, BLOCK_R, BLOCK_M)
+    _shrink_block(a_desc, b_desc, pid_t * BLOCK_T, k_start, tl.minimum(k_start + K_PER_SPLIT, K), pid_s, SPLITS,
+                  part_ptr, tl.num_programs(1) * BLOCK_T, count_ptr + pid_t, scale_ptr, a_map_ptr, b_map_ptr,
+                  sp_ptr, s_ptr, u_ptr, T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M)
 
 
 @triton.jit
