@@ -45,9 +45,9 @@ def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                   stride_sm, stride_sr, stride_cr, stride_cn,
-                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr = ""):
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr):
     """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps. S_CACHE: the cache
-    modifier of s's loads (".cg" where another program of the same launch wrote s)."""
+    modifier of s's loads ("" by default; ".cg" where another program of the same launch wrote s)."""
     for r0 in range(0, R, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R
@@ -225,7 +225,7 @@ def _lora_gemm_kernel(
                              mask=m_mask[:, None] & (offs_mr[None, :] < MR))
     else:
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K)
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -305,7 +305,7 @@ def _lora_gemm_tma_kernel(
         m_mask = offs_m < T
         n_mask = offs_n < N
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K)
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
