@@ -737,8 +737,9 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
 def _rows_partial(a, b, T, K, R, cfg, part=None):
     """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
     splits = cfg["SPLITS"]
-    k_per = cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = cdiv(K, k_per)
+    # K = 0 (an empty d_in or d_out) still takes one split, whose empty loop writes zeros.
+    k_per = max(cfg["BLOCK_K"], cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"])
+    splits = max(1, cdiv(K, k_per))
     if part is None:
         part = new_empty((splits, T, R), torch.float32, a.device)
     grid = (cdiv(R, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))

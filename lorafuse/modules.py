@@ -169,16 +169,31 @@ class MultiLoraLinear(nn.Module):
     def scale(self) -> Tensor:
         """(R,) float32: s_i * w_i repeated over adapter i's rank block."""
         w, s = self.weights, self.adapter_scales
-        if (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if self.method == "weighted" or torch.compiler.is_compiling():
             return (s * w)[self.rank_index]
-        # Frozen weights: the (R,) vector is computed once and kept while the weights, the scales and
-        # their storage stay the same (in-place edits bump _version), which saves two small kernel
-        # launches per call, a large share of a decoding step.
-        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self.rank_index.data_ptr())
-        if self._scale_key != key:
-            self._scale_cache = (s * w)[self.rank_index].detach()
-            self._scale_key = key
-        return self._scale_cache
+        # The other methods fix the weights at 1: the (R,) vector is computed once and kept while the
+        # scales and their storage stay the same (in-place edits bump _version), which saves two small
+        # kernel launches per call, a large share of a decoding step. ("weighted" recomputes it on
+        # every call: its weights are there to be set, and edits through `.data` bypass _version.)
+        try:
+            key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self.rank_index.data_ptr())
+        except RuntimeError:  # functorch-wrapped weights (vmap over functional_call) have no storage
+            return (s * w)[self.rank_index]
+        inference = torch.is_inference_mode_enabled()
+        cache = self._scale_cache
+        # An inference tensor cannot be saved for a backward outside inference mode: such a cache is
+        # used only inside inference mode, and inference mode's result is not kept.
+        if self._scale_key == key and cache is not None and (inference or not cache.is_inference()):
+            return cache
+        scale = (s * w)[self.rank_index].detach()
+        if not inference:
+            self._scale_cache, self._scale_key = scale, key
+        return scale
+
+    def refresh_scale(self) -> None:
+        """Forget the cached (R,) scale; needed only after editing `adapter_scales` (or the weights of
+        a method other than "weighted") through `.data`, which autograd's version counter does not see."""
+        self._scale_key = self._scale_cache = None
 
     def _init_map(self, m: int, how: str) -> Tuple[Tensor, Tensor]:
         R = self.a_cat.shape[0]

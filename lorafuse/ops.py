@@ -10,8 +10,9 @@ plain torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,25 @@ def use_backend(name: str) -> Iterator[None]:
         _BACKEND = old
 
 
+def autocast_inputs(fn: Callable) -> Callable:
+    """Make an op whose first three arguments are (x, weight, bias) behave like F.linear under
+    torch.autocast: those three cast to the autocast dtype (float64 is left alone, as autocast does),
+    the op then run with autocast off so that its own float32 parts stay float32."""
+
+    @functools.wraps(fn)
+    def wrapper(x, weight, bias, *args, **kwargs):
+        if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+            dev = x.device.type
+            dt = torch.get_autocast_dtype(dev)
+            x, weight, bias = (t.to(dt) if isinstance(t, Tensor) and t.dtype in _KERNEL_DTYPES else t
+                               for t in (x, weight, bias))
+            with torch.autocast(dev, enabled=False):
+                return fn(x, weight, bias, *args, **kwargs)
+        return fn(x, weight, bias, *args, **kwargs)
+
+    return wrapper
+
+
 def _use_kernels(x: Tensor) -> bool:
     if _BACKEND == "torch":
         return False
@@ -73,7 +93,7 @@ def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
         d_out, d_in = weight.shape
         R = a_cat.shape[0]
         dev, dt = x.device, x.dtype
-        ok = (x.shape[-1] == d_in and a_cat.shape[1] == d_in and b_cat.shape == (d_out, R)
+        ok = (x.shape[-1] == d_in and a_cat.dim() == 2 and a_cat.shape[1] == d_in and b_cat.shape == (d_out, R)
               and scale.shape == (R,) and weight.dtype == dt and x.is_floating_point()
               and a_cat.is_floating_point() and b_cat.is_floating_point() and scale.is_floating_point()
               and weight.device == dev and a_cat.device == dev and b_cat.device == dev and scale.device == dev)
@@ -189,10 +209,13 @@ def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, n
     n_x, n_w, n_b, n_a, n_bc, n_sc, n_am, n_bm = needs
     has_map = a_map is not None
     dy = dy.contiguous()
-    ds, dscale, da_map, db_map = shrink_backward(
-        dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
-        need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc, check=False,
-    )
+    ds = dscale = da_map = db_map = None
+    # dy b_cat (the shrink's backward) feeds only the grads of x, a_cat, scale and the maps.
+    if n_x or n_a or n_sc or n_am or n_bm:
+        ds, dscale, da_map, db_map = shrink_backward(
+            dy, b_cat, scale, s, u if has_map else None, a_map, b_map,
+            need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc, check=False,
+        )
     return [
         lora_gemm(dy, weight, ds, a_cat) if n_x else None,
         dy.t() @ x if n_w else None,
@@ -277,11 +300,25 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_cat, b_cat, scale, a_map, b_map)]
 
 
+def first_order_only(op: str = "lorafuse.lora_linear") -> None:
+    """Called first in a kernel backward, which is not itself differentiable: create_graph=True is
+    refused rather than second-order terms dropped."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}'s kernels give first-order gradients only (create_graph=True, as in double "
+                           f"backward or a gradient penalty, is not supported); run the layer under "
+                           f"lorafuse.use_backend('torch') for higher-order gradients")
+
+
 def _backward(ctx, dy, _dsp, _ds, _du):
+    first_order_only()
     x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:8])
     if not any(needs):
         return (None,) * 9
+    if s.numel() == 0 and x.shape[0] > 0 and a_cat.shape[0] > 0:
+        raise RuntimeError("lorafuse::lora_linear_fwd was called with save=False, so it kept nothing to "
+                           "differentiate; call it with save=True (lorafuse.lora_linear does) when a "
+                           "gradient is needed")
     grads = torch.ops.lorafuse.lora_linear_bwd(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
     return (*[g.to(dt) if n else None for n, g, dt in zip(needs, grads, ctx.dtypes)], None)
 
@@ -303,6 +340,7 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only()
         x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u = ctx.saved_tensors
         needs = list(ctx.needs_input_grad)
         grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
@@ -313,6 +351,7 @@ class _LoraLinearFunction(torch.autograd.Function):
 # Public entry point
 
 
+@autocast_inputs
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -330,12 +369,13 @@ def lora_linear(
     Returns (..., d_out) in x's dtype. weight and bias must have x's dtype; a_cat and b_cat are used
     in x's dtype and scale, a_map and b_map in float32 (their gradients come back in their own
     dtype). Differentiable in every tensor argument; only the gradients asked for are computed.
+    Under torch.autocast, x, weight and bias are first cast to the autocast dtype, as for F.linear.
     """
     check_lora_args(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
     # (The common cases skip no-op reshapes and casts: each costs host time on every small call.)
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
-    if x2.shape[0] == 0 or not _use_kernels(x2):
+    if x2.shape[0] == 0 or weight.shape[0] == 0 or weight.shape[1] == 0 or not _use_kernels(x2):
         y = _torch_path(x2, weight, bias, a_cat, b_cat, scale, a_map, b_map)
         return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
     if x2.stride(-1) != 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,11 +19,14 @@ def shrink_reference(
     a_map: Optional[Tensor] = None,
     b_map: Optional[Tensor] = None,
 ) -> Tensor:
-    """S' = ((x a_cat^T) [a_map^T b_map^T]) * scale.  x: (T, d_in) -> (T, R)."""
-    s = x @ a_cat.t()
+    """S' = ((x a_cat^T) [a_map^T b_map^T]) * scale.  x: (T, d_in) -> (T, R), in float32 (float64
+    when any input is float64), whatever mix of dtypes the inputs have."""
+    ts = [t for t in (x, a_cat, scale, a_map, b_map) if t is not None]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    s = x.to(acc) @ a_cat.to(acc).t()
     if a_map is not None:
-        s = (s @ a_map.t()) @ b_map.t()
-    return s * scale
+        s = (s @ a_map.to(acc).t()) @ b_map.to(acc).t()
+    return s * scale.to(acc)
 
 
 def lora_linear_reference(
@@ -35,9 +39,11 @@ def lora_linear_reference(
     a_map: Optional[Tensor] = None,
     b_map: Optional[Tensor] = None,
 ) -> Tensor:
-    """y = x W^T + b + ((x a_cat^T [a_map^T b_map^T]) * scale) b_cat^T, in the inputs' dtype.
+    """y = x W^T + b + ((x a_cat^T [a_map^T b_map^T]) * scale) b_cat^T, in x's dtype (the low-rank
+    path in float32, or float64 when any of its inputs is float64).
 
     x: (..., d_in); weight: (d_out, d_in); bias: (d_out,) or None; a_cat: (R, d_in);
     b_cat: (d_out, R); scale: (R,); a_map: (m, R); b_map: (R, m).  Returns (..., d_out).
     """
-    return F.linear(x, weight, bias) + shrink_reference(x, a_cat, scale, a_map, b_map) @ b_cat.t()
+    sp = shrink_reference(x, a_cat, scale, a_map, b_map)
+    return F.linear(x, weight, bias) + (sp @ b_cat.to(sp.dtype).t()).to(x.dtype)

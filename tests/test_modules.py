@@ -97,6 +97,32 @@ def test_scale_follows_weight_edits_when_frozen(seeded):
                                                                                 device=DEVICE))
 
 
+def test_weighted_follows_edits_through_data(seeded):
+    # "weighted" recomputes its scale on every call: an edit through .data, invisible to
+    # autograd's version counter, still shows.
+    adapters = _adapters()
+    layer = MultiLoraLinear(_base(), adapters, method="weighted", weights=[0.2, 0.3, 0.5])
+    x = torch.randn(7, D_IN, device=DEVICE)
+    with torch.no_grad():
+        layer(x)
+    layer.weights.data[0] = 3.0
+    with torch.no_grad():
+        y = layer(x)
+    assert rel_err(y, _out_ref(layer.base_layer, x, _dense_sum(adapters, [3.0, 0.3, 0.5]))) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("method", ["sum", "loramap"])
+def test_trains_after_inference_mode(method, seeded):
+    # A scale computed under inference_mode must not be reused where autograd saves it.
+    layer = MultiLoraLinear(_base(), _adapters(), method=method, map_rank=4 if method == "loramap" else None)
+    x = torch.randn(7, D_IN, device=DEVICE)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    y = layer(x.requires_grad_())
+    y.square().sum().backward()
+    assert torch.equal(y.detach(), y_inf) and x.grad is not None
+
+
 def test_loramap_lora_init_starts_at_base(seeded):
     base = _base()
     layer = MultiLoraLinear(base, _adapters(), method="loramap", map_rank=4)

@@ -110,6 +110,9 @@ def test_only_requested_grads(mask, monkeypatch, seeded):
     monkeypatch.setattr(ops, "shrink_backward", spy)
     args = _args(37, 40, 24, 5, 4, torch.float32)
     _check_against_reference(args, torch.float32, grad_mask=mask)
+    if not (mask[0] or mask[3] or mask[5] or mask[6] or mask[7]):
+        assert not calls, "dy b_cat computed though no gradient needs it"
+        return
     assert calls, "the kernel backward was not used"
     assert calls[0]["need_dmap"] == (mask[6] or mask[7])
     assert calls[0]["need_dscale"] == mask[5]
@@ -192,6 +195,7 @@ BAD = [
     (3, lambda a: a.__setitem__(3, a[3].long()), "a_cat must be a floating-point tensor"),
     (1, lambda a: a.__setitem__(1, a[1].to("meta")), "weight must be on"),
     (0, lambda a: a.__setitem__(0, [1.0, 2.0]), "x must be a torch.Tensor"),
+    (3, lambda a: a.__setitem__(3, a[3][..., None]), r"a_cat must have shape \(R, 40\)"),
 ]
 
 
@@ -214,3 +218,68 @@ def test_strided_vectors_match_contiguous(T, seeded):
         y = lorafuse.lora_linear(x, w, bias, a, bc, scale, am, bm)
         ref = lorafuse.lora_linear(x, w, None if bias is None else bias.contiguous(), a, bc, scale.contiguous(), am, bm)
         assert rel_err(y, ref) < 1e-6
+
+
+@pytest.mark.parametrize("T", [5, 70])
+def test_zero_width_layers(T, seeded):
+    # d_in = 0 (the product is the bias) and d_out = 0 (an empty output) on both kernel paths.
+    x, w, b, a, bc, sc, am, bm = _args(T, 40, 24, 5, 4, torch.float32)
+    y = lorafuse.lora_linear(x[:, :0], w[:, :0], b, a[:, :0], bc, sc, am, bm)
+    assert torch.equal(y, b.expand(T, 24))
+    leaves = [t.detach().requires_grad_() for t in (x, w[:0], b[:0], a, bc[:0], sc, am, bm)]
+    y = lorafuse.lora_linear(*leaves)
+    assert y.shape == (T, 0)
+    y.sum().backward()
+    assert all(t.grad is not None and torch.all(t.grad == 0) for t in leaves)
+
+
+def test_higher_order_gradients(seeded):
+    # The kernels' backward is first-order only: create_graph=True is refused, not silently
+    # truncated; the torch backend gives the true second-order terms.
+    args = _args(5, 40, 24, 5, 4, torch.float32)
+    x = args[0].detach().requires_grad_()
+    a = args[3].detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        y = lorafuse.lora_linear(x, *args[1:3], a, *args[4:])
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    xd, ad = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    rest = [t.double() for t in args[1:3]], [t.double() for t in args[4:]]
+    with lorafuse.use_backend("torch"):
+        y = lorafuse.lora_linear(xd, *rest[0], ad, *rest[1])
+    gx, = torch.autograd.grad(y.square().sum(), xd, create_graph=True)
+    g2, = torch.autograd.grad(gx.square().sum(), ad)
+    y = lora_linear_reference(xd, *rest[0], ad, *rest[1])
+    gx, = torch.autograd.grad(y.square().sum(), xd, create_graph=True)
+    assert rel_err(g2, torch.autograd.grad(gx.square().sum(), ad)[0]) < 1e-12
+
+
+def test_registered_op_without_saved_state_refuses_backward(seeded):
+    args = [t.requires_grad_() for t in _args(5, 40, 24, 5, 4, torch.float32)]
+    y = torch.ops.lorafuse.lora_linear_fwd(*args, False)[0]
+    with pytest.raises(RuntimeError, match="save=False"):
+        y.sum().backward()
+
+
+def test_autocast_casts_like_linear(seeded):
+    # Under autocast the layer behaves as F.linear: x, weight and bias in the autocast dtype
+    # (whatever x's own dtype), the gradients back in the parameters' float32.
+    x, w, b, a, bc, sc, am, bm = _args(37, 40, 24, 5, 4, torch.float32)
+    w, a = w.requires_grad_(), a.requires_grad_()
+    dev, dt = DEVICE.type, (torch.float16 if HAS_CUDA else torch.bfloat16)
+    with lorafuse.use_backend("auto" if HAS_CUDA else "torch"):
+        with torch.autocast(dev, dtype=dt):
+            y = lorafuse.lora_linear(x, w, b, a, bc, sc, am, bm)
+            y16 = lorafuse.lora_linear(x.to(dt), w, b, a, bc, sc, am, bm)
+        ref = lorafuse.lora_linear(x.to(dt), w.to(dt), b.to(dt), a, bc, sc, am, bm)
+    assert y.dtype == y16.dtype == dt
+    assert rel_err(y, ref) < 1e-6 and rel_err(y16, ref) < 1e-6
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+
+
+def test_reference_takes_mixed_dtypes(seeded):
+    # The public reference computes the low-rank path in float32 whatever the mix of input dtypes.
+    args = _args(5, 40, 24, 5, 4, torch.float16)
+    y = lora_linear_reference(*args)
+    ref = lora_linear_reference(*[t.double() for t in args])
+    assert y.dtype == torch.float16 and rel_err(y, ref) < TOL[torch.float16]
