@@ -42,7 +42,13 @@ _UNSUPPORTED_FIELDS = (
     ("use_qalora", "QA-LoRA (use_qalora=True)"),
     ("velora_config", "VeLoRA (velora_config)"),
     ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("kasa_config", "KaSA (kasa_config)"),
+    ("arrow_config", "peft's Arrow routing (arrow_config; lorafuse routes with method='route')"),
 )
+
+# A saved base weight (peft's save_embedding_layers): '<module>.weight' or '<module>.base_layer.weight'.
+_BASE_KEY_RE = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.weight$")
 
 LayerFactors = Tuple[Tensor, Tensor, float]
 
@@ -62,6 +68,9 @@ class LoraAdapter:
     config: Any = None
     source: str = ""
     info: Dict[str, Any] = field(default_factory=dict)
+    # module path -> a copy of that module's base weight saved with the adapter (peft's
+    # save_embedding_layers); compose() accepts it only where it equals the model's own.
+    base_weights: Dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def ranks(self) -> Dict[str, int]:
@@ -121,8 +130,10 @@ def layer_scale(config: Any, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
 
 
-def _split_state_dict(state_dict: Mapping[str, Tensor], name: str) -> Dict[str, Dict[str, Tensor]]:
-    """peft state dict -> module path (prefix stripped) -> {"A": tensor, "B": tensor}."""
+def _split_state_dict(state_dict: Mapping[str, Tensor], name: str
+                      ) -> Tuple[Dict[str, Dict[str, Tensor]], Dict[str, Tensor]]:
+    """peft state dict -> (module path (prefix stripped) -> {"A": tensor, "B": tensor},
+    module path -> saved base weight)."""
     # Features first, so that their companion keys (e.g. saved embedding weights) do not mask them.
     for key in state_dict:
         if "lora_magnitude_vector" in key:
@@ -134,15 +145,29 @@ def _split_state_dict(state_dict: Mapping[str, Tensor], name: str) -> Dict[str, 
         if re.search(r"\.lora_B(\.[^.]+)?\.bias$", key):
             raise NotImplementedError(f"adapter {name!r}: LoRA bias (key {key!r}) is not supported")
     modules: Dict[str, Dict[str, Tensor]] = {}
+    base_weights: Dict[str, Tensor] = {}
+    adapter_names = set()
     for key, value in state_dict.items():
         m = _KEY_RE.match(key)
         if m is None:
+            base = _BASE_KEY_RE.match(key)
+            if base is not None and "lora_" not in key and isinstance(value, Tensor):
+                module = base.group("module")
+                base_weights[module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module] = value
+                continue
             raise NotImplementedError(
                 f"adapter {name!r}: state dict key {key!r} is not a LoRA A/B weight "
                 f"(expected '<module>.lora_A.weight' / '<module>.lora_B.weight')")
         module = m.group("module")
         if module.startswith(PEFT_PREFIX):
             module = module[len(PEFT_PREFIX):]
+        adapter_names.add(m.group("adapter"))
+        if len(adapter_names) > 1:
+            raise ValueError(f"adapter {name!r}: the state dict holds several adapters "
+                             f"({sorted(str(n) for n in adapter_names)}, from their keys' adapter names): "
+                             f"pass one adapter per state dict")
+        if m.group("ab") in modules.get(module, {}):
+            raise ValueError(f"adapter {name!r}: module {module!r} has two lora_{m.group('ab')} weights")
         if not isinstance(value, Tensor) or value.dim() != 2:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"adapter {name!r}: {key!r} must be a 2-D tensor, got {shape} "
@@ -150,7 +175,7 @@ def _split_state_dict(state_dict: Mapping[str, Tensor], name: str) -> Dict[str, 
         modules.setdefault(module, {})[m.group("ab")] = value
     if not modules:
         raise ValueError(f"adapter {name!r}: the state dict holds no LoRA weights")
-    return modules
+    return modules, base_weights
 
 
 def adapter_from_state_dict(state_dict: Mapping[str, Tensor], config: Any, name: str = "adapter",
@@ -159,7 +184,8 @@ def adapter_from_state_dict(state_dict: Mapping[str, Tensor], config: Any, name:
     config = _as_config(config, name)
     check_supported(config, name)
     layers: Dict[str, LayerFactors] = {}
-    for module, ab in _split_state_dict(state_dict, name).items():
+    modules, base_weights = _split_state_dict(state_dict, name)
+    for module, ab in modules.items():
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise ValueError(f"adapter {name!r}: module {module!r} has no lora_{missing} weight")
@@ -172,7 +198,8 @@ def adapter_from_state_dict(state_dict: Mapping[str, Tensor], config: Any, name:
         if expected_r != r:
             raise ValueError(f"adapter {name!r}: module {module!r} has rank {r} but its config gives r={expected_r}")
         layers[module] = (a.detach(), b.detach(), layer_scale(config, module, r))
-    return LoraAdapter(name=name, layers=layers, config=config, source=source)
+    return LoraAdapter(name=name, layers=layers, config=config, source=source,
+                       base_weights={k: v.detach() for k, v in base_weights.items()})
 
 
 def read_adapter_dir(path: Union[str, os.PathLike], name: Optional[str] = None) -> LoraAdapter:
@@ -235,7 +262,7 @@ def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
         default = None if isinstance(src, (str, os.PathLike, LoraAdapter)) else f"adapter{i}"
         ad = load_adapter(src, default)
         if ad.name in seen:  # two directories with the same base name: keep labels distinct
-            ad = LoraAdapter(f"{ad.name}_{i}", ad.layers, ad.config, ad.source, ad.info)
+            ad = LoraAdapter(f"{ad.name}_{i}", ad.layers, ad.config, ad.source, ad.info, ad.base_weights)
         seen[ad.name] = i
         out.append(ad)
     return out

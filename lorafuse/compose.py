@@ -2,7 +2,7 @@
 MultiLoraLinear holding the adapters that target it.
 
     model = lorafuse.compose(model, ["adapters/math", "adapters/med"], method="weighted", weights=[0.7, 0.3])
-    lorafuse.merge(model)      # plain nn.Linear layers with the composition folded into the weights
+    lorafuse.merge(model)      # plain layers (nn.Linear, or Conv1D on GPT-2) with the composition folded in
     lorafuse.unmerge(model)    # back to the MultiLoraLinear layers
     lorafuse.decompose(model)  # the original modules (the same objects) and requires_grad flags
 
@@ -35,7 +35,7 @@ class _Slot:
     composed: MultiLoraLinear
     adapter_indices: List[int]
     conv1d: Optional[nn.Module] = None  # the GPT-2 Conv1D whose transposed weight the base nn.Linear views
-    merged: Optional[nn.Linear] = None
+    merged: Optional[nn.Module] = None  # nn.Linear, or Conv1D where the original was one
 
 
 @dataclass
@@ -146,6 +146,18 @@ def _plan(root: nn.Module, adapters: List[LoraAdapter]) -> Dict[str, List[int]]:
                                  f"{d_out} features, so lora_A must be ({r}, {d_in}) and lora_B ({d_out}, {r}); "
                                  f"got lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
             targeted.setdefault(key, []).append(i)
+        for key, saved in ad.base_weights.items():
+            module = named.get(key)
+            w = getattr(_base_of(module), "weight", None) if module is not None else None
+            if not isinstance(w, torch.Tensor):
+                raise ValueError(f"adapter {ad.name!r} carries a saved base weight for module {key!r}, which the "
+                                 f"model ({type(root).__name__}) does not have")
+            if saved.shape != w.shape or not torch.equal(saved.to(w.device, w.dtype), w.detach()):
+                raise NotImplementedError(
+                    f"adapter {ad.name!r} carries its own base weight for module {key!r} (peft's "
+                    f"save_embedding_layers, e.g. after resizing the vocabulary), shape {tuple(saved.shape)}, "
+                    f"which differs from the model's {tuple(w.shape)}: adapters that change base weights are "
+                    f"not supported")
     order = {k: n for n, k in enumerate(named)}
     return dict(sorted(targeted.items(), key=lambda kv: order[kv[0]]))
 
@@ -162,6 +174,25 @@ def _other_peft_wrappers(root: nn.Module, composed_keys) -> Dict[str, nn.Module]
             if key not in composed_keys:
                 found[key] = module
     return found
+
+
+def _check_peft_layers(model: nn.Module, root: nn.Module) -> None:
+    """peft LoRA layers already in the model: merged ones would count their deltas twice, and outside a
+    PeftModel (e.g. transformers' load_adapter) compose cannot tell which adapters should stay active."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    for key, module in root.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if getattr(module, "merged", False):
+            raise ValueError(f"module {key!r} has peft adapters merged into its base weights (merge_adapter): "
+                             f"call unmerge_adapter() before compose")
+        if root is model:
+            raise ValueError(f"module {key!r} is a peft LoRA layer, but the model is not a PeftModel (adapters "
+                             f"loaded with transformers' load_adapter?): remove them first (delete_adapter), "
+                             f"or pass a PeftModel and choose its adapters with adapter_names")
 
 
 def _set_module(root: nn.Module, key: str, module: nn.Module) -> None:
@@ -206,6 +237,7 @@ def compose(
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     root = _root_of(model)
+    _check_peft_layers(model, root)
     if adapters is None:
         if root is model:
             raise ValueError("adapters is required unless model is a PeftModel with loaded adapters")
@@ -272,7 +304,9 @@ def get_composition(model: nn.Module) -> Composition:
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold each composed layer into a plain nn.Linear with weight W + delta W (a new tensor in W's dtype).
+    """Fold each composed layer into a plain layer with weight W + delta W (a new tensor in W's dtype):
+    an nn.Linear, or a Conv1D where the model had one (GPT-2), so that the merged model saves and
+    reloads with its own class.
 
     The original weights stay untouched, so unmerge()/decompose() restore them exactly. Returns the model.
     """
@@ -283,21 +317,38 @@ def merge(model: nn.Module) -> nn.Module:
         layer = slot.composed
         base = layer.base_layer
         w = base.weight
-        merged_w = (w.float() + layer.delta_weight().to(w.device)).to(w.dtype)
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-        lin.weight = nn.Parameter(merged_w, requires_grad=False)
+        delta = layer.delta_weight().to(w.device)
+        if slot.conv1d is not None:
+            # Conv1D keeps W^T (d_in, d_out), contiguous as save_pretrained needs.
+            with torch.device("meta"):
+                merged = type(slot.conv1d)(layer.out_features, layer.in_features)
+            merged.weight = nn.Parameter((slot.conv1d.weight.float() + delta.t()).to(w.dtype), requires_grad=False)
+        else:
+            merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
+            merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
         if base.bias is not None:
-            lin.bias = base.bias
-        slot.merged = lin
-        _set_module(comp.root, key, lin)
+            merged.bias = base.bias
+        slot.merged = merged
+        _set_module(comp.root, key, merged)
     comp.state = "merged"
     return model
+
+
+def _follow_merged(slot: _Slot) -> None:
+    """model.to()/half() while merged reached the merged layers, not the composed ones (off the model):
+    bring a composed layer to its merged layer's device and dtype."""
+    if slot.merged is None:
+        return
+    w, base_w = slot.merged.weight, slot.composed.base_layer.weight
+    if base_w.dtype != w.dtype or base_w.device != w.device:
+        slot.composed.to(device=w.device, dtype=w.dtype)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo merge(): put the MultiLoraLinear layers back (the same objects). Returns the model."""
     comp = get_composition(model)
     for key, slot in comp.slots.items():
+        _follow_merged(slot)
         _set_module(comp.root, key, slot.composed)
         slot.merged = None
     comp.state = "composed"
@@ -321,6 +372,7 @@ def decompose(model: nn.Module) -> nn.Module:
     requires_grad flag as before compose. Returns the model."""
     comp = get_composition(model)
     for key, slot in comp.slots.items():
+        _follow_merged(slot)
         if slot.conv1d is not None:
             # model.to()/half() replace the Linear view's data but not the Conv1D's: copy it back.
             lin_w = slot.composed.base_layer.weight

@@ -317,7 +317,10 @@ def test_merge_unmerge_decompose(saved, family, seeded):
         composed_out = model_output(model, inputs)
     merge(model)
     assert not any(isinstance(m, MultiLoraLinear) for m in model.modules())
-    assert all(type(m) is nn.Linear for k, m in model.named_modules() if k in get_composition(model).slots)
+    slots = get_composition(model).slots
+    # plain layers of the original class: nn.Linear, or Conv1D for GPT-2 (so the model saves as itself)
+    assert all(type(m) is type(originals[k].get_base_layer() if hasattr(originals[k], "get_base_layer")
+                               else originals[k]) for k, m in model.named_modules() if k in slots)
     assert rel_err(model_output(model, inputs), composed_out) < 1e-5
     unmerge(model)
     with use_backend("torch"):
@@ -403,6 +406,86 @@ def test_wrong_architecture_and_hidden_size(saved, tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*32 -> 32.*\(2, 32\).*\(2, 48\)"):
         compose(model, [llama_dirs[0], str(tmp_path / "wide")], method="weighted", weights=[1, 1])
     _assert_unchanged(model, snap)
+
+
+def test_merged_gpt2_saves_and_reloads(saved, tmp_path, seeded):
+    # Conv1D keeps W^T: a merged GPT-2 written with save_pretrained must load back as the same model.
+    from transformers import GPT2LMHeadModel
+
+    _, _, _, dirs = saved["gpt2"]
+    inputs = model_inputs("gpt2")
+    model = merge(compose(fresh_model(saved, "gpt2"), dirs, method="weighted", weights=[0.5, 1.0, -0.8]))
+    merged_out = model_output(model, inputs)
+    model.save_pretrained(str(tmp_path / "merged"))
+    reloaded = GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged")).eval()
+    assert torch.equal(model_output(reloaded, inputs), merged_out)
+    assert rel_err(merged_out, model_output(fresh_model(saved, "gpt2"), inputs)) > 1e-3
+
+
+@pytest.mark.parametrize("restore", ["unmerge", "decompose"])
+def test_dtype_change_while_merged(saved, restore, seeded):
+    # model.double() while merged reaches only the merged layers: the composed ones must follow.
+    _, _, _, dirs = saved["llama"]
+    inputs = model_inputs("llama")
+    model = merge(compose(fresh_model(saved, "llama"), dirs, method="sum")).double()
+    merged_out = model_output(model, inputs)
+    (unmerge if restore == "unmerge" else decompose)(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with use_backend("torch"):
+        out = model_output(model, inputs)
+    if restore == "unmerge":
+        assert rel_err(out, merged_out) < 1e-5  # the merged weights were rounded to float32
+    else:
+        assert rel_err(out, model_output(fresh_model(saved, "llama").double(), inputs)) < 1e-12
+
+
+def test_refuses_peft_layers_it_cannot_account_for(saved, seeded):
+    # merged peft adapters would count twice; adapters loaded into a plain transformers model
+    # (load_adapter) are neither composed nor removable by compose.
+    from peft import PeftModel
+
+    _, _, names, dirs = saved["llama"]
+    peft_model = PeftModel.from_pretrained(fresh_model(saved, "llama"), dirs[0], adapter_name=names[0])
+    peft_model.merge_adapter()
+    snap = _snapshot(peft_model)
+    with pytest.raises(ValueError, match="merged into its base weights"):
+        compose(peft_model, adapter_names=names[:1])
+    _assert_unchanged(peft_model, snap)
+    model = fresh_model(saved, "llama")
+    model.load_adapter(dirs[0], adapter_name="x")
+    with pytest.raises(ValueError, match="not a PeftModel"):
+        compose(model, dirs[1:])
+
+
+def test_adapter_with_saved_embedding_layers(saved, tmp_path, seeded):
+    # peft saves the base lm_head beside an adapter that targets it: fine while it equals the model's.
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    fresh = fresh_model(saved, "llama")
+    peft_model = get_peft_model(fresh_model(saved, "llama"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    randomize_lora(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "head"), save_embedding_layers=True)
+    weights = load_file(str(tmp_path / "head" / "adapter_model.safetensors"))
+    assert any("lm_head.base_layer.weight" in k for k in weights)
+    inputs = model_inputs("llama")
+    ref = model_output(peft_model.eval(), inputs)
+    with use_backend("torch"):
+        assert rel_err(model_output(compose(fresh, [str(tmp_path / "head")]), inputs), ref) < TOL
+    key = next(k for k in weights if "lm_head.base_layer.weight" in k)
+    weights[key] = weights[key] + 1.0
+    save_file(weights, str(tmp_path / "head" / "adapter_model.safetensors"))
+    with pytest.raises(NotImplementedError, match="carries its own base weight for module 'lm_head'"):
+        compose(fresh_model(saved, "llama"), [str(tmp_path / "head")])
+
+
+def test_state_dict_of_several_adapters_refused(saved):
+    from peft import LoraConfig
+
+    _, peft_model, _, _ = saved["llama"]
+    sd = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    with pytest.raises(ValueError, match="several adapters"):
+        compose(fresh_model(saved, "llama"), [(sd, LoraConfig(r=4, target_modules=["q_proj"]))])
 
 
 @pytest.mark.parametrize("feature,spec,match", [

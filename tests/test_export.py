@@ -112,3 +112,12 @@ def test_export_bfloat16_factors(saved, tmp_path):
     out_dir = export_peft(model, tmp_path / "bf16", dtype=torch.bfloat16)
     assert {t.dtype for t in load_file(os.path.join(out_dir, "adapter_model.safetensors")).values()} == {
         torch.bfloat16}
+
+
+def test_export_dir_has_the_usual_mode(saved, tmp_path):
+    # The temporary folder is private; the exported one must be readable as a plain mkdir's would be.
+    model = compose(fresh_model(saved, "llama"), saved["llama"][1], method="sum")
+    export_peft(model, str(tmp_path / "out"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (os.stat(tmp_path / "out").st_mode & 0o777) == (0o777 & ~umask)
