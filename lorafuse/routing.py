@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import check_lora_args, lora_linear
+from .ops import autocast_inputs, check_lora_args, first_order_only, lora_linear
 from . import ops as _ops
 
 __all__ = ["ROUTER_KINDS", "arrow_prototypes", "routing_gates", "lora_linear_routed",
@@ -123,6 +123,8 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
     if router_kind == "uniform":
         if router is not None or router_bias is not None:
             raise ValueError("router_kind='uniform' takes no router: pass router=None and router_bias=None")
+        if top_k is not None:
+            raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
     else:
         if not isinstance(router, Tensor):
             raise TypeError(f"router must be a torch.Tensor of shape ({K}, {x.shape[-1]}) for "
@@ -141,6 +143,11 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
             raise ValueError(f"router_bias must be a floating-point tensor of shape ({K},) on {x.device}, got "
                              f"{router_bias.dtype if isinstance(router_bias, Tensor) else type(router_bias).__name__}"
                              f" {tuple(router_bias.shape) if isinstance(router_bias, Tensor) else ''}")
+    _check_gating(top_k, temperature, K)
+    return ranks
+
+
+def _check_gating(top_k: Optional[int], temperature: float, K: int) -> None:
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K:
             raise ValueError(f"top_k must be None (dense) or an integer in 1..{K} (the number of adapters), "
@@ -148,7 +155,6 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    return ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +187,20 @@ def routing_gates(
     if router_kind not in ROUTER_KINDS:
         raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {router_kind!r}")
     if router_kind == "uniform":
-        if num_adapters is None or num_adapters < 1:
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
+        if top_k is not None:
+            raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
+        _check_gating(top_k, temperature, num_adapters)
         return x.new_full((*x.shape[:-1], num_adapters), 1.0 / num_adapters, dtype=torch.float32)
     if not isinstance(router, Tensor) or router.dim() != 2 or router.shape[1] != x.shape[-1]:
         raise ValueError(f"router must have shape (K, {x.shape[-1]}), got "
                          f"{tuple(router.shape) if isinstance(router, Tensor) else type(router).__name__}")
+    K = router.shape[0]
+    _check_gating(top_k, temperature, K)
+    if router_bias is not None and (not isinstance(router_bias, Tensor) or tuple(router_bias.shape) != (K,)):
+        got = tuple(router_bias.shape) if isinstance(router_bias, Tensor) else type(router_bias).__name__
+        raise ValueError(f"router_bias must be None or have shape ({K},), got {got}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = F.linear(x.to(acc), router.to(x.dtype).to(acc),
                  router_bias.to(acc) if router_bias is not None else None)
@@ -400,6 +414,7 @@ class _RoutedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("lorafuse.routing.lora_linear_routed")
         x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g = ctx.saved_tensors
         grads = _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, ctx.abs_logits,
                                  ctx.temperature, list(ctx.needs_input_grad[:8]))
@@ -471,6 +486,7 @@ def _routed_setup_context(ctx, inputs, output):
 
 
 def _routed_op_backward(ctx, dy, _dsp, _ds, _dz, _dg):
+    first_order_only("lorafuse.routing.lora_linear_routed")
     x, weight, a_c, router_c, b_c, sc, sp, s, z, g = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:8])
     if not any(needs):
@@ -485,6 +501,7 @@ torch.library.register_autograd("lorafuse::lora_linear_routed_fwd", _routed_op_b
                                 setup_context=_routed_setup_context)
 
 
+@autocast_inputs
 def lora_linear_routed(
     x: Tensor,
     weight: Tensor,

@@ -22,14 +22,14 @@ from torch import Tensor
 
 from lorafuse.kernels.segmented import (check_ids_on_device, decode_uses_tma, decode_wins, group_rows,
                                         segmented_linear_decode, segmented_lora_, segmented_outer)
-from lorafuse.kernels.utils import can_run, is_interpreting
+from lorafuse.kernels.utils import is_interpreting
 
 from .modules import _check_adapters
+from .ops import _use_kernels, autocast_inputs, first_order_only
 
 __all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference", "SegmentedLoraLinear",
            "AdapterIds", "LibraryHandle", "attach_library"]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LoraLibrary:
@@ -228,7 +228,9 @@ def _check_ids_in_range(ids: Tensor, num_slots: int) -> None:
     if ids.numel() == 0:
         return
     if torch.compiler.is_compiling():
-        torch._assert_async((ids >= -1).all() & (ids < num_slots).all())
+        # With a message: compilers keep the assertion (one without is dropped as dead code).
+        torch._assert_async((ids >= -1).all() & (ids < num_slots).all(),
+                            f"idx must hold adapter ids in [-1, {num_slots}) (-1: no adapter)")
         return
     if ids.is_cuda:
         check_ids_on_device(ids, num_slots)  # one small launch
@@ -259,8 +261,10 @@ def _check_args(x, weight, bias, library) -> None:
         raise ValueError(f"library must hold adapters of d_in={d_in}, d_out={d_out} (the weight's), "
                          f"got d_in={library.d_in}, d_out={library.d_out}")
     if library.device != x.device or library.dtype != x.dtype:
-        raise ValueError(f"library must be {x.dtype} on {x.device} like x, got {library.dtype} on {library.device}: "
-                         f"use library.to({x.device!r}, {x.dtype})")
+        why = (" (under torch.autocast x is cast to the autocast dtype first)"
+               if torch.is_autocast_enabled(x.device.type) else "")
+        raise ValueError(f"library must be {x.dtype} on {x.device} like x{why}, got {library.dtype} on "
+                         f"{library.device}: use library.to({x.device!r}, {x.dtype})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +372,7 @@ class _SegmentedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("lorafuse.lora_linear_segmented")
         x2, weight, ids, a, b, ranks, scales, s = ctx.saved_tensors
         n_x, n_w, n_b, _, n_a, n_bb, _, n_s, _ = ctx.needs_input_grad
         dy = dy.contiguous()
@@ -400,6 +405,7 @@ class _SegmentedFunction(torch.autograd.Function):
         return dx, dw, db, None, da, dbb, None, dscales, None
 
 
+@autocast_inputs
 def lora_linear_segmented(
     x: Tensor,
     weight: Tensor,
@@ -436,7 +442,7 @@ def lora_linear_segmented(
             "lora_linear_segmented outside torch.compile, or freeze the library (requires_grad_(False))")
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
-    kernels = x2.shape[0] != 0 and can_run(x2) and x2.dtype in _KERNEL_DTYPES
+    kernels = x2.shape[0] != 0 and _use_kernels(x2)
     needs_grad = lib_grads or (grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias)))
     # On CUDA without gradients the kernels check the ids themselves (no launch of its own).
     check_in_kernels = (check_ids and kernels and not needs_grad and ids.is_cuda
@@ -542,7 +548,8 @@ class LibraryHandle:
         if held is not None and held.shape == ids.shape and not ids.is_floating_point():
             held.copy_(ids)
         else:
-            self._ids.value = ids.to(device)
+            # A copy: later calls copy_ into the held tensor, which must not be the caller's.
+            self._ids.value = ids.to(device, copy=True)
         return self._ids.value
 
     def detach(self) -> nn.Module:

@@ -419,6 +419,24 @@ def test_leading_dims_and_empty(seeded):
     assert y0.shape == (3, 0, 16)
 
 
+def test_routing_gates_checks_its_arguments(seeded):
+    # The public gate function refuses what lora_linear_routed refuses (no NaN or flipped gates).
+    x, router = torch.randn(4, 16, device=DEVICE), torch.randn(3, 16, device=DEVICE)
+    for top_k in (0, 4, 1.5):
+        with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..3"):
+            routing_gates(x, router, "arrow", top_k)
+    for temperature in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            routing_gates(x, router, "arrow", None, temperature)
+    with pytest.raises(ValueError, match=r"router_bias must be None or have shape \(3,\)"):
+        routing_gates(x, router, "linear", None, 1.0, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="num_adapters must be a positive integer"):
+        routing_gates(x, None, "uniform", num_adapters=2.5)
+    with pytest.raises(ValueError, match="top_k has no meaning"):
+        routing_gates(x, None, "uniform", top_k=1, num_adapters=3)
+    assert torch.equal(routing_gates(x, None, "uniform", num_adapters=4), torch.full((4, 4), 0.25, device=DEVICE))
+
+
 def test_bad_input_is_named(seeded):
     ranks = [2, 3]
     x, w, b, a_cat, b_cat, scale = make_layer(4, 16, 8, ranks, torch.float32)
@@ -438,6 +456,8 @@ def test_bad_input_is_named(seeded):
         lora_linear_routed(*args, ranks, router, "arrow", None, 0.0)
     with pytest.raises(ValueError, match="router_bias is only used with router_kind='linear'"):
         lora_linear_routed(*args, ranks, router, "arrow", None, 1.0, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="top_k has no meaning"):
+        lora_linear_routed(*args, ranks, None, "uniform", 1)
     with pytest.raises(ValueError, match=r"router_bias must be a floating-point tensor of shape \(2,\)"):
         lora_linear_routed(*args, ranks, router, "linear", None, 1.0, torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match="takes no router"):

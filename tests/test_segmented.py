@@ -579,9 +579,11 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
         handle.set_ids([None] * 5)
         plain = base(tokens).logits
     assert all(rel_err(plain[b], out[b]) > 1e-3 for b in (0, 2, 3, 4))
-    held = handle.set_ids([1, 0, 2, -1, 1])
+    first = torch.tensor([1, 0, 2, -1, 1], device=DEVICE)
+    held = handle.set_ids(first)
     assert handle.set_ids(torch.tensor([0, 1, -1, 2, 0])) is held  # same shape: copied in place (CUDA graphs)
     assert held.tolist() == [0, 1, -1, 2, 0]
+    assert first.tolist() == [1, 0, 2, -1, 1], "the caller's ids tensor was overwritten"
     assert torch.equal(plain[1], out[1])
     handle.detach()
     assert type(base.model.layers[0].self_attn.o_proj).__name__ == "Linear"
@@ -629,6 +631,20 @@ def test_torch_compile_fullgraph(seeded):
     loss_ref = f(x, w, b)
     (gx_ref,) = torch.autograd.grad(loss_ref, [x])
     assert rel_err(loss, loss_ref) < 1e-5 and rel_err(gx, gx_ref) < 1e-5
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA a failed device-side assertion ends the process's CUDA context")
+def test_compiled_call_checks_ids(seeded):
+    # The range check survives compilation (an assertion without a message is dropped as dead code).
+    d_in, d_out = 40, 24
+    lib = LoraLibrary.from_adapters(make_adapters(d_in, d_out, [4, 6], torch.float32), num_slots=3)
+    w, b = make_layer(d_in, d_out, torch.float32)
+    compiled = torch.compile(lambda x, ids: lora_linear_segmented(x, w, b, lib, ids), backend="aot_eager",
+                             fullgraph=True)
+    x = torch.randn(3, d_in, device=DEVICE)
+    compiled(x, torch.tensor([1, -1, 0], device=DEVICE))
+    with pytest.raises(RuntimeError, match=r"idx must hold adapter ids in \[-1, 3\)"):
+        compiled(x, torch.tensor([5, -1, 0], device=DEVICE))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
