@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 from typing import List, Optional
 
+from lorafuse.export import default_mode
+
 
 def git_commit() -> str:
     """The commit the benchmark ran from (the device copy of the tree has no .git: pass it in
@@ -74,6 +76,7 @@ def save_json(doc: dict, out_dir: str, prefix: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
+        os.chmod(tmp, default_mode(folder=False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

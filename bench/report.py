@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 
+from lorafuse.export import default_mode
+
 SHOW = ["lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat", "eager_map",
         "compile_map", "graph_loramap"]
 
@@ -74,6 +76,7 @@ def plot(doc, K, r, path):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, default_mode(folder=False))
     os.replace(tmp, path)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +28,7 @@ class UsageError(Exception):
 
 
 # argparse types: a bad number is refused as the command line is read (one line, exit 2).
-def _number(kind, low: Optional[float] = None, inclusive: bool = False):
+def _number(kind, low: Optional[float] = None, inclusive: bool = False, high: Optional[float] = None):
     def parse(text: str):
         try:
             v = kind(text)
@@ -38,12 +39,15 @@ def _number(kind, low: Optional[float] = None, inclusive: bool = False):
         if low is not None and (v < low or (v == low and not inclusive)):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text!r}")
         return v
     return parse
 
 
 POSITIVE_INT, POSITIVE, FINITE = _number(int, 0), _number(float, 0.0), _number(float)
 PEOPLE = _number(int, 3, inclusive=True)  # the two-hop world's three splits need three subjects
+SEED = _number(int, 0, inclusive=True, high=2 ** 32 - 1)  # numpy's range
 
 
 def _check_adapters(paths: List[str]) -> List[str]:
@@ -66,13 +70,33 @@ def _check_adapters(paths: List[str]) -> List[str]:
 
 
 def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: bool = False) -> str:
-    parent = Path(path).resolve().parent
-    if not parent.exists():
-        raise UsageError(f"{flag}: the parent folder {parent} does not exist")
+    """An output folder: missing parents are created when it is written; an existing file is refused."""
+    resolved = Path(path).resolve()
+    for above in [resolved] + list(resolved.parents):
+        if above.exists():
+            if not above.is_dir():
+                what = "is a file" if above == resolved else f"lies under {above}, a file"
+                raise UsageError(f"{flag}: {path} {what}, not a folder")
+            break
     if new and os.path.exists(path):
         raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten"
                          f"{'; --overwrite replaces it' if overwritable else ''})")
     return path
+
+
+def _check_replaceable(path: str, flag: str = "--out") -> None:
+    """--overwrite replaces only what it would have written: a peft adapter folder (or an empty one),
+    never the working folder or one above it."""
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        return
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UsageError(f"{flag}: {path} is the working folder or holds it; --overwrite will not replace it")
+    from .adapters import CONFIG_NAME
+
+    if any(resolved.iterdir()) and not (resolved / CONFIG_NAME).is_file():
+        raise UsageError(f"{flag}: {path} is not a peft adapter folder (no {CONFIG_NAME}); --overwrite replaces "
+                         f"only an adapter folder or an empty one")
 
 
 def _check_compose_args(a) -> None:
@@ -92,7 +116,7 @@ def _check_compose_args(a) -> None:
 
 
 def _check_model_name(name: str) -> str:
-    from .models import MODEL_NAMES, RANDOM_NAME, is_local_name, local_model_dir
+    from .models import MODEL_NAMES, RANDOM_NAME, is_local_name, local_model_dir, random_spec
 
     if is_local_name(name):
         try:
@@ -101,7 +125,27 @@ def _check_model_name(name: str) -> str:
             raise UsageError(f"--model: {e}") from e
     elif name not in MODEL_NAMES and not RANDOM_NAME.match(name):
         raise UsageError(f"--model: unknown model {name!r}; one of: {', '.join(MODEL_NAMES)}")
+    try:
+        random_spec(name)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from e
     return name
+
+
+def _check_decoder(name: str) -> None:
+    """Perplexity needs a causal LM: encoders are refused before any data is read."""
+    from .models import is_local_name, random_spec
+
+    encoder = name in ("minilm", "tiny-bert") or (random_spec(name) or ("",))[0] == "bert"
+    if is_local_name(name):
+        try:
+            archs = json.loads((Path(name) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError):
+            archs = []
+        encoder = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if encoder:
+        raise UsageError(f"--model {name}: an encoder; the summation study scores perplexity and needs a causal "
+                         f"LM (smollm2, tiny-llama, random-llama:<hidden>x<layers>, or a causal-LM folder)")
 
 
 def _check_model_package(name: str) -> None:
@@ -113,29 +157,27 @@ def _check_model_package(name: str) -> None:
             package_dir(name)
         except ImportError as e:
             raise UsageError(f"--model: {e}") from e
+        if name == "smollm2" and importlib.util.find_spec("gguf") is None:
+            raise UsageError(f"--model: smollm2 is read from GGUF, which needs the gguf package; install with: "
+                             f"{MODEL_PACKAGES[name][1]}")
 
 
-def _load_task(spec: str, data_dir: Optional[str]):
+def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     """'two-hop:<split>' or '<task>:<split>' from lorafuse.data."""
     if ":" not in spec:
-        raise UsageError(f"--task must be <name>:<split>, e.g. two-hop:hop1 or covidfact:train; got {spec!r}")
+        raise UsageError(f"{flag} must be <name>:<split>, e.g. two-hop:hop1 or covidfact:train; got {spec!r}")
     name, split = spec.split(":", 1)
-    if name == "two-hop":
-        from .synthetic import two_hop
+    from .data import LM_TASKS, load_task
 
-        dsets = two_hop()
-    else:
-        from .data import LM_TASKS, load_task
-
-        if name in LM_TASKS:
-            raise UsageError(f"--task {name}: a language-modelling task; these commands train and score "
-                             f"classifiers (use `lorafuse experiment summation`, or lorafuse.train with task='lm')")
-        try:
-            dsets = load_task(name, data_dir)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--task: {e}") from e
+    if name in LM_TASKS:
+        raise UsageError(f"{flag} {name}: a language-modelling task; these commands train and score "
+                         f"classifiers (use `lorafuse experiment summation`, or lorafuse.train with task='lm')")
+    try:
+        dsets = load_task(name, data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"{flag}: {e}") from e
     if split not in dsets:
-        raise UsageError(f"--task: {name} has no split {split!r}; splits: {', '.join(dsets)}")
+        raise UsageError(f"{flag}: {name} has no split {split!r}; splits: {', '.join(dsets)}")
     return dsets[split]
 
 
@@ -155,6 +197,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .experiments.report import markdown_table
 
     _check_out(a.out)
+    if getattr(a, "data", None) is not None:
+        raise UsageError("--data: the demo and the recycling study use the synthetic two-hop world, no data folder")
     _check_model_package(a.model)
     print(f"lorafuse demo: two-hop reasoning from recycled adapters on {a.model} -> {a.out}", flush=True)
     kw = {"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}
@@ -168,7 +212,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(markdown_table(doc["rows"], SEEDS_COLUMNS))
         print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
         return 0
-    doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed, n_people=a.people, progress=not a.quiet, **kw)
+    doc = run_recycling(out_dir=a.out, model=a.model, seed=a.seed or 0, n_people=a.people, progress=not a.quiet,
+                        **kw)
     print()
     print(markdown_table(doc["rows"], COLUMNS))
     print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
@@ -180,8 +225,7 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
 
     if a.overwrite:
         _check_out(a.out)
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise UsageError(f"--out: {a.out} is a file, not an adapter folder")
+        _check_replaceable(a.out)
     else:
         _check_out(a.out, new=True, overwritable=True)
     ds = _load_task(a.task, a.data)
@@ -218,13 +262,19 @@ def cmd_compose(a: argparse.Namespace) -> int:
     if a.method == "route":
         raise UsageError("--method route: a routed composition has no fixed low-rank delta to export as one "
                          "peft adapter (use `lorafuse evaluate --method route`)")
-    train_ds = _load_task(a.train_task, a.data) if a.train_task else None  # checked before any work
+    if a.train_task and a.method == "sum":
+        raise UsageError("--train-task: --method sum has nothing to train (use loramap, concat or weighted)")
+    if not a.train_task and (a.epochs is not None or a.lr is not None):
+        raise UsageError("--epochs / --lr: only used with --train-task (the composition's training)")
+    train_ds = _load_task(a.train_task, a.data, "--train-task") if a.train_task else None  # before any work
     model, tok = _composed(a)
     if train_ds is not None:
         from .train import train_composition
 
-        info = train_composition(model, tok, train_ds, epochs=a.epochs, lr=a.lr, seed=a.seed, progress=not a.quiet)
+        info = train_composition(model, tok, train_ds, epochs=a.epochs or 30, lr=a.lr or 3e-3, seed=a.seed,
+                                 progress=not a.quiet)
         print(json.dumps(info, indent=1))
+    os.makedirs(Path(a.out).resolve().parent, exist_ok=True)
     lorafuse.export_peft(model, a.out)
     print(f"wrote one peft adapter (the composition, method={a.method}) to {a.out}")
     return 0
@@ -236,6 +286,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.adapters:  # every flag is checked before the data and the model are loaded
         _check_adapters(a.adapters)
         _check_compose_args(a)
+    elif a.method != "sum" or a.weights is not None or a.map_rank is not None or a.top_k != 1:
+        raise UsageError("--method / --weights / --map-rank / --top-k: only used with --adapters")
     ds = _load_task(a.task, a.data)
     model, tok = _composed(a) if a.adapters else _load_model(a.model, a.seed)
     print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
@@ -257,9 +309,17 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.seeds is not None:
         if len(set(a.seeds)) != len(a.seeds):
             raise UsageError(f"--seeds: each seed once, got {' '.join(map(str, a.seeds))}")
+        if a.seed is not None:
+            raise UsageError("--seed and --seeds: give one of them")
+    unused = {"recycling": ("compose_epochs", "train_limit", "eval_limit", "data"),
+              "loramap": ("people",), "summation": ("people", "compose_epochs")}[a.name]
+    for name in unused:
+        if getattr(a, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')}: not used by the {a.name} study")
     if a.name == "recycling":
-        return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed, people=a.people,
-                                           quiet=a.quiet, epochs=a.epochs, lr=a.lr, seeds=a.seeds))
+        return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed or 0,
+                                           people=a.people or 32, quiet=a.quiet, epochs=a.epochs, lr=a.lr,
+                                           seeds=a.seeds, data=None))
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
@@ -269,6 +329,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.data is not None and not Path(a.data).is_dir():
         raise UsageError(f"--data: {a.data} is not a directory")
     model = a.model or ("minilm" if a.name == "loramap" else "smollm2")
+    if a.name == "summation":
+        _check_decoder(model)
     _check_model_package(model)
     limits = dict(train_limit=a.train_limit, eval_limit=a.eval_limit, progress=not a.quiet)
     if a.epochs:
@@ -277,14 +339,12 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.lr:
         limits.update({"lr": a.lr, "compose_lr": a.lr} if a.name == "loramap" else {"lr": a.lr})
     if a.compose_epochs:
-        if a.name != "loramap":
-            raise UsageError("--compose-epochs: only for the loramap study")
         limits["compose_epochs"] = a.compose_epochs
     try:
         if a.name == "loramap":
             from .experiments.loramap import COLUMNS as columns, run_loramap
 
-            seeds = a.seeds if a.seeds is not None else [0, 1, 2]
+            seeds = a.seeds if a.seeds is not None else [a.seed] if a.seed is not None else [0, 1, 2]
             doc = run_loramap(out_dir=a.out, model=model, data_dir=a.data,
                               seeds=seeds, methods=a.methods, **limits)
         else:
@@ -296,7 +356,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                                                     **limits)
             else:
                 columns = summation.COLUMNS
-                doc = summation.run_summation(out_dir=a.out, model=model, data_dir=a.data, seed=a.seed, **limits)
+                doc = summation.run_summation(out_dir=a.out, model=model, data_dir=a.data, seed=a.seed or 0,
+                                              **limits)
     except FileNotFoundError as e:
         raise UsageError(f"--data: {e}") from e
     print()
@@ -331,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>, "
                         "or the path of a local model folder (config.json, weights, tokenizer; any name with a "
                         "'/', e.g. ./models/minilm), loaded as float32")
-        sp.add_argument("--seed", type=int, default=0, help="seed of data order, head and init (default 0)")
+        sp.add_argument("--seed", type=SEED, default=None if model is None else 0,
+                        help="seed of data order, head and init (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--data", default=None, help="folder holding covidfact/, scifact-rte/, gsm8k/, pubmedqa/ "
                         "(default: $LORAFUSE_DATA or ../shared/data)")
@@ -352,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train")
     t.add_argument("--out", required=True, help="adapter folder to write (peft format); must not exist yet")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (the new adapter takes its place in one rename)")
+                   help="replace an existing adapter folder --out (the new adapter is written beside it, then "
+                   "renamed into place)")
     t.add_argument("--r", type=POSITIVE_INT, default=16)
     t.add_argument("--alpha", type=POSITIVE, default=32)
     t.add_argument("--epochs", type=POSITIVE, default=30)
@@ -372,9 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     composing(c)
     c.add_argument("--out", required=True, help="folder for the exported peft adapter")
-    c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, concat)")
-    c.add_argument("--epochs", type=POSITIVE, default=30)
-    c.add_argument("--lr", type=POSITIVE, default=3e-3)
+    c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, "
+                   "concat, weighted)")
+    c.add_argument("--epochs", type=POSITIVE, default=None, help="epochs of the composition's training (with "
+                   "--train-task; default 30)")
+    c.add_argument("--lr", type=POSITIVE, default=None, help="its learning rate (with --train-task; default 3e-3)")
     c.set_defaults(fn=cmd_compose)
 
     e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters)")
@@ -388,13 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "MiniLM, 3 seeds), summation (GSM8K/PubMedQA/COVID-Fact claims, SmolLM2)")
     common(x, model=None)
     x.add_argument("--out", required=True, help="results folder")
-    x.add_argument("--people", type=PEOPLE, default=32, help="recycling: subjects in the random world")
+    x.add_argument("--people", type=PEOPLE, default=None, help="recycling: subjects in the random world (default 32)")
     x.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per adapter and composition")
     x.add_argument("--lr", type=POSITIVE, default=None, help="learning rate of every fit, adapters and compositions "
                    "(default: recycling and loramap 3e-3, summation 1e-3)")
     x.add_argument("--compose-epochs", type=POSITIVE, default=None, help="loramap: epochs of each method's fit to "
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
-    x.add_argument("--seeds", type=int, nargs="+", default=None, help="loramap: seeds (default 0 1 2); "
+    x.add_argument("--seeds", type=SEED, nargs="+", default=None, help="loramap: seeds (default 0 1 2); "
                    "recycling, summation: run once per seed and report mean and sd (default: --seed alone)")
     x.add_argument("--reuse", action="store_true", help="summation with --seeds: keep a seed's results already "
                    "in <out>/seed<N>/ when they were run with the same settings")
@@ -409,14 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="kernel microbenchmarks (CUDA GPU); extra arguments go to the script")
     b.add_argument("--routing", action="store_true", help="routing / per-request benchmark instead")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="e.g. --quick, --smoke")
-    b.set_defaults(fn=cmd_bench)
+    b.set_defaults(fn=cmd_bench, args=[])
+    b.epilog = "Other arguments (e.g. --quick, --smoke) go to the benchmark script."
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(a, "command", None) != "bench":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        a.args = extra[1:] if extra[0] == "--" else extra  # the benchmark script's own arguments
     if not getattr(a, "fn", None):
         parser.print_help()
         return 2

@@ -287,7 +287,12 @@ LM_TASKS = ("gsm8k", "pubmedqa", "covidfact-claims")
 
 
 def load_task(name: str, data_dir: Optional[str] = None) -> DatasetDict:
-    """The DatasetDict of a task by name (TASKS)."""
+    """The DatasetDict of a task by name (TASKS, or "two-hop": lorafuse.synthetic.two_hop()'s default
+    world, which needs no data folder)."""
+    if name == "two-hop":
+        from .synthetic import two_hop
+
+        return two_hop()
     if name not in LOADERS:
         raise ValueError(f"unknown task {name!r}; valid: two-hop, {', '.join(TASKS)}")
     return LOADERS[name](data_dir)

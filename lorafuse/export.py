@@ -82,18 +82,24 @@ def _lora_config(factors: Dict[str, Tuple[Tensor, Tensor]], meta: Dict[str, Any]
     )
 
 
+def default_mode(folder: bool) -> int:
+    """The mode a plain open()/mkdir would give under the current umask (temporary files and
+    folders are created private, 0600/0700, and keep that mode when renamed into place)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
-    """write(tmp) fills a temporary folder beside out_dir, which then replaces out_dir in one rename
-    (an existing out_dir is moved aside first): a reader sees the old folder or the new, never half."""
+    """write(tmp) fills a temporary folder beside out_dir, which is then renamed into place (an existing
+    out_dir is first renamed aside): a reader never sees a half-written folder (for an instant, while
+    an existing one is replaced, none at all)."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        # mkdtemp makes the folder private (0700); give it the mode a plain mkdir would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, default_mode(folder=True))
         write(tmp)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)

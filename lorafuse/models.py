@@ -23,7 +23,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
     from transformers import PreTrainedTokenizerFast
@@ -88,6 +88,19 @@ def char_tokenizer(lm: bool = False) -> PreTrainedTokenizerFast:
                                    sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>", bos_token="[CLS]")
 
 
+def random_spec(name: str) -> Optional[Tuple[str, int, int]]:
+    """('bert' | 'llama', hidden, layers) for a random-model name, None for other names; ValueError for
+    sizes no model can take (16 features per attention head)."""
+    m = RANDOM_NAME.match(name)
+    if m is None:
+        return None
+    hidden, layers = int(m.group(2)), int(m.group(3))
+    if hidden < 16 or hidden % 16 or layers < 1:
+        raise ValueError(f"{name}: the hidden size must be a positive multiple of 16 (16 features per attention "
+                         f"head) and the layers at least 1, got {hidden}x{layers}")
+    return m.group(1), hidden, layers
+
+
 def _random_model(kind: str, hidden: int, layers: int, task: str, num_labels: int, vocab: int):
     from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
                               LlamaForSequenceClassification)
@@ -117,10 +130,10 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     torch.manual_seed(seed)
     if name in ("tiny-bert", "tiny-llama"):
         name = {"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}[name]
-    m = RANDOM_NAME.match(name)
-    if m:
+    spec = random_spec(name)
+    if spec:
         tok = char_tokenizer(lm=task == "lm")
-        model = _random_model(m.group(1), int(m.group(2)), int(m.group(3)), task, num_labels, len(tok))
+        model = _random_model(*spec, task, num_labels, len(tok))
     elif name == "minilm" or is_local_name(name):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

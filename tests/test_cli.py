@@ -36,7 +36,20 @@ def test_help_lists_every_command(capsys):
     (["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--adapters", "/no/such/dir"],
      "/no/such/dir is not a directory"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x"], "has no adapter_config.json"),
-    (["demo", "--out", "/no/such/parent/out"], "does not exist"),
+    (["demo", "--out", sys.executable], "is a file, not a folder"),
+    (["demo", "--out", os.path.join(sys.executable, "out")], "a file, not a folder"),
+    (["demo", "--data", "/tmp"], "--data: the demo and the recycling study use the synthetic"),
+    (["evaluate", "--task", "two-hop:hop1", "--model", "random-bert:0x2"], "a positive multiple of 16"),
+    (["evaluate", "--task", "two-hop:hop1", "--model", "random-llama:50x1"], "a positive multiple of 16"),
+    (["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--method", "weighted"],
+     "only used with --adapters"),
+    (["experiment", "recycling", "--out", "/tmp/x", "--compose-epochs", "3"], "--compose-epochs: not used by the "
+                                                                               "recycling study"),
+    (["experiment", "recycling", "--out", "/tmp/x", "--train-limit", "3"], "--train-limit: not used"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--people", "5"], "--people: not used by the loramap study"),
+    (["experiment", "summation", "--out", "/tmp/x", "--compose-epochs", "3"], "--compose-epochs: not used"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--seed", "1", "--seeds", "2"], "give one of them"),
+    (["experiment", "summation", "--out", "/tmp/x", "--model", "tiny-bert"], "an encoder"),
     (["evaluate", "--task", "nope:train", "--model", "tiny-bert"], "unknown task 'nope'"),
     (["evaluate", "--task", "covidfact:test", "--model", "tiny-bert", "--data", "/no/such/data"],
      "/no/such/data is not a directory"),
@@ -55,6 +68,22 @@ def test_compose_method_and_map_rank_checked(tmp_path, capsys):
     code, _, _ = run(["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out",
                       str(tmp_path / "a"), "--epochs", "1", "--r", "4", "--quiet"], capsys)
     assert code == 0 and (tmp_path / "a" / "adapter_config.json").is_file()
+    # --overwrite replaces an adapter folder or an empty one, nothing else.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path):
+        code, _, err = run(["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out", str(out),
+                            "--overwrite", "--epochs", "1"], capsys)
+        assert code == 2 and "--overwrite replaces only an adapter folder" in err
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "a")
+        code, _, err = run(["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out", ".",
+                            "--overwrite", "--epochs", "1"], capsys)
+    finally:
+        os.chdir(cwd)
+    assert code == 2 and "is the working folder" in err
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     # An existing adapter is not overwritten unless asked; then it is replaced whole.
     again = ["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out", str(tmp_path / "a"),
              "--epochs", "1", "--r", "4", "--quiet"]
@@ -70,9 +99,17 @@ def test_compose_method_and_map_rank_checked(tmp_path, capsys):
     code, _, err = run(["compose", "--adapters", str(tmp_path / "a"), "--method", "loramap", "--model", "tiny-bert",
                         "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--map-rank" in err
+    for extra, msg in ((["--train-task", "two-hop:two_hop_train"], "--method sum has nothing to train"),
+                       (["--epochs", "3"], "only used with --train-task"),
+                       (["--method", "loramap", "--map-rank", "4", "--train-task", "two-hop:nope"],
+                        "--train-task: two-hop has no split 'nope'")):
+        code, _, err = run(["compose", "--adapters", str(tmp_path / "a"), "--method", "sum", "--model", "tiny-bert",
+                            "--out", str(tmp_path / "c")] + extra, capsys)
+        assert code == 2 and msg in err, err
+    # a missing parent folder is created
     code, out, _ = run(["compose", "--adapters", str(tmp_path / "a"), str(tmp_path / "a"), "--method", "sum",
-                        "--model", "tiny-bert", "--out", str(tmp_path / "c")], capsys)
-    assert code == 0 and (tmp_path / "c" / "adapter_config.json").is_file()
+                        "--model", "tiny-bert", "--out", str(tmp_path / "new" / "c")], capsys)
+    assert code == 0 and (tmp_path / "new" / "c" / "adapter_config.json").is_file()
     code, out, _ = run(["evaluate", "--task", "two-hop:two_hop", "--model", "tiny-bert", "--adapters",
                         str(tmp_path / "a"), "--method", "sum"], capsys)
     assert code == 0 and '"accuracy"' in out
@@ -118,7 +155,8 @@ def test_experiment_lr_reaches_every_fit(name, study, monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(mod, study, fake)
     model = "tiny-bert" if name != "summation" else "tiny-llama"
-    code, _, err = run(["experiment", name, "--out", str(tmp_path / "o"), "--model", model, "--data", str(tmp_path),
+    data = ["--data", str(tmp_path)] if name != "recycling" else []
+    code, _, err = run(["experiment", name, "--out", str(tmp_path / "o"), "--model", model, *data,
                         "--lr", "0.0007", "--quiet"], capsys)
     assert code == 0, err
     assert seen["lr"] == 0.0007
@@ -162,6 +200,9 @@ def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, t
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--map-rank", "-3"], "argument --map-rank: must be"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--weights", "nan"], "argument --weights: must be finite"),
     (["experiment", "loramap", "--out", "/tmp/x", "--train-limit", "-5"], "argument --train-limit: must be"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--seed", "-1"], "argument --seed: must be"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--seeds", "0", "4294967296"], "argument --seeds: must be at most"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_numbers_are_refused_as_the_line_is_read(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -195,3 +236,39 @@ def test_compose_flags_and_adapter_folders_checked_before_any_work(tmp_path, cap
                         "--method", "route", "--top-k", "3"], capsys)
     assert code == 2 and "--top-k must be in 1..2" in err
     assert not os.path.exists(out)
+
+
+def test_bench_passes_its_arguments_on(monkeypatch, capsys):
+    import lorafuse.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: calls.append(cmd) or 0)
+    for args, want in ((["bench", "--smoke"], ["--smoke"]),
+                       (["bench", "--", "--smoke", "--quick"], ["--smoke", "--quick"]),
+                       (["bench", "--routing", "--smoke"], ["--smoke"])):
+        assert main(args) == 0
+        assert calls[-1][-len(want):] == want and calls[-1][1].endswith(
+            "bench_routing.py" if "--routing" in args else "bench_kernels.py")
+
+
+def test_experiment_seed_selects_one_loramap_seed(monkeypatch, capsys, tmp_path):
+    from lorafuse.experiments import loramap
+
+    seen = {}
+    monkeypatch.setattr(loramap, "run_loramap", lambda **kw: seen.update(kw) or {"rows": [], "total_seconds": 0.0,
+                                                                                 "paths": {}})
+    code, _, err = run(["experiment", "loramap", "--out", str(tmp_path / "o"), "--model", "tiny-bert", "--data",
+                        str(tmp_path), "--seed", "7", "--quiet"], capsys)
+    assert code == 0, err
+    assert seen["seeds"] == [7]
+
+
+def test_study_files_get_the_usual_mode(tmp_path):
+    from lorafuse.experiments.report import header, write_results
+
+    umask = os.umask(0)
+    os.umask(umask)
+    doc = dict(header("x", {}), rows=[{"method": "a", "acc": 0.5}])
+    paths = write_results(str(tmp_path / "new"), "x", doc, ["method", "acc"], ["acc"])
+    for p in paths.values():
+        assert (os.stat(p).st_mode & 0o777) == (0o666 & ~umask), p

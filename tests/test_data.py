@@ -75,6 +75,8 @@ def test_bad_paths_and_names(tmp_path):
         data.load_task("covidfact", str(tmp_path))
     with pytest.raises(ValueError, match="unknown task 'nope'.*covidfact"):
         data.load_task("nope", str(tmp_path))
+    # every name the message lists loads; two-hop needs no data folder
+    assert set(data.load_task("two-hop", str(tmp_path / "nowhere"))) >= {"hop1", "hop2", "two_hop"}
     (tmp_path / "scifact-rte").mkdir()
     (tmp_path / "scifact-rte" / "train.tsv").write_text("index\tsentence1\tsentence2\tentailment\n0\te\tc\tmaybe\n")
     (tmp_path / "scifact-rte" / "dev.tsv").write_text("index\tsentence1\tsentence2\tentailment\n0\te\tc\tentailment\n")

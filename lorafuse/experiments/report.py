@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from lorafuse.export import default_mode
 
 def machine() -> Dict[str, str]:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count()),
@@ -53,6 +54,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode(folder=False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
