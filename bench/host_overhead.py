@@ -21,21 +21,21 @@ ops = importlib.import_module("lorafuse.ops")
 
 
 def stub_kernels():
-    def shrink(x, a_cat, scale, a_map=None, b_map=None, save=False, config=None):
+    def shrink(x, a_cat, scale, a_map=None, b_map=None, save=False, **kw):
         T, R = x.shape[0], a_cat.shape[0]
         sp = x.new_empty((T, R))
         return sp, (x.new_empty((T, R), dtype=torch.float32) if save else None), (
             x.new_empty((T, a_map.shape[0]), dtype=torch.float32) if save and a_map is not None else None)
 
-    def lora_gemm(a, b, s=None, c=None, bias=None, impl=None, config=None):
+    def lora_gemm(a, b, s=None, c=None, bias=None, **kw):
         return a.new_empty((a.shape[0], b.shape[1]))
 
-    def fused(x, weight, bias, a_cat, b_cat, scale, a_map=None, b_map=None, save=False, config=None):
+    def fused(x, weight, bias, a_cat, b_cat, scale, a_map=None, b_map=None, save=False, **kw):
         y = x.new_empty((x.shape[0], weight.shape[0]))
         return (y, *shrink(x, a_cat, scale, a_map, b_map, save)) if save else (y, None, None, None)
 
     def shrink_backward(dy, b_cat, scale, s, u, a_map=None, b_map=None, need_ds=True, need_dmap=False,
-                        need_dscale=False, config=None):
+                        need_dscale=False, **kw):
         T, R = dy.shape[0], b_cat.shape[1]
         M = a_map.shape[0] if a_map is not None else 1
         return (dy.new_empty((T, R)) if need_ds else None, torch.zeros(R) if need_dscale else None,

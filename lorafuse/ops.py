@@ -56,6 +56,10 @@ def use_backend(name: str) -> Iterator[None]:
         _BACKEND = old
 
 
+# One cheap call on every layer call (x.device.type alone costs more): is any autocast on at all?
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_inputs(fn: Callable) -> Callable:
     """Make an op whose first three arguments are (x, weight, bias) behave like F.linear under
     torch.autocast: those three cast to the autocast dtype (float64 is left alone, as autocast does),
@@ -63,7 +67,7 @@ def autocast_inputs(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(x, weight, bias, *args, **kwargs):
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        if _any_autocast() and isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
             dev = x.device.type
             dt = torch.get_autocast_dtype(dev)
             x, weight, bias = (t.to(dt) if isinstance(t, Tensor) and t.dtype in _KERNEL_DTYPES else t
