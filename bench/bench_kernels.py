@@ -7,8 +7,10 @@ For every shape (T tokens, d_in, d_out, K adapters of rank r, LoraMap rank m) an
 the median time of the forward and of forward+backward (x requires grad; each method's own
 parameters too), as a ratio to the base layer alone (F.linear: cuBLAS) measured in the same run,
 and the peak memory of forward+backward beyond the inputs. Timing: triton.testing.do_bench,
-warm-up first, the L2 cache flushed before every timed call, median. For T <= 64 the host-side
-cost per eager call is recorded too (decoding runs are often bound by it).
+warm-up first, the L2 cache flushed before every timed call, median of at least MIN_SAMPLES calls;
+the base is timed again at the end of each row (its spread is recorded; ratios use the mean). For
+T <= 64 two more numbers per eager forward: host time per call, and the per-call time of a
+back-to-back loop without flushes (fwd_loop_ms, fwd_loop_ratio): a decoding loop's cost, host included.
 
 Implementations:
   base              F.linear(x, W)                                    (x)
@@ -16,6 +18,7 @@ Implementations:
   lorafuse_concat   MultiLoraLinear(method="concat")                  (x, a_cat, b_cat)
   lorafuse_loramap  MultiLoraLinear(method="loramap", map_rank=m)     (x, a_map, b_map)
   peft              peft LoRA, K adapters active at once (bf16 weights) (x, every A_i, B_i)
+  peft_frozen       the same with the adapters frozen                 (x)   [like-for-like with lorafuse_sum]
   eager_loop        base + sum_i s_i (x A_i^T) B_i^T, one adapter at a time  (x)
   eager_cat         base + ((x A_cat^T) * s) B_cat^T                  (x, A_cat, B_cat)
   eager_map         base + ((((x A_cat^T) A_map^T) B_map^T) * s) B_cat^T  (x, A_map, B_map)
@@ -40,15 +43,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json  # noqa: E402
+from common import env_info, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
 FULL = dict(T=[16, 512, 2048, 8192, 16384], dims=[(4096, 4096), (4096, 14336), (14336, 4096)],
             K=[1, 3, 8], r=[8, 16, 64], m=16)
 SMOKE = dict(T=[1, 37], dims=[(40, 24)], K=[1, 3], r=[5], m=4)
-IMPLS = ["base", "lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat",
-         "eager_map", "compile_map", "graph_base", "graph_loramap"]
+IMPLS = ["base", "lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "peft_frozen", "eager_loop",
+         "eager_cat", "eager_map", "compile_map", "graph_base", "graph_loramap"]
 GRAPH_MAX_T = 2048
 
 
@@ -106,9 +109,9 @@ class Case:
             kw = {"map_rank": self.m, "map_init": "sum"} if method == "loramap" else {}
             layer = lorafuse.MultiLoraLinear(base, ads, method=method, **kw)
             return layer, [p for p in layer.parameters() if p.requires_grad]
-        if impl == "peft":
+        if impl in ("peft", "peft_frozen"):
             model, params = _peft_layer(base, ads, self.r, self.dtype)
-            return model, params
+            return model, (params if impl == "peft" else [])
         a_cat = torch.cat([a for a, _, _ in ads]).requires_grad_(False)
         b_cat = torch.cat([b for _, b, _ in ads], 1).requires_grad_(False)
         scale = torch.cat([torch.full((a.shape[0],), s) for a, _, s in ads]).to(self.device, self.dtype)
@@ -157,14 +160,37 @@ def _graphed(f, x):
     return replay
 
 
+MIN_SAMPLES = 25  # timed calls per median at least, however long one call takes
+
+
 def time_ms(fn, quick=False):
+    """Median of do_bench's event-timed calls (L2 flushed before each), with windows stretched so that
+    slow calls still get MIN_SAMPLES samples (a fixed 20 ms window gave 2-7 samples at T = 16384)."""
     if not torch.cuda.is_available():
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 40, return_mode="median")
+    warmup, rep = (5, 20) if quick else (10, 40)
+    est = do_bench(fn, warmup=1, rep=1, return_mode="median")  # a few calls: the per-call time
+    return do_bench(fn, warmup=max(warmup, 3 * est), rep=max(rep, MIN_SAMPLES * est), return_mode="median")
+
+
+def loop_ms(fn, n=200):
+    """Per-call time of n back-to-back eager calls between two events, no cache flush: what a decoding
+    loop sees. Where the host launches slower than the GPU runs, this is the host's time (do_bench's
+    flush before each call gives the host that long to catch up, which hides it)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
 
 
 def host_us_per_call(fn, n=200):
@@ -192,6 +218,7 @@ def run_case(case: Case, impls, quick):
                 entry["fwd_ms"] = time_ms(lambda f=f: f(x), quick)
                 if cuda and x.shape[0] <= 64:
                     entry["fwd_host_us"] = host_us_per_call(lambda f=f: f(x))
+                    entry["fwd_loop_ms"] = loop_ms(lambda f=f: f(x))
             layer = getattr(f, "module", f)
             if isinstance(layer, lorafuse.MultiLoraLinear):
                 # Every timed lorafuse row is checked against float32 torch on the same weights.
@@ -231,11 +258,21 @@ def run_case(case: Case, impls, quick):
         row[impl] = entry
         gc.collect()
     base = row.get("base", {})
+    if cuda and "fwd_ms" in base and len(impls) > 1:
+        # The base again after every other implementation: a clock or neighbour change during the row
+        # shows as a spread between the two, and the ratios use their mean.
+        W = case.base.weight
+        again = time_ms(lambda: F.linear(case.x, W), quick)
+        base["fwd_ms_runs"] = [base["fwd_ms"], again]
+        base["fwd_spread"] = max(base["fwd_ms_runs"]) / min(base["fwd_ms_runs"]) - 1
+        base["fwd_ms"] = (base["fwd_ms"] + again) / 2
     for impl, e in row.items():
         if "fwd_ms" in e and base.get("fwd_ms"):
             e["fwd_ratio"] = e["fwd_ms"] / base["fwd_ms"]
         if "fb_ms" in e and base.get("fb_ms"):
             e["fb_ratio"] = e["fb_ms"] / base["fb_ms"]
+        if "fwd_loop_ms" in e and base.get("fwd_loop_ms"):
+            e["fwd_loop_ratio"] = e["fwd_loop_ms"] / base["fwd_loop_ms"]
     return row
 
 
@@ -265,8 +302,15 @@ def main(argv=None):
     dtype = torch.bfloat16 if cuda else torch.float32
     doc = {"env": env_info([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
            "dtype": str(dtype), "grid": {k: v for k, v in grid.items()}, "rows": []}
+    # compile_map compiles per shape class and grad mode: the full grid passes dynamo's default limit
+    # of 8 versions, after which it would silently run eagerly.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    warm_up()
     t_start = time.time()
     shapes = list(itertools.product(grid["dims"], grid["K"], grid["r"], grid["T"]))
+    doc["shapes_planned"] = len(shapes)
     # The reference configuration (K = 3, r = 16) first: a run cut short keeps the rows that matter.
     shapes.sort(key=lambda sh: (not (sh[1] == 3 and sh[2] == 16), sh[1], sh[2]))
     for (d_in, d_out), K, r, T in shapes:
@@ -280,10 +324,12 @@ def main(argv=None):
             short += f"  CHECK: {bad}"
         print(f"T={T} {d_in}x{d_out} K={K} r={r} base={row['base'].get('fwd_ms', float('nan')):.4f}ms "
               f"[fwd/fb ratios] {short}  ({time.time() - t_start:.0f}s)", flush=True)
+        doc["seconds"] = time.time() - t_start
         save_json(doc, args.out, args.prefix)  # after every shape, so a cut-off run keeps its rows
         del case
         if cuda:
             torch.cuda.empty_cache()
+    doc["complete"] = True  # (absent in a run cut off before its last shape)
     path = save_json(doc, args.out, args.prefix)
     print("wrote", path)
     return doc

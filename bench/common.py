@@ -51,6 +51,8 @@ def env_info(argv: Optional[List[str]] = None) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
+        # the switches that choose code paths (ops.PERSISTENT, the shrink variant, direct launches, ...)
+        "lorafuse_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORAFUSE_")},
     }
     try:
         import peft

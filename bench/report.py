@@ -15,8 +15,13 @@ import tempfile
 
 from lorafuse.export import default_mode
 
-SHOW = ["lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "eager_loop", "eager_cat", "eager_map",
-        "compile_map", "graph_loramap"]
+SHOW = ["lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "peft_frozen", "eager_loop", "eager_cat",
+        "eager_map", "compile_map", "graph_loramap"]
+
+
+def shown(rows):
+    """The columns of SHOW that the run measured (older results lack some)."""
+    return [s for s in SHOW if any(s in row["impls"] for row in rows)]
 
 
 def rows_for(doc, K, r):
@@ -25,12 +30,13 @@ def rows_for(doc, K, r):
 
 def markdown(doc, K, r) -> str:
     rows = sorted(rows_for(doc, K, r), key=lambda x: (x["d_in"], x["d_out"], x["T"]))
-    head = "| T | d_in x d_out | base fwd ms | " + " | ".join(s.replace("lorafuse_", "lorafuse ") for s in SHOW) + " |"
-    out = [head, "|" + " --- |" * (3 + len(SHOW))]
+    show = shown(rows)
+    head = "| T | d_in x d_out | base fwd ms | " + " | ".join(s.replace("lorafuse_", "lorafuse ") for s in show) + " |"
+    out = [head, "|" + " --- |" * (3 + len(show))]
     for row in rows:
         im = row["impls"]
         cells = []
-        for s in SHOW:
+        for s in show:
             e = im.get(s, {})
             if "fwd_ratio" in e:
                 fb = e.get("fb_ratio", float("nan"))
@@ -55,7 +61,7 @@ def plot(doc, K, r, path):
         sel = sorted([x for x in rows if (x["d_in"], x["d_out"]) == (di, do)], key=lambda x: x["T"])
         for i, key in enumerate(["fwd_ratio", "fb_ratio"]):
             ax = axes[i][j]
-            for s in SHOW:
+            for s in shown(rows):
                 pts = [(x["T"], x["impls"].get(s, {}).get(key)) for x in sel]
                 pts = [(t, v) for t, v in pts if v is not None]
                 if pts:
