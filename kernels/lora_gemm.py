@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, t_bucket
+from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
 
@@ -423,10 +423,11 @@ def _tma_available(device: torch.device) -> bool:
 
 
 def _tma_compatible(*ts: torch.Tensor) -> bool:
-    """Tensor-memory-accelerator rules: 16-byte aligned base and strides, unit last stride."""
+    """Tensor-memory-accelerator rules: 16-byte aligned base and strides, unit last stride (a
+    transposed operand is passed as its .t() view where the kernel can read it so)."""
     for t in ts:
         es = t.element_size()
-        if t.data_ptr() % 16 or t.stride(-1) != 1 and t.stride(0) != 1:
+        if t.data_ptr() % 16 or t.stride(-1) != 1:
             return False
         if any((st * es) % 16 for st in t.stride() if st != 1):
             return False
@@ -441,6 +442,11 @@ GEMM_IMPL = "auto"
 
 def _check_gemm_args(a, b, s, c, bias):
     check_runnable("a", a)
+    for name, t in (("b", b), ("s", s), ("c", c), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{'' if name == 'b' else ' or None'}, got {type(t).__name__}")
+    if b is None:
+        raise TypeError("b must be a torch.Tensor of shape (K, N), got None")
     if a.dim() != 2:
         raise ValueError(f"a must have shape (T, K), got {tuple(a.shape)}")
     if c is not None and s is None:
@@ -494,10 +500,10 @@ def lora_gemm(
     impl = impl or GEMM_IMPL
     # Below 128 rows a 128-row tile is mostly empty; the pointer kernel's small tiles do better.
     use_tma = impl == "tma" or (impl == "auto" and T >= 128 and a.dtype != torch.float32)
-    if use_tma and a.is_cuda and _tma_available(a.device) and _tma_compatible(a, b, out):
+    b_nk = b.stride(0) == 1 and b.stride(1) != 1  # b is W^T: load W's (N, K) rows directly
+    bt = b.t() if b_nk else b
+    if use_tma and a.is_cuda and _tma_available(a.device) and _tma_compatible(a, bt, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        b_nk = b.stride(0) == 1  # b is W^T: load W's (N, K) rows directly
-        bt = b.t() if b_nk else b
         cfg = config or tma_config(T, N, K, b_nk)
         bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
@@ -590,6 +596,12 @@ def _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
     return scale, unit_vector(bias)
 
 
+def fused_max_r(dtype: torch.dtype) -> int:
+    """The most rank columns lora_gemm_fused takes: it keeps a (BLOCK_M x R) tile of S on chip, which
+    ran out of shared memory on an H200 above R = 512 in 16-bit and at R = 384 in float32."""
+    return 256 if dtype in (torch.float16, torch.bfloat16) else 128
+
+
 def lora_gemm_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -615,14 +627,19 @@ def lora_gemm_fused(
     T, D = x.shape
     N = weight.shape[0]
     R = a_cat.shape[0]
+    if R > fused_max_r(x.dtype):
+        raise ValueError(f"a_cat has R = {R} rank columns; lora_gemm_fused holds them all on chip and takes at "
+                         f"most {fused_max_r(x.dtype)} in {x.dtype} (use shrink + lora_gemm)")
     has_map = a_map is not None
     MR = a_map.shape[0] if has_map else 1
     y = new_empty((T, N), x.dtype, x.device)
     sp = alloc_rows(T, R, x.dtype, x.device) if save else None
     s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
-    if T == 0 or N == 0:
+    if T == 0:
         return y, sp, s, u
+    if N == 0:  # no output columns: the rows' S', S, U still come from the shrink
+        return (y,) + (shrink(x, a_cat, scale, a_map, b_map, save=True) if save else (None, None, None))
     dummy = x
     am = a_map if has_map else scale
     bm = b_map if has_map else scale

@@ -82,8 +82,9 @@ def _stacked_partial(x, a_cat, router, cfg):
     """float32 partial sums of x [a_cat; router]^T over cfg["SPLITS"] ranges of d_in: (splits, T, R + K)."""
     T, D = x.shape
     R, K = a_cat.shape[0], router.shape[0]
-    d_per = cdiv(cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = cdiv(D, d_per)
+    # D = 0 still takes one split, whose empty loop writes zeros.
+    d_per = max(cfg["BLOCK_K"], cdiv(cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"])
+    splits = max(1, cdiv(D, d_per))
     part = new_empty((splits, T, R + K), torch.float32, x.device)
     grid = (cdiv(R + K, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
     launch(_stacked_partial_kernel, grid,
@@ -207,9 +208,10 @@ def routed_shrink(
     if tuple(block_ids.shape) != (R,) or block_ids.dtype != torch.int32 or block_ids.device != x.device:
         raise ValueError(f"block_ids must be int32 of shape ({R},) on {x.device}, got {block_ids.dtype} "
                          f"{tuple(block_ids.shape)} on {block_ids.device}")
-    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32):
-        raise ValueError(f"router_bias must be float32 of shape ({K},), got {router_bias.dtype} "
-                         f"{tuple(router_bias.shape)}")
+    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32
+                                    or router_bias.device != x.device):
+        raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
+                         f"{tuple(router_bias.shape)} on {router_bias.device}")
     if top_k is not None and not (1 <= int(top_k) <= K):
         raise ValueError(f"top_k must be None or an integer in 1..{K}, got {top_k!r}")
     if not (temperature > 0 and temperature < float("inf")):

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, next_pow2,
-                    num_sms)
+from .utils import (block_for, can_run, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty,
+                    next_pow2, num_sms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,10 +394,22 @@ def _plan_kernel(idx_ptr, counts_ptr, pos_ptr, perm_ptr, seg_start_ptr, seg_end_
         tl.store(perm_ptr + start + pos, offs_t, mask=has)
 
 
+def _check_ids_arg(idx: torch.Tensor) -> torch.Tensor:
+    """idx (T,) int32/int64 where the kernels can read it; returned contiguous (they read it unstrided)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be an int32/int64 tensor of shape (T,), got {got}")
+    if not can_run(idx):
+        raise ValueError(f"idx is on {idx.device}: the Triton kernels need CUDA tensors "
+                         f"(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
+    return idx.contiguous()
+
+
 def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     """Group rows by slot (a counting sort: three launches) and lay out the row blocks.
 
     idx (T,) int32/int64; ids outside [0, num_slots) (-1 among them) belong to no block."""
+    idx = _check_ids_arg(idx)
     T = idx.shape[0]
     dev = idx.device
     i32 = torch.int32
@@ -526,6 +538,7 @@ def check_ids_on_device(idx: torch.Tensor, num_slots: int) -> None:
     """Device-side assertion that idx (T,) lies in [-1, num_slots): one launch, no host read-back
     (a failure surfaces at the next synchronisation and ends the CUDA context). CUDA only: the
     interpreter does not raise device assertions."""
+    idx = _check_ids_arg(idx)
     T = idx.shape[0]
     if T:
         launch(_check_ids_kernel, (cdiv(T, 1024),), idx, T, num_slots, BLOCK=1024, num_warps=4)
@@ -558,6 +571,12 @@ def _gathered_blocks(block_r: int):
     return width, width, 4
 
 
+def grouped_max_r(dtype: torch.dtype) -> int:
+    """The largest r_max the grouped schedule takes: its shrink ran out of shared memory on an H200
+    from r_max = 384 in float16 (256 ran)."""
+    return 256 if dtype in (torch.float16, torch.bfloat16) else 128
+
+
 def _grouped_blocks(T: int, dtype: torch.dtype):
     if is_interpreting():
         return 16, 32, 32, 4
@@ -580,8 +599,9 @@ def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.T
 
 
 def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Tensor, ranks: torch.Tensor,
-                scales: torch.Tensor, idx: torch.Tensor) -> None:
-    """The library and the row ids against rows x (T, D) and an output width N."""
+                scales: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The library and the row ids against rows x (T, D) and an output width N; returns (ranks, idx)
+    contiguous (the kernels read them without strides)."""
     T, D = x.shape
     _check_library("fac_in", fac_in, x, ranks, scales)
     _check_library("fac_out", fac_out, x, ranks, scales)
@@ -592,6 +612,7 @@ def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Te
     if tuple(idx.shape) != (T,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != x.device:
         raise ValueError(f"idx must be an int32/int64 tensor of shape ({T},) on {x.device}, "
                          f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
+    return ranks.contiguous(), idx.contiguous()
 
 
 def _check_x(x: torch.Tensor) -> Tuple[int, int]:
@@ -644,10 +665,12 @@ def segmented_lora_(
     """out[t] += round(scales[i] * (fac_in[i, :r_i] @ x[t])) @ fac_out[i, :r_i] with i = idx[t], in place.
 
     out: (T, N_out); x: (T, D); fac_in: (num_slots, r_max, D) and fac_out: (num_slots, r_max, N_out)
-    in x's dtype (zero-padded slots; any strides); ranks (num_slots,) int; scales (num_slots,) float32,
+    in x's dtype (zero-padded slots; any strides); ranks (num_slots,) int, each at most r_max (not
+    checked on the device: LoraLibrary guarantees it); scales (num_slots,) float32,
     or (num_slots, r_max) for a scale per rank column; idx (T,)
     int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
-    schedule: "gathered", "grouped" or "auto" (by T). Returns out, or (out, S) with save_s:
+    schedule: "gathered", "grouped" or "auto" (by T; gathered whatever T above grouped_max_r).
+    Returns out, or (out, S) with save_s:
     S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
     row_scale (T,) float32, optional: a factor per row on top of its slot's scale (a routed
     layer's gate), applied before the rounding.
@@ -663,7 +686,7 @@ def segmented_lora_(
         raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     N = out.shape[1]
-    _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
+    ranks, idx = _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
     num_slots, r_max = fac_in.shape[:2]
     if schedule not in ("auto", "gathered", "grouped"):
         raise ValueError(f"schedule must be 'auto', 'gathered' or 'grouped', got {schedule!r}")
@@ -675,8 +698,11 @@ def segmented_lora_(
     row_scale_ = row_scale if has_rs else scales
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     if schedule == "auto":
-        schedule = "gathered" if T <= GATHERED_MAX_T else "grouped"
-    empty = T == 0 or N == 0 or num_slots == 0 or r_max == 0
+        schedule = "gathered" if T <= GATHERED_MAX_T or r_max > grouped_max_r(x.dtype) else "grouped"
+    elif schedule == "grouped" and r_max > grouped_max_r(x.dtype):
+        raise ValueError(f"fac_in has r_max = {r_max}; the grouped schedule holds a (BLOCK_T x r_max) tile on "
+                         f"chip and takes at most {grouped_max_r(x.dtype)} in {x.dtype} (use 'gathered')")
+    empty = T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0
     fork = (base is not None and schedule == "gathered" and not empty and x.is_cuda
             and torch.cuda.is_current_stream_capturing())
     if fork:
@@ -837,7 +863,7 @@ def segmented_linear_decode(
     if T > DECODE_MAX_T:
         raise ValueError(f"segmented_linear_decode takes at most {DECODE_MAX_T} rows, got T = {T} "
                          "(use segmented_lora_ onto a base product)")
-    _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
+    ranks, idx = _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
     num_slots, r_max = fac_in.shape[:2]
     if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do
         if check_ids and x.is_cuda:
@@ -930,10 +956,23 @@ def segmented_outer(u: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, plan
     u: (T, r_max) float32 (e.g. S or dS'); v: (T, D) (x or dY); plan: group_rows of the ids.
     Slots without rows get zeros."""
     check_runnable("v", v)
+    if v.dim() != 2:
+        raise ValueError(f"v must have shape (T, D), got {tuple(v.shape)}")
     T, D = v.shape
+    if (not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] != T or u.dtype != torch.float32
+            or u.stride(-1) != 1 or u.device != v.device):
+        got = f"{u.dtype} {tuple(u.shape)} on {u.device}" if isinstance(u, torch.Tensor) else type(u).__name__
+        raise ValueError(f"u must be a contiguous-row ({T}, r_max) float32 tensor on {v.device}, got {got}")
     r_max = u.shape[1]
-    if u.shape[0] != T or u.dtype != torch.float32 or u.stride(-1) != 1:
-        raise ValueError(f"u must be a contiguous-row ({T}, r_max) float32 tensor, got {u.dtype} {tuple(u.shape)}")
+    if plan.perm.shape[0] != T or plan.perm.device != v.device:
+        raise ValueError(f"plan must come from group_rows of {T} ids on {v.device}, got one of "
+                         f"{plan.perm.shape[0]} on {plan.perm.device}")
+    if (not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (plan.num_slots,)
+            or scales.dtype != torch.float32 or scales.device != v.device):
+        got = (f"{scales.dtype} {tuple(scales.shape)} on {scales.device}" if isinstance(scales, torch.Tensor)
+               else type(scales).__name__)
+        raise ValueError(f"scales must be a float32 tensor of shape ({plan.num_slots},) on {v.device}, got {got}")
+    scales = scales.contiguous()
     out = new_empty((plan.num_slots, r_max, D), torch.float32, v.device)
     if plan.num_slots == 0 or r_max == 0 or D == 0:
         return out
