@@ -34,13 +34,19 @@ def evaluate_classification(model: nn.Module, tokenizer: PreTrainedTokenizerBase
     was = model.training
     model.eval()
     preds, labels = [], []
+    n_classes = 0
     for batch in _batches(model, tokenizer, dataset, "classification", batch_size, max_length):
         y = batch.pop("labels")
-        preds += model(**batch).logits.argmax(-1).tolist()
+        logits = model(**batch).logits
+        n_classes = logits.shape[-1]
+        preds += logits.argmax(-1).tolist()
         labels += y.tolist()
     model.train(was)
+    # Macro-F1 over every class the model has, not only those present: a set holding one class
+    # predicted right scores 1/n_classes (as it would with the absent class counted at F1 0), not 1.
     return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)), "n": len(labels)}
+            "macro_f1": float(f1_score(labels, preds, labels=list(range(n_classes)), average="macro",
+                                       zero_division=0)), "n": len(labels)}
 
 
 @torch.no_grad()

@@ -10,8 +10,10 @@ handling and budget; multi-GPU runs work through torchrun/accelerate as the Trai
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:  # hints only: datasets and transformers are imported where used
@@ -76,6 +78,37 @@ def _collator(tokenizer, task: str):
     return DataCollatorWithPadding(tokenizer)
 
 
+def derived_seed(seed: int, *parts: Any) -> int:
+    """A seed drawn from (seed, *parts), the same in every process (unlike hash() of a str)."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(str(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int, model: Optional[nn.Module] = None) -> Iterator[None]:
+    """Inside the block the global RNG (CPU, and the CUDA devices of `model`) starts from `seed`; after
+    it, the state from before is back. For initialisations that draw from the global RNG (peft's
+    LoRA A, a LoraMap's a_map): each then depends on its own seed, not on what ran before it."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda}) if model is not None else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def is_main_process() -> bool:
+    """False on every rank but 0 of a torch.distributed run (torchrun): only rank 0 writes files."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -111,12 +144,15 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dat
 
 def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, out_dir: str,
                   r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0,
-                  also_train: Sequence[nn.Module] = (), **fit_kw) -> Dict[str, Any]:
+                  also_train: Sequence[nn.Module] = (), init_seed: Optional[int] = None, **fit_kw) -> Dict[str, Any]:
     """Train one peft LoRA on `train_dataset` and save it (peft format, atomically) to out_dir.
 
     The model is returned to its original state (LoRA layers removed, not merged), so the same base
     model serves every adapter of an experiment. `also_train`: modules of the model trained with the
     adapter but not saved with it (e.g. a task head, see `fresh_head`); their weights stay as trained.
+    init_seed: the seed of the adapter's initial lora_A (default: derived from fit's `seed` and
+    out_dir's folder name, so that adapters trained one after another do not start alike, and each
+    is the same whatever ran before it). Under torchrun every rank trains; rank 0 saves.
     Returns fit()'s dict plus "path".
     """
     from peft import LoraConfig, get_peft_model
@@ -128,12 +164,17 @@ def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_da
     targets = list(target_modules) if target_modules else lora_target_modules(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
-    peft_model = get_peft_model(model, cfg)
+    if init_seed is None:
+        init_seed = derived_seed(fit_kw.get("seed", 0), "lora-init", Path(out_dir).name)
+    with seeded(init_seed, model):
+        peft_model = get_peft_model(model, cfg)
     for m in also_train:
         m.requires_grad_(True)
     try:
         info = fit(peft_model, tokenizer, train_dataset, **fit_kw)
-        save_adapter(peft_model, out_dir)
+        if is_main_process():
+            save_adapter(peft_model, out_dir)
+        _barrier()  # the other ranks read the adapter only once it is there
     finally:
         peft_model.unload()
         for n, p in model.named_parameters():

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from .common import check_methods, subset
 from .report import header, write_results
 
@@ -65,7 +67,8 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
     from ..data import load_perspective, load_task
     from ..evaluate import evaluate_classification
     from ..models import load_model
-    from ..train import _collator, freeze_all, fresh_head, tokenize, train_adapter, train_composition
+    from ..train import (_collator, derived_seed, freeze_all, fresh_head, tokenize, train_adapter,
+                         train_composition)
 
     methods = check_methods(methods, METHODS)
     t_start = time.perf_counter()
@@ -113,6 +116,9 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
         fit_c = dict(epochs=compose_epochs, lr=compose_lr, seed=seed, **fit_kw)
         for method in methods:
             t0 = time.perf_counter()
+            # Each method's own initialisation (a LoraMap's a_map) comes from (seed, method), not from
+            # whatever ran before it; adapters' lora_A from their folder names (train_adapter).
+            torch.manual_seed(derived_seed(seed, "method", method))
             row: Dict[str, Any] = {"method": method, "seed": seed}
             # Every method is fitted to COVID-Fact with the same budget through a fresh head (a linear
             # probe, drawn alike for all), plus whatever the method itself trains.
@@ -143,7 +149,7 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
                     row.update(trainable_params=fit["trainable_params"], train_loss=fit["train_loss"])
                     if method == "lorahub":
                         # LoraHub then searches the K weights, gradient-free, with the fitted head.
-                        few = tokenize(train.select(range(min(lorahub_examples, len(train)))), tok, max_length)
+                        few = tokenize(subset(train, lorahub_examples, seed), tok, max_length)  # a seeded draw
                         batch = _collator(tok, "classification")(list(few))
                         batch = {k: v.to(next(net.parameters()).device) for k, v in batch.items()}
                         res = lorafuse.lorahub_search(net, None, [batch], budget=lorahub_budget, seed=seed)

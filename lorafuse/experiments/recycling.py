@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from .common import check_methods, check_seeds, mean_sd
 from .report import header, write_results
 
@@ -46,7 +48,7 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     from ..evaluate import evaluate_classification
     from ..models import load_model
     from ..synthetic import two_hop
-    from ..train import train_adapter, train_composition
+    from ..train import derived_seed, train_adapter, train_composition
 
     methods = check_methods(methods, METHODS)
     import datasets
@@ -93,6 +95,9 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     compose_kw = dict(epochs=compose_epochs, lr=compose_lr, batch_size=batch_size, seed=seed, progress=progress)
     for method in methods:
         t0 = time.perf_counter()
+        # Each method draws its own initialisation (a LoraMap's a_map) from (seed, method): its result
+        # does not depend on which methods ran before it.
+        torch.manual_seed(derived_seed(seed, "method", method))
         extra: Dict[str, Any] = {"trainable_params": 0}
         if method == "base":
             evaluate(method, {**extra, "seconds": 0.0})

@@ -79,6 +79,10 @@ def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], pl
     label_key) in out_dir, each written atomically; returns the paths."""
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    from ..train import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 writes
+        return {k: str(v) for k, v in paths.items()}
     _atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
     table = markdown_table(doc["rows"], columns)
     md = (f"# {doc['study']}\n\nCommand: `{doc['command']}`  \nCommit {doc['commit']}, {doc['date']}, "
