@@ -105,3 +105,38 @@ def test_lm_truncation_keeps_the_answer():
     assert len(row["input_ids"]) <= 32
     scored = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert scored == tok(" yes" + tok.eos_token, add_special_tokens=False)["input_ids"]
+
+
+def test_adapter_init_depends_on_its_name_and_seed_only(tiny, tmp_path, monkeypatch):
+    # Adapters trained one after another used to start from the same lora_A (the Trainer re-seeds
+    # the global RNG, and training without dropout draws nothing from it): their deltas lined up.
+    import lorafuse.train as train
+    from safetensors.torch import load_file
+
+    model, tok, data = tiny
+    monkeypatch.setattr(train, "fit", lambda *a, **k: {"train_loss": 0.0, "trainable_params": 1})
+
+    def init(name, out):
+        train_adapter(model, tok, data["hop1"], str(tmp_path / out / name), r=4, alpha=8, seed=3)
+        w = load_file(str(tmp_path / out / name / "adapter_model.safetensors"))
+        return torch.cat([v.flatten() for k, v in sorted(w.items()) if "lora_A" in k])
+
+    a, b = init("hop1", "x"), init("hop2", "x")
+    torch.manual_seed(1234)  # whatever ran before does not matter
+    again = init("hop1", "y")
+    assert not torch.allclose(a, b) and torch.equal(a, again)
+
+
+def test_macro_f1_counts_every_class(tiny):
+    # A set holding one class, all predicted right: macro-F1 over both classes is 0.5, not 1.
+    model, tok, data = tiny
+    ds = data["hop1"].filter(lambda r: r["label"] == 0)
+    head = model.classifier
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor([100.0, -100.0]))
+        res = evaluate_classification(model, tok, ds)
+    finally:
+        head.load_state_dict(saved)
+    assert res["accuracy"] == 1.0 and res["macro_f1"] == 0.5
