@@ -323,14 +323,14 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
+    model = a.model or ("minilm" if a.name == "loramap" else "smollm2")
+    if a.name == "summation":
+        _check_decoder(model)
     if a.data is None and default_data_dir() is None:
         raise UsageError("--data: no data folder found; pass --data <folder with covidfact/, scifact-rte/, "
                          "gsm8k/, pubmedqa/> or set LORAFUSE_DATA")
     if a.data is not None and not Path(a.data).is_dir():
         raise UsageError(f"--data: {a.data} is not a directory")
-    model = a.model or ("minilm" if a.name == "loramap" else "smollm2")
-    if a.name == "summation":
-        _check_decoder(model)
     _check_model_package(model)
     limits = dict(train_limit=a.train_limit, eval_limit=a.eval_limit, progress=not a.quiet)
     if a.epochs:
