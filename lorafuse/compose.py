@@ -319,10 +319,11 @@ def merge(model: nn.Module) -> nn.Module:
         w = base.weight
         delta = layer.delta_weight().to(w.device)
         if slot.conv1d is not None:
-            # Conv1D keeps W^T (d_in, d_out), contiguous as save_pretrained needs.
+            # Conv1D keeps W^T (d_in, d_out), contiguous as save_pretrained needs. Built from the Linear
+            # view, which model.to()/half() kept current (the Conv1D itself is off the model).
             with torch.device("meta"):
                 merged = type(slot.conv1d)(layer.out_features, layer.in_features)
-            merged.weight = nn.Parameter((slot.conv1d.weight.float() + delta.t()).to(w.dtype), requires_grad=False)
+            merged.weight = nn.Parameter((w.float() + delta).t().contiguous().to(w.dtype), requires_grad=False)
         else:
             merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
             merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)

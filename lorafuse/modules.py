@@ -237,7 +237,7 @@ class MultiLoraLinear(nn.Module):
             raise ValueError("a 'route' composition has no fixed low-rank factors or delta weight: its gates "
                              "depend on the input (merge and export need sum, weighted, concat or loramap)")
         a = self.a_cat.detach().float()
-        b = self.b_cat.detach().float() * self.scale.detach()
+        b = self.b_cat.detach().float() * self.scale.detach().float()
         if self.a_map is not None:
             return self.a_map.detach().float() @ a, b @ self.b_map.detach().float()
         return a, b

@@ -422,6 +422,20 @@ def test_merged_gpt2_saves_and_reloads(saved, tmp_path, seeded):
     assert rel_err(merged_out, model_output(fresh_model(saved, "gpt2"), inputs)) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merge_after_a_dtype_change(saved, family, seeded):
+    # model.double() while composed reaches the Linear views (and on GPT-2 not the Conv1D objects off
+    # the model): merge must build from what the model holds now.
+    _, _, _, dirs = saved[family]
+    inputs = model_inputs(family)
+    model = compose(fresh_model(saved, family), dirs, method="weighted", weights=[0.5, 1.0, -0.8]).double()
+    with use_backend("torch"):
+        composed_out = model_output(model, inputs)
+    merge(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert rel_err(model_output(model, inputs), composed_out) < 1e-5  # the delta is formed in float32
+
+
 @pytest.mark.parametrize("restore", ["unmerge", "decompose"])
 def test_dtype_change_while_merged(saved, restore, seeded):
     # model.double() while merged reaches only the merged layers: the composed ones must follow.
