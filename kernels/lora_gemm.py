@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
+                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, unit_vector)
 
 
 @triton.jit
@@ -596,12 +596,6 @@ def _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
     return scale, unit_vector(bias)
 
 
-def fused_max_r(dtype: torch.dtype) -> int:
-    """The most rank columns lora_gemm_fused takes: it keeps a (BLOCK_M x R) tile of S on chip, which
-    ran out of shared memory on an H200 above R = 512 in 16-bit and at R = 384 in float32."""
-    return 256 if dtype in (torch.float16, torch.bfloat16) else 128
-
-
 def lora_gemm_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -627,9 +621,9 @@ def lora_gemm_fused(
     T, D = x.shape
     N = weight.shape[0]
     R = a_cat.shape[0]
-    if R > fused_max_r(x.dtype):
+    if R > onchip_rank_limit(x.dtype):
         raise ValueError(f"a_cat has R = {R} rank columns; lora_gemm_fused holds them all on chip and takes at "
-                         f"most {fused_max_r(x.dtype)} in {x.dtype} (use shrink + lora_gemm)")
+                         f"most {onchip_rank_limit(x.dtype)} in {x.dtype} (use shrink + lora_gemm)")
     has_map = a_map is not None
     MR = a_map.shape[0] if has_map else 1
     y = new_empty((T, N), x.dtype, x.device)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .shrink import FINISH_BLOCK_T, _sum_splits, alloc_rows, split_config
-from .utils import block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, unit_vector
+from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, split_range,
+                    unit_vector)
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
@@ -82,9 +83,7 @@ def _stacked_partial(x, a_cat, router, cfg):
     """float32 partial sums of x [a_cat; router]^T over cfg["SPLITS"] ranges of d_in: (splits, T, R + K)."""
     T, D = x.shape
     R, K = a_cat.shape[0], router.shape[0]
-    # D = 0 still takes one split, whose empty loop writes zeros.
-    d_per = max(cfg["BLOCK_K"], cdiv(cdiv(D, cfg["SPLITS"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"])
-    splits = max(1, cdiv(D, d_per))
+    d_per, splits = split_range(D, cfg["SPLITS"], cfg["BLOCK_K"])
     part = new_empty((splits, T, R + K), torch.float32, x.device)
     grid = (cdiv(R + K, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))
     launch(_stacked_partial_kernel, grid,

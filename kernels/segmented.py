@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .utils import (block_for, can_run, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty,
-                    next_pow2, num_sms)
+                    next_pow2, num_sms, onchip_rank_limit, split_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,12 +571,6 @@ def _gathered_blocks(block_r: int):
     return width, width, 4
 
 
-def grouped_max_r(dtype: torch.dtype) -> int:
-    """The largest r_max the grouped schedule takes: its shrink ran out of shared memory on an H200
-    from r_max = 384 in float16 (256 ran)."""
-    return 256 if dtype in (torch.float16, torch.bfloat16) else 128
-
-
 def _grouped_blocks(T: int, dtype: torch.dtype):
     if is_interpreting():
         return 16, 32, 32, 4
@@ -634,8 +628,7 @@ def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor,
     block_r = block_for(r_max)
     block_d, _, warps = _gathered_blocks(block_r)
     splits = max(1, min(cdiv(D, block_d), cdiv(2 * num_sms(x.device), T)))
-    per_split = cdiv(cdiv(D, splits), block_d) * block_d
-    splits = cdiv(D, per_split)
+    per_split, splits = split_range(D, splits, block_d)
     part = new_empty((splits, T, r_max), torch.float32, x.device)
     launch(_gathered_shrink_checked_kernel if check_ids and x.is_cuda else _gathered_shrink_kernel, (T, splits),
         x, fac_in, ranks, idx, part,
@@ -669,7 +662,7 @@ def segmented_lora_(
     checked on the device: LoraLibrary guarantees it); scales (num_slots,) float32,
     or (num_slots, r_max) for a scale per rank column; idx (T,)
     int with values in [-1, num_slots) (-1: row left as it is; values are not checked here).
-    schedule: "gathered", "grouped" or "auto" (by T; gathered whatever T above grouped_max_r).
+    schedule: "gathered", "grouped" or "auto" (by T; gathered whatever T above onchip_rank_limit).
     Returns out, or (out, S) with save_s:
     S (T, r_max) float32 = fac_in[i, :r_i] @ x[t] unscaled (zero for rows without an adapter).
     row_scale (T,) float32, optional: a factor per row on top of its slot's scale (a routed
@@ -698,10 +691,10 @@ def segmented_lora_(
     row_scale_ = row_scale if has_rs else scales
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     if schedule == "auto":
-        schedule = "gathered" if T <= GATHERED_MAX_T or r_max > grouped_max_r(x.dtype) else "grouped"
-    elif schedule == "grouped" and r_max > grouped_max_r(x.dtype):
+        schedule = "gathered" if T <= GATHERED_MAX_T or r_max > onchip_rank_limit(x.dtype) else "grouped"
+    elif schedule == "grouped" and r_max > onchip_rank_limit(x.dtype):
         raise ValueError(f"fac_in has r_max = {r_max}; the grouped schedule holds a (BLOCK_T x r_max) tile on "
-                         f"chip and takes at most {grouped_max_r(x.dtype)} in {x.dtype} (use 'gathered')")
+                         f"chip and takes at most {onchip_rank_limit(x.dtype)} in {x.dtype} (use 'gathered')")
     empty = T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0
     fork = (base is not None and schedule == "gathered" and not empty and x.is_cuda
             and torch.cuda.is_current_stream_capturing())

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms, unit_vector)
+                    launch_kwargs, new_empty, next_pow2, num_sms, split_range, unit_vector)
 
 
 @triton.jit
@@ -705,8 +705,7 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
     T, K = x.shape
     R = a_cat.shape[0]
     bt, bk, br = cfg["BLOCK_T"], cfg["BLOCK_K"], cfg["BLOCK_R"]
-    k_per = cdiv(cdiv(K, cfg["SPLITS"]), bk) * bk
-    splits = cdiv(K, k_per)
+    k_per, splits = split_range(K, cfg["SPLITS"], bk)
     blocks = cdiv(T, bt)
     if splits > 1:
         part = torch.empty((splits, blocks * bt, br), dtype=torch.float32, device=x.device)
@@ -736,10 +735,7 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
 
 def _rows_partial(a, b, T, K, R, cfg, part=None):
     """float32 partial sums of a @ b over cfg["SPLITS"] ranges of K: (splits, T, R)."""
-    splits = cfg["SPLITS"]
-    # K = 0 (an empty d_in or d_out) still takes one split, whose empty loop writes zeros.
-    k_per = max(cfg["BLOCK_K"], cdiv(cdiv(K, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"])
-    splits = max(1, cdiv(K, k_per))
+    k_per, splits = split_range(K, cfg["SPLITS"], cfg["BLOCK_K"])  # K = 0: an empty d_in or d_out
     if part is None:
         part = new_empty((splits, T, R), torch.float32, a.device)
     grid = (cdiv(R, cfg["BLOCK_R"]), splits, cdiv(T, cfg["BLOCK_T"]))

@@ -42,6 +42,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def split_range(n: int, splits: int, block: int) -> Tuple[int, int]:
+    """(length, count) of at most `splits` ranges covering n, each length a multiple of `block` (the
+    split-K grids of the shrinks). n = 0 gives one empty range, whose programs write zeros, not a
+    division by zero."""
+    per = max(block, cdiv(cdiv(n, splits), block) * block)
+    return per, max(1, cdiv(n, per))
+
+
+def onchip_rank_limit(dtype: torch.dtype) -> int:
+    """The most rank columns a kernel that keeps a (rows x R) tile on chip takes: lora_gemm_fused
+    ran out of shared memory on an H200 above R = 512 in 16-bit and at R = 384 in float32, the
+    grouped segmented shrink from r_max = 384 in float16."""
+    return 256 if dtype in (torch.float16, torch.bfloat16) else 128
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (n >= 1), on the host (see cdiv)."""
     return 1 << (int(n) - 1).bit_length() if n > 1 else 1

@@ -31,7 +31,6 @@ __all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_refere
            "AdapterIds", "LibraryHandle", "attach_library"]
 
 
-
 class LoraLibrary:
     """LoRA adapters packed into fixed slots, zero-padded to the largest rank.
 

@@ -6,9 +6,9 @@ import torch
 
 from conftest import DEVICE, HAS_CUDA, rel_err
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink
-from lorafuse.kernels.lora_gemm import fused_max_r
 from lorafuse.kernels.routing import routed_shrink
-from lorafuse.kernels.segmented import group_rows, grouped_max_r, segmented_lora_, segmented_outer
+from lorafuse.kernels.segmented import group_rows, segmented_lora_, segmented_outer
+from lorafuse.kernels.utils import onchip_rank_limit
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -27,7 +27,7 @@ def test_fused_layer_without_output_columns_still_saves_the_shrink(seeded):
 
 
 def test_fused_layer_refuses_more_ranks_than_fit_on_chip():
-    R = fused_max_r(torch.float32) + 1
+    R = onchip_rank_limit(torch.float32) + 1
     with pytest.raises(ValueError, match=f"a_cat has R = {R} rank columns.*at most"):
         lora_gemm_fused(_randn(2, 8), _randn(4, 8), None, _randn(R, 8), _randn(4, R), torch.ones(R, device=DEVICE))
 
@@ -95,7 +95,7 @@ def test_segmented_with_empty_features_leaves_out_as_it_is(seeded):
 
 def test_grouped_schedule_rank_limit(seeded):
     # Above the grouped schedule's on-chip limit: "auto" takes the gathered one, "grouped" is refused.
-    r_max = grouped_max_r(torch.float32) + 2
+    r_max = onchip_rank_limit(torch.float32) + 2
     T, D, N = 70, 16, 8
     fac_in, fac_out, ranks, scales = _library(2, r_max, D, N)
     x = _randn(T, D)
