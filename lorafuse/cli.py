@@ -207,7 +207,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if getattr(a, "seeds", None):
         from .experiments.recycling import SEEDS_COLUMNS, run_recycling_seeds
 
-        doc = run_recycling_seeds(a.out, a.seeds, model=a.model, n_people=a.people, progress=not a.quiet, **kw)
+        doc = run_recycling_seeds(a.out, a.seeds, reuse=getattr(a, "reuse", False), model=a.model,
+                                  n_people=a.people, progress=not a.quiet, **kw)
         print()
         print(markdown_table(doc["rows"], SEEDS_COLUMNS))
         print(f"total {doc['total_seconds']:.0f}s; wrote {', '.join(doc['paths'].values())}")
@@ -304,8 +305,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         bad = [m for m in a.methods if m not in METHODS]
         if bad:
             raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
-    if a.reuse and (a.name != "summation" or a.seeds is None):
-        raise UsageError("--reuse: only for the summation study with --seeds")
+    if a.reuse and (a.name not in ("summation", "recycling") or a.seeds is None):
+        raise UsageError("--reuse: only for the summation and recycling studies with --seeds")
     if a.seeds is not None:
         if len(set(a.seeds)) != len(a.seeds):
             raise UsageError(f"--seeds: each seed once, got {' '.join(map(str, a.seeds))}")
@@ -319,7 +320,7 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.name == "recycling":
         return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed or 0,
                                            people=a.people or 32, quiet=a.quiet, epochs=a.epochs, lr=a.lr,
-                                           seeds=a.seeds, data=None))
+                                           seeds=a.seeds, data=None, reuse=a.reuse))
     from .data import default_data_dir
     from .experiments.report import markdown_table
 
@@ -461,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "COVID-Fact, overriding --epochs there (default 2; --epochs alone sets both)")
     x.add_argument("--seeds", type=SEED, nargs="+", default=None, help="loramap: seeds (default 0 1 2); "
                    "recycling, summation: run once per seed and report mean and sd (default: --seed alone)")
-    x.add_argument("--reuse", action="store_true", help="summation with --seeds: keep a seed's results already "
-                   "in <out>/seed<N>/ when they were run with the same settings")
+    x.add_argument("--reuse", action="store_true", help="summation, recycling with --seeds: keep a seed's results "
+                   "already in <out>/seed<N>/ when they were run with the same settings")
     x.add_argument("--methods", nargs="+", default=None, help="loramap: the methods to run (default all: "
                    "base, evidence, difference, correction, sum, average, lorahub, loraconcat, loramap_lora, "
                    "loramap_sum, lora_direct)")

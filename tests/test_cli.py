@@ -178,10 +178,16 @@ def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, t
                         "3", "4", "--people", "10", "--quiet"], capsys)
     assert code == 0, err
     assert seen["seeds"] == [3, 4] and seen["n_people"] == 10 and seen["out_dir"] == str(tmp_path / "o")
+    assert seen["reuse"] is False
+    code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--model", "tiny-bert", "--seeds",
+                        "3", "--reuse", "--quiet"], capsys)
+    assert code == 0 and seen["reuse"] is True, err
     code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--seeds", "1", "1"], capsys)
     assert code == 2 and "--seeds: each seed once" in err
     code, _, err = run(["experiment", "recycling", "--out", str(tmp_path / "o"), "--reuse"], capsys)
-    assert code == 2 and "--reuse: only for the summation study with --seeds" in err
+    assert code == 2 and "--reuse: only for the summation and recycling studies with --seeds" in err
+    code, _, err = run(["experiment", "loramap", "--out", str(tmp_path / "o"), "--seeds", "0", "--reuse"], capsys)
+    assert code == 2 and "--reuse: only for the summation and recycling studies" in err
     from lorafuse.experiments import summation
 
     monkeypatch.setattr(summation, "run_summation_seeds", fake)

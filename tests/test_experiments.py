@@ -2,6 +2,7 @@
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,10 @@ def test_recycling_over_seeds_reports_mean_and_spread(tmp_path, monkeypatch):
         rows = [{"method": m, "two_hop_acc": acc[seed][0] + i / 100, "hop1_acc": acc[seed][1],
                  "hop2_acc": acc[seed][2], "trainable_params": i, "seconds": 1.0}
                 for i, m in enumerate(("base", "sum"))]
-        return {"rows": rows, "config": {"model": "tiny-bert", "seed": seed, "sizes": {"two_hop": 25}}}
+        doc = {"rows": rows, "commit": f"c{seed}", "config": dict(recycling._settings(kw), seed=seed,
+                                                                  sizes={"two_hop": 25})}
+        doc["config"].pop("methods")
+        return doc
 
     monkeypatch.setattr(recycling, "run_recycling", fake)
     doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], log=lambda *a: None, n_people=6)
@@ -69,6 +73,43 @@ def test_recycling_over_seeds_reports_mean_and_spread(tmp_path, monkeypatch):
     assert "within chance" in (tmp_path / "recycling.md").read_text()
     with pytest.raises(ValueError, match="seeds must be distinct"):
         recycling.run_recycling_seeds(str(tmp_path), [1, 1])
+
+
+def test_recycling_over_seeds_reuses_only_matching_runs(tmp_path, monkeypatch):
+    """With reuse, a seed whose saved run has this run's settings and methods is taken as saved (and
+    its commit listed); one with other settings, other methods or no saved run is run again."""
+    import lorafuse.experiments.recycling as recycling
+
+    calls = []
+
+    def fake(out_dir, seed, log, **kw):
+        calls.append(seed)
+        methods = kw.get("methods") or recycling.METHODS
+        rows = [{"method": m, "two_hop_acc": 0.5 + seed / 10, "hop1_acc": 0.9, "hop2_acc": 0.8,
+                 "trainable_params": 0, "seconds": 1.0} for m in methods]
+        config = {k: v for k, v in recycling._settings(kw).items() if k != "methods"}
+        doc = {"rows": rows, "commit": f"c{seed}-{len(calls)}", "config": dict(config, seed=seed,
+                                                                             sizes={"two_hop": 10})}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "recycling.json").write_text(json.dumps(doc))
+        return doc
+
+    monkeypatch.setattr(recycling, "run_recycling", fake)
+    quiet = dict(log=lambda *a: None)
+    recycling.run_recycling_seeds(str(tmp_path), [0, 1], n_people=6, **quiet)
+    assert calls == [0, 1]
+    doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], reuse=True, n_people=6, **quiet)
+    assert calls == [0, 1, 2], "seeds 0 and 1 reused, seed 2 run"
+    assert doc["seed_commits"] == {"seed0": "c0-1", "seed1": "c1-2", "seed2": "c2-3"}
+    assert doc["rows"][0]["two_hop_acc"] == pytest.approx(0.6)
+    recycling.run_recycling_seeds(str(tmp_path), [0], reuse=True, n_people=7, **quiet)
+    assert calls[-1] == 0, "other settings: run again"
+    recycling.run_recycling_seeds(str(tmp_path), [1], reuse=True, n_people=6, methods=["base", "sum"], **quiet)
+    assert calls[-1] == 1, "other methods: run again"
+    n = len(calls)
+    recycling.run_recycling_seeds(str(tmp_path), [1], reuse=True, n_people=6, methods=["base", "sum"], **quiet)
+    recycling.run_recycling_seeds(str(tmp_path), [1], n_people=6, methods=["base", "sum"], **quiet)
+    assert len(calls) == n + 1, "reused with reuse, run again without"
 
 
 def test_summation_over_seeds_pools_points_and_reuses_matching_runs(tmp_path, monkeypatch):

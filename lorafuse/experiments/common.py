@@ -1,8 +1,10 @@
 """What every study shares besides writing results: the methods asked for, data subsets, seeds."""
 from __future__ import annotations
 
+import json
 import statistics
-from typing import List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def check_methods(methods: Optional[Sequence[str]], valid: Sequence[str]) -> List[str]:
@@ -30,3 +32,23 @@ def check_seeds(seeds: Sequence[int]) -> List[int]:
 def mean_sd(values: Sequence[float]) -> Tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def saved_run(path: Path, seed: int, settings: Dict[str, Any], log: Callable = print,
+              as_settings: Optional[Callable[[dict], dict]] = None) -> Optional[Dict[str, Any]]:
+    """A seed's saved results (its <study>.json at `path`) when they were run with this seed and
+    these settings (each compared with the saved config's value, or with as_settings(saved results)'s),
+    else None, saying why: a multi-seed study cut short goes on where it stopped, and never mixes
+    settings."""
+    if not path.is_file():
+        return None
+    prev = json.loads(path.read_text())
+    config = as_settings(prev) if as_settings else prev.get("config", {})
+    mismatch = {k: (config.get(k), v) for k, v in settings.items() if config.get(k) != v}
+    if config.get("seed") != seed:
+        mismatch["seed"] = (config.get("seed"), seed)
+    if mismatch:
+        log(f"seed {seed}: {path} was run with other settings (saved, now: {mismatch}); running again")
+        return None
+    log(f"seed {seed}: reusing {path} (commit {prev.get('commit', '?')})")
+    return prev

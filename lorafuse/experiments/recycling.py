@@ -21,6 +21,7 @@ wall time are recorded. The test split (two_hop) is used once, at the end of eac
 """
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import check_methods, check_seeds, mean_sd
+from .common import check_methods, check_seeds, mean_sd, saved_run
 from .report import header, write_results
 
 METHODS = ("base", "hop1", "hop2", "union", "average", "sum", "arrow_top1", "lorahub", "loramap_lora", "loramap_sum")
@@ -137,21 +138,31 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     return doc
 
 
-def run_recycling_seeds(out_dir: str, seeds: Sequence[int], log=print, **kw) -> Dict[str, Any]:
+def run_recycling_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False, log=print,
+                        **kw) -> Dict[str, Any]:
     """run_recycling once per seed (each seed draws its own world, head and data order) into
     out_dir/seed<N>/, then out_dir/recycling.{json,md,png}: per method the mean and standard
-    deviation over the seeds. kw: run_recycling's other arguments."""
+    deviation over the seeds. reuse: take a seed's existing out_dir/seed<N>/recycling.json when its
+    settings and methods match this run's (a study cut short goes on where it stopped; each seed's
+    commit is listed in `seed_commits`). kw: run_recycling's other arguments."""
     seeds = check_seeds(seeds)
     t_start = time.perf_counter()
     runs: List[dict] = []
+    settings = _settings(kw)
     for seed in seeds:
+        sub = Path(out_dir) / f"seed{seed}"
+        prev = saved_run(sub / "recycling.json", seed, settings, log, _saved_settings) if reuse else None
+        if prev is not None:
+            runs.append(prev)
+            continue
         log(f"seed {seed}")
-        runs.append(run_recycling(out_dir=str(Path(out_dir) / f"seed{seed}"), seed=seed, log=log, **kw))
+        runs.append(run_recycling(out_dir=str(sub), seed=seed, log=log, **kw))
     config = dict(runs[0]["config"], seeds=seeds)
     config.pop("seed", None)
     config["sizes"] = {f"seed{s}": r["config"]["sizes"] for s, r in zip(seeds, runs)}
     doc = header(f"recycling: two-hop reasoning from recycled adapters ({len(seeds)} seeds)", config)
     doc["runs"] = [dict(row, seed=s) for s, r in zip(seeds, runs) for row in r["rows"]]
+    doc["seed_commits"] = {f"seed{s}": r.get("commit", doc.get("commit")) for s, r in zip(seeds, runs)}
     doc["rows"] = []
     for method in [row["method"] for row in runs[0]["rows"]]:
         rows = [row for r in runs for row in r["rows"] if row["method"] == method]
@@ -172,3 +183,21 @@ def run_recycling_seeds(out_dir: str, seeds: Sequence[int], log=print, **kw) -> 
     doc["paths"] = write_results(out_dir, "recycling", doc, SEEDS_COLUMNS, ["two_hop_acc", "hop1_acc", "hop2_acc"],
                                  notes=notes)
     return doc
+
+
+_SETTINGS = ("model", "n_people", "n_cities", "r", "alpha", "adapter_epochs", "compose_epochs", "lr", "compose_lr",
+             "batch_size", "lorahub_budget")
+_DEFAULTS = {k: p.default for k, p in inspect.signature(run_recycling).parameters.items()}
+
+
+def _settings(kw: dict) -> Dict[str, Any]:
+    """run_recycling's settings for these keyword arguments, its defaults filling the rest, and the
+    methods it runs."""
+    out = {k: kw.get(k, _DEFAULTS[k]) for k in _SETTINGS}
+    out["methods"] = check_methods(kw.get("methods"), METHODS)
+    return out
+
+
+def _saved_settings(doc: dict) -> dict:
+    # The methods a saved run ran are its rows'.
+    return dict(doc.get("config", {}), methods=[row["method"] for row in doc.get("rows", [])])

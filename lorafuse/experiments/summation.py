@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import check_seeds, mean_sd, subset
+from .common import check_seeds, mean_sd, saved_run, subset
 from .report import header, write_results
 
 DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
@@ -149,16 +148,10 @@ def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False,
     docs: List[dict] = []
     for seed in seeds:
         sub = Path(out_dir) / f"seed{seed}"
-        old = sub / "summation.json"
-        if reuse and old.is_file():
-            prev = json.loads(old.read_text())
-            mismatch = {k: (prev["config"].get(k), v) for k, v in _settings(kw).items()
-                        if _setting(prev["config"], k) != v}
-            if prev["config"].get("seed") == seed and not mismatch:
-                log(f"seed {seed}: reusing {old}")
-                docs.append(prev)
-                continue
-            log(f"seed {seed}: {old} was run with other settings {mismatch}; running again")
+        prev = saved_run(sub / "summation.json", seed, _settings(kw), log, _saved_settings) if reuse else None
+        if prev is not None:
+            docs.append(prev)
+            continue
         log(f"seed {seed}")
         docs.append(run_summation(out_dir=str(sub), seed=seed, log=log, **kw))
     doc = summarise_seeds(docs)
@@ -188,8 +181,10 @@ def _settings(kw: dict) -> Dict[str, Any]:
     return out
 
 
-def _setting(config: dict, key: str):
-    return list(config["domains"]) if key == "domains" else config.get(key)
+def _saved_settings(doc: dict) -> dict:
+    # A saved config maps each domain to its dataset; the settings name the domains.
+    config = doc.get("config", {})
+    return dict(config, domains=list(config.get("domains", ())))
 
 
 def summarise_seeds(docs: Sequence[dict]) -> Dict[str, Any]:
