@@ -92,8 +92,8 @@ def main() -> None:
     y = torch.empty(T, N, device=dev, dtype=dt)
     wt, ct = base.weight.t(), b_cat.t()
     cfg = lg.launch_kwargs(lg.gemm_config(T, N, D, fused=True, R=R, dtype=dt))
-    jargs = (x, wt, x, ct, x, y, a_cat, scale, scale, scale, x, x, x,
-             T, N, D, R, 1, lg.t_bucket(T),
+    jargs = (x, wt, x, ct, x, y, a_cat, scale, scale, scale, x, x, x, x, x,
+             T, N, D, R, 1, lg.t_bucket(T), 1, 0,
              x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), 0, 0, ct.stride(0), ct.stride(1),
              y.stride(0), y.stride(1), a_cat.stride(0), a_cat.stride(1), 0, 0, 0, 0, x.stride(0), x.stride(0),
              x.stride(0))

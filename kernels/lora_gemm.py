@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, unit_vector)
+                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
 
 @triton.jit
@@ -147,10 +147,78 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, u_ptr, sp_ptr, flag_ptr, part_ptr,
+                         T, K, R, MR, SPLITS, K_PER, num_pid_m,
+                         stride_am, stride_ak, stride_alr, stride_alk,
+                         stride_amm, stride_amr, stride_bmr, stride_bmm, stride_sm, stride_um, stride_spm,
+                         HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The decode layer's shrink computed once per launch instead of in every column block: work
+    items (row block, range of K_PER columns of d_in), taken from the counter at
+    flag_ptr[2 * num_pid_m] until it runs past the last. An item stores its float32 partial to
+    part_ptr[split] and counts itself in at flag_ptr[num_pid_m + band]; the band's last item sums
+    the partials in split order (deterministic), applies the mapping and the scale, stores S' (and
+    S, U when SAVE) and sets the band's flag (release). Items wait for nothing, and a program leaves
+    this loop only once every item is held by a running program, so whoever then waits on a flag
+    waits for running programs (as in _lora_layer_tma_kernel)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    part_rows = num_pid_m * BLOCK_M
+    item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
+    while item < num_pid_m * SPLITS:
+        band = item // SPLITS
+        split = item % SPLITS
+        k_lo = split * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
+        offs_t = band * BLOCK_M + tl.arange(0, BLOCK_M)
+        t_mask = offs_t < T
+        offs_t_c = tl.where(t_mask, offs_t, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a_ptrs = a_ptr + offs_t_c[:, None] * stride_am + offs_k[None, :] * stride_ak
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            al = tl.load(al_ptr + offs_r[None, :] * stride_alr + offs_k[:, None] * stride_alk,
+                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(a, al, acc, input_precision=PREC)
+        done = SPLITS == 1
+        if not done:
+            part = part_ptr + (band * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_R + offs_r[None, :]
+            tl.store(part + split * part_rows * BLOCK_R, acc)
+            tl.debug_barrier()  # every thread's partial stored before this program counts itself in
+            done = tl.atomic_add(flag_ptr + num_pid_m + band, 1, sem="acq_rel") == SPLITS - 1
+            if done:
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for j in range(SPLITS):  # ".cg": other programs' partials, from L2
+                    acc += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
+        if done:
+            u, v, sp = map_and_scale(acc, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
+                                     stride_amm, stride_amr, stride_bmr, stride_bmm,
+                                     HAS_MAP, BLOCK_MR, MAP_PREC)
+            mr_mask = t_mask[:, None] & r_mask[None, :]
+            tl.store(sp_ptr + offs_t[:, None] * stride_spm + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty),
+                     mask=mr_mask)
+            if SAVE:
+                tl.store(s_ptr + offs_t[:, None] * stride_sm + offs_r[None, :], acc, mask=mr_mask)
+                if HAS_MAP:
+                    offs_mr = tl.arange(0, BLOCK_MR)
+                    tl.store(u_ptr + offs_t[:, None] * stride_um + offs_mr[None, :], u,
+                             mask=t_mask[:, None] & (offs_mr[None, :] < MR))
+            tl.debug_barrier()  # every thread's stores issued before the flag is released
+            tl.atomic_xchg(flag_ptr + band, 1, sem="release")
+        item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
+
+
+@triton.jit
 def _lora_gemm_kernel(
     a_ptr, b_ptr, s_ptr, c_ptr, bias_ptr, out_ptr,
-    al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr,
-    T, N, K, R, MR, T_BUCKET,
+    al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr, flag_ptr, part_ptr,
+    T, N, K, R, MR, T_BUCKET, SPLITS, K_PER,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_sm, stride_sr, stride_cr, stride_cn,
     stride_om, stride_on,
@@ -170,10 +238,17 @@ def _lora_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SHARED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    if SHARED:  # with FUSE_SHRINK: the shrink once per launch, S' through save_sp_ptr
+        _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr,
+                             flag_ptr, part_ptr, T, K, R, MR, SPLITS, K_PER, num_pid_m,
+                             stride_am, stride_ak, stride_alr, stride_alk,
+                             stride_amm, stride_amr, stride_bmr, stride_bmm, stride_ssm, stride_sum, stride_spm,
+                             HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_R, BLOCK_MR, BLOCK_M, BLOCK_K, EVEN_K)
     pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,7 +258,7 @@ def _lora_gemm_kernel(
     offs_n_c = tl.where(n_mask, offs_n, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SHRINK:
+    if FUSE_SHRINK and not SHARED:
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -201,12 +276,19 @@ def _lora_gemm_kernel(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-        if FUSE_SHRINK:
+        if FUSE_SHRINK and not SHARED:
             al = tl.load(al_ptr + offs_r[None, :] * stride_alr + offs_k[:, None] * stride_alk,
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             acc_s = tl.dot(a, al, acc_s, input_precision=PREC)
 
-    if FUSE_SHRINK:
+    if SHARED:
+        ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+        while ready != 1:
+            ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+        tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
+        acc = _lowrank_tail(acc, save_sp_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg")
+    elif FUSE_SHRINK:
         u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
                                  stride_amm, stride_amr, stride_bmr, stride_bmm,
                                  HAS_MAP, BLOCK_MR, MAP_PREC)
@@ -536,8 +618,8 @@ def lora_gemm(
     launch(
         kernel, grid,
         a, b, s_, c_, bias_, out,
-        a, a, a, a, a, a, a,
-        T, N, K, R, 1, t_bucket(T),
+        a, a, a, a, a, a, a, a, a,
+        T, N, K, R, 1, t_bucket(T), 1, 0,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
         out.stride(0), out.stride(1),
@@ -608,13 +690,19 @@ def lora_gemm_fused(
     save: bool = False,
     config: Optional[triton.Config] = None,
     check: bool = True,
+    shared: Optional[bool] = None,
+    splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The whole layer in one launch (shrink recomputed per column block; for few tokens).
+    """The whole layer in one launch (for few tokens).
 
     x: (T, d_in); weight: (d_out, d_in); a_cat: (R, d_in); b_cat: (d_out, R); scale (R,) float32.
     Returns (y, sp, s, u) like shrink + lora_gemm: y (T, d_out); when save, sp = S' (T, R) in x's
     dtype, s = S (T, R) and u = U (T, m) in float32 (u None without a mapping), else all None.
     check=False skips the operand checks (see shrink).
+
+    shared: compute the shrink once per launch, split over d_in into `splits` work items per row
+    block that the column blocks wait for (True), or again in every column block (False); default
+    decode_shares_shrink. splits: for tuning (default decode_splits).
     """
     if check:  # check=False: the caller has checked (lorafuse.lora_linear), as shrink's `check`
         scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
@@ -637,14 +725,29 @@ def lora_gemm_fused(
     dummy = x
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
-    s_, u_, sp_ = (s if save else dummy), (u if u is not None else dummy), (sp if save else dummy)
-    if AUTOTUNE and config is None:
-        kernel, cfg = _lora_gemm_tuned, {}
+    if AUTOTUNE and config is None:  # the shared shrink's buffers depend on the config: not tuned
+        kernel, cfg, shared = _lora_gemm_tuned, {}, False
         grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     else:
         kernel = _lora_gemm_kernel
         cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype, num_sms(x.device))
         grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    br = block_for(R)
+    rows = cdiv(T, cfg["BLOCK_M"]) if cfg else 1
+    if shared is None:
+        shared = decode_shares_shrink(rows, cdiv(N, cfg["BLOCK_N"]), br, cfg["BLOCK_N"])
+    k_per, n_splits, flags, part = 0, 1, dummy, dummy
+    if shared:
+        if sp is None:  # the column blocks read S' from memory
+            sp = alloc_rows(T, R, x.dtype, x.device)
+        k_per, n_splits = split_range(D, splits or decode_splits(rows, cdiv(D, cfg["BLOCK_K"]), grid[0]),
+                                      cfg["BLOCK_K"])
+        # Per row block a flag (1: S' ready) and a count of its finished items, then the item
+        # counter; zeroed on every call (a memset: also inside a CUDA graph).
+        flags = torch.zeros(2 * rows + 1, dtype=torch.int32, device=x.device)
+        part = torch.empty((n_splits, rows * cfg["BLOCK_M"], br) if n_splits > 1 else (1,), dtype=torch.float32,
+                           device=x.device)
+    s_, u_, sp_ = (s if save else dummy), (u if u is not None else dummy), (sp if sp is not None else dummy)
     # weight and b_cat are passed as they are, with the strides of their transposes (W^T, b_cat^T):
     # the same pointers and strides as .t() views, without building them on every call.
     (xs0, xs1), (ws0, ws1), (cs0, cs1), (ys0, ys1), (as0, as1) = (
@@ -654,8 +757,8 @@ def lora_gemm_fused(
     launch(
         kernel, grid,
         x, weight, dummy, b_cat, bias if bias is not None else dummy, y,
-        a_cat, scale, am, bm, s_, u_, sp_,
-        T, N, D, R, MR, t_bucket(T),
+        a_cat, scale, am, bm, s_, u_, sp_, flags, part,
+        T, N, D, R, MR, t_bucket(T), n_splits, k_per,
         xs0, xs1, ws1, ws0,
         0, 0, cs1, cs0,
         ys0, ys1,
@@ -664,9 +767,22 @@ def lora_gemm_fused(
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
-        BLOCK_R=block_for(R), BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), **cfg,
+        BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **cfg,
     )
-    return y, sp, s, u
+    return y, (sp if save else None), s, u
+
+
+def decode_shares_shrink(rows: int, col_blocks: int, block_r: int, block_n: int) -> bool:
+    """Whether lora_gemm_fused computes the shrink once per launch rather than in each of its
+    col_blocks column blocks, where it reads block_r / block_n of a_cat per column of W again."""
+    return col_blocks > 1 and block_r * 4 >= block_n
+
+
+def decode_splits(rows: int, k_tiles: int, programs: int) -> int:
+    """Shrink work items per row block of the decode layer: about one per program, so that each
+    adds a small slice of a_cat to its column block's work, at most 32, since the band's last item
+    sums that many partials before any column block can finish."""
+    return max(1, min(k_tiles, programs // max(rows, 1), 32))
 
 
 # The whole layer in one persistent launch (Hopper): from this many rows, 16-bit operands, R up to

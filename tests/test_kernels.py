@@ -148,21 +148,69 @@ def test_lora_gemm(T, d_in, d_out, R, m, dtype, seeded):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
-def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, seeded):
+@pytest.mark.parametrize("shrink_mode", ["default", "recompute", "shared-1", "shared-3"])
+def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
+    """shrink_mode: the launcher's choice; the shrink in every column block; or once per launch in
+    1 or 3 work items per row block (small tiles: several row and column blocks wait on the items)."""
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
     w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
     bias = torch.randn(d_out, device=DEVICE).to(dtype)
     s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
     y_ref = x.double() @ w.double().t() + bias.double() + sp_ref @ b_cat.double().t()
-    y, sp, s, u = lora_gemm_fused(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True)
+    kw = {}
+    if shrink_mode != "default":
+        kw = dict(shared=shrink_mode != "recompute", config=_cfg(16, 16, 32, 4, 1))
+        if shrink_mode.startswith("shared"):
+            kw["splits"] = int(shrink_mode[-1])
+    y, sp, s, u = lora_gemm_fused(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True, **kw)
     assert rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(sp, sp_ref) < TOL[dtype]
     assert rel_err(s, s_ref) < ACC_TOL[dtype]
     if m:
         assert rel_err(u, u_ref) < ACC_TOL[dtype]
-    y2, sp2, s2, u2 = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False)
+    y2, sp2, s2, u2 = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False, **kw)
     assert sp2 is None and s2 is None and u2 is None
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="programs wait on each other only on a GPU")
+@pytest.mark.parametrize("T,d_in,d_out", [(16, 4096, 4096), (64, 14336, 4096), (5, 1000, 3000)])
+def test_lora_gemm_fused_shared_shrink_reads_this_calls_rows(T, d_in, d_out, seeded):
+    """The decode layer with its shrink shared across column blocks: each column block must read this
+    call's S', never the last call's (the buffers of consecutive calls share addresses); 40
+    alternating calls, two launches on two streams at once, and a CUDA graph (the flags' memset
+    inside it) replayed on new inputs."""
+    R, m, dtype = 48, 16, torch.bfloat16
+    xs = [torch.randn(T, d_in, device=DEVICE).to(dtype) for _ in range(2)]
+    _, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    refs = [_layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0] for x in xs]
+    run = lambda x: lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, shared=True)[0]  # noqa: E731
+    for i in range(40):
+        assert rel_err(run(xs[i % 2]), refs[i % 2]) < TOL[dtype], f"call {i}"
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for x, st in zip(xs, streams):
+        with torch.cuda.stream(st):
+            outs.append(run(x))
+    torch.cuda.synchronize()
+    for y, ref in zip(outs, refs):
+        assert rel_err(y, ref) < TOL[dtype]
+    static_x = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(static_x)  # warm-up: compile and launch once outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run(static_x)
+    for i in (1, 0, 1):
+        static_x.copy_(xs[i])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, refs[i]) < TOL[dtype], f"replay with input {i}"
 
 
 # The persistent layer (Hopper): (T, d_in, d_out, R, m). A partial last row band (T = 1030, 4099),
