@@ -7,7 +7,8 @@ lora_gemm_fused recomputes x a_cat^T (and the mapping) in each of its column blo
 a_cat per column of W read again, 1.5x the W traffic at R = 48 with 32-wide column blocks. With
 `shared=True` the shrink runs once per launch as work items the column blocks wait for. For each
 shape, summation and LoraMap (R = 48, m = 16, bf16): the base layer (F.linear), the recomputing and
-the sharing layer (default split count and each of --splits), all replayed from CUDA graphs (kernel
+the sharing layer (each with its table config; the default split count and each of --splits), and
+which of the two lora_gemm_fused picks by default, all replayed from CUDA graphs (kernel
 time without host time) with the L2 flushed before every call; the variants interleaved in
 --rounds rounds, each ratio against the base timed in the same round. Writes
 decode-shared-<gpu>-<date>.json.
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, save_json, warm_up  # noqa: E402
 
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
+from lorafuse.kernels.lora_gemm import decode_shares_shrink, gemm_config  # noqa: E402
 
 
 def graphed(fn):
@@ -48,7 +50,7 @@ def main() -> None:
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--R", type=int, default=48)
     p.add_argument("--m", type=int, default=16)
-    p.add_argument("--splits", type=int, nargs="*", default=[8, 16, 32])
+    p.add_argument("--splits", type=int, nargs="*", default=[])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -83,11 +85,16 @@ def main() -> None:
                     for k, f in variants.items():
                         runs[k].append(bench(f))
                 ratios = {k: statistics.fmean(v / b for v, b in zip(runs[k], runs["base"])) for k in runs}
+                cfg = gemm_config(T, d_out, d_in, fused=True, R=R, dtype=dt)
+                rows_ = -(-T // cfg.kwargs["BLOCK_M"])
+                default = decode_shares_shrink(rows_, -(-d_out // cfg.kwargs["BLOCK_N"]), d_in, d_out)
                 row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": m if method == "loramap" else None,
-                       "method": method, "ms_runs": runs, "ratio": ratios}
+                       "method": method, "ms_runs": runs, "ratio": ratios,
+                       "default": "shared" if default else "recompute"}
                 rows.append(row)
                 print(f"T={T:>3} {dims:>10} {method:>7}: base {statistics.fmean(runs['base']) * 1e3:6.1f} us | "
-                      + " | ".join(f"{k} {ratios[k]:.2f}x" for k in runs if k != "base"), flush=True)
+                      + " | ".join(f"{k} {ratios[k]:.2f}x" for k in runs if k != "base")
+                      + f" | default: {row['default']}", flush=True)
     doc = {"env": env_info(sys.argv), "rounds": args.rounds, "rows": rows,
            "note": "CUDA-graph replays, L2 flushed before each; ratio: mean over rounds of variant / base "
                    "of the same round"}

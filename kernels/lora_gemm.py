@@ -5,9 +5,11 @@ Backward (dx):                  a = dY (T, d_out), b = W, s = dS (T, R), c = a_c
 
 Three kernels:
 - `_lora_gemm_kernel`: pointer loads, runs everywhere (and under the interpreter). With FUSE_SHRINK it
-  also computes the shrink itself (x a_cat^T, mapping, scale) alongside the main K loop and applies the
-  expand in the epilogue: one launch for the whole layer. It recomputes the shrink in every column
-  block (R / BLOCK_N extra work), which only pays when the layer is memory-bound (few tokens).
+  also computes the shrink itself (x a_cat^T, mapping, scale) and applies the expand in the
+  epilogue: one launch for the whole layer, for few tokens (memory-bound). Either every column
+  block recomputes the shrink alongside its main K loop (R / BLOCK_N extra work), or (SHARED) the
+  programs first share it out as work items and each column block waits for its rows' S' by flag
+  (decode_shares_shrink says which).
 - `_lora_gemm_tma_kernel`: Hopper, persistent grid, tensor-memory-accelerator loads of the two big
   operands; the short low-rank tail uses plain loads.
 - `_lora_layer_tma_kernel` (lora_gemm_persistent, opt-in): the whole many-token layer in one
@@ -92,10 +94,11 @@ def _stages(bm, bn, bk, br, esize, budget=200 * 1024, most=4):
 
 
 def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
-                dtype: torch.dtype = torch.bfloat16, sms: int = 132) -> triton.Config:
+                dtype: torch.dtype = torch.bfloat16, sms: int = 132, shared: Optional[bool] = None) -> triton.Config:
     """Heuristic config of the pointer kernel, from bench/results/tune-nvidia-h100-*.json and
     decode-sweep-*.json (bf16): big tiles when T is large (tensor-core bound); small row blocks
-    when T is small (memory bound on the weight). `sms`: the GPU's SM count."""
+    when T is small (memory bound on the weight). `sms`: the GPU's SM count; `shared`: whether the
+    fused layer shares its shrink (lora_gemm_fused's argument; None: decode_shares_shrink)."""
     if is_interpreting():
         return gemm_candidates()[0]
     if fused:
@@ -108,10 +111,16 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         # the shrink's epilogue, longer with a mapping) for a few columns. decode-sweep-*.json
         # (R = 48, LoraMap, 4096 x 14336): T = 16 1.52x -> 1.06x the base GEMM with 112 programs
         # instead of 448; T = 64 1.45x -> 1.18x.
+        # Up to 6 stages where shared memory allows (decode-stages-*.json, H200, LoraMap: T = 16,
+        # 4096 x 4096 1.29x -> 1.16x the base GEMM with 6 instead of 4; 14336 x 4096 1.48x -> 1.33x;
+        # T = 64 with 5: 1.41x -> 1.33x, 1.37x -> 1.30x): each program streams a narrow slice of W,
+        # so bytes in flight per SM set its speed. The shared shrink keeps no a_cat tile in the loop.
         bm, bk = min(64, max(16, next_pow2(T))), 128
         rows = cdiv(T, bm)
         bn = next((n for n in (32, 64, 128) if rows * cdiv(N, n) <= sms), 128)
-        return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, br, 2))
+        if shared is None:
+            shared = decode_shares_shrink(rows, cdiv(N, bn), K, N)
+        return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, 0 if shared else br, 2, most=6))
     if dtype == torch.float32:
         # float32 operands: kept to the configs the GPU suite validated (no tuning data).
         if T >= 1024:
@@ -131,10 +140,11 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
 
 
 @functools.lru_cache(maxsize=4096)
-def _table_kwargs(T: int, N: int, K: int, fused: bool, R: int, dtype: torch.dtype, sms: int = 132) -> dict:
+def _table_kwargs(T: int, N: int, K: int, fused: bool, R: int, dtype: torch.dtype, sms: int = 132,
+                  shared: Optional[bool] = None) -> dict:
     """gemm_config as launch keyword arguments, kept per shape (read on every launch).
     Callers must not modify the dict."""
-    return launch_kwargs(gemm_config(T, N, K, fused=fused, R=R, dtype=dtype, sms=sms))
+    return launch_kwargs(gemm_config(T, N, K, fused=fused, R=R, dtype=dtype, sms=sms, shared=shared))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -730,12 +740,13 @@ def lora_gemm_fused(
         grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     else:
         kernel = _lora_gemm_kernel
-        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype, num_sms(x.device))
+        cfg = launch_kwargs(config) if config else _table_kwargs(T, N, D, True, R, x.dtype, num_sms(x.device),
+                                                                 shared)
         grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     br = block_for(R)
     rows = cdiv(T, cfg["BLOCK_M"]) if cfg else 1
     if shared is None:
-        shared = decode_shares_shrink(rows, cdiv(N, cfg["BLOCK_N"]), br, cfg["BLOCK_N"])
+        shared = decode_shares_shrink(rows, cdiv(N, cfg["BLOCK_N"]), D, N)
     k_per, n_splits, flags, part = 0, 1, dummy, dummy
     if shared:
         if sp is None:  # the column blocks read S' from memory
@@ -772,17 +783,22 @@ def lora_gemm_fused(
     return y, (sp if save else None), s, u
 
 
-def decode_shares_shrink(rows: int, col_blocks: int, block_r: int, block_n: int) -> bool:
-    """Whether lora_gemm_fused computes the shrink once per launch rather than in each of its
-    col_blocks column blocks, where it reads block_r / block_n of a_cat per column of W again."""
-    return col_blocks > 1 and block_r * 4 >= block_n
+def decode_shares_shrink(rows: int, col_blocks: int, d_in: int, d_out: int) -> bool:
+    """Whether lora_gemm_fused computes the shrink once per launch (shared by its column blocks)
+    rather than in each of them. Measured (decode-shared-*.json, decode-stages-*.json, H200, R = 48):
+    the flags, the counter's memset and the wait cost 3-5 us, more than the recomputed shrink at
+    4096 x 4096 (1.21x -> 1.45x the base GEMM at T = 16) and 4096 x 14336 (1.05x -> 1.17x); only
+    a wide d_in over a narrow d_out (14336 x 4096, the MLP's down projection) gains, where the
+    shrink's a_cat tiles also cost the main loop pipeline stages: 1.33x -> 1.23x at T = 16 with 6
+    stages."""
+    return col_blocks > 1 and d_in >= 3 * d_out
 
 
 def decode_splits(rows: int, k_tiles: int, programs: int) -> int:
-    """Shrink work items per row block of the decode layer: about one per program, so that each
-    adds a small slice of a_cat to its column block's work, at most 32, since the band's last item
-    sums that many partials before any column block can finish."""
-    return max(1, min(k_tiles, programs // max(rows, 1), 32))
+    """Shrink work items per row block of the decode layer: about one per program, at most 16
+    (8, 16 and 32 measured within 0.04x of each other; the band's last item sums that many
+    partials while the column blocks wait)."""
+    return max(1, min(k_tiles, programs // max(rows, 1), 16))
 
 
 # The whole layer in one persistent launch (Hopper): from this many rows, 16-bit operands, R up to

@@ -30,8 +30,16 @@ def test_decode_config_keeps_one_wave(T, N, sms, monkeypatch):
             assert _ceil(T, bm) * _ceil(N, narrower) > sms, "the narrowest block that fits one wave"
     else:
         assert bn == 128
-    per_stage = (bm * cfg.kwargs["BLOCK_K"] + cfg.kwargs["BLOCK_K"] * bn + cfg.kwargs["BLOCK_K"] * 64) * 2
+    # The shrink's a_cat tile (R = 48 -> 64 columns) is in the main loop unless the shrink is shared;
+    # with either choice forced, the config fits its own loop.
+    bk = cfg.kwargs["BLOCK_K"]
+    shared = lg.decode_shares_shrink(_ceil(T, bm), _ceil(N, bn), 4096, N)
+    per_stage = (bm * bk + bk * bn + (0 if shared else bk * 64)) * 2
     assert cfg.num_stages * per_stage <= 200 * 1024, "shared memory within the budget"
+    for forced in (False, True):
+        c = lg.gemm_config(T, N, 4096, fused=True, R=48, sms=sms, shared=forced)
+        per_stage = (bm * bk + bk * bn + (0 if forced else bk * 64)) * 2
+        assert c.num_stages * per_stage <= 200 * 1024 and c.num_stages <= 6
 
 
 def _import_with(value):
