@@ -86,8 +86,7 @@ def main() -> None:
                         runs[k].append(bench(f))
                 ratios = {k: statistics.fmean(v / b for v, b in zip(runs[k], runs["base"])) for k in runs}
                 cfg = gemm_config(T, d_out, d_in, fused=True, R=R, dtype=dt)
-                rows_ = -(-T // cfg.kwargs["BLOCK_M"])
-                default = decode_shares_shrink(rows_, -(-d_out // cfg.kwargs["BLOCK_N"]), d_in, d_out)
+                default = decode_shares_shrink(T, -(-d_out // cfg.kwargs["BLOCK_N"]), d_in, d_out)
                 row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": m if method == "loramap" else None,
                        "method": method, "ms_runs": runs, "ratio": ratios,
                        "default": "shared" if default else "recompute"}

@@ -119,7 +119,7 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         rows = cdiv(T, bm)
         bn = next((n for n in (32, 64, 128) if rows * cdiv(N, n) <= sms), 128)
         if shared is None:
-            shared = decode_shares_shrink(rows, cdiv(N, bn), K, N)
+            shared = decode_shares_shrink(T, cdiv(N, bn), K, N)
         return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, 0 if shared else br, 2, most=6))
     if dtype == torch.float32:
         # float32 operands: kept to the configs the GPU suite validated (no tuning data).
@@ -746,7 +746,7 @@ def lora_gemm_fused(
     br = block_for(R)
     rows = cdiv(T, cfg["BLOCK_M"]) if cfg else 1
     if shared is None:
-        shared = decode_shares_shrink(rows, cdiv(N, cfg["BLOCK_N"]), D, N)
+        shared = decode_shares_shrink(T, cdiv(N, cfg["BLOCK_N"]), D, N)
     k_per, n_splits, flags, part = 0, 1, dummy, dummy
     if shared:
         if sp is None:  # the column blocks read S' from memory
@@ -783,15 +783,16 @@ def lora_gemm_fused(
     return y, (sp if save else None), s, u
 
 
-def decode_shares_shrink(rows: int, col_blocks: int, d_in: int, d_out: int) -> bool:
-    """Whether lora_gemm_fused computes the shrink once per launch (shared by its column blocks)
-    rather than in each of them. Measured (decode-shared-*.json, decode-stages-*.json, H200, R = 48):
-    the flags, the counter's memset and the wait cost 3-5 us, more than the recomputed shrink at
-    4096 x 4096 (1.21x -> 1.45x the base GEMM at T = 16) and 4096 x 14336 (1.05x -> 1.17x); only
-    a wide d_in over a narrow d_out (14336 x 4096, the MLP's down projection) gains, where the
-    shrink's a_cat tiles also cost the main loop pipeline stages: 1.33x -> 1.23x at T = 16 with 6
-    stages."""
-    return col_blocks > 1 and d_in >= 3 * d_out
+def decode_shares_shrink(T: int, col_blocks: int, d_in: int, d_out: int) -> bool:
+    """Whether lora_gemm_fused computes the shrink once per launch (shared by its col_blocks column
+    blocks) rather than in each of them. Measured (decode-shared-*.json, decode-stages-*.json, H200,
+    R = 48, CUDA graphs): the flags, the counter's memset and the wait cost 3-5 us, more than the
+    recomputed shrink at 4096 x 4096 (T = 16: 1.11x the base GEMM recomputing, 1.31x shared) and
+    4096 x 14336 (1.06x, 1.23x); only a wide d_in over a narrow d_out (14336 x 4096, the MLP's down
+    projection) gains, where the shrink's a_cat tiles also take pipeline stages from the main loop:
+    T = 1 / 16 / 32 1.51x / 1.31x / 1.38x recomputing, 1.37x / 1.20x / 1.29x shared; at T = 64 (one
+    64-row block) recomputing is ahead again (1.26x against 1.30x)."""
+    return col_blocks > 1 and d_in >= 3 * d_out and T <= 32
 
 
 def decode_splits(rows: int, k_tiles: int, programs: int) -> int:

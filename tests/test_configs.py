@@ -33,7 +33,7 @@ def test_decode_config_keeps_one_wave(T, N, sms, monkeypatch):
     # The shrink's a_cat tile (R = 48 -> 64 columns) is in the main loop unless the shrink is shared;
     # with either choice forced, the config fits its own loop.
     bk = cfg.kwargs["BLOCK_K"]
-    shared = lg.decode_shares_shrink(_ceil(T, bm), _ceil(N, bn), 4096, N)
+    shared = lg.decode_shares_shrink(T, _ceil(N, bn), 4096, N)
     per_stage = (bm * bk + bk * bn + (0 if shared else bk * 64)) * 2
     assert cfg.num_stages * per_stage <= 200 * 1024, "shared memory within the budget"
     for forced in (False, True):
