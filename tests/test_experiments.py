@@ -88,8 +88,8 @@ def test_recycling_over_seeds_reuses_only_matching_runs(tmp_path, monkeypatch):
         rows = [{"method": m, "two_hop_acc": 0.5 + seed / 10, "hop1_acc": 0.9, "hop2_acc": 0.8,
                  "trainable_params": 0, "seconds": 1.0} for m in methods]
         config = {k: v for k, v in recycling._settings(kw).items() if k != "methods"}
-        doc = {"rows": rows, "commit": f"c{seed}-{len(calls)}", "config": dict(config, seed=seed,
-                                                                             sizes={"two_hop": 10})}
+        doc = {"rows": rows, "commit": f"c{seed}-{len(calls)}", "total_seconds": 10.0 + seed,
+               "config": dict(config, seed=seed, sizes={"two_hop": 10})}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "recycling.json").write_text(json.dumps(doc))
         return doc
@@ -101,6 +101,7 @@ def test_recycling_over_seeds_reuses_only_matching_runs(tmp_path, monkeypatch):
     doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], reuse=True, n_people=6, **quiet)
     assert calls == [0, 1, 2], "seeds 0 and 1 reused, seed 2 run"
     assert doc["seed_commits"] == {"seed0": "c0-1", "seed1": "c1-2", "seed2": "c2-3"}
+    assert doc["seeds_seconds"] == pytest.approx(33.0), "the seeds' own run times, reused ones included"
     assert doc["rows"][0]["two_hop_acc"] == pytest.approx(0.6)
     recycling.run_recycling_seeds(str(tmp_path), [0], reuse=True, n_people=7, **quiet)
     assert calls[-1] == 0, "other settings: run again"
@@ -131,7 +132,9 @@ def test_summation_over_seeds_pools_points_and_reuses_matching_runs(tmp_path, mo
         pts = [{"pair": "math+claims", "domain": d, "rms_cosine": 0.1 * seed + 0.01 * i,
                 "ppl_change_vs_single": 0.2 * seed + 0.05 * i, "ppl_change_vs_merged": 0.1 * seed - 0.02 * i}
                for i, d in enumerate(("math", "claims"))]
-        doc = {"config": cfg, "rows": rows, "interference": pts,
+        adapters = {"math": {"trainable_params": 10, "train_seconds": 1.0 + seed},
+                    "claims": {"trainable_params": 20, "train_seconds": 2.0}}
+        doc = {"config": cfg, "rows": rows, "interference": pts, "adapters": adapters, "commit": f"c{seed}",
                "pearson_rms_cosine_vs_ppl_change": {"vs_single": 1.0, "vs_merged": -1.0, "points": 2}}
         sub = tmp_path / f"seed{seed}"
         sub.mkdir(parents=True, exist_ok=True)
@@ -146,6 +149,10 @@ def test_summation_over_seeds_pools_points_and_reuses_matching_runs(tmp_path, mo
     assert base["math_ppl"] == pytest.approx(11.0) and base["math_ppl_sd"] == pytest.approx(1.0)
     assert pair["math_ppl"] == pytest.approx(14.0) and pair["math_ppl_sd"] == pytest.approx(2.0)
     assert pair["rms_cosine"] == pytest.approx(0.1) and base["seeds"] == 3 and "rms_cosine" not in base
+    # What each row cost to train: its adapters' parameters and seconds (mean over seeds); a sum adds none.
+    assert (base["trained_params"], base["train_seconds"]) == (0, 0)
+    assert pair["trained_params"] == 30 and pair["train_seconds"] == pytest.approx(4.0)
+    assert doc["seed_commits"] == {"seed0": "c0", "seed1": "c1", "seed2": "c2"}
     pc = doc["pearson_rms_cosine_vs_ppl_change"]
     xs = [0.1 * s + 0.01 * i for s in range(3) for i in range(2)]
     ys = [0.2 * s + 0.05 * i for s in range(3) for i in range(2)]
@@ -213,6 +220,11 @@ def test_summation_pipeline_on_three_domains(tmp_path, torch_backend):
     assert all(-1.0 <= r["rms_cosine"] <= 1.0 for r in pairs)
     assert len(doc["interference"]) == 6 and doc["pearson_rms_cosine_vs_ppl_change"]["points"] == 6
     assert doc["adapters"]["merged"]["steps"] > doc["adapters"]["math"]["steps"]
+    by = {r["adapters"]: r for r in doc["rows"]}
+    per = doc["adapters"]["math"]["trainable_params"]
+    assert per > 0 and by["base"]["trained_params"] == 0 and by["math+claims"]["trained_params"] == 2 * per
+    assert by["math+medicine+claims"]["train_seconds"] == pytest.approx(
+        sum(doc["adapters"][d]["train_seconds"] for d in ("math", "medicine", "claims")))
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"summation.{ext}").is_file()
     assert "Pearson" in (tmp_path / "summation.md").read_text()

@@ -25,9 +25,18 @@ from .common import check_seeds, mean_sd, saved_run, subset
 from .report import header, write_results
 
 DOMAINS = {"math": "gsm8k", "medicine": "pubmedqa", "claims": "covidfact-claims"}
-COLUMNS = ("adapters", "math_ppl", "medicine_ppl", "claims_ppl", "rms_cosine", "overall_cosine")
+COLUMNS = ("adapters", "math_ppl", "medicine_ppl", "claims_ppl", "rms_cosine", "overall_cosine", "trained_params",
+           "train_seconds")
 SEEDS_COLUMNS = ("adapters", "math_ppl", "math_ppl_sd", "medicine_ppl", "medicine_ppl_sd", "claims_ppl",
-                 "claims_ppl_sd", "rms_cosine", "seeds")
+                 "claims_ppl_sd", "rms_cosine", "trained_params", "train_seconds", "seeds")
+
+
+def _row_cost(label: str, adapters: Dict[str, dict]) -> Dict[str, Any]:
+    """What a row cost to train: the parameters and seconds of the adapters it sums ("base": none;
+    a sum itself trains nothing)."""
+    names = [] if label == "base" else label.split("+")
+    return {"trained_params": sum(adapters[n]["trainable_params"] for n in names),
+            "train_seconds": sum(adapters[n]["train_seconds"] for n in names)}
 
 
 def run_summation(out_dir: str = "results/summation", model: str = "smollm2", data_dir: Optional[str] = None,
@@ -95,6 +104,7 @@ def run_summation(out_dir: str = "results/summation", model: str = "smollm2", da
                 lorafuse.decompose(net)
         if len(combo) == 2:
             row.update(rms_cosine=rms[combo], overall_cosine=overall[combo])
+        row.update(_row_cost(label, doc["adapters"]))
         rows.append(row)
         log(f"  {label:24s} " + "  ".join(f"{d} {row[f'{d}_ppl']:.3f}" for d in domains))
     doc["rows"] = rows
@@ -156,6 +166,8 @@ def run_summation_seeds(out_dir: str, seeds: Sequence[int], reuse: bool = False,
         docs.append(run_summation(out_dir=str(sub), seed=seed, log=log, **kw))
     doc = summarise_seeds(docs)
     doc["total_seconds"] = time.perf_counter() - t_start
+    # This call's wall time counts reused seeds as nothing; the seeds' own run times:
+    doc["seeds_seconds"] = sum(d.get("total_seconds", 0.0) for d in docs)
     domains = list(docs[0]["config"]["domains"])
     cols = [c for c in SEEDS_COLUMNS if c.split("_ppl")[0] in domains or "_ppl" not in c]
     pc = doc["pearson_rms_cosine_vs_ppl_change"]
@@ -195,13 +207,18 @@ def summarise_seeds(docs: Sequence[dict]) -> Dict[str, Any]:
     config.pop("seed", None)
     config["sizes"] = {f"seed{d['config']['seed']}": d["config"]["sizes"] for d in docs}
     doc = header(f"summation: naive LoRA summation across domains ({len(docs)} seeds)", config)
-    doc["runs"] = [dict(row, seed=d["config"]["seed"]) for d in docs for row in d["rows"]]
+    # Rows saved before the cost columns existed get them from their run's adapters.
+    runs = [[dict(_row_cost(row["adapters"], d["adapters"]), **row) for row in d["rows"]] for d in docs]
+    doc["runs"] = [dict(row, seed=d["config"]["seed"]) for d, rs in zip(docs, runs) for row in rs]
+    doc["seed_commits"] = {f"seed{d['config']['seed']}": d.get("commit") for d in docs}
     doc["rows"] = []
     for label in [row["adapters"] for row in first["rows"]]:
-        rows = [row for d in docs for row in d["rows"] if row["adapters"] == label]
+        rows = [row for rs in runs for row in rs if row["adapters"] == label]
         out: Dict[str, Any] = {"adapters": label, "seeds": len(rows)}
         for k in [f"{d}_ppl" for d in domains] + (["rms_cosine", "overall_cosine"] if "rms_cosine" in rows[0] else []):
             out[k], out[k + "_sd"] = mean_sd([row[k] for row in rows])
+        out["trained_params"] = rows[0]["trained_params"]
+        out["train_seconds"] = statistics.fmean(row["train_seconds"] for row in rows)
         doc["rows"].append(out)
     points = [dict(p, seed=d["config"]["seed"]) for d in docs for p in d["interference"]]
     doc["interference"] = points
