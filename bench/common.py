@@ -105,3 +105,36 @@ def warm_up(seconds: float = 3.0) -> None:
             small @ a  # the host's launch path
         torch.cuda.synchronize()
 
+
+
+def graphed(fn):
+    """fn() captured once in a CUDA graph (run once first on a side stream, to compile); the result
+    replays it."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def layer_inputs(T: int, d_in: int, d_out: int, R: int, m: int, dtype=None, device: str = "cuda"):
+    """Random operands of one layer: x (T, d_in), w (d_out, d_in), a_cat (R, d_in), b_cat (d_out, R)
+    in dtype (default bfloat16), scale (R,) of ones, a_map (m, R) and b_map (R, m) in float32;
+    scaled so that every product stays near unit size."""
+    import torch
+
+    dt = dtype or torch.bfloat16
+    x = torch.randn(T, d_in, device=device, dtype=dt)
+    w = torch.randn(d_out, d_in, device=device, dtype=dt) / d_in ** 0.5
+    a = torch.randn(R, d_in, device=device, dtype=dt) / d_in ** 0.5
+    b = torch.randn(d_out, R, device=device, dtype=dt) / R ** 0.5
+    scale = torch.ones(R, device=device, dtype=torch.float32)
+    am = torch.randn(m, R, device=device) / R ** 0.5
+    bm = torch.randn(R, m, device=device) / m ** 0.5
+    return x, w, a, b, scale, am, bm

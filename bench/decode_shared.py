@@ -25,23 +25,10 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json, warm_up  # noqa: E402
+from common import env_info, layer_inputs, graphed, save_json, warm_up  # noqa: E402
 
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
 from lorafuse.kernels.lora_gemm import decode_shares_shrink, gemm_config  # noqa: E402
-
-
-def graphed(fn):
-    """fn() captured once in a CUDA graph; the result replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main() -> None:
@@ -63,13 +50,7 @@ def main() -> None:
         for dims in args.dims:
             d_in, d_out = map(int, dims.split("x"))
             R, m = args.R, args.m
-            x = torch.randn(T, d_in, device=dev, dtype=dt)
-            w = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in ** 0.5
-            a = torch.randn(R, d_in, device=dev, dtype=dt) / d_in ** 0.5
-            b = torch.randn(d_out, R, device=dev, dtype=dt) / R ** 0.5
-            scale = torch.ones(R, device=dev, dtype=torch.float32)
-            am = torch.randn(m, R, device=dev) / R ** 0.5
-            bm = torch.randn(R, m, device=dev) / m ** 0.5
+            x, w, a, b, scale, am, bm = layer_inputs(T, d_in, d_out, R, m, dt, dev)
             for method, maps in (("sum", (None, None)), ("loramap", (am, bm))):
                 variants = {"base": graphed(lambda: F.linear(x, w))}
                 ref = lora_gemm_fused(x, w, None, a, b, scale, *maps, shared=False)[0]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json  # noqa: E402
+from common import env_info, graphed, layer_inputs, save_json  # noqa: E402
 
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
 
@@ -26,30 +26,11 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--out", default="bench/results")
 args = p.parse_args()
 
-
-def graphed(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 dt, dev, R, m = torch.bfloat16, "cuda", 48, 16
 rows = []
 for T in (16, 64):
     for d_in, d_out in ((4096, 4096), (4096, 14336), (14336, 4096)):
-        x = torch.randn(T, d_in, device=dev, dtype=dt)
-        w = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in ** 0.5
-        a = torch.randn(R, d_in, device=dev, dtype=dt) / d_in ** 0.5
-        b = torch.randn(d_out, R, device=dev, dtype=dt) / R ** 0.5
-        scale = torch.ones(R, device=dev)
-        am = torch.randn(m, R, device=dev) / R ** 0.5
-        bm = torch.randn(R, m, device=dev) / m ** 0.5
+        x, w, a, b, scale, am, bm = layer_inputs(T, d_in, d_out, R, m, dt, dev)
         tab = lg.gemm_config(T, d_out, d_in, fused=True, R=R, dtype=dt)
         bm_, bn = tab.kwargs["BLOCK_M"], tab.kwargs["BLOCK_N"]
         variants = {"base": graphed(lambda: F.linear(x, w))}

@@ -20,7 +20,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json  # noqa: E402
+from common import env_info, layer_inputs, save_json  # noqa: E402
 
 import lorafuse  # noqa: E402
 from lorafuse.kernels import lora_gemm_fused  # noqa: E402
@@ -62,13 +62,7 @@ def main() -> None:
         for dims in args.dims:
             d_in, d_out = map(int, dims.split("x"))
             R, m = args.R, args.m
-            x = torch.randn(T, d_in, device=dev, dtype=dt)
-            w = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in ** 0.5
-            a = torch.randn(R, d_in, device=dev, dtype=dt) / d_in ** 0.5
-            b = torch.randn(d_out, R, device=dev, dtype=dt) / R ** 0.5
-            scale = torch.ones(R, device=dev, dtype=torch.float32)
-            am = torch.randn(m, R, device=dev) / R ** 0.5
-            bm = torch.randn(R, m, device=dev) / m ** 0.5
+            x, w, a, b, scale, am, bm = layer_inputs(T, d_in, d_out, R, m, dt, dev)
             base = bench(lambda: F.linear(x, w))
             op_sum = bench(lambda: lorafuse.lora_linear(x, w, None, a, b, scale))
             op_map = bench(lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm))
