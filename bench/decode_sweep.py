@@ -74,7 +74,9 @@ def main() -> None:
                 times = {}
                 for name, maps in (("sum", (None, None)), ("map", (am, bm))):
                     try:
-                        times[name] = bench(lambda: lora_gemm_fused(x, w, None, a, b, scale, *maps, config=cfg))
+                        # shared=False: the recomputing layer, as in the sweeps before the shared shrink
+                        times[name] = bench(lambda: lora_gemm_fused(x, w, None, a, b, scale, *maps, config=cfg,
+                                                                    shared=False))
                     except Exception as e:  # out of resources for this config
                         times[name] = None
                         times[name + "_error"] = type(e).__name__

@@ -114,13 +114,19 @@ def gemm_config(T: int, N: int, K: int, fused: bool = False, R: int = 0,
         # Up to 6 stages where shared memory allows (decode-stages-*.json, H200, LoraMap: T = 16,
         # 4096 x 4096 1.29x -> 1.16x the base GEMM with 6 instead of 4; 14336 x 4096 1.48x -> 1.33x;
         # T = 64 with 5: 1.41x -> 1.33x, 1.37x -> 1.30x): each program streams a narrow slice of W,
-        # so bytes in flight per SM set its speed. The shared shrink keeps no a_cat tile in the loop.
+        # so bytes in flight per SM set its speed. The shared shrink keeps no a_cat tile in the main
+        # loop, but its work items' loop (x and a_cat tiles) is pipelined with the same depth: both
+        # loops must fit.
         bm, bk = min(64, max(16, next_pow2(T))), 128
         rows = cdiv(T, bm)
         bn = next((n for n in (32, 64, 128) if rows * cdiv(N, n) <= sms), 128)
         if shared is None:
             shared = decode_shares_shrink(T, cdiv(N, bn), K, N)
-        return _cfg(bm, bn, bk, 4, _stages(bm, bn, bk, 0 if shared else br, 2, most=6))
+        if shared:
+            stages = min(_stages(bm, bn, bk, 0, 2, most=6), _stages(bm, 0, bk, br, 2, most=6))
+        else:
+            stages = _stages(bm, bn, bk, br, 2, most=6)
+        return _cfg(bm, bn, bk, 4, stages)
     if dtype == torch.float32:
         # float32 operands: kept to the configs the GPU suite validated (no tuning data).
         if T >= 1024:
@@ -736,6 +742,9 @@ def lora_gemm_fused(
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
     if AUTOTUNE and config is None:  # the shared shrink's buffers depend on the config: not tuned
+        if shared:
+            raise ValueError("lora_gemm_fused: shared=True needs a launch config (its buffers depend on it); "
+                             "with LORAFUSE_AUTOTUNE=1 pass config= as well, or shared=None/False")
         kernel, cfg, shared = _lora_gemm_tuned, {}, False
         grid = lambda meta: (cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     else:

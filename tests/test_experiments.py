@@ -98,8 +98,11 @@ def test_recycling_over_seeds_reuses_only_matching_runs(tmp_path, monkeypatch):
     quiet = dict(log=lambda *a: None)
     recycling.run_recycling_seeds(str(tmp_path), [0, 1], n_people=6, **quiet)
     assert calls == [0, 1]
-    doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], reuse=True, n_people=6, **quiet)
+    said = []
+    doc = recycling.run_recycling_seeds(str(tmp_path), [0, 1, 2], reuse=True, n_people=6, log=said.append)
     assert calls == [0, 1, 2], "seeds 0 and 1 reused, seed 2 run"
+    # A reused seed from another commit (here c0-1, a stub's) is said to be so.
+    assert any("reusing" in m and "saved from another commit c0-1" in m for m in said), said
     assert doc["seed_commits"] == {"seed0": "c0-1", "seed1": "c1-2", "seed2": "c2-3"}
     assert doc["seeds_seconds"] == pytest.approx(33.0), "the seeds' own run times, reused ones included"
     assert doc["rows"][0]["two_hop_acc"] == pytest.approx(0.6)

@@ -385,6 +385,17 @@ def test_lora_gemm_shape_errors():
         lora_gemm(a, torch.randn(24, 8, device=DEVICE).half())
 
 
+def test_shared_shrink_needs_a_config_under_autotuning(monkeypatch):
+    """The shared shrink's buffers depend on the launch config, which autotuning picks later: an
+    explicit shared=True without config= is refused, not silently ignored."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    monkeypatch.setattr(lg, "AUTOTUNE", True)
+    x, a_cat, b_cat, scale, _, _ = _inputs(5, 24, 40, 5, None, torch.float32)
+    w = torch.randn(40, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="shared=True needs a launch config"):
+        lora_gemm_fused(x, w, None, a_cat, b_cat, scale, shared=True)
+
+
 def test_launchers_check_their_operands():
     # The launchers are public: they name a wrong operand instead of reading out of bounds.
     x = torch.randn(5, 32, device=DEVICE)

@@ -50,5 +50,11 @@ def saved_run(path: Path, seed: int, settings: Dict[str, Any], log: Callable = p
     if mismatch:
         log(f"seed {seed}: {path} was run with other settings (saved, now: {mismatch}); running again")
         return None
-    log(f"seed {seed}: reusing {path} (commit {prev.get('commit', '?')})")
+    from .report import commit, machine
+
+    here = {"commit": commit(), "device": machine()["device"]}
+    there = {"commit": prev.get("commit"), "device": prev.get("machine", {}).get("device")}
+    differs = [f"{k} {there[k]} (now {here[k]})" for k in here if there[k] != here[k]]
+    log(f"seed {seed}: reusing {path} (commit {there['commit']}, {there['device']})"
+        + (f"; note: saved from another {', '.join(differs)}" if differs else ""))
     return prev
