@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
+from .shrink import _band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
@@ -213,18 +213,9 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
                 for j in range(SPLITS):  # ".cg": other programs' partials, from L2
                     acc += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
         if done:
-            u, v, sp = map_and_scale(acc, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
-                                     stride_amm, stride_amr, stride_bmr, stride_bmm,
-                                     HAS_MAP, BLOCK_MR, MAP_PREC)
-            mr_mask = t_mask[:, None] & r_mask[None, :]
-            tl.store(sp_ptr + offs_t[:, None] * stride_spm + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty),
-                     mask=mr_mask)
-            if SAVE:
-                tl.store(s_ptr + offs_t[:, None] * stride_sm + offs_r[None, :], acc, mask=mr_mask)
-                if HAS_MAP:
-                    offs_mr = tl.arange(0, BLOCK_MR)
-                    tl.store(u_ptr + offs_t[:, None] * stride_um + offs_mr[None, :], u,
-                             mask=t_mask[:, None] & (offs_mr[None, :] < MR))
+            _band_finish(acc, band * BLOCK_M, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
+                         T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
+                         HAS_MAP, SAVE, MAP_PREC, BLOCK_M, BLOCK_R, BLOCK_MR)
             tl.debug_barrier()  # every thread's stores issued before the flag is released
             tl.atomic_xchg(flag_ptr + band, 1, sem="release")
         item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
