@@ -744,11 +744,11 @@ def lora_gemm_fused(
                                                                  shared)
         grid = (cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     br = block_for(R)
-    rows = cdiv(T, cfg["BLOCK_M"]) if cfg else 1
     if shared is None:
         shared = decode_shares_shrink(T, cdiv(N, cfg["BLOCK_N"]), D, N)
     k_per, n_splits, flags, part = 0, 1, dummy, dummy
     if shared:
+        rows = cdiv(T, cfg["BLOCK_M"])
         if sp is None:  # the column blocks read S' from memory
             sp = alloc_rows(T, R, x.dtype, x.device)
         k_per, n_splits = split_range(D, splits or decode_splits(rows, cdiv(D, cfg["BLOCK_K"]), grid[0]),
