@@ -20,6 +20,9 @@ Routed (per-token gates over K adapters of rank r, Arrow router, top_k of 1 or 2
                     (x A_cat^T), the Arrow logits, top-k, softmax, gates, the expand: plain torch
   peft_arrow        peft's Arrow (LoraConfig(arrow_config=...)), K adapters on one nn.Linear;
                     skipped where its (T, K, d_out) intermediate would not fit the memory budget
+  graph_base, graph_routed   base and lorafuse_routed replayed from a CUDA graph: the GPU's cost
+                    without host launches (an eager call whose host time exceeds its GPU time
+                    leaves the GPU idle between calls, which the eager rows include)
 Per-request (a library of 64 adapters of rank r; B = min(T, 64) sequences of T / B tokens, each
 sequence with its own adapter, all distinct):
   base                 F.linear(x, W)
@@ -64,7 +67,8 @@ FULL = dict(T=[16, 512, 2048, 8192], seg_T=[16, 128, 512, 2048, 8192], dims=[(40
             K=[4, 16, 64], top_k=[1, 2], r=16, library=64)
 SMOKE = dict(T=[5, 37], seg_T=[5, 37], dims=[(40, 24)], extra_dims=[], K=[2, 4], top_k=[1, 2], r=4,
              library=6)
-ROUTED_IMPLS = ["base", "lorafuse_routed", "lorafuse_dense", "lorafuse_grouped", "torch_ref", "peft_arrow"]
+ROUTED_IMPLS = ["base", "lorafuse_routed", "lorafuse_dense", "lorafuse_grouped", "graph_base", "graph_routed",
+                "torch_ref", "peft_arrow"]
 SEGMENTED_IMPLS = ["base", "lorafuse_segmented", "lorafuse_unchecked", "lorafuse_gathered", "lorafuse_grouped",
                    "graph_base", "graph_segmented", "graph_checked", "torch_loop", "peft_mixed"]
 GRAPH_MAX_T = 2048
@@ -211,6 +215,18 @@ def _routed_row(layer, x, args, impls, quick, peft_cache):
                                               "lorafuse_grouped": "grouped"}[impl]}):
                     e["rel_err"] = _rel_err(lora_linear_routed(x, W, None, *args, **kw), ref32)
                     _time(e, lambda: lora_linear_routed(x, W, None, *args, **kw), quick, host)
+                _run(row, impl, body)
+            elif impl in ("graph_base", "graph_routed"):
+                if not torch.cuda.is_available():
+                    continue
+
+                def body(e, impl=impl):
+                    if impl == "graph_base":
+                        g = _graphed(lambda xx: F.linear(xx, W), x)
+                    else:
+                        g = _graphed(lambda xx: lora_linear_routed(xx, W, None, *args), x)
+                        e["rel_err"] = _rel_err(g(), ref32)
+                    _time(e, g, quick, host)
                 _run(row, impl, body)
             elif impl == "torch_ref":
                 def body(e):
@@ -382,9 +398,11 @@ def _targets(doc):
 
     for r in doc["rows"]:
         shape = f"T={r['T']} {r['d_in']}x{r['d_out']}"
-        if r["part"] == "routed" and r["top_k"] == 1 and r["T"] >= 2048 and ratio(r, "lorafuse_routed"):
-            v = ratio(r, "lorafuse_routed")
-            out.append((f"routed top-1 <= 1.15x base ({shape} K={r['K']})", f"{v:.2f}x", v <= 1.15))
+        if r["part"] == "routed" and r["top_k"] == 1 and r["T"] >= 2048:
+            for impl in ("lorafuse_routed", "graph_routed"):
+                v = ratio(r, impl)
+                if v is not None:
+                    out.append((f"routed top-1 <= 1.15x base ({shape} K={r['K']}, {impl})", f"{v:.2f}x", v <= 1.15))
         if r["part"] == "segmented" and r["T"] == 16:
             for impl in ("lorafuse_segmented", "lorafuse_unchecked", "graph_segmented", "graph_checked"):
                 v = ratio(r, impl)
