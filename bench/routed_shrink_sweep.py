@@ -2,10 +2,13 @@
 
     python bench/routed_shrink_sweep.py [--T 2048 8192] [--K 4 16 64] [--out DIR]
 
-Part 1 (GPU time): lorafuse.kernels.routing.routed_shrink alone (partial + finish kernels, top-1,
-Arrow logits) at d_in = 4096, r = 16, bf16, with split_config's launch shape ("default") and the
-candidates in CONFIGS; do_bench median with the L2 flushed, each beside the base GEMM x W^T
-(4096 x 4096) of the same run for scale. Part 2 (host time, T = 16): microseconds per eager call of
+Part 1 (GPU time, each call replayed from a CUDA graph so that host time does not show; do_bench
+median with the L2 flushed, beside the base GEMM x W^T (4096 x 4096) of the same run for scale):
+lorafuse.kernels.routing.routed_shrink alone (partial + finish kernels, top-1, Arrow logits) at
+d_in = 4096, r = 16, bf16, with split_config's launch shape ("default") and the candidates in
+CONFIGS; then the partial products alone on [a_cat; router] stacked into one tensor: the shrink's
+one-operand partial kernel with the same shapes ("stacked_*") and cuBLAS (x @ stacked^T in bf16).
+Part 2 (host time, T = 16): microseconds per eager call of
 the dense routed layer, its two launchers alone, lorafuse.lora_linear and F.linear (a long loop over
 a small input: the GPU never holds the host back), and the routed call's top Python functions by own
 time (cProfile). Writes routed-shrink-sweep-<gpu>-<date>.json.
@@ -27,7 +30,7 @@ from bench_kernels import host_us_per_call  # noqa: E402
 import lorafuse  # noqa: E402
 from lorafuse.kernels import lora_gemm  # noqa: E402
 from lorafuse.kernels.routing import routed_shrink  # noqa: E402
-from lorafuse.kernels.shrink import split_config  # noqa: E402
+from lorafuse.kernels.shrink import _rows_partial, split_config  # noqa: E402
 from lorafuse.routing import _block_ids, arrow_prototypes, lora_linear_routed  # noqa: E402
 
 CONFIGS = {
@@ -51,7 +54,18 @@ def main() -> None:
     args = p.parse_args()
     from triton.testing import do_bench
 
-    bench = lambda f: do_bench(f, warmup=25, rep=200, return_mode="median")  # noqa: E731
+    def bench(f):
+        f()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            f()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            f()
+        return do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+
     dev, dt, d = "cuda", torch.bfloat16, args.d
     torch.manual_seed(0)
     W = torch.randn(d, d, device=dev, dtype=dt) / d ** 0.5
@@ -78,10 +92,21 @@ def main() -> None:
                     row[name] = {"ms": ms, "ratio_to_base": ms / row["base_ms"], "rel_err_vs_default": err}
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
                     row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            stacked = torch.cat([a_cat, protos], 0)
+            cols = R + K
+            for name, cfg in [("default", split_config(T, d, cols, dt, x.device))] + list(CONFIGS.items()):
+                try:
+                    row["stacked_" + name] = {"ms": bench(lambda: _rows_partial(x, stacked.t(), T, d, cols, cfg))}
+                except Exception as e:  # noqa: BLE001
+                    row["stacked_" + name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["cublas"] = {"ms": bench(lambda: torch.mm(x, stacked.t()))}
             sweep.append(row)
             print(f"T={T} K={K} base {row['base_ms'] * 1e3:.1f} us | " + " | ".join(
                 f"{n} {row[n]['ms'] * 1e3:.1f}" if "ms" in row[n] else f"{n} ERR"
                 for n in ["default"] + list(CONFIGS)), flush=True)
+            print("   stacked partial only: " + " | ".join(
+                f"{n} {row[n]['ms'] * 1e3:.1f}" if "ms" in row[n] else f"{n} ERR"
+                for n in ["stacked_default"] + ["stacked_" + c for c in CONFIGS] + ["cublas"]), flush=True)
 
     # Part 2: host time at T = 16, K = 4.
     K, T = 4, 16

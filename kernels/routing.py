@@ -171,27 +171,8 @@ def _routed_finish_kernel(
              (s * scale[None, :] * g_cols).to(sp_ptr.dtype.element_ty), mask=tr_mask)
 
 
-def routed_shrink(
-    x: torch.Tensor,
-    a_cat: torch.Tensor,
-    router: torch.Tensor,
-    scale: torch.Tensor,
-    block_ids: torch.Tensor,
-    top_k: Optional[int] = None,
-    temperature: float = 1.0,
-    abs_logits: bool = True,
-    router_bias: Optional[torch.Tensor] = None,
-    save: bool = False,
-    config: Optional[dict] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """x: (T, d_in); a_cat: (R, d_in) and router: (K, d_in) in x's dtype; scale: (R,) float32;
-    block_ids: (R,) int32, the adapter (0..K-1) of each rank column; router_bias: (K,) float32 or None.
-
-    Returns (sp, s, z, g): sp = S' (T, R) in x's dtype; when save, s = S = x a_cat^T (T, R),
-    z = the raw router logits x router^T (+ router_bias) (T, K) and g = the gates (T, K), all
-    float32 (s may be a strided view), else all three None. top_k: None (dense softmax) or
-    1..K; abs_logits: Arrow's |z|. config: the partial kernel's launch shape (split_config's keys).
-    """
+def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, temperature, router_bias):
+    """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
     check_runnable("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
@@ -220,8 +201,38 @@ def routed_shrink(
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     # Indexed without a stride in the kernels: a sliced or expanded vector is copied first.
-    scale, router_bias, block_ids = unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
+    return unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
 
+
+def routed_shrink(
+    x: torch.Tensor,
+    a_cat: torch.Tensor,
+    router: torch.Tensor,
+    scale: torch.Tensor,
+    block_ids: torch.Tensor,
+    top_k: Optional[int] = None,
+    temperature: float = 1.0,
+    abs_logits: bool = True,
+    router_bias: Optional[torch.Tensor] = None,
+    save: bool = False,
+    config: Optional[dict] = None,
+    check: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """x: (T, d_in); a_cat: (R, d_in) and router: (K, d_in) in x's dtype; scale: (R,) float32;
+    block_ids: (R,) int32, the adapter (0..K-1) of each rank column; router_bias: (K,) float32 or None.
+
+    Returns (sp, s, z, g): sp = S' (T, R) in x's dtype; when save, s = S = x a_cat^T (T, R),
+    z = the raw router logits x router^T (+ router_bias) (T, K) and g = the gates (T, K), all
+    float32 (s may be a strided view), else all three None. top_k: None (dense softmax) or
+    1..K; abs_logits: Arrow's |z|. config: the partial kernel's launch shape (split_config's keys).
+    check=False skips the operand checks (for callers that have made these guarantees already:
+    lorafuse.routing's op, where they are a visible share of a small call's host time).
+    """
+    if check:
+        scale, router_bias, block_ids = _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k,
+                                                                  temperature, router_bias)
+    T, D = x.shape
+    R, K = a_cat.shape[0], router.shape[0]
     f32 = torch.float32
     sp = alloc_rows(T, R, x.dtype, x.device)
     if T == 0:

@@ -41,6 +41,10 @@ ROUTER_KINDS = ("arrow", "linear", "uniform")
 
 
 def _check_ranks(ranks: Sequence[int], R: int) -> List[int]:
+    # The common case without the abstract-class checks below (host time on every call).
+    if ranks.__class__ in (list, tuple) and ranks and all(r.__class__ is int and r > 0 for r in ranks) \
+            and sum(ranks) == R:
+        return list(ranks)
     # Whole numbers only: a string ("48") or 4.9 must not turn silently into other ranks.
     try:
         values = ranks.tolist() if isinstance(ranks, Tensor) else list(ranks)
@@ -271,9 +275,10 @@ def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_l
     from .kernels import lora_gemm
     from .kernels.routing import routed_shrink
 
+    # The op has checked and laid out every operand (lora_linear_routed): no second round of checks.
     sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature,
-                                abs_logits=abs_logits, router_bias=rbias, save=save)
-    y = lora_gemm(x, weight.t(), sp, b_c.t(), bias)
+                                abs_logits=abs_logits, router_bias=rbias, save=save, check=False)
+    y = lora_gemm(x, weight.t(), sp, b_c.t(), bias, check=False)
     return y, sp, s, z, g
 
 
@@ -560,9 +565,20 @@ def lora_linear_routed(
         x2 = x2.contiguous()
     if weight.stride(-1) != 1 and weight.stride(0) != 1:
         weight = weight.contiguous()
-    dt = x.dtype
-    tensors = (x2, weight, bias, a_cat.to(dt), b_cat.to(dt), scale.to(torch.float32), router.to(dt),
-               router_bias.to(torch.float32) if router_bias is not None else None)
+    dt, f32 = x.dtype, torch.float32
+    # (No-op casts skipped: each costs host time on every small call. The kernels index the
+    # vectors without a stride: a sliced or expanded one is copied.)
+    sc = scale if scale.dtype == f32 else scale.to(f32)
+    rbias = router_bias if router_bias is None or router_bias.dtype == f32 else router_bias.to(f32)
+    if not sc.is_contiguous():
+        sc = sc.contiguous()
+    if rbias is not None and not rbias.is_contiguous():
+        rbias = rbias.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    tensors = (x2, weight, bias, a_cat if a_cat.dtype == dt else a_cat.to(dt),
+               b_cat if b_cat.dtype == dt else b_cat.to(dt), sc, router if router.dtype == dt else router.to(dt),
+               rbias)
     abs_logits = router_kind == "arrow"
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     grouped = _use_grouped(schedule, top_k, ranks, x2.shape[0], save)
