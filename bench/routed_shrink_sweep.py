@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--K", type=int, nargs="*", default=[4, 16, 64])
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--parts", nargs="*", default=["configs", "host"], choices=["configs", "host"])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args()
     from triton.testing import do_bench
@@ -71,7 +72,7 @@ def main() -> None:
     W = torch.randn(d, d, device=dev, dtype=dt) / d ** 0.5
     warm_up()
     sweep = []
-    for K in args.K:
+    for K in args.K if "configs" in args.parts else []:
         R = K * args.r
         ranks = [args.r] * K
         a_cat = (torch.randn(R, d, device=dev) / d ** 0.5).to(dt)
@@ -128,17 +129,21 @@ def main() -> None:
         "F.linear": lambda: F.linear(x, W),
     }
     host = {}
+    if "host" not in args.parts:
+        calls = {}
     with torch.no_grad():
         for name, f in calls.items():
             host[name] = host_us_per_call(f, n=500)
         prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(500):
-            calls["routed_dense"]()
-        prof.disable()
-        torch.cuda.synchronize()
+        if calls:
+            prof.enable()
+            for _ in range(500):
+                calls["routed_dense"]()
+            prof.disable()
+            torch.cuda.synchronize()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    if calls:
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
     print("host us per call (T = 16):", {k: round(v, 1) for k, v in host.items()})
     print(buf.getvalue())
     doc = {"env": env_info([os.path.relpath(__file__)] + sys.argv[1:]), "dtype": str(dt), "d": d, "r": args.r,

@@ -5,9 +5,11 @@
     g = softmax over the top-k entries of each row of L (all K when dense; the others are 0)
     S' = S * scale * g[:, block]           block[r] = the adapter that rank column r belongs to
 
-x is read once: the partial kernel loads its (d_in x columns) operand tile from a_cat for the first R
-columns and from the router for the last K (stacked on chip, no copy in memory), so one tl.dot per
-step gives both, and splits d_in over programs when T is small (as shrink.py's partial kernel does);
+x is read once: one partial kernel gives both products per step. Below STACK_MIN_T rows it loads its
+(d_in x columns) operand tile from a_cat for the first R columns and from the router for the last K
+(stacked on chip, no copy in memory) and splits d_in over programs when T is small (as shrink.py's
+partial kernel does); from STACK_MIN_T rows the two are copied into one tensor for the shrink's
+one-operand kernel, whose single unmasked load per step is 1.5-2.8x faster;
 the gates are computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
 with the block-id vector, so S' (T x R) is the only intermediate that goes back to memory. The
 expand is then lorafuse.kernels.lora_gemm.lora_gemm(x, W^T, S', b_cat^T, bias), as for the other
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import FINISH_BLOCK_T, _sum_splits, alloc_rows, split_config
+from .shrink import FINISH_BLOCK_T, _rows_partial, _sum_splits, alloc_rows, split_config
 from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, split_range,
                     unit_vector)
 
@@ -94,6 +96,40 @@ def _stacked_partial(x, a_cat, router, cfg):
         EVEN_D=D % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return part, splits
+
+
+# From this many rows the partial products run on [a_cat; router] copied into one tensor (torch.cat,
+# (R + K) x d_in: a few microseconds) by the shrink's one-operand kernel: the two masked loads per
+# step of _stacked_partial_kernel made it 1.5-2.8x slower (routed-shrink-sweep-*-2026-12-02.json,
+# H200, bf16, d_in = 4096, r = 16, GPU time from CUDA graphs: T = 8192, K = 64 409 -> 147 us; K = 16
+# 130 -> 53 us; K = 4 52 -> 36 us; T = 2048, K = 64 162 -> 49 us). Below it the copy's extra launch
+# would cost more host time than the kernel saves.
+STACK_MIN_T = 2048
+
+
+def stacked_config(T: int, D: int, cols: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch shape of the one-operand partial kernel over the R + K stacked columns: split_config's,
+    except wide 16-bit ones, where larger tiles won in routed-shrink-sweep-*-2026-12-02.json
+    (128 x 256 tiles, 8 warps, from 512 columns, and from 256 at T >= 8192: 146-49 us against
+    183-105 us; 64 x 128 tiles between 128 and 512 columns at T = 2048: 26 against 41 us)."""
+    cfg = split_config(T, D, cols, dtype, device)
+    if is_interpreting() or dtype == torch.float32 or T < STACK_MIN_T:
+        return cfg
+    if cols >= 512 or (cols > 256 and T >= 8192):
+        return {"BLOCK_T": 128, "BLOCK_K": 64, "BLOCK_R": 256, "SPLITS": 1, "num_warps": 8, "num_stages": 3}
+    if cols > 128:
+        return {"BLOCK_T": 64, "BLOCK_K": 64, "BLOCK_R": 128, "SPLITS": 1, "num_warps": 4, "num_stages": 4}
+    return cfg
+
+
+def _routed_partial(x, a_cat, router, config):
+    """float32 partial sums of x [a_cat; router]^T: (splits, T, R + K), and the split count."""
+    T, D = x.shape
+    cols = a_cat.shape[0] + router.shape[0]
+    if T >= STACK_MIN_T:
+        stacked = torch.cat([a_cat, router], 0)
+        return _rows_partial(x, stacked.t(), T, D, cols, config or stacked_config(T, D, cols, x.dtype, x.device))
+    return _stacked_partial(x, a_cat, router, config or split_config(T, D, cols, x.dtype, x.device))
 
 
 @triton.jit
@@ -238,8 +274,7 @@ def routed_shrink(
     if T == 0:
         empty = lambda w: new_empty((0, w), f32, x.device)  # noqa: E731
         return (sp, empty(R), empty(K), empty(K)) if save else (sp, None, None, None)
-    cfg = config or split_config(T, D, R + K, x.dtype, x.device)
-    part, splits = _stacked_partial(x, a_cat, router, cfg)
+    part, splits = _routed_partial(x, a_cat, router, config)
     # One split: the partials are [S | Z] itself and S is a view of them.
     direct = splits == 1
     s = (part.view(T, R + K)[:, :R] if direct else new_empty((T, R), f32, x.device)) if save else None

@@ -55,3 +55,23 @@ def test_map_precision_setting():
     assert bad.returncode != 0 and "LORAFUSE_MAP_PRECISION must be 'ieee' or 'tf32x3'" in bad.stderr
     ok = _import_with("ieee")
     assert ok.returncode == 0 and ok.stdout.strip().endswith("ieee"), ok.stderr
+
+
+@pytest.mark.parametrize("T", [16, 512, 2048, 8192, 16384])
+@pytest.mark.parametrize("cols", [3, 68, 130, 272, 1088, 4352])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+def test_stacked_routed_config_fits_shared_memory(T, cols, dtype_name, monkeypatch):
+    """The routed shrink's one-operand launch shapes keep their pipelined tiles within the 200 KiB
+    the other tables budget (Hopper has 227 KiB per block), in every dtype."""
+    import torch
+
+    rk = importlib.import_module("lorafuse.kernels.routing")
+    sh = importlib.import_module("lorafuse.kernels.shrink")
+    monkeypatch.setattr(rk, "is_interpreting", lambda: False)
+    monkeypatch.setattr(sh, "is_interpreting", lambda: False)
+    dtype = getattr(torch, dtype_name)
+    cfg = rk.stacked_config(T, 4096, cols, dtype, torch.device("cpu"))
+    esize = torch.empty(0, dtype=dtype).element_size()
+    per_stage = (cfg["BLOCK_T"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_R"]) * esize
+    assert per_stage * cfg["num_stages"] <= 200 * 1024, cfg
+    assert cfg["BLOCK_R"] <= max(256, sh.block_for(cols)) and cfg["SPLITS"] >= 1

@@ -289,11 +289,14 @@ def test_many_adapters_mixed_ranks(K, top_k, seeded):
         assert rel_err(y[stable], ref[stable.to(ref.device)]) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("top_k", [None, 1, 3])
-def test_routed_shrink_outputs(top_k, seeded):
-    """The kernel's S, raw logits, gates and S' directly (each checked against float64)."""
+def test_routed_shrink_outputs(top_k, stacked, monkeypatch, seeded):
+    """The kernel's S, raw logits, gates and S' directly (each checked against float64), with the
+    two-operand partial kernel and with [a_cat; router] copied into one operand (large T)."""
     if not can_run(torch.empty(0, device=DEVICE)):
         pytest.skip("kernels cannot run here")
+    monkeypatch.setattr(routing_kernels, "STACK_MIN_T", 0 if stacked else 1 << 30)
     # R = 40: more than one chunk of rank columns in the finish kernel's grid (32 under the interpreter).
     ranks = [2, 5, 1, 9, 17, 6]
     T, d_in, R, K = 70, 40, sum(ranks), len(ranks)
