@@ -204,7 +204,8 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
                                            check=False)
         return y, (sp if save else None), s, u
     sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False)
-    y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias)
+    # lora_linear has checked the operands and made bias contiguous: no second round of checks.
+    y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias, check=False)
     return y, (sp if save else None), s, u
 
 
