@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, save_json, warm_up  # noqa: E402
 from bench_kernels import host_us_per_call  # noqa: E402
 
 import lorafuse  # noqa: E402
@@ -57,15 +57,17 @@ def main() -> None:
 
     def bench(f):
         f()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            f()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            f()
-        return do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        return do_bench(graphed(f), warmup=25, rep=200, return_mode="median")
+
+    def adapters(K):
+        """K adapters of rank r: (ranks, a_cat, b_cat, scale, Arrow prototypes, block ids)."""
+        R = K * args.r
+        ranks = [args.r] * K
+        a_cat = (torch.randn(R, d, device=dev) / d ** 0.5).to(dt)
+        b_cat = (torch.randn(d, R, device=dev) * 0.1).to(dt)
+        scale = torch.full((R,), 2.0, device=dev)
+        protos = arrow_prototypes(a_cat, b_cat, ranks, scale).to(dt)
+        return ranks, a_cat, b_cat, scale, protos, _block_ids(ranks, dev)
 
     dev, dt, d = "cuda", torch.bfloat16, args.d
     torch.manual_seed(0)
@@ -73,13 +75,8 @@ def main() -> None:
     warm_up()
     sweep = []
     for K in args.K if "configs" in args.parts else []:
-        R = K * args.r
-        ranks = [args.r] * K
-        a_cat = (torch.randn(R, d, device=dev) / d ** 0.5).to(dt)
-        b_cat = (torch.randn(d, R, device=dev) * 0.1).to(dt)
-        scale = torch.full((R,), 2.0, device=dev)
-        protos = arrow_prototypes(a_cat, b_cat, ranks, scale).to(dt)
-        block = _block_ids(ranks, dev)
+        ranks, a_cat, b_cat, scale, protos, block = adapters(K)
+        R = a_cat.shape[0]
         for T in args.T:
             x = torch.randn(T, d, device=dev, dtype=dt)
             row = {"T": T, "K": K, "R": R, "base_ms": bench(lambda: F.linear(x, W)),
@@ -110,14 +107,8 @@ def main() -> None:
                 for n in ["stacked_default"] + ["stacked_" + c for c in CONFIGS] + ["cublas"]), flush=True)
 
     # Part 2: host time at T = 16, K = 4.
-    K, T = 4, 16
-    R = K * args.r
-    ranks = [args.r] * K
-    a_cat = (torch.randn(R, d, device=dev) / d ** 0.5).to(dt)
-    b_cat = (torch.randn(d, R, device=dev) * 0.1).to(dt)
-    scale = torch.full((R,), 2.0, device=dev)
-    protos = arrow_prototypes(a_cat, b_cat, ranks, scale).to(dt)
-    block = _block_ids(ranks, dev)
+    T = 16
+    ranks, a_cat, b_cat, scale, protos, block = adapters(4)
     x = torch.randn(T, d, device=dev, dtype=dt)
     sp = routed_shrink(x, a_cat, protos, scale, block, top_k=1)[0]
     calls = {
