@@ -109,9 +109,10 @@ STACK_MIN_T = 2048
 
 def stacked_config(T: int, D: int, cols: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Launch shape of the one-operand partial kernel over the R + K stacked columns: split_config's,
-    except wide 16-bit ones, where larger tiles won in routed-shrink-sweep-*-2026-12-02.json
-    (128 x 256 tiles, 8 warps, from 512 columns, and from 256 at T >= 8192: 146-49 us against
-    183-105 us; 64 x 128 tiles between 128 and 512 columns at T = 2048: 26 against 41 us)."""
+    except wide 16-bit ones, where larger tiles won in routed-shrink-sweep-e310a07-*.json (T = 2048
+    and 8192 only): 128 x 256 tiles, 8 warps, from 512 columns, and above 256 at T >= 8192 (146-49 us
+    against 183-105 us); 64 x 128 tiles for the other 129-511 columns (measured at T = 2048, 272
+    columns: 26 against 41 us; taken for the T between as well)."""
     cfg = split_config(T, D, cols, dtype, device)
     if is_interpreting() or dtype == torch.float32 or T < STACK_MIN_T:
         return cfg

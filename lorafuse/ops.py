@@ -21,7 +21,7 @@ from torch import Tensor
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
 from lorafuse.kernels.lora_gemm import lora_gemm_persistent, persistent_ok
 from lorafuse.kernels.shrink import alloc_rows
-from lorafuse.kernels.utils import can_run
+from lorafuse.kernels.utils import can_run, unit_vector
 
 __all__ = ["lora_linear", "use_backend", "check_lora_args"]
 
@@ -246,6 +246,9 @@ def _fwd_op(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward as a custom op for torch.compile (outputs cannot be None: empty instead)."""
+    # The kernels index bias and scale without a stride (lora_linear has made them contiguous; a
+    # direct call of the op may pass a slice).
+    bias, scale = unit_vector(bias), unit_vector(scale)
     y, sp, s, u = _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save)
     if not save:
         return y, _empty(x), _empty(x), _empty(x)
@@ -281,6 +284,7 @@ def _bwd_op(
     needs: List[bool],
 ) -> List[Tensor]:
     """The backward as a custom op for torch.compile; empty tensors where not needed."""
+    scale = unit_vector(scale)  # read without a stride by the kernels (see _fwd_op)
     grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
     # Outputs must not alias each other: a fresh empty tensor for each missing gradient.
     return [g if g is not None else _empty(x) for g in grads]

@@ -440,6 +440,11 @@ def _routed_fwd_op(
     grouped: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save (grouped: never)."""
+    from .kernels.utils import unit_vector
+
+    # Indexed without a stride by the kernels (lora_linear_routed has made them contiguous; a direct
+    # call of the op may pass a slice).
+    bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)
     if grouped:
         y = _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature)
         return y, _empty(x), _empty(x), _empty(x), _empty(x)

@@ -297,6 +297,10 @@ def test_routed_shrink_outputs(top_k, stacked, monkeypatch, seeded):
     if not can_run(torch.empty(0, device=DEVICE)):
         pytest.skip("kernels cannot run here")
     monkeypatch.setattr(routing_kernels, "STACK_MIN_T", 0 if stacked else 1 << 30)
+    one_operand = []
+    rows_partial = routing_kernels._rows_partial
+    monkeypatch.setattr(routing_kernels, "_rows_partial",
+                        lambda *a, **k: one_operand.append(1) or rows_partial(*a, **k))
     # R = 40: more than one chunk of rank columns in the finish kernel's grid (32 under the interpreter).
     ranks = [2, 5, 1, 9, 17, 6]
     T, d_in, R, K = 70, 40, sum(ranks), len(ranks)
@@ -307,8 +311,13 @@ def test_routed_shrink_outputs(top_k, stacked, monkeypatch, seeded):
     scale = torch.rand(R, device=DEVICE) + 0.5
     block = torch.repeat_interleave(torch.arange(K, dtype=torch.int32, device=DEVICE), torch.tensor(ranks,
                                                                                                     device=DEVICE))
-    # Several K splits of the partial kernel: a (reduction-order) change must not matter.
-    for cfg in (None, {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_R": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}):
+    # Several K splits of the partial kernel: a (reduction-order) change must not matter; and the
+    # tile shape stacked_config picks for wide R on a GPU (more columns than R + K here; one stage,
+    # so that the float32 tiles of this test fit a GPU's shared memory too).
+    wide = {"BLOCK_T": 128, "BLOCK_K": 64, "BLOCK_R": 256, "SPLITS": 1, "num_warps": 8, "num_stages": 1}
+    for cfg in (None, {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_R": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1},
+                wide):
+        one_operand.clear()
         sp, s, z, g = routing_kernels.routed_shrink(x, a_cat, router, scale, block, top_k=top_k,
                                                     temperature=0.5, abs_logits=False, router_bias=rbias,
                                                     save=True, config=cfg)
@@ -322,6 +331,7 @@ def test_routed_shrink_outputs(top_k, stacked, monkeypatch, seeded):
         if top_k is not None:
             assert ((g > 0).sum(1) == top_k).all()
         assert rel_err(sp[stable], (s64 * scale.double() * g64[:, block.long()])[stable]) < 1e-5
+        assert len(one_operand) == (1 if stacked else 0), "the partial products took the other kernel"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,6 +665,10 @@ def test_routed_strided_vectors_match_contiguous(seeded):
     ref = lora_linear_routed(x, w, bias.contiguous(), a_cat, b_cat, scale.contiguous(), ranks, router, "linear",
                              None, 1.0, rbias.contiguous())
     assert rel_err(y, ref) < 1e-6
+    if can_run(x):  # the custom op (what torch.compile calls) reached directly, with the views
+        out = torch.ops.lorafuse.lora_linear_routed_fwd(x, w, bias, a_cat, b_cat, scale, router, rbias, ranks, False,
+                                                         0, 1.0, False)[0]
+        assert rel_err(out, ref) < 1e-6
 
 
 @pytest.mark.parametrize("bad", ["23", [2.9, 2.1], [True, 4], torch.tensor([2.0, 3.0])])
