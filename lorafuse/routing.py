@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.utils import unit_vector
 from .ops import autocast_inputs, check_lora_args, first_order_only, lora_linear
 from . import ops as _ops
 
@@ -440,8 +441,6 @@ def _routed_fwd_op(
     grouped: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save (grouped: never)."""
-    from .kernels.utils import unit_vector
-
     # Indexed without a stride by the kernels (lora_linear_routed has made them contiguous; a direct
     # call of the op may pass a slice).
     bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)
@@ -575,12 +574,7 @@ def lora_linear_routed(
     # vectors without a stride: a sliced or expanded one is copied.)
     sc = scale if scale.dtype == f32 else scale.to(f32)
     rbias = router_bias if router_bias is None or router_bias.dtype == f32 else router_bias.to(f32)
-    if not sc.is_contiguous():
-        sc = sc.contiguous()
-    if rbias is not None and not rbias.is_contiguous():
-        rbias = rbias.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    sc, rbias, bias = unit_vector(sc), unit_vector(rbias), unit_vector(bias)
     tensors = (x2, weight, bias, a_cat if a_cat.dtype == dt else a_cat.to(dt),
                b_cat if b_cat.dtype == dt else b_cat.to(dt), sc, router if router.dtype == dt else router.to(dt),
                rbias)
