@@ -195,6 +195,9 @@ def _empty(x: Tensor) -> Tensor:
 def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool):
     """x (T, d_in) -> (y (T, d_out), S' (T, R), S (T, R) f32, U (T, m) f32); the last three are
     None unless `save` (they are what the backward needs)."""
+    # The kernels index bias and scale without a stride: a sliced or expanded vector is copied
+    # (here, under every entry: lora_linear, its autograd Function and the custom op).
+    bias, scale = unit_vector(bias), unit_vector(scale)
     T = x.shape[0]
     R = a_cat.shape[0]
     if T <= FUSED_MAX_T and R <= FUSED_MAX_R:
@@ -213,7 +216,7 @@ def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, n
     """Gradients for [x, weight, bias, a_cat, b_cat, scale, a_map, b_map]; None where not needed."""
     n_x, n_w, n_b, n_a, n_bc, n_sc, n_am, n_bm = needs
     has_map = a_map is not None
-    dy = dy.contiguous()
+    dy, scale = dy.contiguous(), unit_vector(scale)  # scale: read without a stride, as in _forward_impl
     ds = dscale = da_map = db_map = None
     # dy b_cat (the shrink's backward) feeds only the grads of x, a_cat, scale and the maps.
     if n_x or n_a or n_sc or n_am or n_bm:
@@ -246,9 +249,6 @@ def _fwd_op(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward as a custom op for torch.compile (outputs cannot be None: empty instead)."""
-    # The kernels index bias and scale without a stride (lora_linear has made them contiguous; a
-    # direct call of the op may pass a slice).
-    bias, scale = unit_vector(bias), unit_vector(scale)
     y, sp, s, u = _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save)
     if not save:
         return y, _empty(x), _empty(x), _empty(x)
@@ -284,7 +284,6 @@ def _bwd_op(
     needs: List[bool],
 ) -> List[Tensor]:
     """The backward as a custom op for torch.compile; empty tensors where not needed."""
-    scale = unit_vector(scale)  # read without a stride by the kernels (see _fwd_op)
     grads = _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs)
     # Outputs must not alias each other: a fresh empty tensor for each missing gradient.
     return [g if g is not None else _empty(x) for g in grads]
@@ -395,11 +394,6 @@ def lora_linear(
     a_c = a_cat if a_cat.dtype == dt else a_cat.to(dt)
     b_c = b_cat if b_cat.dtype == dt else b_cat.to(dt)
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
-    # The kernels index bias and scale without a stride: a sliced or expanded vector is copied.
-    if not sc.is_contiguous():
-        sc = sc.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
     tensors = (x2, weight, bias, a_c, b_c, sc, a_map, b_map)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():

@@ -276,7 +276,9 @@ def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_l
     from .kernels import lora_gemm
     from .kernels.routing import routed_shrink
 
-    # The op has checked and laid out every operand (lora_linear_routed): no second round of checks.
+    # The op has checked every operand (lora_linear_routed): no second round of checks. The kernels
+    # index the vectors without a stride: a sliced or expanded one is copied (here, under every entry).
+    bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)
     sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature,
                                 abs_logits=abs_logits, router_bias=rbias, save=save, check=False)
     y = lora_gemm(x, weight.t(), sp, b_c.t(), bias, check=False)
@@ -375,6 +377,7 @@ def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_l
     from .kernels.segmented import segmented_lora_
     from .kernels.shrink import _rows_partial, split_config
 
+    bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)  # as in _routed_forward
     T, d_in = x.shape
     K = router_c.shape[0]
     part, splits = _rows_partial(x, router_c.t(), T, d_in, K, split_config(T, d_in, K, x.dtype, x.device))
@@ -441,9 +444,6 @@ def _routed_fwd_op(
     grouped: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, S', S, logits, gates); top_k 0 = dense; the last four empty unless save (grouped: never)."""
-    # Indexed without a stride by the kernels (lora_linear_routed has made them contiguous; a direct
-    # call of the op may pass a slice).
-    bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)
     if grouped:
         y = _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature)
         return y, _empty(x), _empty(x), _empty(x), _empty(x)
@@ -570,11 +570,9 @@ def lora_linear_routed(
     if weight.stride(-1) != 1 and weight.stride(0) != 1:
         weight = weight.contiguous()
     dt, f32 = x.dtype, torch.float32
-    # (No-op casts skipped: each costs host time on every small call. The kernels index the
-    # vectors without a stride: a sliced or expanded one is copied.)
+    # (No-op casts skipped: each costs host time on every small call.)
     sc = scale if scale.dtype == f32 else scale.to(f32)
     rbias = router_bias if router_bias is None or router_bias.dtype == f32 else router_bias.to(f32)
-    sc, rbias, bias = unit_vector(sc), unit_vector(rbias), unit_vector(bias)
     tensors = (x2, weight, bias, a_cat if a_cat.dtype == dt else a_cat.to(dt),
                b_cat if b_cat.dtype == dt else b_cat.to(dt), sc, router if router.dtype == dt else router.to(dt),
                rbias)
