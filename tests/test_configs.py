@@ -74,3 +74,23 @@ def test_stacked_routed_config_fits_shared_memory(T, cols, dtype_name, monkeypat
     esize = torch.empty(0, dtype=dtype).element_size()
     per_stage = (cfg["BLOCK_T"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_R"]) * esize
     assert per_stage * cfg["num_stages"] <= 200 * 1024, cfg
+
+
+@pytest.mark.parametrize("T", [2048, 4096, 8192, 16384, 65536])
+@pytest.mark.parametrize("R", [1, 24, 48, 64, 65, 128])
+@pytest.mark.parametrize("d_in", [512, 4096, 14336])
+@pytest.mark.parametrize("sms", [132, 114])
+def test_tma_shrink_config_fits_and_splits(T, R, d_in, sms):
+    """The copy-engine shrink's table: its pipelined x and a_cat tiles fit the shared memory it
+    budgets, and a K split keeps at least four column steps (the pipeline's depth to fill)."""
+    sh = importlib.import_module("lorafuse.kernels.shrink")
+    cfg = sh.tma_shrink_config(T, d_in, R, sms)
+    assert cfg["BLOCK_R"] >= R
+    per_stage = (cfg["BLOCK_T"] + cfg["BLOCK_R"]) * cfg["BLOCK_K"] * 2
+    assert 2 <= cfg["num_stages"] and per_stage * cfg["num_stages"] <= sh.TMA_SMEM, cfg
+    assert cfg["SPLITS"] >= 1
+    if cfg["SPLITS"] > 1:
+        assert d_in // cfg["SPLITS"] >= 4 * cfg["BLOCK_K"], cfg
+    # About one program per SM where d_in allows the splits.
+    programs = cfg["SPLITS"] * _ceil(T, cfg["BLOCK_T"])
+    assert programs <= 2 * sms or cfg["SPLITS"] == 1, cfg

@@ -87,6 +87,29 @@ def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
             assert s is None and u is None
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the copy-engine shrink's launch table is for a GPU")
+@pytest.mark.parametrize("table_T", [2048, 4096, 16384])
+@pytest.mark.parametrize("R", [5, 48, 128])
+def test_shrink_tma_launch_shapes(table_T, R, seeded):
+    """Every launch shape tma_shrink_config gives (64- and 128-row blocks, 2-6 stages, K splits)
+    runs and is right, on rows that end mid-block, with and without the saved intermediates."""
+    from lorafuse.kernels.lora_gemm import _tma_available
+    from lorafuse.kernels.utils import num_sms
+
+    if not _tma_available(torch.device(DEVICE)):
+        pytest.skip("no tensor-memory-accelerator descriptors on this GPU")
+    T, d_in = 300, 2048
+    cfg = shrink_module.tma_shrink_config(table_T, d_in, R, num_sms(torch.device(DEVICE)))
+    for dtype in (torch.bfloat16, torch.float16):
+        x, a_cat, _, scale, a_map, b_map = _inputs(T, d_in, 8, R, 16, dtype)
+        s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+        for save in (False, True):
+            sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, config=cfg)
+            assert rel_err(sp, sp_ref) < TOL[dtype], cfg
+            if save:
+                assert rel_err(s, s_ref) < ACC_TOL[dtype] and rel_err(u, u_ref) < ACC_TOL[dtype], cfg
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
 def test_shrink_backward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
