@@ -1,9 +1,11 @@
 """Where the host time of one eager lorafuse call goes, on a GPU (cProfile over many calls).
 
-    python bench/profile_host.py [--T 16 512] [--method loramap]
+    python bench/profile_host.py [--T 16 512] [--method loramap | segmented]
 
 Prints the wall time per call (host-bound when the GPU is faster than the launches), then the
-functions with the most own time. Used to find launch and dispatch overhead.
+functions with the most own time. Used to find launch and dispatch overhead. --method segmented
+profiles lorafuse.lora_linear_segmented (64 adapters of rank 16, a random adapter per row; forward
+only) instead of a MultiLoraLinear.
 """
 import argparse
 import cProfile
@@ -29,10 +31,20 @@ def main() -> None:
     ads = [(torch.randn(16, args.d, device=dev, dtype=dt) * 0.01, torch.randn(args.d, 16, device=dev, dtype=dt) * 0.01,
             2.0) for _ in range(3)]
     kw = {"map_rank": 16} if args.method == "loramap" else {}
-    layer = lorafuse.MultiLoraLinear(base, ads, method=args.method, **kw)
+    ids: dict = {}
+    if args.method == "segmented":
+        from lorafuse.segmented import LoraLibrary, lora_linear_segmented
+
+        lib = LoraLibrary.from_adapters([(torch.randn(16, args.d, device=dev, dtype=dt) * 0.01,
+                                          torch.randn(args.d, 16, device=dev, dtype=dt) * 0.01, 2.0)
+                                         for _ in range(64)])
+        layer = lambda x: lora_linear_segmented(x, base.weight, None, lib, ids[x.shape[0]])  # noqa: E731
+    else:
+        layer = lorafuse.MultiLoraLinear(base, ads, method=args.method, **kw)
     for T in args.T:
         x = torch.randn(T, args.d, device=dev, dtype=dt)
-        for mode in ("forward", "forward+backward"):
+        ids = {T: torch.randint(-1, 64, (T,), device=dev)} if args.method == "segmented" else {}
+        for mode in ("forward",) if args.method == "segmented" else ("forward", "forward+backward"):
             if mode == "forward":
                 def call():
                     with torch.no_grad():
