@@ -1,14 +1,16 @@
-"""The op under the copy-engine shrink's launch table against the previous table, in interleaved rounds.
+"""The op with the copy-engine shrink from 2048 rows on wide layers against from 8192 rows everywhere.
 
     python bench/shrink_table_ab.py [--T 2048 4096 8192 16384] [--rounds 5] [--out bench/results]
 
 For each shape (T, d_in, d_out), K = 3 adapters of rank 16 (R = 48) with LoraMap rank 16, bf16:
-cuBLAS's base layer (F.linear), lorafuse.lora_linear with the current table (kernels.shrink:
-TMA_MIN_T and tma_shrink_config) and with the previous one (copy engine from 8192 rows, 64-row
-blocks, 4 stages, about one program per two SMs), each replayed from a CUDA graph (GPU time) and
+cuBLAS's base layer (F.linear), lorafuse.lora_linear as it is (kernels.shrink: the copy-engine
+shrink from TMA_MIN_T rows, and from TMA_MIN_T_WIDE where d_in >= TMA_WIDE_D_IN) and with the
+copy engine from TMA_MIN_T rows everywhere ("previous"), each replayed from a CUDA graph (GPU time) and
 called directly (what an eager caller sees, host time included). L2 flushed before each call; every
 variant timed once per round, rounds alternating; the table gives medians over rounds and the ratio
-to the base timed the same way. Writes shrink-table-ab-<gpu>-<date>.json.
+to the base timed the same way. (shrink-table-ab-b480b50-*.json compared the H200 sweep's fastest
+launch shapes, copy engine from 2048 rows, against the H100 table.) Writes
+shrink-table-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
 
@@ -26,25 +28,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, graphed, layer_inputs, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
-from lorafuse.kernels.utils import block_for, cdiv  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
-CURRENT = (shrink_module.TMA_MIN_T, shrink_module.tma_shrink_config)
-
-
-def previous_config(T: int, K: int, R: int, sms: int) -> dict:
-    """The table before 2026-12-02 (shrink-sweep-e6783b1 on an H100)."""
-    bt, bk = 64, 128
-    splits = max(1, min(cdiv(sms, 2 * cdiv(T, bt)), K // (4 * bk)))
-    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": 4,
-            "num_stages": 4, "TMA": True}
+CURRENT_WIDE = shrink_module.TMA_MIN_T_WIDE
 
 
 def use_table(name: str) -> None:
-    if name == "current":
-        shrink_module.TMA_MIN_T, shrink_module.tma_shrink_config = CURRENT
-    else:
-        shrink_module.TMA_MIN_T, shrink_module.tma_shrink_config = 8192, previous_config
+    shrink_module.TMA_MIN_T_WIDE = CURRENT_WIDE if name == "current" else shrink_module.TMA_MIN_T
 
 
 def main() -> None:

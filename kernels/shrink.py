@@ -667,22 +667,30 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 FINISH_BLOCK_T = 32
 
 
-# The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) from TMA_MIN_T rows
-# where the operands allow it (16-bit, 16-byte aligned rows, R <= TMA_MAX_R). On an H200, each call
-# replayed from a CUDA graph (shrink-sweep-9caa80f-*.json, bf16, R = 48, L2 flushed), against the
-# pointer kernel and its finishing kernel: T = 2048 0.020 / 0.020 ms (d_in = 4096) and 0.034 / 0.047
-# (d_in = 14336); T = 4096 0.023 / 0.032 and 0.048 / 0.070; T = 8192 0.032 / 0.041 and 0.073 / 0.085.
-# (The earlier limit of 8192 came from direct calls on an H100 whose host time showed at T = 2048.)
+# The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) where the operands
+# allow it (16-bit, 16-byte aligned rows, R <= TMA_MAX_R): from TMA_MIN_T rows, and from
+# TMA_MIN_T_WIDE rows where d_in >= TMA_WIDE_D_IN. shrink-sweep-e6783b1-*.json (H100, direct calls):
+# from T = 8192 0-25 % less time than the pointer kernel and its finishing kernel. On an H200, each
+# call replayed from a CUDA graph (shrink-sweep-9caa80f-*.json, bf16, R = 48), copy engine against
+# pointer kernels: d_in = 14336 T = 2048 0.036 / 0.047 ms, T = 4096 0.050 / 0.070; d_in = 4096
+# T = 2048 0.020 / 0.020, T = 4096 0.025 / 0.032. Through the op (shrink-table-ab-b480b50-*.json,
+# interleaved rounds, that sweep's fastest shapes from 2048 rows) only the wide layer's gain held
+# (14336 x 4096 from a graph: 1.150x -> 1.128x at T = 2048, 1.166x -> 1.124x at 4096); at
+# d_in = 4096 the cells moved within the run's noise, and eagerly the copy-engine path's extra host
+# work (descriptors, the counters' memset) cost up to 0.1x at T = 2048.
 # LORAFUSE_SHRINK_TMA=0 keeps the pointer kernels everywhere.
 SHRINK_TMA = os.environ.get("LORAFUSE_SHRINK_TMA", "1") == "1"
-TMA_MIN_T = 2048
+TMA_MIN_T = 8192
+TMA_MIN_T_WIDE = 2048
+TMA_WIDE_D_IN = 8192
 TMA_MAX_R = 128
 TMA_SMEM = 220 * 1024  # shared memory the copy-engine shrink's pipeline may take (H100/H200: 227 KB)
 
 
 def shrink_uses_tma(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
     """Whether shrink(x, a_cat, ...) runs the copy-engine kernel: x (T, d_in), a_cat (R, d_in)."""
-    if not (SHRINK_TMA and x.is_cuda and x.dtype != torch.float32 and x.shape[0] >= TMA_MIN_T
+    min_t = min(TMA_MIN_T, TMA_MIN_T_WIDE) if x.shape[1] >= TMA_WIDE_D_IN else TMA_MIN_T
+    if not (SHRINK_TMA and x.is_cuda and x.dtype != torch.float32 and x.shape[0] >= min_t
             and a_cat.shape[0] <= TMA_MAX_R and x.stride(1) == 1 and a_cat.stride(1) == 1):
         return False
     from .lora_gemm import _tma_available, _tma_compatible
@@ -691,18 +699,16 @@ def shrink_uses_tma(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
 
 
 def tma_shrink_config(T: int, K: int, R: int, sms: int) -> dict:
-    """Launch shape of the copy-engine shrink: 64 rows (128 from 16384 rows) x 128 columns of x per
-    step, 4 warps, as many stages as fit (at most 6), about one program per SM (K split to get there).
-    From the H200 sweep (shrink-sweep-9caa80f-*.json, the best of 51 configs at 8 shapes): 6 stages
-    of 64-row blocks won at T = 4096 and 8192 (0.2-2 us under 4 stages); 128-row blocks with 4
-    stages at T = 16384 (0.057 -> 0.051 ms at d_in = 4096, 0.138 -> 0.126 at 14336); at T = 2048,
-    d_in = 14336 four K splits over three (0.036 -> 0.034 ms)."""
-    bt, bk = (128, 128) if T >= 16384 else (64, 128)
-    br = block_for(R)
-    stages = max(2, min(6 if bt == 64 else 4, TMA_SMEM // ((bt + br) * bk * 2)))
-    splits = max(1, min(round(sms / cdiv(T, bt)), K // (4 * bk)))
-    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4,
-            "num_stages": stages, "TMA": True}
+    """Launch shape of the copy-engine shrink: 64 rows x 128 columns of x per step, 4 warps, 4
+    stages, about one program per two SMs (shrink-sweep-e6783b1-*.json: the most frequent winner of
+    the 12 shapes; one program per SM and 128-row blocks were slower, 128 x 128 tiles with R = 128
+    did not fit in shared memory). The H200 sweep (shrink-sweep-9caa80f-*.json) found shapes up to
+    10 % faster alone (6 stages; 128-row blocks at T = 16384), which through the op were not
+    (shrink-table-ab-b480b50-*.json: within noise or up to 0.02x slower)."""
+    bt, bk = 64, 128
+    splits = max(1, min(cdiv(sms, 2 * cdiv(T, bt)), K // (4 * bk)))
+    return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": block_for(R), "SPLITS": splits, "num_warps": 4,
+            "num_stages": 4, "TMA": True}
 
 
 def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
