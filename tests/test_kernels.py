@@ -91,8 +91,9 @@ def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
 @pytest.mark.parametrize("table_T", [2048, 4096, 16384])
 @pytest.mark.parametrize("R", [5, 48, 128])
 def test_shrink_tma_launch_shapes(table_T, R, seeded):
-    """Every launch shape tma_shrink_config gives (64- and 128-row blocks, 2-6 stages, K splits)
-    runs and is right, on rows that end mid-block, with and without the saved intermediates."""
+    """The launch shapes tma_shrink_config gives over its row counts (K splits from one up, the
+    rank block up to 128 columns) run and are right, on rows that end mid-block, with and without
+    the saved intermediates."""
     from lorafuse.kernels.lora_gemm import _tma_available
     from lorafuse.kernels.utils import num_sms
 
