@@ -29,8 +29,10 @@ def is_interpreting() -> bool:
 
 
 def can_run(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can take this tensor: CUDA always, CPU only under the interpreter."""
-    return t.is_cuda or (t.device.type == "cpu" and is_interpreting())
+    """Whether the Triton kernels can take this tensor: CUDA always; CPU only under the interpreter,
+    and not in bfloat16 there (the interpreter's tl.dot on bfloat16 operands gives wrong results,
+    triton issue 11584)."""
+    return t.is_cuda or (t.device.type == "cpu" and is_interpreting() and t.dtype != torch.bfloat16)
 
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -94,6 +96,9 @@ def check_tensor(
 
 
 def check_runnable(name: str, t: torch.Tensor) -> None:
+    if not t.is_cuda and t.dtype == torch.bfloat16 and t.device.type == "cpu" and is_interpreting():
+        raise ValueError(f"{name} is bfloat16 on the CPU: under TRITON_INTERPRET=1 the kernels' bfloat16 "
+                         "products are wrong (triton issue 11584); use float16 or float32 there")
     if not can_run(t):
         raise ValueError(
             f"{name} is on {t.device}: the Triton kernels need CUDA tensors "

@@ -85,8 +85,8 @@ def _use_kernels(x: Tensor) -> bool:
     ok = can_run(x) and x.dtype in _KERNEL_DTYPES
     if _BACKEND == "triton" and not ok:
         raise ValueError(
-            f"backend 'triton' needs x on CUDA (or CPU with TRITON_INTERPRET=1) in float16/bfloat16/float32, "
-            f"got {x.dtype} on {x.device}"
+            f"backend 'triton' needs x on CUDA in float16/bfloat16/float32 (or on the CPU with TRITON_INTERPRET=1 "
+            f"in float16/float32: the interpreter's bfloat16 products are wrong), got {x.dtype} on {x.device}"
         )
     return ok
 

@@ -294,3 +294,20 @@ def test_reference_takes_mixed_dtypes(seeded):
     y = lora_linear_reference(*args)
     ref = lora_linear_reference(*[t.double() for t in args])
     assert y.dtype == torch.float16 and rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bfloat16 limit: a CPU-only check")
+def test_bfloat16_on_the_interpreter_takes_the_torch_path(seeded):
+    """Under TRITON_INTERPRET=1 the kernels' bfloat16 products are wrong (triton issue 11584):
+    bfloat16 CPU tensors run the plain-torch path ('auto'), are refused by backend 'triton' and by
+    the launchers, never sent to the kernels."""
+    from lorafuse.kernels import shrink
+
+    args = _args(7, 40, 24, 5, 4, torch.bfloat16)
+    ref = lora_linear_reference(*[a.double() if a is not None else None for a in args])
+    assert rel_err(lorafuse.lora_linear(*args), ref) < TOL[torch.bfloat16]
+    with lorafuse.use_backend("triton"):
+        with pytest.raises(ValueError, match="interpreter's bfloat16 products are wrong"):
+            lorafuse.lora_linear(*args)
+    with pytest.raises(ValueError, match="x is bfloat16 on the CPU"):
+        shrink(args[0], args[3], args[5])
