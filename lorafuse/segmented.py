@@ -126,7 +126,7 @@ class LoraLibrary:
     @torch.no_grad()
     def set_adapter(self, slot: int, a: Tensor, b: Tensor, scale: float) -> None:
         """Write A (r, d_in), B (d_out, r), scale into `slot` in place (r <= r_max)."""
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         (a, b, scale), = _check_adapters([(a, b, scale)], self.d_in, self.d_out)
         r = a.shape[0]
         if r > self.r_max:
@@ -141,19 +141,20 @@ class LoraLibrary:
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         """Empty `slot` (rank 0): rows routed to it get the base layer only."""
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.ranks[slot] = 0
         self.scales[slot] = 0.0
 
-    def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+    def _check_slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, numbers.Integral) or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot must be an integer in [0, {self.num_slots}), got {slot!r}")
+        return int(slot)
 
     def adapter(self, slot: int) -> Tuple[Tensor, Tensor, float]:
         """Slot `slot` as (A (r, d_in), B (d_out, r), scale) (reads the rank back to the host)."""
-        self._check_slot(slot)
+        slot = self._check_slot(slot)
         r = int(self.ranks[slot])
         return self.a[slot, :r], self.b[slot, :r].t(), float(self.scales[slot])
 
@@ -275,15 +276,19 @@ def _lowrank_torch(x2: Tensor, library: LoraLibrary, ids: Tensor, acc: torch.dty
     rounded to x's dtype as the kernels do. On CUDA the rows' adapters are gathered (no read-back to
     the host; memory T * r_max * (d_in + d_out)); elsewhere a loop over the slots present."""
     has = (ids >= 0) & (ids < library.num_slots)
+    # Only each slot's first ranks[i] rows of a and b are its adapter (the padding is not read).
     if not ids.is_cuda:
         out = x2.new_zeros((x2.shape[0], library.d_out), dtype=acc)
         for i in torch.unique(ids[has]).tolist():
             rows = (ids == i).nonzero().squeeze(1)
-            s = (x2[rows].to(acc) @ library.a[i].to(acc).t()) * library.scales[i].to(acc)
-            out = out.index_add(0, rows, s.to(x2.dtype).to(acc) @ library.b[i].to(acc))
+            r = int(library.ranks[i])
+            s = (x2[rows].to(acc) @ library.a[i, :r].to(acc).t()) * library.scales[i].to(acc)
+            out = out.index_add(0, rows, s.to(x2.dtype).to(acc) @ library.b[i, :r].to(acc))
         return out
     slot = torch.where(has, ids, 0).long()
     s = torch.einsum("td,trd->tr", x2.to(acc), library.a[slot].to(acc))
+    in_rank = torch.arange(library.r_max, device=ids.device)[None, :] < library.ranks[slot][:, None]
+    s = torch.where(in_rank, s, 0.0)
     s = s * (library.scales[slot].to(acc) * has.to(acc))[:, None]
     s = s.to(x2.dtype).to(acc)
     return torch.einsum("tr,trn->tn", s, library.b[slot].to(acc))

@@ -780,3 +780,31 @@ def test_library_refuses_ranks_it_cannot_hold_and_copies_strided_vectors():
                           torch.tensor([2.0, 0.0, 0.5, 0.0], device=DEVICE)[::2])
     assert strided.ranks.is_contiguous() and strided.scales.is_contiguous()
     assert strided.ranks.tolist() == [4, 8] and strided.scales.tolist() == [2.0, 0.5]
+
+
+def test_padding_beyond_a_slots_rank_is_not_read(seeded):
+    """A library built from tensors whose rows past a slot's rank are not zero: every path (kernels,
+    plain torch on the CPU, the float64 path) uses only the first ranks[i] rows."""
+    d_in, d_out, T = 24, 20, 9
+    a = torch.randn(3, 6, d_in, device=DEVICE)
+    b = torch.randn(3, 6, d_out, device=DEVICE)
+    ranks = torch.tensor([2, 6, 0])
+    lib = LoraLibrary(a, b, ranks, torch.tensor([1.0, 0.5, 2.0]))
+    x = torch.randn(T, d_in, device=DEVICE)
+    w = torch.randn(d_out, d_in, device=DEVICE) / math.sqrt(d_in)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 1, 0, 2], device=DEVICE)
+    adapters = [(a[i, :r], b[i, :r].t(), s) for i, (r, s) in enumerate(zip(ranks.tolist(), [1.0, 0.5, 2.0]))]
+    ref = expected(x.double(), w.double(), None, [(p.double(), q.double(), s) for p, q, s in adapters], ids)
+    assert rel_err(lora_linear_segmented(x, w, None, lib, ids), ref) < TOL[torch.float32]
+    with lorafuse.use_backend("torch"):
+        assert rel_err(lora_linear_segmented(x, w, None, lib, ids), ref) < TOL[torch.float32]
+    lib64 = LoraLibrary(a.double(), b.double(), ranks, torch.tensor([1.0, 0.5, 2.0]))
+    assert rel_err(lora_linear_segmented(x.double(), w.double(), None, lib64, ids), ref) < 1e-12
+
+
+def test_slot_must_be_an_integer_not_a_bool(seeded):
+    lib = LoraLibrary.empty(2, 4, 8, 6)
+    with pytest.raises(ValueError, match="slot must be an integer"):
+        lib.set_adapter(True, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    lib.set_adapter(torch.tensor(1).numpy()[()], torch.randn(2, 8), torch.randn(6, 2), 1.0)  # a numpy integer
+    assert lib.ranks.tolist() == [0, 2]
