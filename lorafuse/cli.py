@@ -86,17 +86,12 @@ def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: 
 
 def _check_replaceable(path: str, flag: str = "--out") -> None:
     """--overwrite replaces only what it would have written: a peft adapter folder (or an empty one),
-    never the working folder or one above it."""
-    resolved = Path(path).resolve()
-    if not resolved.exists():
-        return
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise UsageError(f"{flag}: {path} is the working folder or holds it; --overwrite will not replace it")
-    from .adapters import CONFIG_NAME
+    never the working folder or one above it (lorafuse.export.why_not_replaceable)."""
+    from .export import why_not_replaceable
 
-    if any(resolved.iterdir()) and not (resolved / CONFIG_NAME).is_file():
-        raise UsageError(f"{flag}: {path} is not a peft adapter folder (no {CONFIG_NAME}); --overwrite replaces "
-                         f"only an adapter folder or an empty one")
+    why = why_not_replaceable(path)
+    if why:
+        raise UsageError(f"{flag}: {why}; --overwrite replaces only an adapter folder or an empty one")
 
 
 def _check_compose_args(a) -> None:

@@ -90,10 +90,36 @@ def default_mode(folder: bool) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def why_not_replaceable(out_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """Why an existing out_dir may not be replaced, or None if it may: lorafuse replaces only what it
+    writes there, a peft adapter folder (with adapter_config.json) or an empty folder; never a file,
+    the working folder or a folder that holds it."""
+    path = os.path.realpath(os.fspath(out_dir))
+    if not os.path.lexists(path):
+        return None
+    cwd = os.path.realpath(os.getcwd())
+    name = repr(os.fspath(out_dir))
+    if path == cwd or cwd.startswith(path.rstrip(os.sep) + os.sep):
+        return f"{name} is the working folder or holds it"
+    if not os.path.isdir(path):
+        return f"{name} is a file, not a folder"
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return f"{name} holds files but is not a peft adapter folder (no {CONFIG_NAME})"
+    return None
+
+
+def check_replaceable(out_dir: Union[str, os.PathLike]) -> None:
+    """ValueError naming the path unless an existing out_dir may be replaced (why_not_replaceable)."""
+    why = why_not_replaceable(out_dir)
+    if why:
+        raise ValueError(f"out_dir {why}: it is not replaced (only a peft adapter folder or an empty one is)")
+
+
 def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary folder beside out_dir, which is then renamed into place (an existing
-    out_dir is first renamed aside): a reader never sees a half-written folder (for an instant, while
-    an existing one is replaced, none at all)."""
+    out_dir is first renamed aside, if check_replaceable allows it): a reader never sees a half-written
+    folder (for an instant, while an existing one is replaced, none at all)."""
+    check_replaceable(out_dir)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -127,7 +153,8 @@ def export_peft(
     Args:
         dtype: the dtype of the saved factors (float32 by default).
         base_model_name_or_path: recorded in the config (default: the model's own name, if any).
-        overwrite: replace an existing out_dir (default: refuse with FileExistsError).
+        overwrite: replace an existing out_dir, if it is a peft adapter folder or empty (default:
+            refuse with FileExistsError).
     Returns out_dir as a string.
     """
     from safetensors.torch import save_file
@@ -150,6 +177,7 @@ def export_peft(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"out_dir already exists: {out_dir!r} (pass overwrite=True to replace it)")
+    check_replaceable(out_dir)
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the parent directory of out_dir does not exist: {parent!r}")

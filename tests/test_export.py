@@ -121,3 +121,26 @@ def test_export_dir_has_the_usual_mode(saved, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(tmp_path / "out").st_mode & 0o777) == (0o777 & ~umask)
+
+
+def test_overwrite_replaces_only_an_adapter_folder(saved, tmp_path, monkeypatch):
+    """overwrite=True never deletes a folder of other files, a file, or the working folder."""
+    model = compose(fresh_model(saved, "llama"), saved["llama"][1], method="sum")
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a peft adapter folder"):
+        export_peft(model, user, overwrite=True)
+    assert (user / "notes.txt").read_text() == "keep" and (user / "sub").is_dir()
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(ValueError, match="is a file"):
+        export_peft(model, tmp_path / "f", overwrite=True)
+    monkeypatch.chdir(user)
+    for target in (".", str(tmp_path)):
+        with pytest.raises(ValueError, match="working folder"):
+            export_peft(model, target, overwrite=True)
+    assert (user / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    export_peft(model, tmp_path / "empty", overwrite=True)  # an empty folder and an adapter folder are fine
+    export_peft(model, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "adapter_config.json").is_file()
