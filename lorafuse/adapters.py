@@ -16,7 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
@@ -253,6 +253,9 @@ def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
     if isinstance(sources, (str, os.PathLike, LoraAdapter)) or (
             isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[0], Mapping)):
         raise TypeError("adapters must be a list of adapters; wrap a single adapter in a list")
+    if isinstance(sources, Mapping) or not isinstance(sources, Iterable):
+        raise TypeError(f"adapters must be a list of peft adapter folders, (state_dict, config) pairs or "
+                        f"LoraAdapters, got {type(sources).__name__}")
     sources = list(sources)
     if not sources:
         raise ValueError("adapters must hold at least one adapter, got an empty list")

@@ -269,6 +269,11 @@ def compose(
                 layer_kw["weights"] = [weights[i] for i in idx]
             if map_rank is not None:
                 layer_kw["map_rank"] = map_rank
+            top_k = kw.get("top_k")
+            if method == "route" and isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(idx):
+                raise ValueError(f"top_k={top_k} but only {len(idx)} of the {len(adapters)} adapters target {key!r}: "
+                                 f"routing chooses among each layer's own adapters, so top_k can be at most the "
+                                 f"fewest adapters on any targeted layer")
             composed = MultiLoraLinear(base, triples, method=method, **layer_kw)
             slots[key] = _Slot(key, original, composed, list(idx), conv1d=conv)
     except Exception:

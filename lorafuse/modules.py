@@ -21,7 +21,13 @@ MAP_INITS = ("lora", "sum")
 def check_weights(weights, K: int) -> list:
     """Per-adapter weights (a sequence or tensor of K numbers) as K finite floats, or a ValueError
     (shared by MultiLoraLinear, compose and merge_adapters)."""
-    weights = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    try:
+        if isinstance(weights, (str, bytes)):
+            raise TypeError
+        weights = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    except (TypeError, ValueError):
+        raise TypeError(f"weights must be a sequence (or 1-D tensor) of {K} numbers, one per adapter, "
+                        f"got {weights!r}") from None
     if len(weights) != K:
         raise ValueError(f"weights must have one entry per adapter ({K}), got {len(weights)}")
     if not all(math.isfinite(w) for w in weights):
@@ -121,11 +127,11 @@ class MultiLoraLinear(nn.Module):
                 raise ValueError(f"map_init must be one of {MAP_INITS}, got {map_init!r}")
         elif map_rank is not None:
             raise ValueError(f"map_rank is only used with method='loramap', got method={method!r}")
+        elif map_init != "lora":
+            raise ValueError(f"map_init is only used with method='loramap', got method={method!r}")
 
         self.method = method
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        self.base_layer = base  # frozen at the end, once every argument has been accepted
         self.ranks = [a.shape[0] for a, _, _ in adapters]
         dev, dt = base.weight.device, base.weight.dtype
         # Trainable low-rank factors are kept in float32 (as peft does); frozen ones in the base dtype.
@@ -156,6 +162,8 @@ class MultiLoraLinear(nn.Module):
         if method == "route" or router is not None or top_k is not None or temperature != 1.0:
             from .routing import init_route
             init_route(self, router, top_k, temperature)
+        for p in base.parameters():
+            p.requires_grad_(False)
 
     @property
     def in_features(self) -> int:

@@ -148,18 +148,28 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
             raise ValueError(f"router_bias must be a floating-point tensor of shape ({K},) on {x.device}, got "
                              f"{router_bias.dtype if isinstance(router_bias, Tensor) else type(router_bias).__name__}"
                              f" {tuple(router_bias.shape) if isinstance(router_bias, Tensor) else ''}")
-    _check_gating(top_k, temperature, K)
-    return ranks
+    top_k, temperature = _check_gating(top_k, temperature, K)
+    return ranks, top_k, temperature
 
 
-def _check_gating(top_k: Optional[int], temperature: float, K: int) -> None:
+# Below this the gates' float32 logits / temperature can overflow (a NaN output); top_k=1 is the way
+# to route each row to one adapter.
+MIN_TEMPERATURE = 1e-6
+
+
+def _check_gating(top_k, temperature, K: int) -> Tuple[Optional[int], float]:
+    """top_k (None or 1..K) and temperature (finite, >= MIN_TEMPERATURE), checked; returned as a
+    Python int (or None) and float (numpy scalars are accepted)."""
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= K:
             raise ValueError(f"top_k must be None (dense) or an integer in 1..{K} (the number of adapters), "
                              f"got {top_k!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not (0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        top_k = int(top_k)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number >= {MIN_TEMPERATURE:g} (smaller ones "
+                         f"overflow the float32 gates; top_k=1 routes each row to one adapter), got {temperature!r}")
+    return top_k, float(temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,13 +206,13 @@ def routing_gates(
             raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
         if top_k is not None:
             raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
-        _check_gating(top_k, temperature, num_adapters)
+        top_k, temperature = _check_gating(top_k, temperature, num_adapters)
         return x.new_full((*x.shape[:-1], num_adapters), 1.0 / num_adapters, dtype=torch.float32)
     if not isinstance(router, Tensor) or router.dim() != 2 or router.shape[1] != x.shape[-1]:
         raise ValueError(f"router must have shape (K, {x.shape[-1]}), got "
                          f"{tuple(router.shape) if isinstance(router, Tensor) else type(router).__name__}")
     K = router.shape[0]
-    _check_gating(top_k, temperature, K)
+    top_k, temperature = _check_gating(top_k, temperature, K)
     if router_bias is not None and (not isinstance(router_bias, Tensor) or tuple(router_bias.shape) != (K,)):
         got = tuple(router_bias.shape) if isinstance(router_bias, Tensor) else type(router_bias).__name__
         raise ValueError(f"router_bias must be None or have shape ({K},), got {got}")
@@ -249,8 +259,8 @@ def lora_linear_routed_reference(
 ) -> Tensor:
     """Plain torch, every step in x's dtype (pass float64 tensors for a float64 reference); same
     arguments and result as lora_linear_routed. Differentiable by autograd."""
-    ranks = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
-                               temperature, router_bias)
+    ranks, top_k, temperature = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router,
+                                                   router_kind, top_k, temperature, router_bias)
     lead, d_in = x.shape[:-1], x.shape[-1]
     y = _routed_math(x.reshape(-1, d_in), weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
                      temperature, router_bias, acc=x.dtype, round_to=None)
@@ -545,8 +555,8 @@ def lora_linear_routed(
     Example: a token whose top logit belongs to adapter 2 with top_k=1 gets exactly adapter 2's
     delta: y = x W^T + b + s_2 (x A_2^T) B_2^T.
     """
-    ranks = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
-                               temperature, router_bias)
+    ranks, top_k, temperature = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router,
+                                                   router_kind, top_k, temperature, router_bias)
     if schedule not in ROUTED_SCHEDULES:
         raise ValueError(f"schedule must be one of {ROUTED_SCHEDULES}, got {schedule!r}")
     if schedule == "grouped" and top_k is None:
@@ -611,13 +621,10 @@ def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], te
     if kind not in ROUTER_KINDS:
         raise ValueError(f"router must be one of {ROUTER_KINDS}, got {router!r}")
     K = len(layer.ranks)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K):
-        raise ValueError(f"top_k must be None (dense) or an integer in 1..{K} (the number of adapters), got {top_k!r}")
+    top_k, temperature = _check_gating(top_k, temperature, K)
     if kind == "uniform" and top_k is not None:
         raise ValueError("top_k has no meaning with router='uniform' (every adapter gets 1/K): leave it None")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    layer.router_kind, layer.top_k, layer.temperature = kind, top_k, float(temperature)
+    layer.router_kind, layer.top_k, layer.temperature = kind, top_k, temperature
     for name in ("router_weight", "router_bias"):
         if name in layer._parameters or name in layer._buffers:
             delattr(layer, name)

@@ -347,6 +347,11 @@ def test_rejects_bad_method_and_weights(saved):
         compose(model, dirs, method="weighted", weights=[1.0, float("nan"), 1.0])
     with pytest.raises(ValueError, match="map_rank"):
         compose(model, dirs, method="loramap")
+    with pytest.raises(TypeError, match=r"weights must be a sequence .* of 3 numbers"):
+        compose(model, dirs, method="weighted", weights=0.5)
+    for bad in (3, {d: 1.0 for d in dirs}):
+        with pytest.raises(TypeError, match="adapters must be a list of peft adapter folders"):
+            compose(model, bad)
     with pytest.raises(ValueError, match="already composed"):
         compose(compose(model, dirs), dirs)
 

@@ -198,6 +198,10 @@ BAD = [
     (dict(method="loramap"), ValueError, "map_rank must be a positive integer"),
     (dict(method="loramap", map_rank=4, map_init="svd"), ValueError, "map_init must be one of"),
     (dict(method="sum", map_rank=4), ValueError, "map_rank is only used with method='loramap'"),
+    (dict(method="sum", map_init="sum"), ValueError, "map_init is only used with method='loramap'"),
+    (dict(method="weighted", weights=0.5), TypeError, r"weights must be a sequence .* of 3 numbers"),
+    (dict(method="weighted", weights="abc"), TypeError, r"weights must be a sequence .* of 3 numbers"),
+    (dict(method="weighted", weights=[[1.0], [2.0], [3.0]]), TypeError, r"weights must be a sequence"),
 ]
 
 
@@ -267,3 +271,15 @@ def test_map_rank_must_be_a_whole_number(bad):
     a, b = torch.randn(4, D_IN, device=DEVICE), torch.randn(D_OUT, 4, device=DEVICE)
     with pytest.raises(ValueError, match="map_rank must be a positive integer"):
         MultiLoraLinear(_base(), [(a, b, 1.0)], method="loramap", map_rank=bad)
+
+
+def test_a_refused_layer_leaves_the_base_trainable():
+    """The base is frozen only once every argument has been accepted."""
+    base = _base()
+    with pytest.raises(ValueError, match="top_k"):
+        MultiLoraLinear(base, _adapters(), method="route", top_k=7)
+    with pytest.raises(ValueError, match="map_rank"):
+        MultiLoraLinear(base, _adapters(), method="loramap")
+    assert all(p.requires_grad for p in base.parameters())
+    MultiLoraLinear(base, _adapters(), method="sum")
+    assert not any(p.requires_grad for p in base.parameters())

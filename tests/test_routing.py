@@ -466,8 +466,9 @@ def test_bad_input_is_named(seeded):
         lora_linear_routed(*args, ranks, router, "softmax")
     with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..2"):
         lora_linear_routed(*args, ranks, router, "arrow", 3)
-    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
-        lora_linear_routed(*args, ranks, router, "arrow", None, 0.0)
+    for bad_t in (0.0, 1e-40, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            lora_linear_routed(*args, ranks, router, "arrow", None, bad_t)
     with pytest.raises(ValueError, match="router_bias is only used with router_kind='linear'"):
         lora_linear_routed(*args, ranks, router, "arrow", None, 1.0, torch.zeros(2, device=DEVICE))
     with pytest.raises(ValueError, match="top_k has no meaning"):
@@ -541,6 +542,13 @@ def test_module_route_bad_arguments():
         MultiLoraLinear(base, adapters, method="sum", top_k=1)
     with pytest.raises(ValueError, match="temperature must be a positive"):
         MultiLoraLinear(base, adapters, method="route", temperature=-1.0)
+    # logits / temperature would overflow float32 (NaN gates): refused, with the way to hard routing
+    with pytest.raises(ValueError, match="temperature must be a positive finite number >= 1e-06.*top_k=1"):
+        MultiLoraLinear(base, adapters, method="route", temperature=1e-40)
+    # numpy scalars are numbers too
+    import numpy as np
+    layer = MultiLoraLinear(base, adapters, method="route", top_k=np.int64(1), temperature=np.float32(0.5))
+    assert type(layer.top_k) is int and type(layer.temperature) is float
 
 
 def test_compose_route_on_tiny_llama(tmp_path, seeded):
@@ -582,18 +590,6 @@ def test_compose_route_on_tiny_llama(tmp_path, seeded):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="no fixed low-rank factors"):
         merge(model)
-
-
-def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path):
-    from test_compose import peft_with_adapters, save_adapters
-
-    from lorafuse import compose
-
-    specs = [dict(r=2, lora_alpha=2, target_modules=["q_proj"]), dict(r=2, lora_alpha=2, target_modules=["v_proj"])]
-    fresh, peft_model, names = peft_with_adapters("llama", specs)
-    dirs = save_adapters(peft_model, names, tmp_path)
-    with pytest.raises(ValueError, match=r"top_k must be None \(dense\) or an integer in 1..1"):
-        compose(fresh, dirs, method="route", top_k=2)
 
 
 @pytest.mark.parametrize("kind,top_k", [("arrow", 2), ("linear", None)])
@@ -723,3 +719,22 @@ def test_routing_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter does not compile: build the routed shrink's kernels for sm_90 (bf16) so that a
     compile error shows up in CI without a GPU."""
     compile_in_subprocess(_COMPILE_FOR_HOPPER)
+
+
+def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path, seeded):
+    """Routing chooses among each layer's own adapters: a top_k above a layer's count is refused
+    with the layer named, and the model is left as it was."""
+    from test_compose import model_inputs, model_output, peft_with_adapters, save_adapters
+
+    from lorafuse import compose
+
+    specs = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+             dict(r=2, lora_alpha=4, target_modules=["q_proj"])]
+    fresh, peft_model, names = peft_with_adapters("llama", specs)
+    dirs = save_adapters(peft_model, names, tmp_path / "adapters")
+    inputs = model_inputs("llama")
+    before = model_output(fresh, inputs)
+    with pytest.raises(ValueError, match=r"top_k=2 but only 1 of the 2 adapters target '.*v_proj'"):
+        compose(fresh, dirs, method="route", top_k=2)
+    assert torch.equal(model_output(fresh, inputs), before)
+    assert not any(isinstance(m, MultiLoraLinear) for m in fresh.modules())
