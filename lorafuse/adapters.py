@@ -13,6 +13,7 @@ merged delta), so the triples need no transposition here.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -122,6 +123,10 @@ def layer_rank_alpha(config: Any, module: str) -> Tuple[int, float]:
     alpha_pattern = config.alpha_pattern or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.r)
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.lora_alpha)
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"the adapter config's r for {module!r} must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise ValueError(f"the adapter config's lora_alpha for {module!r} must be a finite number, got {alpha!r}")
     return int(r), float(alpha)
 
 

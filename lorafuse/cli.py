@@ -106,6 +106,8 @@ def _check_compose_args(a) -> None:
         raise UsageError(f"--weights are only used with --method weighted, got --method {a.method}")
     if a.weights is not None and len(a.weights) != len(a.adapters):
         raise UsageError(f"--weights: one per adapter ({len(a.adapters)}), got {len(a.weights)}")
+    if a.top_k != 1 and a.method != "route":
+        raise UsageError(f"--top-k is only used with --method route, got --method {a.method}")
     if a.method == "route" and not 1 <= a.top_k <= len(a.adapters):
         raise UsageError(f"--top-k must be in 1..{len(a.adapters)} (the number of adapters), got {a.top_k}")
 

@@ -562,6 +562,10 @@ def lora_linear_routed(
     if schedule == "grouped" and top_k is None:
         raise ValueError("schedule='grouped' needs top_k (each row's chosen adapters); a dense softmax "
                          "uses every adapter: use schedule='dense' or 'auto'")
+    operands = (x, weight, bias, a_cat, b_cat, scale, router, router_bias)
+    if schedule == "grouped" and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in operands):
+        _use_grouped(schedule, top_k, ranks, 0, True)  # the same error on every backend
     K = len(ranks)
     if router_kind == "uniform":
         # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.

@@ -230,6 +230,7 @@ def test_compose_flags_and_adapter_folders_checked_before_any_work(tmp_path, cap
     cases = [
         (["--adapters", a, b, "--method", "sum", "--map-rank", "4", "--out", out], "--map-rank is only used with"),
         (["--adapters", a, b, "--method", "sum", "--weights", "1", "2", "--out", out], "--weights are only used"),
+        (["--adapters", a, b, "--method", "sum", "--top-k", "2", "--out", out], "--top-k is only used with"),
         (["--adapters", a, b, "--method", "route", "--out", out], "no fixed low-rank delta"),
         (["--adapters", a, b, "--method", "sum", "--out", str(tmp_path)], "already exists"),
         (["--adapters", _fake_adapter(tmp_path / "j", config="{oops"), "--out", out], "is not valid JSON"),

@@ -595,3 +595,17 @@ def test_new_methods_and_keywords_pass_through(saved, monkeypatch):
     assert len(seen) == len(comp.slots)
     assert all(m == "route" and k == 2 for m, k, _, _ in seen)
     assert ("route", 2, 1, [3.0]) in seen  # gate_proj carries only a2: its weight only
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(r=0), "r for .* must be a positive integer, got 0"),
+    (dict(r="two"), "r for .* must be a positive integer, got 'two'"),
+    (dict(r=2, lora_alpha=float("nan")), "lora_alpha for .* must be a finite number"),
+])
+def test_bad_rank_or_alpha_in_a_config_is_named(cfg, match):
+    from lorafuse.adapters import load_adapter
+
+    sd = {"base_model.model.lin.lora_A.weight": torch.randn(2, 4),
+          "base_model.model.lin.lora_B.weight": torch.randn(3, 2)}
+    with pytest.raises(ValueError, match=match):
+        load_adapter((sd, dict(cfg, target_modules=["lin"])))

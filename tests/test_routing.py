@@ -269,6 +269,8 @@ def test_grouped_schedule_choice_and_errors(segmented_calls, kernel_calls, monke
     assert len(segmented_calls) == 2 and len(kernel_calls) == 4
     with pytest.raises(NotImplementedError, match="schedule='grouped' runs the forward only"):
         lora_linear_routed(*args, 1, schedule="grouped")
+    with use_backend("torch"), pytest.raises(NotImplementedError, match="schedule='grouped' runs the forward only"):
+        lora_linear_routed(*args, 1, schedule="grouped")  # the same on the plain-torch path
     with pytest.raises(ValueError, match="schedule='grouped' needs top_k"):
         lora_linear_routed(*args, None, schedule="grouped")
     with pytest.raises(ValueError, match="schedule must be one of"):
