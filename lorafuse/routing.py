@@ -96,6 +96,9 @@ def arrow_prototypes(a_cat: Tensor, b_cat: Tensor, ranks: Sequence[int], scale: 
     b64 = b_cat.detach().to(f64)
     if scale is not None:
         b64 = b64 * scale.detach().to(device=b64.device, dtype=f64)
+    if not (bool(torch.isfinite(a64).all()) and bool(torch.isfinite(b64).all())):  # once per composition
+        raise ValueError("a_cat, b_cat and scale must be finite to compute Arrow prototypes (an adapter's "
+                         "factors hold NaN or inf)")
     protos = []
     start = 0
     for r in ranks:

@@ -110,6 +110,9 @@ def test_arrow_prototype_of_zero_adapter_is_zero(seeded):
     b_cat[:, 2:] = 0  # adapter 1 (ranks 2, 3) has B = 0, as freshly initialised
     protos = arrow_prototypes(a_cat, b_cat, [2, 3])
     assert protos[0].norm() > 0.99 and protos[1].abs().max() == 0
+    b_cat[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="must be finite to compute Arrow prototypes"):
+        arrow_prototypes(a_cat, b_cat, [2, 3])
 
 
 def _peft_arrow_layer(d_in, adapters, top_k, temperature):
