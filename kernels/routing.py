@@ -9,7 +9,7 @@ x is read once: one partial kernel gives both products per step. Below STACK_MIN
 (d_in x columns) operand tile from a_cat for the first R columns and from the router for the last K
 (stacked on chip, no copy in memory) and splits d_in over programs when T is small (as shrink.py's
 partial kernel does); from STACK_MIN_T rows the two are copied into one tensor for the shrink's
-one-operand kernel, whose single unmasked load per step is 1.5-2.8x faster;
+one-operand kernel, whose single unmasked load per step is 1.7-2.7x faster;
 the gates are computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
 with the block-id vector, so S' (T x R) is the only intermediate that goes back to memory. The
 expand is then lorafuse.kernels.lora_gemm.lora_gemm(x, W^T, S', b_cat^T, bias), as for the other
@@ -100,10 +100,10 @@ def _stacked_partial(x, a_cat, router, cfg):
 
 # From this many rows the partial products run on [a_cat; router] copied into one tensor (torch.cat,
 # (R + K) x d_in: a few microseconds) by the shrink's one-operand kernel: the two masked loads per
-# step of _stacked_partial_kernel made it 1.5-2.8x slower (routed-shrink-sweep-*-2026-12-02.json,
-# H200, bf16, d_in = 4096, r = 16, GPU time from CUDA graphs: T = 8192, K = 64 409 -> 147 us; K = 16
-# 130 -> 53 us; K = 4 52 -> 36 us; T = 2048, K = 64 162 -> 49 us). Below it the copy's extra launch
-# would cost more host time than the kernel saves.
+# step of _stacked_partial_kernel made it 1.7-2.7x slower (routed-shrink-sweep-e310a07-*.json,
+# H200, bf16, d_in = 4096, r = 16, GPU time from CUDA graphs, same tile shapes: T = 8192, K = 64
+# 374 -> 147 us; K = 16 122 -> 53 us; K = 4 60 -> 36 us; T = 2048, K = 64 129 -> 49 us). Below it the
+# copy's extra launch would cost more host time than the kernel saves.
 STACK_MIN_T = 2048
 
 
