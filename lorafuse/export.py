@@ -122,8 +122,11 @@ def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
     check_replaceable(out_dir)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {out_dir!r}: {e.strerror}") from e
     try:
         os.chmod(tmp, default_mode(folder=True))
         write(tmp)
@@ -172,6 +175,9 @@ def export_peft(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if base_model_name_or_path is not None:
+        if not isinstance(base_model_name_or_path, str):
+            raise TypeError(f"base_model_name_or_path must be a str or None, got "
+                            f"{type(base_model_name_or_path).__name__}")
         meta["base_model_name_or_path"] = base_model_name_or_path
 
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -81,8 +81,9 @@ class LoraLibrary:
               device: Optional[torch.device] = None) -> "LoraLibrary":
         """A library of num_slots empty slots (rank 0) of up to rank r_max."""
         for name, v in (("num_slots", num_slots), ("r_max", r_max), ("d_in", d_in), ("d_out", d_out)):
-            if int(v) < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        num_slots, r_max, d_in, d_out = int(num_slots), int(r_max), int(d_in), int(d_out)
         return cls(torch.zeros((num_slots, r_max, d_in), dtype=dtype, device=device),
                    torch.zeros((num_slots, r_max, d_out), dtype=dtype, device=device),
                    torch.zeros((num_slots,), dtype=torch.int32, device=device),

@@ -803,6 +803,9 @@ def test_padding_beyond_a_slots_rank_is_not_read(seeded):
 
 
 def test_slot_must_be_an_integer_not_a_bool(seeded):
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match="num_slots must be a positive integer"):
+            LoraLibrary.empty(bad, 4, 8, 6)
     lib = LoraLibrary.empty(2, 4, 8, 6)
     with pytest.raises(ValueError, match="slot must be an integer"):
         lib.set_adapter(True, torch.randn(2, 8), torch.randn(6, 2), 1.0)
