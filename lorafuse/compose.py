@@ -11,6 +11,7 @@ MultiLoraLinear's (lorafuse.modules) and lora_linear's.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -270,7 +271,8 @@ def compose(
             if map_rank is not None:
                 layer_kw["map_rank"] = map_rank
             top_k = kw.get("top_k")
-            if method == "route" and isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > len(idx):
+            if (method == "route" and isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
+                    and top_k > len(idx)):
                 raise ValueError(f"top_k={top_k} but only {len(idx)} of the {len(adapters)} adapters target {key!r}: "
                                  f"routing chooses among each layer's own adapters, so top_k can be at most the "
                                  f"fewest adapters on any targeted layer")

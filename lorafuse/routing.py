@@ -209,7 +209,7 @@ def routing_gates(
             raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
         if top_k is not None:
             raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
-        top_k, temperature = _check_gating(top_k, temperature, num_adapters)
+        _check_gating(top_k, temperature, num_adapters)
         return x.new_full((*x.shape[:-1], num_adapters), 1.0 / num_adapters, dtype=torch.float32)
     if not isinstance(router, Tensor) or router.dim() != 2 or router.shape[1] != x.shape[-1]:
         raise ValueError(f"router must have shape (K, {x.shape[-1]}), got "
