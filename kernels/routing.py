@@ -208,6 +208,11 @@ def _routed_finish_kernel(
              (s * scale[None, :] * g_cols).to(sp_ptr.dtype.element_ty), mask=tr_mask)
 
 
+# Below this the gates' float32 logits / temperature can overflow (a NaN output); top_k=1 is the way
+# to route each row to one adapter.
+MIN_TEMPERATURE = 1e-6
+
+
 def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, temperature, router_bias):
     """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
     check_runnable("x", x)
@@ -235,8 +240,9 @@ def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, tempera
                          f"{tuple(router_bias.shape)} on {router_bias.device}")
     if top_k is not None and not (1 <= int(top_k) <= K):
         raise ValueError(f"top_k must be None or an integer in 1..{K}, got {top_k!r}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not (MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number >= {MIN_TEMPERATURE:g} (smaller ones "
+                         f"overflow the float32 gates), got {temperature!r}")
     # Indexed without a stride in the kernels: a sliced or expanded vector is copied first.
     return unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.routing import MIN_TEMPERATURE  # the launcher's own limit
 from .kernels.utils import unit_vector
 from .ops import autocast_inputs, check_lora_args, first_order_only, lora_linear
 from . import ops as _ops
@@ -155,9 +156,6 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
     return ranks, top_k, temperature
 
 
-# Below this the gates' float32 logits / temperature can overflow (a NaN output); top_k=1 is the way
-# to route each row to one adapter.
-MIN_TEMPERATURE = 1e-6
 
 
 def _check_gating(top_k, temperature, K: int) -> Tuple[Optional[int], float]:
