@@ -687,6 +687,37 @@ TMA_MAX_R = 128
 TMA_SMEM = 220 * 1024  # shared memory the copy-engine shrink's pipeline may take (H100/H200: 227 KB)
 
 
+# From this total rank R the forward shrink's product x a_cat^T runs on cuBLAS (float32 out, then the
+# finishing kernel applies the mapping and the scale): above TMA_MAX_R the pointer kernels read x once
+# per 128-column chunk of R, and the K x r grid (kernels-grid-ec6878e-*.json) had the layer at
+# 1.55-1.59x the base GEMM for R = 512 on 4096 x 4096 (T >= 8192), slower than torch.compile's 1.46-1.50x.
+# 16-bit inputs only (float32 would meet cuBLAS's TF32 setting). LORAFUSE_SHRINK_CUBLAS_MIN_R=0 turns it off.
+SHRINK_CUBLAS_MIN_R = int(os.environ.get("LORAFUSE_SHRINK_CUBLAS_MIN_R", "0"))
+_MM_OUT_DTYPE: Optional[bool] = None  # whether this torch has mm(..., out_dtype=float32) on CUDA
+
+
+def _mm_f32(x: torch.Tensor, a_cat: torch.Tensor) -> Optional[torch.Tensor]:
+    """x a_cat^T in float32 from 16-bit operands, or None where this torch cannot on x's device."""
+    global _MM_OUT_DTYPE
+    if not x.is_cuda:
+        return torch.mm(x.float(), a_cat.float().t())  # the interpreter's tests; products exact in float32
+    if _MM_OUT_DTYPE is False:
+        return None
+    try:
+        out = torch.mm(x, a_cat.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        _MM_OUT_DTYPE = False
+        return None
+    _MM_OUT_DTYPE = True
+    return out
+
+
+def shrink_uses_cublas(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
+    """Whether shrink(x, a_cat, ...) takes x a_cat^T from cuBLAS: x (T, d_in), a_cat (R, d_in)."""
+    return (SHRINK_CUBLAS_MIN_R > 0 and a_cat.shape[0] >= SHRINK_CUBLAS_MIN_R and x.dtype != torch.float32
+            and _MM_OUT_DTYPE is not False)
+
+
 def shrink_uses_tma(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
     """Whether shrink(x, a_cat, ...) runs the copy-engine kernel: x (T, d_in), a_cat (R, d_in)."""
     min_t = min(TMA_MIN_T, TMA_MIN_T_WIDE) if x.shape[1] >= TMA_WIDE_D_IN else TMA_MIN_T
@@ -811,21 +842,27 @@ def shrink(
     has_map = a_map is not None
     M = a_map.shape[0] if has_map else 1
     sp = alloc_rows(T, R, x.dtype, x.device)
-    s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, M), torch.float32, x.device) if (save and has_map) else None
-    if T == 0:
-        return sp, s, u
-    if config is not None:
-        cfg = config
-    elif shrink_uses_tma(x, a_cat):
-        cfg = tma_shrink_config(T, D, R, num_sms(x.device))
+    part = _mm_f32(x, a_cat) if (T > 0 and config is None and shrink_uses_cublas(x, a_cat)) else None
+    if part is not None:
+        splits = 1
+        s = part if save else None  # S itself: the finishing kernel need not copy it
     else:
-        cfg = split_config(T, D, R, x.dtype, x.device)
-    if cfg.get("TMA"):
-        _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg)
-        return sp, s, u
-    # With one split the partial sums are S itself: write them straight into the saved buffer.
-    part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg, part=s if (save and cfg["SPLITS"] == 1) else None)
+        s = new_empty((T, R), torch.float32, x.device) if save else None
+        if T == 0:
+            return sp, s, u
+        if config is not None:
+            cfg = config
+        elif shrink_uses_tma(x, a_cat):
+            cfg = tma_shrink_config(T, D, R, num_sms(x.device))
+        else:
+            cfg = split_config(T, D, R, x.dtype, x.device)
+        if cfg.get("TMA"):
+            _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg)
+            return sp, s, u
+        # With one split the partial sums are S itself: write them straight into the saved buffer.
+        part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg,
+                                     part=s if (save and cfg["SPLITS"] == 1) else None)
     dummy = part
     am = a_map if has_map else scale
     bm = b_map if has_map else scale

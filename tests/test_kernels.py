@@ -87,6 +87,30 @@ def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
             assert s is None and u is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_shrink_forward_cublas(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
+    """The shrink with x a_cat^T taken from cuBLAS (float32 out; on the CPU, torch in float32) and the
+    finishing kernel applying the mapping and the scale: the path large ranks take."""
+    monkeypatch.setattr(shrink_module, "SHRINK_CUBLAS_MIN_R", 1)
+    x, a_cat, _, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    assert shrink_module.shrink_uses_cublas(x, a_cat)
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    for save in (False, True):
+        sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save)
+        # On a GPU the path must have run, not fallen back: this torch has mm(..., out_dtype=float32).
+        assert shrink_module._MM_OUT_DTYPE is not False
+        assert sp.dtype == dtype and sp.shape == (T, R)
+        assert rel_err(sp, sp_ref) < TOL[dtype]
+        if save:
+            assert s.dtype == torch.float32 and s.shape == (T, R) and rel_err(s, s_ref) < ACC_TOL[dtype]
+            assert (u is None) if not m else rel_err(u, u_ref) < ACC_TOL[dtype]
+        else:
+            assert s is None and u is None
+    # float32 inputs keep the Triton kernels (cuBLAS would follow the TF32 setting).
+    assert not shrink_module.shrink_uses_cublas(x.float(), a_cat.float())
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="the copy-engine shrink's launch table is for a GPU")
 @pytest.mark.parametrize("table_T", [2048, 4096, 16384])
 @pytest.mark.parametrize("R", [5, 48, 128])

@@ -69,6 +69,22 @@ def test_fused_and_split_paths(path, dtype, monkeypatch, seeded):
     _check_against_reference(_args(37, 40, 24, 5, 4, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_cublas_shrink_path(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
+    # The forward shrink's x a_cat^T from cuBLAS, as ranks from SHRINK_CUBLAS_MIN_R take it.
+    import importlib
+
+    shrink_module = importlib.import_module("lorafuse.kernels.shrink")
+    monkeypatch.setattr(shrink_module, "SHRINK_CUBLAS_MIN_R", 1)
+    monkeypatch.setattr(ops, "FUSED_MAX_T", 0)  # every T through shrink + GEMM
+    calls = []
+    orig = shrink_module._mm_f32
+    monkeypatch.setattr(shrink_module, "_mm_f32", lambda *a: calls.append(1) or orig(*a))
+    _check_against_reference(_args(T, d_in, d_out, R, m, dtype), dtype)
+    assert calls and shrink_module._MM_OUT_DTYPE is not False
+
+
 @pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] == 9),
                     reason="the persistent layer runs on Hopper GPUs only")
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "two-launch"])

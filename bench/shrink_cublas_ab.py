@@ -1,0 +1,93 @@
+"""The op with the forward shrink's x a_cat^T from cuBLAS against the Triton shrink, over total ranks R.
+
+    python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 3] [--out bench/results]
+
+For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
+lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
+and with x a_cat^T from cuBLAS in float32 plus the finishing kernel ("cublas":
+kernels.shrink.SHRINK_CUBLAS_MIN_R at 1), each replayed from a CUDA graph (GPU time) and called directly
+(host time included). L2 flushed before each call; every variant timed once per round, rounds
+alternating; medians over rounds and the ratio to the base timed the same way. The result file is
+rewritten after every shape, so a run cut short keeps its rows. Writes shrink-cublas-ab-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, graphed, layer_inputs, save_json, warm_up  # noqa: E402
+
+import lorafuse  # noqa: E402
+
+shrink_module = importlib.import_module("lorafuse.kernels.shrink")
+DEFAULT_MIN_R = shrink_module.SHRINK_CUBLAS_MIN_R
+
+
+def use(variant: str) -> None:
+    shrink_module.SHRINK_CUBLAS_MIN_R = 1 if variant == "cublas" else 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--R", type=int, nargs="+", default=[48, 192, 512])
+    p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "shrink_cublas_ab.py needs a GPU"
+    warm_up()
+    doc = {"env": env_info(sys.argv), "rows": []}
+    for R in args.R:
+        for dims in args.dims:
+            d_in, d_out = (int(v) for v in dims.split("x"))
+            for T in args.T:
+                x, w, a_cat, b_cat, scale, a_map, b_map = layer_inputs(T, d_in, d_out, R, 16)
+
+                def base():
+                    return F.linear(x, w)
+
+                def op(variant):
+                    def f():
+                        use(variant)
+                        return lorafuse.lora_linear(x, w, None, a_cat, b_cat, scale, a_map, b_map)
+                    return f
+
+                with torch.no_grad():
+                    ref = lorafuse.lora_linear_reference(x.float(), w.float(), None, a_cat.float(), b_cat.float(),
+                                                         scale, a_map, b_map)
+                    errs = {v: ((op(v)().float() - ref).norm() / ref.norm()).item() for v in ("triton", "cublas")}
+                    used = shrink_module._MM_OUT_DTYPE
+                    variants = {"base_eager": base, "triton_eager": op("triton"), "cublas_eager": op("cublas")}
+                    for k in ("base", "triton", "cublas"):
+                        variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
+                    times = {k: [] for k in variants}
+                    for _ in range(args.rounds):
+                        for k, fn in variants.items():
+                            times[k].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+                    use("default")
+                med = {k: statistics.median(v) for k, v in times.items()}
+                row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": 16, "ms": med, "ms_rounds": times,
+                       "rel_err": errs, "mm_out_dtype": used}
+                for mode in ("eager", "graph"):
+                    for k in ("triton", "cublas"):
+                        row[f"{k}_{mode}_ratio"] = med[f"{k}_{mode}"] / med[f"base_{mode}"]
+                doc["rows"].append(row)
+                print(f"R={R} T={T} {dims}: graph base {med['base_graph']:.4f} ms, triton "
+                      f"{row['triton_graph_ratio']:.3f}x, cublas {row['cublas_graph_ratio']:.3f}x | eager triton "
+                      f"{row['triton_eager_ratio']:.3f}x, cublas {row['cublas_eager_ratio']:.3f}x | err {errs}",
+                      flush=True)
+                save_json(doc, args.out, "shrink-cublas-ab")
+    shrink_module.SHRINK_CUBLAS_MIN_R = DEFAULT_MIN_R
+
+
+if __name__ == "__main__":
+    main()
