@@ -689,10 +689,15 @@ TMA_SMEM = 220 * 1024  # shared memory the copy-engine shrink's pipeline may tak
 
 # From this total rank R the forward shrink's product x a_cat^T runs on cuBLAS (float32 out, then the
 # finishing kernel applies the mapping and the scale): above TMA_MAX_R the pointer kernels read x once
-# per 128-column chunk of R, and the K x r grid (kernels-grid-ec6878e-*.json) had the layer at
-# 1.55-1.59x the base GEMM for R = 512 on 4096 x 4096 (T >= 8192), slower than torch.compile's 1.46-1.50x.
+# per 128-column chunk of R. The K x r grid (kernels-grid-ec6878e-*.json) had the layer at 1.55-1.59x
+# the base GEMM for R = 512 on 4096 x 4096 (T >= 8192), slower than torch.compile's 1.46-1.50x. Through
+# the op (shrink-cublas-ab-b9000da-*.json, H200, LoraMap, bf16, from a CUDA graph, 3 interleaved rounds)
+# cuBLAS was faster in all 12 cells at R = 192 and 512: R = 512, T = 8192 1.58x -> 1.45x (4096 x 4096),
+# 1.29x -> 1.23x, 1.33x -> 1.23x (the 14336-wide shapes); R = 192 1.31x -> 1.21x, 1.17x -> 1.12x,
+# 1.16x -> 1.11x; at T = 2048 by 0.10-0.30x. At R = 48 the two were within the run's noise
+# (shrink-cublas-ab-r48-*.json, -0.03 to +0.01x), so up to TMA_MAX_R the Triton kernels stay.
 # 16-bit inputs only (float32 would meet cuBLAS's TF32 setting). LORAFUSE_SHRINK_CUBLAS_MIN_R=0 turns it off.
-SHRINK_CUBLAS_MIN_R = int(os.environ.get("LORAFUSE_SHRINK_CUBLAS_MIN_R", "0"))
+SHRINK_CUBLAS_MIN_R = int(os.environ.get("LORAFUSE_SHRINK_CUBLAS_MIN_R", "129"))
 _MM_OUT_DTYPE: Optional[bool] = None  # whether this torch has mm(..., out_dtype=float32) on CUDA
 
 

@@ -19,11 +19,12 @@ shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 def shrink_impl(request, monkeypatch):
     """Both shrink implementations: the split grid (default; on Hopper the one-launch copy-engine
     kernel where the operands allow, here at every T) and the one-kernel path; on a GPU also the
-    split grid with the pointer kernels everywhere."""
+    split grid with the pointer kernels everywhere. All with the Triton kernels at every rank."""
     impl = request.param
     monkeypatch.setattr(shrink_module, "SHRINK_IMPL", "split" if impl == "split-pointer" else impl)
     monkeypatch.setattr(shrink_module, "SHRINK_TMA", impl != "split-pointer")
     monkeypatch.setattr(shrink_module, "TMA_MIN_T", 1)  # the copy-engine shrink at every test size
+    monkeypatch.setattr(shrink_module, "SHRINK_CUBLAS_MIN_R", 0)  # Triton at every rank (cuBLAS: its own test)
     return impl
 
 # (T, d_in, d_out, R, m); m None = no mapping. Odd sizes on purpose: T = 1, 37, 300; d = 24, 40,
