@@ -1,0 +1,66 @@
+"""bench/report.py: merging a benchmark grid's parts, the K x r tables and plots (no GPU needed)."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import report  # noqa: E402
+
+
+def _part(commit, shapes, fwd, gpu="GPU X"):
+    rows = []
+    for (T, K, r), f in zip(shapes, fwd):
+        impls = {"base": {"fwd_ms": 1.0, "fwd_ratio": 1.0, "fb_ratio": 1.0},
+                 "lorafuse_loramap": {"fwd_ms": f, "fwd_ratio": f, "fb_ratio": 2 * f},
+                 "peft": {"fwd_ms": 3.0, "fwd_ratio": 3.0, "fb_ratio": 3.5}}
+        rows.append({"T": T, "d_in": 64, "d_out": 32, "K": K, "r": r, "m": 16, "impls": impls})
+    return {"env": {"gpu": gpu, "commit": commit, "date": "2026-12-02T00:00:00", "command": f"python part {fwd}"},
+            "dtype": "torch.bfloat16", "rows": rows, "seconds": 1.0, "complete": True, "shapes_planned": len(rows)}
+
+
+def _write(tmp_path, name, doc):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_merge_keeps_every_row_and_averages_repeats(tmp_path, capsys):
+    a = _write(tmp_path, "a.json", _part("abc", [(8192, 3, 8), (8192, 3, 16)], [1.10, 1.20]))
+    b = _write(tmp_path, "b.json", _part("abc", [(8192, 3, 8), (2048, 8, 64)], [1.30, 1.50]))
+    out = str(tmp_path / "grid.json")
+    report.main([a, b, "--merge", out, "--grid", "--no-plot"])
+    doc = json.load(open(out))
+    assert len(doc["rows"]) == 4 and doc["shapes"] == 3
+    assert [run["file"] for run in doc["runs"]] == ["a.json", "b.json"]
+    assert sorted({row["run"] for row in doc["rows"]}) == [0, 1]
+    assert doc["grid"]["K"] == [3, 8] and doc["grid"]["T"] == [2048, 8192]
+    rows = report.combined(doc["rows"])
+    repeated = [row for row in rows if (row["T"], row["K"], row["r"]) == (8192, 3, 8)]
+    assert len(repeated) == 1 and repeated[0]["repeats"] == 2
+    assert repeated[0]["impls"]["lorafuse_loramap"]["fwd_ratio"] == pytest.approx(1.20)
+    assert report.repeat_spread(doc["rows"])["lorafuse_loramap"] == pytest.approx(0.20)
+    text = capsys.readouterr().out
+    assert "| 3 | 8 | 24 | 64x32 | 1.20 / 2.40 | 3.00 / 3.50 |" in text
+    assert "| 8 | 64 | 512 | 64x32 | 1.50 / 3.00 | 3.00 / 3.50 |" in text
+
+
+def test_merge_refuses_parts_of_different_commits_or_gpus(tmp_path):
+    a = _write(tmp_path, "a.json", _part("abc", [(8192, 3, 8)], [1.1]))
+    b = _write(tmp_path, "b.json", _part("def", [(8192, 3, 16)], [1.2]))
+    c = _write(tmp_path, "c.json", _part("abc", [(8192, 3, 16)], [1.2], gpu="GPU Y"))
+    for other, word in ((b, "commits"), (c, "gpus")):
+        with pytest.raises(SystemExit, match=word):
+            report.main([a, other, "--merge", str(tmp_path / "grid.json")])
+    assert not (tmp_path / "grid.json").exists()
+    with pytest.raises(SystemExit):  # several files without --merge
+        report.main([a, b])
+
+
+def test_grid_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = _write(tmp_path, "a.json", _part("abc", [(2048, 1, 8), (8192, 1, 8), (8192, 3, 16)], [1.3, 1.1, 1.2]))
+    report.main([a, "--grid", "8192"])
+    for name in ("a-grid-loramap.png", "a-grid-sum.png"):
+        assert (tmp_path / name).stat().st_size > 1000
