@@ -697,7 +697,11 @@ TMA_SMEM = 220 * 1024  # shared memory the copy-engine shrink's pipeline may tak
 # 1.16x -> 1.11x; at T = 2048 by 0.10-0.30x. At R = 48 the two were within the run's noise
 # (shrink-cublas-ab-r48-*.json, -0.03 to +0.01x), so up to TMA_MAX_R the Triton kernels stay.
 # 16-bit inputs only (float32 would meet cuBLAS's TF32 setting). LORAFUSE_SHRINK_CUBLAS_MIN_R=0 turns it off.
-SHRINK_CUBLAS_MIN_R = int(os.environ.get("LORAFUSE_SHRINK_CUBLAS_MIN_R", "129"))
+try:
+    SHRINK_CUBLAS_MIN_R = int(os.environ.get("LORAFUSE_SHRINK_CUBLAS_MIN_R", "129"))
+except ValueError:
+    raise ValueError("LORAFUSE_SHRINK_CUBLAS_MIN_R must be an integer rank (0 turns the cuBLAS shrink off), got "
+                     f"{os.environ['LORAFUSE_SHRINK_CUBLAS_MIN_R']!r}") from None
 _MM_OUT_DTYPE: Optional[bool] = None  # whether this torch has mm(..., out_dtype=float32) on CUDA
 
 
