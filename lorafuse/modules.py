@@ -62,7 +62,7 @@ def _check_adapters(adapters, d_in: int, d_out: int):
             if s.numel() != 1:
                 raise ValueError(f"adapters[{i}] scale must be a number, got a tensor of shape {tuple(s.shape)}")
             s = float(s)
-        if not isinstance(s, (int, float)) or not math.isfinite(s):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
             raise ValueError(f"adapters[{i}] scale must be a finite number, got {s!r}")
         out.append((a, b, float(s)))
     return out
@@ -219,10 +219,15 @@ class MultiLoraLinear(nn.Module):
         bs = self.b_cat.detach().to(f64) * self.scale.detach().to(f64)
         _, rb = torch.linalg.qr(bs)                     # B diag(s) = Qb Rb
         _, ra = torch.linalg.qr(self.a_cat.detach().to(f64).t())  # A^T = Qa Ra
-        u, sv, vh = torch.linalg.svd(rb @ ra.t())       # core of the summed delta, R x R
-        root = sv[:m].sqrt()
-        b_map = torch.linalg.pinv(rb) @ (u[:, :m] * root)
-        a_map = (root[:, None] * vh[:m]) @ torch.linalg.pinv(ra.t())
+        u, sv, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)  # core of the summed delta
+        # The summed delta has rank at most min(d_out, d_in, R) = len(sv): a larger m holds it exactly,
+        # the map's extra rows and columns zero.
+        k = min(m, sv.numel())
+        root = sv[:k].sqrt()
+        b_map = torch.zeros((R, m), dtype=f64, device=dev)
+        a_map = torch.zeros((m, R), dtype=f64, device=dev)
+        b_map[:, :k] = torch.linalg.pinv(rb) @ (u[:, :k] * root)
+        a_map[:k] = (root[:, None] * vh[:k]) @ torch.linalg.pinv(ra.t())
         return a_map.to(torch.float32), b_map.to(torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:

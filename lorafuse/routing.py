@@ -203,7 +203,7 @@ def routing_gates(
     if router_kind not in ROUTER_KINDS:
         raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {router_kind!r}")
     if router_kind == "uniform":
-        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
         if top_k is not None:
             raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
@@ -279,8 +279,11 @@ def _block_ids(ranks: Sequence[int], device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _block_ids_cached(ranks: tuple, device: torch.device) -> Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32), torch.tensor(ranks))
-    return ids.to(device)
+    # Built outside inference mode, whatever the first caller's mode: an inference tensor in the cache
+    # could not be saved for backward by every later training call with these ranks.
+    with torch.inference_mode(False):
+        ids = torch.repeat_interleave(torch.arange(len(ranks), dtype=torch.int32), torch.tensor(ranks))
+        return ids.to(device)
 
 
 def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature, save):

@@ -543,7 +543,13 @@ class LibraryHandle:
                 if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                     raise TypeError(f"ids must hold slot numbers (integers), adapter names or None, got {v!r}")
                 return int(v)
-            ids = torch.tensor([slot(v) for v in ids], dtype=torch.int64)
+            # One per sequence (B,), or a list of lists, one per token (B, L).
+            rows = [[slot(v) for v in row] if isinstance(row, (list, tuple)) else slot(row) for row in ids]
+            if any(isinstance(row, list) for row in rows):
+                if not all(isinstance(row, list) for row in rows) or len({len(row) for row in rows}) > 1:
+                    raise ValueError("per-token ids must be a (B, L) list of lists of one length L, got rows of "
+                                     f"lengths {[len(r) if isinstance(r, list) else 'scalar' for r in rows]}")
+            ids = torch.tensor(rows, dtype=torch.int64)
         elif ids.is_floating_point() or ids.dtype == torch.bool:
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         if not self.layers:

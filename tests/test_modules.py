@@ -156,6 +156,35 @@ def test_loramap_sum_init_is_best_rank_m_approximation(m, seeded):
     assert a.shape == (m, D_IN) and b.shape == (D_OUT, m)
 
 
+@pytest.mark.parametrize("m", [16, 20])
+def test_loramap_sum_init_past_the_delta_rank_is_the_sum(m, seeded):
+    # d_out = 16 < R = 24: the summed delta has rank <= 16, so every m >= 16 holds it exactly (the
+    # map's extra rows zero), as for m >= R.
+    d_in, d_out = 64, 16
+    base = nn.Linear(d_in, d_out).to(DEVICE)
+    adapters = [(torch.randn(8, d_in, device=DEVICE), torch.randn(d_out, 8, device=DEVICE), 0.5) for _ in range(3)]
+    layer = MultiLoraLinear(base, adapters, method="loramap", map_rank=m, map_init="sum")
+    full = sum(s * b.double() @ a.double() for a, b, s in adapters)
+    assert rel_err(layer.delta_weight(), full) < 1e-5
+    assert layer.a_map.shape == (m, 24) and layer.b_map.shape == (24, m)
+
+
+def test_numpy_scales_are_numbers(seeded):
+    import numpy as np
+
+    base = _base()
+    adapters = [(a, b, np.float32(s)) for a, b, s in _adapters()]
+    layer = MultiLoraLinear(base, adapters, method="sum")
+    ref = MultiLoraLinear(base, _adapters_like(adapters), method="sum")
+    assert torch.equal(layer.scale, ref.scale)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        MultiLoraLinear(base, [(a, b, True) for a, b, _ in adapters], method="sum")
+
+
+def _adapters_like(adapters):
+    return [(a, b, float(s)) for a, b, s in adapters]
+
+
 def test_lowrank_factors_reproduce_loramap_delta(seeded):
     layer = MultiLoraLinear(_base(), _adapters(), method="loramap", map_rank=4)
     with torch.no_grad():

@@ -556,6 +556,36 @@ def test_module_route_bad_arguments():
     assert type(layer.top_k) is int and type(layer.temperature) is float
 
 
+@pytest.mark.parametrize("router", ["linear", "arrow"])
+def test_training_after_an_inference_mode_pass(router, seeded):
+    # The first call with given ranks under inference_mode must not leave an inference tensor in a
+    # cache that later training calls save for backward.
+    from lorafuse.routing import _block_ids_cached
+
+    _block_ids_cached.cache_clear()
+    d_in, d_out = 32, 24
+    base = nn.Linear(d_in, d_out).to(DEVICE)
+    layer = MultiLoraLinear(base, _module_adapters(d_in, d_out, [4, 2]), method="route", router=router)
+    x = torch.randn(3, d_in, device=DEVICE)
+    with torch.inference_mode():
+        y_eval = layer(x)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    y.sum().backward()
+    assert torch.allclose(y.detach(), y_eval) and xg.grad is not None
+    if router == "linear":
+        assert layer.router_weight.grad is not None
+
+
+def test_uniform_gates_take_numpy_counts():
+    import numpy as np
+
+    from lorafuse.routing import routing_gates
+
+    g = routing_gates(torch.randn(4, 8), None, "uniform", num_adapters=np.int64(3))
+    assert torch.allclose(g, torch.full((4, 3), 1 / 3))
+
+
 def test_compose_route_on_tiny_llama(tmp_path, seeded):
     """compose(..., method="route") on a 2-layer Llama: every targeted layer is a routed MultiLoraLinear,
     the model output equals the per-layer reference, and export / merge refuse it with a clear error."""

@@ -579,6 +579,16 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
         handle.set_ids([None] * 5)
         plain = base(tokens).logits
     assert all(rel_err(plain[b], out[b]) > 1e-3 for b in (0, 2, 3, 4))
+    # Per-token ids as a (B, L) list of lists give what the same ids as a tensor give.
+    per_tok = [[["a0", "a1", None, "a2", "a0", "a1"][(b + t) % 6] for t in range(6)] for b in range(5)]
+    with torch.no_grad():
+        handle.set_ids(per_tok)
+        out_list = base(tokens).logits
+        index = {"a0": 0, "a1": 1, "a2": 2, None: -1}
+        handle.set_ids(torch.tensor([[index[v] for v in row] for row in per_tok]))
+        assert torch.equal(base(tokens).logits, out_list)
+    with pytest.raises(ValueError, match="per-token ids must be a"):
+        handle.set_ids([["a0", "a1"], ["a0"]])
     first = torch.tensor([1, 0, 2, -1, 1], device=DEVICE)
     held = handle.set_ids(first)
     assert handle.set_ids(torch.tensor([0, 1, -1, 2, 0])) is held  # same shape: copied in place (CUDA graphs)
