@@ -264,14 +264,21 @@ def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
     sources = list(sources)
     if not sources:
         raise ValueError("adapters must hold at least one adapter, got an empty list")
+    loaded = [load_adapter(src, None if isinstance(src, (str, os.PathLike, LoraAdapter)) else f"adapter{i}")
+              for i, src in enumerate(sources)]
+    # Two directories with the same base name: the later one becomes <name>_<i> (or the next free
+    # number), never a name another adapter of the list has.
+    taken = {ad.name for ad in loaded}
+    seen: set = set()
     out: List[LoraAdapter] = []
-    seen: Dict[str, int] = {}
-    for i, src in enumerate(sources):
-        default = None if isinstance(src, (str, os.PathLike, LoraAdapter)) else f"adapter{i}"
-        ad = load_adapter(src, default)
-        if ad.name in seen:  # two directories with the same base name: keep labels distinct
-            ad = LoraAdapter(f"{ad.name}_{i}", ad.layers, ad.config, ad.source, ad.info, ad.base_weights)
-        seen[ad.name] = i
+    for i, ad in enumerate(loaded):
+        if ad.name in seen:
+            n = i
+            while f"{ad.name}_{n}" in taken:
+                n += 1
+            ad = LoraAdapter(f"{ad.name}_{n}", ad.layers, ad.config, ad.source, ad.info, ad.base_weights)
+            taken.add(ad.name)
+        seen.add(ad.name)
         out.append(ad)
     return out
 

@@ -154,11 +154,12 @@ def _plan(root: nn.Module, adapters: List[LoraAdapter]) -> Dict[str, List[int]]:
                 raise ValueError(f"adapter {ad.name!r} carries a saved base weight for module {key!r}, which the "
                                  f"model ({type(root).__name__}) does not have")
             if saved.shape != w.shape or not torch.equal(saved.to(w.device, w.dtype), w.detach()):
+                how = (f"shape {tuple(saved.shape)} against the model's {tuple(w.shape)}" if saved.shape != w.shape
+                       else f"same shape {tuple(w.shape)} as the model's, different values")
                 raise NotImplementedError(
                     f"adapter {ad.name!r} carries its own base weight for module {key!r} (peft's "
-                    f"save_embedding_layers, e.g. after resizing the vocabulary), shape {tuple(saved.shape)}, "
-                    f"which differs from the model's {tuple(w.shape)}: adapters that change base weights are "
-                    f"not supported")
+                    f"save_embedding_layers, e.g. after resizing the vocabulary), which differs from the model's "
+                    f"({how}): adapters that change base weights are not supported")
     order = {k: n for n, k in enumerate(named)}
     return dict(sorted(targeted.items(), key=lambda kv: order[kv[0]]))
 

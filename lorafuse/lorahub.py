@@ -287,7 +287,18 @@ def lorahub_train(
         raise ValueError("per_layer=True needs composition='exact'")
     batches = _batches(examples)
     loss_fn = loss or _default_loss
+    composed_here = getattr(model, "_lorafuse_composition", None) is None
     comp = _prepare(model, adapters, composition)
+    try:
+        return _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer, init)
+    except BaseException:
+        if composed_here:  # a failed run leaves the model as it was given
+            decompose(model)
+        raise
+
+
+def _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer, init):
+    """lorahub_train's loop on a prepared composition (arguments checked there)."""
     K = len(comp.adapters)
     w0 = [1.0 / K] * K if init is None else [float(x) for x in init]
     if len(w0) != K:

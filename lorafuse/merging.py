@@ -100,10 +100,18 @@ def merge_adapters(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
-    fifo = {ad.name: bool(getattr(ad.config, "fan_in_fan_out", False)) for ad in loaded}
-    if len(set(fifo.values())) > 1:
-        raise ValueError(f"the adapters disagree on fan_in_fan_out (GPT-2-style Conv1D layers or not): {fifo}; "
-                         "they were trained on different kinds of models and cannot be merged")
+    # A and B are stored in one orientation whatever fan_in_fan_out says, and peft rewrites the flag
+    # per module (a GPT-2 adapter on c_attn and lm_head is saved with False, one on c_attn alone with
+    # True): differing flags are refused only when the two sides share no module, i.e. look like
+    # adapters of different kinds of models. Shapes are checked per module below.
+    fifo = [bool(getattr(ad.config, "fan_in_fan_out", False)) if ad.config is not None
+            else bool(ad.info.get("fan_in_fan_out", False)) for ad in loaded]
+    conv = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if f))
+    lin = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if not f))
+    if conv and lin and not conv & lin:
+        raise ValueError(f"the adapters disagree on fan_in_fan_out (GPT-2-style Conv1D layers or not) and share no "
+                         f"module: {dict(zip([ad.name for ad in loaded], fifo))}; they look trained on different "
+                         "kinds of models and cannot be merged")
 
     modules: List[str] = []
     for ad in loaded:
@@ -138,7 +146,7 @@ def merge_adapters(
     info = {"method": method, "weights": weights, "density": density, "majority_sign_method": majority_sign_method,
             "seed": seed if method in _RANDOM else None, "rank": rank, "adapters": [ad.name for ad in loaded],
             "truncation_error": errors,
-            "fan_in_fan_out": any(fifo.values()),
+            "fan_in_fan_out": any(fifo),
             "task_type": getattr(first, "task_type", None),
             "base_model_name_or_path": getattr(first, "base_model_name_or_path", None)}
     return LoraAdapter(name or f"{method}_merge", layers, config=None, source="merge_adapters", info=info)

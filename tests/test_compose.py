@@ -494,7 +494,8 @@ def test_adapter_with_saved_embedding_layers(saved, tmp_path, seeded):
     key = next(k for k in weights if "lm_head.base_layer.weight" in k)
     weights[key] = weights[key] + 1.0
     save_file(weights, str(tmp_path / "head" / "adapter_model.safetensors"))
-    with pytest.raises(NotImplementedError, match="carries its own base weight for module 'lm_head'"):
+    with pytest.raises(NotImplementedError, match=r"carries its own base weight for module 'lm_head'.*same shape "
+                                                  r"\(\d+, 32\) as the model's, different values"):
         compose(fresh_model(saved, "llama"), [str(tmp_path / "head")])
 
 
@@ -609,3 +610,17 @@ def test_bad_rank_or_alpha_in_a_config_is_named(cfg, match):
           "base_model.model.lin.lora_B.weight": torch.randn(3, 2)}
     with pytest.raises(ValueError, match=match):
         load_adapter((sd, dict(cfg, target_modules=["lin"])))
+
+
+def test_adapter_names_stay_distinct(saved, tmp_path):
+    """Folders of one base name get distinct labels, never one another adapter already has."""
+    import shutil
+
+    from lorafuse.adapters import load_adapters
+
+    src = saved["llama"][3][0]
+    paths = [tmp_path / "x_2", tmp_path / "p" / "x", tmp_path / "q" / "x", tmp_path / "r" / "x"]
+    for p in paths:
+        shutil.copytree(src, p)
+    names = [ad.name for ad in load_adapters([str(p) for p in paths])]
+    assert names[:2] == ["x_2", "x"] and len(set(names)) == 4, names

@@ -208,6 +208,9 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(ValueError, match="needs 'labels'"):
         lorahub_search(model, dirs, [{"input_ids": batches[0]["input_ids"]}], budget=1)
     assert getattr(model, "_lorafuse_composition", None) is None  # a failed search leaves the model as given
+    with pytest.raises(ValueError, match=r"init must have one entry per adapter \(3\), got 1"):
+        lorahub_train(model, dirs, batches, steps=1, init=[1.0])
+    assert getattr(model, "_lorafuse_composition", None) is None  # and so does a failed training run
     for bounds in ((-1.0, 0.0, 1.0), 1.5, (float("-inf"), 1.0), (1.0, -1.0)):
         with pytest.raises(ValueError, match="bounds must be"):
             lorahub_search(_fresh(base_sd), dirs, batches, bounds=bounds)

@@ -144,6 +144,27 @@ def test_adapters_of_different_model_kinds_are_refused(saved):
         merge_adapters([saved["llama"][3][0], saved["gpt2"][3][0]], method="task_arithmetic")
 
 
+def test_gpt2_adapters_with_differing_saved_flags_merge(tmp_path):
+    # peft saves a GPT-2 adapter on c_attn and lm_head with fan_in_fan_out False, one on c_attn alone
+    # with True: both are adapters of the same model, and so is their merge.
+    from peft import LoraConfig, get_peft_model
+    from test_compose import randomize_lora
+
+    dirs = []
+    for name, targets in (("both", ["c_attn", "lm_head"]), ("attn", ["c_attn"])):
+        pm = get_peft_model(tiny_model("gpt2", seed=5), LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                                   fan_in_fan_out=True))
+        randomize_lora(pm)
+        pm.save_pretrained(str(tmp_path / name))
+        dirs.append(str(tmp_path / name))
+    merged = merge_adapters(dirs, method="task_arithmetic")
+    assert merged.info["fan_in_fan_out"]
+    again = merge_adapters([merged, dirs[1]], method="task_arithmetic")
+    key = next(k for k in again.layers if k.endswith("c_attn"))
+    want = 2 * _dense(merge_adapters([dirs[1]]), key) + _dense(merge_adapters([dirs[0]]), key)
+    assert rel_err(_dense(again, key), want) < 1e-5
+
+
 def test_density_and_seed_types_are_named(saved):
     dirs = saved["llama"][3]
     with pytest.raises(ValueError, match="needs density in"):
