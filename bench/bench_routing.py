@@ -424,7 +424,7 @@ def main(argv=None):
     p.add_argument("--parts", nargs="*", default=["routed", "segmented"], choices=["routed", "segmented"])
     p.add_argument("--budget", type=float, default=190.0,
                    help="seconds after which no further rows of the optional wide layer (4096x14336) start")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default="bench/results")
     p.add_argument("--prefix", default="routing")
     args = p.parse_args(argv)
     grid = SMOKE if args.smoke else FULL

@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -81,7 +82,36 @@ def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: 
     if new and os.path.exists(path):
         raise UsageError(f"{flag}: {path} already exists (choose a new folder; nothing is overwritten"
                          f"{'; --overwrite replaces it' if overwritable else ''})")
+    # Can anything be created there? Probed now, not found out after the training has run.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorafuse-probe-", dir=above))
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write {path}: nothing can be created in {above} "
+                         f"({e.strerror or e})") from e
     return path
+
+
+def _study_adapter_dirs(study: str, out: str, seeds) -> list:
+    """The adapter folders a study run writes under out (train_adapter replaces each of them)."""
+    if study == "loramap":
+        from .experiments.loramap import PERSPECTIVES
+
+        return [Path(out, "adapters", f"seed{s}", name) for s in seeds for name in PERSPECTIVES + ("direct",)]
+    names = ("hop1", "hop2", "union") if study == "recycling" else ("math", "medicine", "claims", "merged")
+    roots = [Path(out)] if seeds is None else [Path(out, f"seed{s}") for s in seeds]
+    return [root / "adapters" / name for root in roots for name in names]
+
+
+def _check_study_out(study: str, out: str, seeds) -> None:
+    """Refuse, before any training, a run that would have to replace a folder that is not an adapter's."""
+    from .export import why_not_replaceable
+
+    for folder in _study_adapter_dirs(study, out, seeds):
+        if folder.exists():
+            why = why_not_replaceable(str(folder))
+            if why:
+                raise UsageError(f"--out: the run writes its adapters under {out}, but {why}; move it or choose "
+                                 "another --out")
 
 
 def _check_replaceable(path: str, flag: str = "--out") -> None:
@@ -196,6 +226,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     _check_out(a.out)
     if getattr(a, "data", None) is not None:
         raise UsageError("--data: the demo and the recycling study use the synthetic two-hop world, no data folder")
+    _check_study_out("recycling", a.out, getattr(a, "seeds", None))
     _check_model_package(a.model)
     print(f"lorafuse demo: two-hop reasoning from recycled adapters on {a.model} -> {a.out}", flush=True)
     kw = {"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.epochs else {}
@@ -302,6 +333,11 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         bad = [m for m in a.methods if m not in METHODS]
         if bad:
             raise UsageError(f"--methods: unknown {', '.join(bad)}; one of: {', '.join(METHODS)}")
+        if len(set(a.methods)) != len(a.methods):
+            raise UsageError(f"--methods: each method once, got {' '.join(a.methods)}")
+    if a.name == "loramap" and a.train_limit is not None and a.train_limit < 2:
+        raise UsageError(f"--train-limit: the loramap study keeps train-limit // 2 examples of each class "
+                         f"(balanced), so at least 2; got {a.train_limit}")
     if a.reuse and (a.name not in ("summation", "recycling") or a.seeds is None):
         raise UsageError("--reuse: only for the summation and recycling studies with --seeds")
     if a.seeds is not None:
@@ -330,6 +366,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.data is not None and not Path(a.data).is_dir():
         raise UsageError(f"--data: {a.data} is not a directory")
     _check_model_package(model)
+    seeds_run = (a.seeds if a.seeds is not None else [a.seed] if a.seed is not None else [0, 1, 2]) \
+        if a.name == "loramap" else a.seeds
+    _check_study_out(a.name, a.out, seeds_run)
     limits = dict(train_limit=a.train_limit, eval_limit=a.eval_limit, progress=not a.quiet)
     if a.epochs:
         limits.update({"adapter_epochs": a.epochs, "compose_epochs": a.epochs} if a.name == "loramap"

@@ -58,6 +58,8 @@ def test_help_lists_every_command(capsys):
     (["experiment", "loramap", "--out", "/tmp/x", "--model", "/no/such/model"], "no such folder"),
     (["experiment", "loramap", "--out", "/tmp/x", "--methods", "loramap", "sum"], "--methods: unknown loramap"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--method", "mean"], "has no adapter_config.json"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--methods", "base", "sum", "base"], "--methods: each method once"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--train-limit", "1"], "--train-limit: the loramap study keeps"),
 ])
 def test_bad_arguments_are_named(args, msg, capsys):
     code, _, err = run(args, capsys)
@@ -279,3 +281,28 @@ def test_study_files_get_the_usual_mode(tmp_path):
     paths = write_results(str(tmp_path / "new"), "x", doc, ["method", "acc"], ["acc"])
     for p in paths.values():
         assert (os.stat(p).st_mode & 0o777) == (0o666 & ~umask), p
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a folder nothing can be created in (Linux /proc)")
+@pytest.mark.parametrize("cmd", [["demo"], ["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert"],
+                                 ["experiment", "recycling"]])
+def test_an_output_folder_that_cannot_be_created_is_refused_up_front(cmd, capsys):
+    code, _, err = run(cmd + ["--out", "/proc/lorafuse-none/out"], capsys)
+    assert code == 2 and "--out: cannot write /proc/lorafuse-none/out: nothing can be created in /proc" in err
+
+
+def test_study_refuses_a_foreign_folder_where_it_writes_an_adapter_before_training(tmp_path, capsys):
+    keep = tmp_path / "o" / "adapters" / "hop2"
+    keep.mkdir(parents=True)
+    (keep / "notes.txt").write_text("keep")
+    code, _, err = run(["demo", "--model", "tiny-bert", "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and "hop2" in err and "choose another --out" in err
+    assert not (tmp_path / "o" / "adapters" / "hop1").exists()  # refused before any training
+    assert (keep / "notes.txt").read_text() == "keep"
+    # the same folders of a seeded run, and the loramap study's
+    seeded = tmp_path / "s" / "seed3" / "adapters" / "union"
+    seeded.mkdir(parents=True)
+    (seeded / "x").write_text("")
+    code, _, err = run(["experiment", "recycling", "--model", "tiny-bert", "--seeds", "3", "--out",
+                        str(tmp_path / "s"), "--quiet"], capsys)
+    assert code == 2 and "union" in err

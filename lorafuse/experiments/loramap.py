@@ -62,7 +62,8 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
                 eval_limit: Optional[int] = None, lorahub_budget: int = 20, lorahub_examples: int = 32,
                 methods: Optional[Sequence[str]] = None, progress: bool = True, log=print) -> Dict[str, Any]:
     """Run the study; writes out_dir/loramap.{json,md,png}. train_limit: class-balanced training subsets
-    of that size (for CPU runs); eval_limit: random dev/test subsets of that size."""
+    of that size (for CPU runs); eval_limit: random dev/test subsets of that size (the perspective
+    tasks' dev splits too)."""
     import lorafuse
     from ..data import load_perspective, load_task
     from ..evaluate import evaluate_classification
@@ -107,7 +108,8 @@ def run_loramap(out_dir: str = "results/loramap", model: str = "minilm", data_di
                 # How well the adapter learned its own task (its dev split), with its own head.
                 lorafuse.compose(net, [info[p]["path"]], method="sum")
                 try:
-                    info[p]["dev_acc"] = evaluate_classification(net, tok, tasks[p]["dev"], **ev_kw)["accuracy"]
+                    own_dev = subset(tasks[p]["dev"], eval_limit, seed)
+                    info[p]["dev_acc"] = evaluate_classification(net, tok, own_dev, **ev_kw)["accuracy"]
                 finally:
                     lorafuse.decompose(net)
             log(f"    {p}: dev accuracy on its own task {info[p]['dev_acc']:.3f}")
