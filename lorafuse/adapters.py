@@ -49,7 +49,7 @@ _UNSUPPORTED_FIELDS = (
 )
 
 # A saved base weight (peft's save_embedding_layers): '<module>.weight' or '<module>.base_layer.weight'.
-_BASE_KEY_RE = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.weight$")
+_BASE_KEY_RE = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.(?P<param>weight|bias)$")
 
 LayerFactors = Tuple[Tensor, Tensor, float]
 
@@ -69,8 +69,9 @@ class LoraAdapter:
     config: Any = None
     source: str = ""
     info: Dict[str, Any] = field(default_factory=dict)
-    # module path -> a copy of that module's base weight saved with the adapter (peft's
-    # save_embedding_layers); compose() accepts it only where it equals the model's own.
+    # "<module path>.weight" / ".bias" -> a copy of that base parameter saved with the adapter (peft's
+    # save_embedding_layers, or a whole model.state_dict()); compose() accepts it only where it equals
+    # the model's own.
     base_weights: Dict[str, Tensor] = field(default_factory=dict)
 
     @property
@@ -138,7 +139,7 @@ def layer_scale(config: Any, module: str, rank: int) -> float:
 def _split_state_dict(state_dict: Mapping[str, Tensor], name: str
                       ) -> Tuple[Dict[str, Dict[str, Tensor]], Dict[str, Tensor]]:
     """peft state dict -> (module path (prefix stripped) -> {"A": tensor, "B": tensor},
-    module path -> saved base weight)."""
+    "<module path>.weight" / ".bias" -> saved base parameter)."""
     # Features first, so that their companion keys (e.g. saved embedding weights) do not mask them.
     for key in state_dict:
         if "lora_magnitude_vector" in key:
@@ -158,7 +159,8 @@ def _split_state_dict(state_dict: Mapping[str, Tensor], name: str
             base = _BASE_KEY_RE.match(key)
             if base is not None and "lora_" not in key and isinstance(value, Tensor):
                 module = base.group("module")
-                base_weights[module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module] = value
+                module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+                base_weights[f"{module}.{base.group('param')}"] = value
                 continue
             raise NotImplementedError(
                 f"adapter {name!r}: state dict key {key!r} is not a LoRA A/B weight "

@@ -147,19 +147,20 @@ def _plan(root: nn.Module, adapters: List[LoraAdapter]) -> Dict[str, List[int]]:
                                  f"{d_out} features, so lora_A must be ({r}, {d_in}) and lora_B ({d_out}, {r}); "
                                  f"got lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
             targeted.setdefault(key, []).append(i)
-        for key, saved in ad.base_weights.items():
+        for path, saved in ad.base_weights.items():
+            key, param = path.rsplit(".", 1)
             module = named.get(key)
-            w = getattr(_base_of(module), "weight", None) if module is not None else None
+            w = getattr(_base_of(module), param, None) if module is not None else None
             if not isinstance(w, torch.Tensor):
-                raise ValueError(f"adapter {ad.name!r} carries a saved base weight for module {key!r}, which the "
+                raise ValueError(f"adapter {ad.name!r} carries a saved base {param} for module {key!r}, which the "
                                  f"model ({type(root).__name__}) does not have")
             if saved.shape != w.shape or not torch.equal(saved.to(w.device, w.dtype), w.detach()):
                 how = (f"shape {tuple(saved.shape)} against the model's {tuple(w.shape)}" if saved.shape != w.shape
                        else f"same shape {tuple(w.shape)} as the model's, different values")
                 raise NotImplementedError(
-                    f"adapter {ad.name!r} carries its own base weight for module {key!r} (peft's "
-                    f"save_embedding_layers, e.g. after resizing the vocabulary), which differs from the model's "
-                    f"({how}): adapters that change base weights are not supported")
+                    f"adapter {ad.name!r} carries its own base {param} for module {key!r} (saved with it: peft's "
+                    f"save_embedding_layers, e.g. after resizing the vocabulary, or a whole model's state dict), "
+                    f"which differs from the model's ({how}): adapters that change base weights are not supported")
     order = {k: n for n, k in enumerate(named)}
     return dict(sorted(targeted.items(), key=lambda kv: order[kv[0]]))
 

@@ -624,3 +624,26 @@ def test_adapter_names_stay_distinct(saved, tmp_path):
         shutil.copytree(src, p)
     names = [ad.name for ad in load_adapters([str(p) for p in paths])]
     assert names[:2] == ["x_2", "x"] and len(set(names)) == 4, names
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_whole_peft_model_state_dict_is_an_adapter(family):
+    """model.state_dict() of a PeftModel (base weights and biases beside the LoRA factors) composes like
+    the adapter; a base parameter that differs from the model's is refused by name."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = {"bert": ["query", "value"], "gpt2": ["c_attn"]}[family]
+    pm = get_peft_model(tiny_model(family, seed=5), LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                               fan_in_fan_out=family == "gpt2"))
+    randomize_lora(pm)
+    sd, cfg = pm.state_dict(), pm.peft_config["default"]
+    inputs = model_inputs(family)
+    with use_backend("torch"):
+        out = model_output(compose(tiny_model(family, seed=5), [(sd, cfg)]), inputs)
+    assert rel_err(out, model_output(pm.eval(), inputs)) < TOL
+    key = next(k for k in sd if k.endswith("LayerNorm.bias") or k.endswith("ln_f.bias"))
+    changed = dict(sd, **{key: sd[key] + 1})
+    model = tiny_model(family, seed=5)
+    with pytest.raises(NotImplementedError, match=r"carries its own base bias for module .*same shape"):
+        compose(model, [(changed, cfg)])
+    assert not any(isinstance(m, MultiLoraLinear) for m in model.modules())
