@@ -7,10 +7,10 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
+from pathlib import Path
 from typing import List, Optional
 
-from lorafuse.export import default_mode
+from lorafuse.export import atomic_write
 
 
 def git_commit() -> str:
@@ -74,16 +74,7 @@ def save_json(doc: dict, out_dir: str, prefix: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     date = _dt.date.today().isoformat()
     path = os.path.join(out_dir, f"{prefix}-{gpu_slug()}-{date}.json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.chmod(tmp, default_mode(folder=False))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     return path
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+from pathlib import Path
 
-from lorafuse.export import default_mode
+from lorafuse.export import atomic_write
 
 SHOW = ["lorafuse_sum", "lorafuse_concat", "lorafuse_loramap", "peft", "peft_frozen", "eager_loop", "eager_cat",
         "eager_map", "compile_map", "graph_loramap"]
@@ -129,6 +129,17 @@ def markdown(doc, K, r) -> str:
     return "\n".join(out)
 
 
+def _format_axes(ax, row: int, d_in: int, d_out: int, ylabel=None) -> None:
+    """One panel: log-log ratio against T, the base layer's 1.0 marked; row 0 forward, 1 forward+backward."""
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_title(f"{'forward' if row == 0 else 'forward+backward'}, {d_in}x{d_out}")
+    ax.set_xlabel("tokens T")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+
+
 def plot(doc, K, r, path):
     import matplotlib
 
@@ -148,13 +159,7 @@ def plot(doc, K, r, path):
                 if pts:
                     style = "-o" if s.startswith("lorafuse") else "--."
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=s.replace("lorafuse_", "lorafuse "))
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.set_title(f"{'forward' if i == 0 else 'forward+backward'}, {di}x{do}")
-            ax.set_xlabel("tokens T")
-            if j == 0:
-                ax.set_ylabel("time / base layer")
+            _format_axes(ax, i, di, do, "time / base layer" if j == 0 else None)
     axes[0][0].legend(fontsize=8)
     env = doc["env"]
     fig.suptitle(f"one linear layer, K={K} adapters of rank {r}, {doc['dtype']}, {env['gpu']} "
@@ -209,13 +214,7 @@ def plot_grid(doc, impl: str, path: str) -> None:
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=cmap(n / max(1, len(kr) - 1)),
                             label=f"K={K}, r={r} (R={K * r})")
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.set_title(f"{'forward' if i == 0 else 'forward+backward'}, {di}x{do}")
-            ax.set_xlabel("tokens T")
-            if j == 0:
-                ax.set_ylabel(f"{impl} time / base layer")
+            _format_axes(ax, i, di, do, f"{impl} time / base layer" if j == 0 else None)
     axes[0][0].legend(fontsize=7)
     env = doc["env"]
     fig.suptitle(f"one linear layer, {impl}, every K and r, {doc['dtype']}, {env['gpu']} "
@@ -227,32 +226,14 @@ def plot_grid(doc, impl: str, path: str) -> None:
 def save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, default_mode(folder=False))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 
 
 def write_json(doc: dict, path: str) -> None:
-    """Atomic: a temp file beside the target, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.chmod(tmp, default_mode(folder=False))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -90,6 +91,23 @@ def default_mode(folder: bool) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> None:
+    """write(tmp) into a temp file beside path, then rename it over path (the usual file mode):
+    path is either the old file or the whole new one, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, default_mode(folder=False))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def why_not_replaceable(out_dir: Union[str, os.PathLike]) -> Optional[str]:
     """Why an existing out_dir may not be replaced, or None if it may: lorafuse replaces only what it
     writes there, a peft adapter folder (with adapter_config.json) or an empty folder; never a file,
@@ -130,6 +148,12 @@ def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
     try:
         os.chmod(tmp, default_mode(folder=True))
         write(tmp)
+        # Writers that stage through private temp files (safetensors: 0600) get the usual modes too.
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), default_mode(folder=True))
+            for f in files:
+                os.chmod(os.path.join(root, f), default_mode(folder=False))
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.replace(out_dir, os.path.join(old, "x"))

@@ -115,12 +115,15 @@ def test_export_bfloat16_factors(saved, tmp_path):
 
 
 def test_export_dir_has_the_usual_mode(saved, tmp_path):
-    # The temporary folder is private; the exported one must be readable as a plain mkdir's would be.
+    # The temporary folder is private; the exported one and its files must be readable as a plain
+    # mkdir's and open()'s would be.
     model = compose(fresh_model(saved, "llama"), saved["llama"][1], method="sum")
     export_peft(model, str(tmp_path / "out"))
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(tmp_path / "out").st_mode & 0o777) == (0o777 & ~umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # safetensors stages its file private
+        assert (os.stat(tmp_path / "out" / name).st_mode & 0o777) == (0o666 & ~umask), name
 
 
 def test_overwrite_replaces_only_an_adapter_folder(saved, tmp_path, monkeypatch):

@@ -7,13 +7,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from lorafuse.export import default_mode
+from lorafuse.export import atomic_write
 
 def machine() -> Dict[str, str]:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count()),
@@ -48,20 +47,6 @@ def header(study: str, config: dict) -> dict:
             "machine": machine(), "config": config}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_mode(folder=False))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
     def cell(v):
         if isinstance(v, float):
@@ -83,13 +68,13 @@ def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], pl
 
     if not is_main_process():  # under torchrun, rank 0 writes
         return {k: str(v) for k, v in paths.items()}
-    _atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
+    atomic_write(paths["json"], lambda p: Path(p).write_text(json.dumps(doc, indent=1, default=str)))
     table = markdown_table(doc["rows"], columns)
     md = (f"# {doc['study']}\n\nCommand: `{doc['command']}`  \nCommit {doc['commit']}, {doc['date']}, "
           f"{doc['machine'].get('device')} ({doc['machine'].get('cpus')} CPUs)\n\n{table}")
     if notes:
         md += f"\n{notes}\n"
-    _atomic_write(paths["md"], lambda p: Path(p).write_text(md))
+    atomic_write(paths["md"], lambda p: Path(p).write_text(md))
 
     def plot(p):
         import matplotlib
@@ -114,5 +99,5 @@ def write_results(out_dir: str, name: str, doc: dict, columns: Sequence[str], pl
         fig.tight_layout()
         fig.savefig(p, format="png", dpi=110)
         plt.close(fig)
-    _atomic_write(paths["png"], plot)
+    atomic_write(paths["png"], plot)
     return {k: str(v) for k, v in paths.items()}
