@@ -199,6 +199,8 @@ def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     if name in LM_TASKS:
         raise UsageError(f"{flag} {name}: a language-modelling task; these commands train and score "
                          f"classifiers (use `lorafuse experiment summation`, or lorafuse.train with task='lm')")
+    if name == "two-hop" and data_dir is not None:
+        raise UsageError(f"--data: {flag} two-hop is the synthetic two-hop world, generated, not read from a folder")
     try:
         dsets = load_task(name, data_dir)
     except (ValueError, FileNotFoundError) as e:

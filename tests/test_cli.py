@@ -39,6 +39,7 @@ def test_help_lists_every_command(capsys):
     (["demo", "--out", sys.executable], "is a file, not a folder"),
     (["demo", "--out", os.path.join(sys.executable, "out")], "a file, not a folder"),
     (["demo", "--data", "/tmp"], "--data: the demo and the recycling study use the synthetic"),
+    (["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--data", "/tmp"], "--data: --task two-hop is"),
     (["evaluate", "--task", "two-hop:hop1", "--model", "random-bert:0x2"], "a positive multiple of 16"),
     (["evaluate", "--task", "two-hop:hop1", "--model", "random-llama:50x1"], "a positive multiple of 16"),
     (["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--method", "weighted"],
