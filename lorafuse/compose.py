@@ -332,10 +332,10 @@ def merge(model: nn.Module) -> nn.Module:
             # view, which model.to()/half() kept current (the Conv1D itself is off the model).
             with torch.device("meta"):
                 merged = type(slot.conv1d)(layer.out_features, layer.in_features)
-            merged.weight = nn.Parameter((w.float() + delta).t().contiguous().to(w.dtype), requires_grad=False)
+            merged.weight = nn.Parameter((w.to(delta.dtype) + delta).t().contiguous().to(w.dtype), requires_grad=False)
         else:
             merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-            merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
+            merged.weight = nn.Parameter((w.to(delta.dtype) + delta).to(w.dtype), requires_grad=False)
         if base.bias is not None:
             merged.bias = base.bias
         slot.merged = merged

@@ -244,20 +244,23 @@ class MultiLoraLinear(nn.Module):
         """The composition as one plain LoRA with the scale folded into B: delta W = B' A'.
 
         sum / weighted / concat: A' = a_cat (R, d_in), B' = b_cat diag(scale) (d_out, R);
-        loramap: A' = a_map a_cat (m, d_in), B' = b_cat diag(scale) b_map (d_out, m). float32.
+        loramap: A' = a_map a_cat (m, d_in), B' = b_cat diag(scale) b_map (d_out, m). float32 (float64
+        for a float64 layer).
         """
         if self.method == "route":
             raise ValueError("a 'route' composition has no fixed low-rank factors or delta weight: its gates "
                              "depend on the input (merge and export need sum, weighted, concat or loramap)")
-        a = self.a_cat.detach().float()
-        b = self.b_cat.detach().float() * self.scale.detach().float()
+        acc = torch.float64 if self.a_cat.dtype == torch.float64 else torch.float32
+        a = self.a_cat.detach().to(acc)
+        b = self.b_cat.detach().to(acc) * self.scale.detach().to(acc)
         if self.a_map is not None:
-            return self.a_map.detach().float() @ a, b @ self.b_map.detach().float()
+            return self.a_map.detach().to(acc) @ a, b @ self.b_map.detach().to(acc)
         return a, b
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """The dense (d_out, d_in) weight delta of the composition, float32 (for merging)."""
+        """The dense (d_out, d_in) weight delta of the composition, float32 (float64 for a float64
+        layer; for merging)."""
         a, b = self.lowrank_factors()
         return b @ a
 
