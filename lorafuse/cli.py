@@ -97,7 +97,12 @@ def _study_adapter_dirs(study: str, out: str, seeds) -> list:
         from .experiments.loramap import PERSPECTIVES
 
         return [Path(out, "adapters", f"seed{s}", name) for s in seeds for name in PERSPECTIVES + ("direct",)]
-    names = ("hop1", "hop2", "union") if study == "recycling" else ("math", "medicine", "claims", "merged")
+    if study == "recycling":
+        from .experiments.recycling import ADAPTER_NAMES as names
+    else:
+        from .experiments.summation import DOMAINS
+
+        names = tuple(DOMAINS) + ("merged",)  # one adapter per domain and one on the merged data
     roots = [Path(out)] if seeds is None else [Path(out, f"seed{s}") for s in seeds]
     return [root / "adapters" / name for root in roots for name in names]
 

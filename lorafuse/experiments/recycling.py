@@ -39,6 +39,9 @@ SEEDS_COLUMNS = ("method", "two_hop_acc", "two_hop_acc_sd", "hop1_acc", "hop1_ac
                  "trainable_params", "seconds", "seeds")
 
 
+# The adapters a run trains, each saved as <out>/adapters/<name>.
+ADAPTER_NAMES = ("hop1", "hop2", "union")
+
 def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: int = 0, n_people: int = 32,
                   n_cities: int = 8, r: int = 16, alpha: float = 32, adapter_epochs: float = 30,
                   compose_epochs: float = 30, lr: float = 3e-3, compose_lr: float = 3e-3, batch_size: int = 16,
@@ -83,7 +86,7 @@ def run_recycling(out_dir: str = "lorafuse-demo", model: str = "minilm", seed: i
     train_sets = {"hop1": data["hop1"], "hop2": data["hop2"],
                   "union": datasets.concatenate_datasets([data["hop1"], data["hop2"]]).shuffle(seed=seed)}
     train_info: Dict[str, dict] = {}
-    for name in ("hop1", "hop2", "union"):
+    for name in ADAPTER_NAMES:
         if name in wanted:
             log(f"training adapter {name} ({len(train_sets[name])} examples)")
             info = train_adapter(net, tok, train_sets[name], str(out / "adapters" / name), r=r, alpha=alpha, **fit_kw)
