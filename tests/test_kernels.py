@@ -69,6 +69,14 @@ def _ref_shrink(x, a_cat, scale, a_map, b_map):
     return s, u, v, v * d(scale)
 
 
+def s_err(s, s_ref, x, a_cat) -> float:
+    """Error of S = x a_cat^T against the size of its summed terms, ||S - S_ref|| / || |x| |a_cat|^T ||:
+    a summation-order difference scales with the terms, not with S, which cancellation can make
+    small (T = R = 1: one dot product of 24 terms summing to 1/700 of their sizes read 1.1e-5
+    relative to S in float32)."""
+    return (s.double() - s_ref).norm().item() / (x.double().abs() @ a_cat.double().abs().t()).norm().item()
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
 def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
@@ -79,7 +87,7 @@ def test_shrink_forward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
         assert sp.dtype == dtype and sp.shape == (T, R)
         assert rel_err(sp, sp_ref) < TOL[dtype]
         if save:
-            assert s.dtype == torch.float32 and rel_err(s, s_ref) < ACC_TOL[dtype]
+            assert s.dtype == torch.float32 and s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype]
             if m:
                 assert rel_err(u, u_ref) < ACC_TOL[dtype]
             else:
@@ -104,7 +112,7 @@ def test_shrink_forward_cublas(T, d_in, d_out, R, m, dtype, monkeypatch, seeded)
         assert sp.dtype == dtype and sp.shape == (T, R)
         assert rel_err(sp, sp_ref) < TOL[dtype]
         if save:
-            assert s.dtype == torch.float32 and s.shape == (T, R) and rel_err(s, s_ref) < ACC_TOL[dtype]
+            assert s.dtype == torch.float32 and s.shape == (T, R) and s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype]
             assert (u is None) if not m else rel_err(u, u_ref) < ACC_TOL[dtype]
         else:
             assert s is None and u is None
@@ -133,7 +141,7 @@ def test_shrink_tma_launch_shapes(table_T, R, seeded):
             sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, config=cfg)
             assert rel_err(sp, sp_ref) < TOL[dtype], cfg
             if save:
-                assert rel_err(s, s_ref) < ACC_TOL[dtype] and rel_err(u, u_ref) < ACC_TOL[dtype], cfg
+                assert s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype] and rel_err(u, u_ref) < ACC_TOL[dtype], cfg
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -214,7 +222,7 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     y, sp, s, u = lora_gemm_fused(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True, **kw)
     assert rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(sp, sp_ref) < TOL[dtype]
-    assert rel_err(s, s_ref) < ACC_TOL[dtype]
+    assert s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype]
     if m:
         assert rel_err(u, u_ref) < ACC_TOL[dtype]
     y2, sp2, s2, u2 = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, save=False, **kw)
@@ -298,7 +306,7 @@ def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, loop, seeded):
     y, sp, s, u = lora_gemm_persistent(x, w, bias, a_cat, b_cat, scale, a_map, b_map, save=True, config=cfg)
     assert y.dtype == dtype and rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(sp, sp_ref) < TOL[dtype]
-    assert rel_err(s, s_ref) < ACC_TOL[dtype]
+    assert s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype]
     assert (u is None) == (m is None)
     if m:
         assert rel_err(u, u_ref) < ACC_TOL[dtype]
