@@ -9,7 +9,8 @@ x is read once: one partial kernel gives both products per step. Below STACK_MIN
 (d_in x columns) operand tile from a_cat for the first R columns and from the router for the last K
 (stacked on chip, no copy in memory) and splits d_in over programs when T is small (as shrink.py's
 partial kernel does); from STACK_MIN_T rows the two are copied into one tensor for the shrink's
-one-operand kernel, whose single unmasked load per step is 1.7-2.7x faster;
+one-operand kernel, whose single unmasked load per step is 1.7-2.7x faster (or, for 16-bit inputs
+from SHRINK_CUBLAS_MIN_R columns, for cuBLAS with a float32 product);
 the gates are computed on chip by the finish kernel and broadcast to the rank columns through a one-hot product
 with the block-id vector, so S' (T x R) is the only intermediate that goes back to memory. The
 expand is then lorafuse.kernels.lora_gemm.lora_gemm(x, W^T, S', b_cat^T, bias), as for the other
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import FINISH_BLOCK_T, _rows_partial, _sum_splits, alloc_rows, split_config
+from .shrink import FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config
 from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, split_range,
                     unit_vector)
 
@@ -124,11 +125,20 @@ def stacked_config(T: int, D: int, cols: int, dtype: torch.dtype, device: torch.
 
 
 def _routed_partial(x, a_cat, router, config):
-    """float32 partial sums of x [a_cat; router]^T: (splits, T, R + K), and the split count."""
+    """float32 partial sums of x [a_cat; router]^T: (splits, T, R + K) or, from cuBLAS, (T, R + K);
+    and the split count."""
     T, D = x.shape
     cols = a_cat.shape[0] + router.shape[0]
     if T >= STACK_MIN_T:
         stacked = torch.cat([a_cat, router], 0)
+        # Wide 16-bit products from cuBLAS (float32 out), as the plain shrink takes them from
+        # SHRINK_CUBLAS_MIN_R columns: routed-shrink-sweep-e310a07-*.json had cuBLAS at 33 against the
+        # one-operand kernel's 53 us (T = 8192, K = 16, r = 16: 272 columns) and 107 against 147 us
+        # (K = 64), but 46 against 36 us at 68 columns (K = 4).
+        if config is None and shrink_uses_cublas(x, stacked):
+            part = _mm_f32(x, stacked)
+            if part is not None:
+                return part, 1
         return _rows_partial(x, stacked.t(), T, D, cols, config or stacked_config(T, D, cols, x.dtype, x.device))
     return _stacked_partial(x, a_cat, router, config or split_config(T, D, cols, x.dtype, x.device))
 

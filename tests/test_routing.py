@@ -5,11 +5,13 @@ against a float64 plain-torch reference (forward and every gradient), odd shapes
 On a CPU the kernels run under the Triton interpreter (float32 and float16, tiny shapes); with CUDA the
 same tests run on the GPU with bfloat16 and larger shapes added.
 """
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
+from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 import lorafuse.kernels.routing as routing_kernels
 from lorafuse import MultiLoraLinear, use_backend
 from lorafuse.kernels import can_run
@@ -339,13 +341,61 @@ def test_routed_shrink_outputs(top_k, stacked, monkeypatch, seeded):
         assert len(one_operand) == (1 if stacked else 0), "the partial products took the other kernel"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_routed_shrink_cublas(top_k, dtype, monkeypatch, seeded):
+    """The stacked product x [a_cat; router]^T from cuBLAS (float32 out; on the CPU, torch in float32),
+    the path wide 16-bit layers take from STACK_MIN_T rows: S, logits, gates and S' against float64."""
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    shrink_module = sys.modules["lorafuse.kernels.shrink"]  # the attribute of that name is the function
+    monkeypatch.setattr(routing_kernels, "STACK_MIN_T", 0)
+    monkeypatch.setattr(shrink_module, "SHRINK_CUBLAS_MIN_R", 1)
+    products = []
+    mm_f32 = routing_kernels._mm_f32
+    monkeypatch.setattr(routing_kernels, "_mm_f32", lambda *a: products.append(1) or mm_f32(*a))
+    ranks = [3, 8, 1, 6, 11]
+    T, d_in, R, K = 45, 72, sum(ranks), len(ranks)
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    a_cat = (torch.randn(R, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    router = torch.randn(K, d_in, device=DEVICE).to(dtype)
+    scale = torch.rand(R, device=DEVICE) + 0.5
+    block = torch.repeat_interleave(torch.arange(K, dtype=torch.int32, device=DEVICE),
+                                    torch.tensor(ranks, device=DEVICE))
+    for save in (False, True):
+        products.clear()
+        sp, s, z, g = routing_kernels.routed_shrink(x, a_cat, router, scale, block, top_k=top_k, temperature=0.7,
+                                                    abs_logits=True, save=save)
+        assert products == [1], "the partial products did not come from the float32 matmul"
+        # On a GPU the path must have run, not fallen back: this torch has mm(..., out_dtype=float32).
+        assert shrink_module._MM_OUT_DTYPE is not False
+        s64 = x.double() @ a_cat.double().t()
+        z64 = x.double() @ router.double().t()
+        g64 = routing_gates(x.double(), router.double(), "arrow", top_k, 0.7)
+        stable = ~near_tie_rows(x, router, None, "arrow", top_k, 0.7).to(DEVICE)
+        assert sp.dtype == dtype and sp.shape == (T, R)
+        assert rel_err(sp[stable].double(), (s64 * scale.double() * g64[:, block.long()])[stable]) < TOL[dtype]
+        if save:
+            assert s.dtype == z.dtype == g.dtype == torch.float32
+            assert rel_err(s, s64) < ACC_TOL[dtype] and rel_err(z, z64) < ACC_TOL[dtype]
+            assert rel_err(g[stable], g64[stable]) < ACC_TOL[dtype]
+        else:
+            assert s is None and z is None and g is None
+    # float32 inputs keep the Triton kernels (cuBLAS would follow the TF32 setting).
+    products.clear()
+    routing_kernels.routed_shrink(x.float(), a_cat.float(), router.float(), scale, block, top_k=top_k)
+    assert products == []
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients
 
 
 GRAD_CASES = [(29, 40, 36, [3, 6, 2], torch.float32)]
 if HAS_CUDA:
-    GRAD_CASES += [(1024, 512, 384, [16, 8, 16, 4], torch.bfloat16), (1024, 512, 384, [16, 8, 16, 4], torch.float16)]
+    GRAD_CASES += [(1024, 512, 384, [16, 8, 16, 4], torch.bfloat16), (1024, 512, 384, [16, 8, 16, 4], torch.float16),
+                   # 2048 rows (lead 2) and R + K = 204: the forward's stacked product from cuBLAS
+                   (1024, 512, 384, [16] * 12, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("case", GRAD_CASES)
