@@ -1,6 +1,7 @@
 """The op with the forward shrink's x a_cat^T from cuBLAS against the Triton shrink, over total ranks R.
 
     python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 3] [--out bench/results]
+    python bench/shrink_cublas_ab.py --routed 16 64 [--top-k 0 1 2] [--schedule dense] [--T 2048 8192]
 
 For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
 lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
@@ -9,6 +10,11 @@ kernels.shrink.SHRINK_CUBLAS_MIN_R at 1), each replayed from a CUDA graph (GPU t
 (host time included). L2 flushed before each call; every variant timed once per round, rounds
 alternating; medians over rounds and the ratio to the base timed the same way. The result file is
 rewritten after every shape, so a run cut short keeps its rows. Writes shrink-cublas-ab-<gpu>-<date>.json.
+
+--routed K ...: the routed layer instead (lorafuse.routing.lora_linear_routed, K adapters of rank 16,
+Arrow prototypes, top_k per --top-k with 0 = dense softmax, the given --schedule), whose stacked
+product x [a_cat; router]^T takes the same switch; rows carry K and top_k in place of R and m.
+Writes routed-cublas-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ DEFAULT_MIN_R = shrink_module.SHRINK_CUBLAS_MIN_R
 
 
 def use(variant: str) -> None:
-    shrink_module.SHRINK_CUBLAS_MIN_R = 1 if variant == "cublas" else 0
+    shrink_module.SHRINK_CUBLAS_MIN_R = {"cublas": 1, "triton": 0}.get(variant, DEFAULT_MIN_R)
 
 
 def main() -> None:
@@ -41,16 +47,31 @@ def main() -> None:
     p.add_argument("--R", type=int, nargs="+", default=[48, 192, 512])
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--routed", type=int, nargs="*", default=None, metavar="K",
+                   help="time the routed layer with these adapter counts (rank 16 each) instead")
+    p.add_argument("--top-k", type=int, nargs="+", default=[0, 1, 2], help="routed: 0 = dense softmax")
+    p.add_argument("--schedule", default="dense", choices=["auto", "dense", "grouped"])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_cublas_ab.py needs a GPU"
     warm_up()
     doc = {"env": env_info(sys.argv), "rows": []}
-    for R in args.R:
+    routed = args.routed is not None
+    # (R, m) for the plain layer; (K, top_k) for the routed one.
+    cases = ([(K, k) for K in args.routed for k in args.top_k if k <= K] if routed else [(R, 16) for R in args.R])
+    for R, m in cases:
         for dims in args.dims:
             d_in, d_out = (int(v) for v in dims.split("x"))
             for T in args.T:
-                x, w, a_cat, b_cat, scale, a_map, b_map = layer_inputs(T, d_in, d_out, R, 16)
+                if routed:
+                    from lorafuse.routing import arrow_prototypes, lora_linear_routed, lora_linear_routed_reference
+
+                    ranks = [16] * R
+                    x, w, a_cat, b_cat, scale, _, _ = layer_inputs(T, d_in, d_out, 16 * R, 1)
+                    router = arrow_prototypes(a_cat, b_cat, ranks, scale).to(x.dtype)
+                    top_k = m or None
+                else:
+                    x, w, a_cat, b_cat, scale, a_map, b_map = layer_inputs(T, d_in, d_out, R, m)
 
                 def base():
                     return F.linear(x, w)
@@ -58,12 +79,19 @@ def main() -> None:
                 def op(variant):
                     def f():
                         use(variant)
+                        if routed:
+                            return lora_linear_routed(x, w, None, a_cat, b_cat, scale, ranks, router, "arrow", top_k,
+                                                      schedule=args.schedule)
                         return lorafuse.lora_linear(x, w, None, a_cat, b_cat, scale, a_map, b_map)
                     return f
 
                 with torch.no_grad():
-                    ref = lorafuse.lora_linear_reference(x.float(), w.float(), None, a_cat.float(), b_cat.float(),
-                                                         scale, a_map, b_map)
+                    if routed:
+                        ref = lora_linear_routed_reference(x.float(), w.float(), None, a_cat.float(), b_cat.float(),
+                                                           scale, ranks, router.float(), "arrow", top_k)
+                    else:
+                        ref = lorafuse.lora_linear_reference(x.float(), w.float(), None, a_cat.float(),
+                                                             b_cat.float(), scale, a_map, b_map)
                     errs = {v: ((op(v)().float() - ref).norm() / ref.norm()).item() for v in ("triton", "cublas")}
                     used = shrink_module._MM_OUT_DTYPE
                     variants = {"base_eager": base, "triton_eager": op("triton"), "cublas_eager": op("cublas")}
@@ -75,17 +103,19 @@ def main() -> None:
                             times[k].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
                     use("default")
                 med = {k: statistics.median(v) for k, v in times.items()}
-                row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": 16, "ms": med, "ms_rounds": times,
+                shape = {"K": R, "top_k": m, "schedule": args.schedule} if routed else {"R": R, "m": m}
+                row = {"T": T, "d_in": d_in, "d_out": d_out, **shape, "ms": med, "ms_rounds": times,
                        "rel_err": errs, "mm_out_dtype": used}
                 for mode in ("eager", "graph"):
                     for k in ("triton", "cublas"):
                         row[f"{k}_{mode}_ratio"] = med[f"{k}_{mode}"] / med[f"base_{mode}"]
                 doc["rows"].append(row)
-                print(f"R={R} T={T} {dims}: graph base {med['base_graph']:.4f} ms, triton "
+                label = f"K={R} top_k={m}" if routed else f"R={R}"
+                print(f"{label} T={T} {dims}: graph base {med['base_graph']:.4f} ms, triton "
                       f"{row['triton_graph_ratio']:.3f}x, cublas {row['cublas_graph_ratio']:.3f}x | eager triton "
                       f"{row['triton_eager_ratio']:.3f}x, cublas {row['cublas_eager_ratio']:.3f}x | err {errs}",
                       flush=True)
-                save_json(doc, args.out, "shrink-cublas-ab")
+                save_json(doc, args.out, "routed-cublas-ab" if routed else "shrink-cublas-ab")
     shrink_module.SHRINK_CUBLAS_MIN_R = DEFAULT_MIN_R
 
 
