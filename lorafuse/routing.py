@@ -348,11 +348,14 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
 # (a K-column thin GEMM), then each of the top_k choices is one pass of the mixed-batch kernels
 # (lorafuse.kernels.segmented: rows grouped by adapter on the GPU, gate applied per row) added
 # onto the cuBLAS base product. Forward only (no gradients). "auto" takes it for a top-k forward
-# without gradients once R / top_k and T reach these. From bench/routed_profile.py on an H100 at
-# 4096 x 4096, r = 16: grouped costs a fixed ~0.1-0.15 ms of GPU time over the base GEMM plus about
-# twice dense's host time (a dozen more launches and torch calls), so it wins at T = 8192 from
-# R = 1024 (K = 64: 1.38x vs 2.39x the base GEMM from a CUDA graph) and loses at K = 4 (1.31x vs 1.17x).
-GROUPED_MIN_RANK = 512
+# without gradients once R / top_k and T reach these. Grouped costs a pass per choice (each ~0.37x
+# the base GEMM at 4096 x 4096, ~0.21x at 4096 x 14336) plus about twice dense's host time; dense
+# grows with R (~0.07x per 100 rank columns at 4096 x 4096, half that on the wide layer). From CUDA
+# graphs on an H200, T = 8192, r = 16, dense with its stacked product from cuBLAS
+# (routed-cublas-ab-*43e2395-*.json): K = 64 top-1 grouped 1.43x / 1.21x against dense 1.70x / 1.37x;
+# K = 64 top-2 grouped 1.80x / 1.45x against dense 1.70x / 1.38x; K = 16 dense 1.19x / 1.11x. The
+# crossing is near R = 600 per choice.
+GROUPED_MIN_RANK = 640
 GROUPED_MIN_T = 4096
 ROUTED_SCHEDULES = ("auto", "dense", "grouped")
 
