@@ -7,9 +7,10 @@ For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base laye
 lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
 and with x a_cat^T from cuBLAS in float32 plus the finishing kernel ("cublas":
 kernels.shrink.SHRINK_CUBLAS_MIN_R at 1), each replayed from a CUDA graph (GPU time) and called directly
-(host time included). L2 flushed before each call; every variant timed once per round, rounds
-alternating; medians over rounds and the ratio to the base timed the same way. The result file is
-rewritten after every shape, so a run cut short keeps its rows. Writes shrink-cublas-ab-<gpu>-<date>.json.
+(host time included). L2 flushed before each call; every variant timed once per round, the two
+variants' order swapped every other round; medians over rounds and the ratio to the base timed the
+same way. The result file is rewritten after every shape, so a run cut short keeps its rows.
+Writes shrink-cublas-ab-<gpu>-<date>.json.
 
 --routed K ...: the routed layer instead (lorafuse.routing.lora_linear_routed, K adapters of rank 16,
 Arrow prototypes, top_k per --top-k with 0 = dense softmax, the given --schedule), whose stacked
@@ -41,12 +42,21 @@ def use(variant: str) -> None:
     shrink_module.SHRINK_CUBLAS_MIN_R = {"cublas": 1, "triton": 0}.get(variant, DEFAULT_MIN_R)
 
 
+def order(variants: dict, swap: bool) -> list:
+    """The variants' names in timing order, "triton_*" and "cublas_*" exchanged when swap."""
+    names = list(variants)
+    if not swap:
+        return names
+    other = {"triton": "cublas", "cublas": "triton"}
+    return [other[k.split("_")[0]] + k[k.index("_"):] if k.split("_")[0] in other else k for k in names]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--R", type=int, nargs="+", default=[48, 192, 512])
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="an even count: each variant timed first in half")
     p.add_argument("--routed", type=int, nargs="*", default=None, metavar="K",
                    help="time the routed layer with these adapter counts (rank 16 each) instead")
     p.add_argument("--top-k", type=int, nargs="+", default=[0, 1, 2], help="routed: 0 = dense softmax")
@@ -98,9 +108,12 @@ def main() -> None:
                     for k in ("base", "triton", "cublas"):
                         variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
                     times = {k: [] for k in variants}
-                    for _ in range(args.rounds):
-                        for k, fn in variants.items():
-                            times[k].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+                    # The two variants swap places every other round: timed in a fixed order, two
+                    # identical variants (the routed layer's grouped schedule, which the switch does not
+                    # touch) read 3-13 % apart, the second always faster.
+                    for i in range(args.rounds):
+                        for k in order(variants, swap=i % 2 == 1):
+                            times[k].append(do_bench(variants[k], warmup=10, rep=60, return_mode="median"))
                     use("default")
                 med = {k: statistics.median(v) for k, v in times.items()}
                 shape = {"K": R, "top_k": m, "schedule": args.schedule} if routed else {"R": R, "m": m}
