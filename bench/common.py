@@ -98,6 +98,14 @@ def warm_up(seconds: float = 3.0) -> None:
 
 
 
+def round_order(names: list, round_index: int) -> list:
+    """The order in which to time the variants of one round: as given in even rounds, reversed in odd
+    ones, so that over an even number of rounds every variant sits in every place equally often. In a
+    fixed order, two identical variants timed one after the other read 3-13 % apart on an H200 (the
+    second faster; bench/NOTES.md, entry 15)."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
 def graphed(fn):
     """fn() captured once in a CUDA graph (run once first on a side stream, to compile); the result
     replays it."""

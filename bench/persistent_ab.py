@@ -1,10 +1,10 @@
 """The persistent layer against the two-launch path and the GEMMs they build on, in interleaved rounds.
 
-    python bench/persistent_ab.py [--rounds 5] [--R 48] [--out bench/results]
+    python bench/persistent_ab.py [--rounds 6] [--R 48] [--out bench/results]
 
 Clock and power drift on the H100 moves a single do_bench median by several percent between
-measurements of one run; here every variant of a shape is timed once per round, rounds alternate,
-and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear, with and
+measurements of one run; here every variant of a shape is timed once per round, the order reversed
+every other round, and the table gives each variant's median over rounds. Variants: cuBLAS (F.linear, with and
 without a bias); the op (lorafuse.lora_linear, with and without a bias) through the persistent layer
 and through the two-launch path (also with the pointer shrink kernel); the Triton Hopper GEMM
 without low-rank work, with its tuned loop (flattened, warp-specialised where the weight is W^T)
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, save_json  # noqa: E402
+from common import env_info, round_order, save_json  # noqa: E402
 
 import lorafuse  # noqa: E402
 import lorafuse.ops as ops  # noqa: E402
@@ -42,7 +42,7 @@ SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6, help="an even count (the order reverses every other round)")
     p.add_argument("--R", type=int, default=48)
     p.add_argument("--m", type=int, default=16, help="LoraMap rank (0: no mapping)")
     p.add_argument("--out", default="bench/results")
@@ -103,9 +103,9 @@ def main() -> None:
         for fn in variants.values():
             fn()
         torch.cuda.synchronize()
-        for _ in range(args.rounds):
-            for k, fn in variants.items():
-                times[k].append(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        for i in range(args.rounds):
+            for k in round_order(list(variants), i):
+                times[k].append(do_bench(variants[k], warmup=10, rep=50, return_mode="median"))
         med = {k: statistics.median(v) for k, v in times.items()}
         base = med["cublas"]
         row = {"T": T, "d_in": d_in, "d_out": d_out, "R": R, "m": args.m, "rounds": times,

@@ -1,14 +1,14 @@
 """The op with the forward shrink's x a_cat^T from cuBLAS against the Triton shrink, over total ranks R.
 
-    python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 3] [--out bench/results]
+    python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 4] [--out bench/results]
     python bench/shrink_cublas_ab.py --routed 16 64 [--top-k 0 1 2] [--schedule dense] [--T 2048 8192]
 
 For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
 lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
 and with x a_cat^T from cuBLAS in float32 plus the finishing kernel ("cublas":
 kernels.shrink.SHRINK_CUBLAS_MIN_R at 1), each replayed from a CUDA graph (GPU time) and called directly
-(host time included). L2 flushed before each call; every variant timed once per round, the two
-variants' order swapped every other round; medians over rounds and the ratio to the base timed the
+(host time included). L2 flushed before each call; every variant timed once per round, the order
+reversed every other round (common.round_order); medians over rounds and the ratio to the base timed the
 same way. The result file is rewritten after every shape, so a run cut short keeps its rows.
 Writes shrink-cublas-ab-<gpu>-<date>.json.
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, layer_inputs, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -42,21 +42,12 @@ def use(variant: str) -> None:
     shrink_module.SHRINK_CUBLAS_MIN_R = {"cublas": 1, "triton": 0}.get(variant, DEFAULT_MIN_R)
 
 
-def order(variants: dict, swap: bool) -> list:
-    """The variants' names in timing order, "triton_*" and "cublas_*" exchanged when swap."""
-    names = list(variants)
-    if not swap:
-        return names
-    other = {"triton": "cublas", "cublas": "triton"}
-    return [other[k.split("_")[0]] + k[k.index("_"):] if k.split("_")[0] in other else k for k in names]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--R", type=int, nargs="+", default=[48, 192, 512])
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
-    p.add_argument("--rounds", type=int, default=4, help="an even count: each variant timed first in half")
+    p.add_argument("--rounds", type=int, default=4, help="an even count (the order reverses every other round)")
     p.add_argument("--routed", type=int, nargs="*", default=None, metavar="K",
                    help="time the routed layer with these adapter counts (rank 16 each) instead")
     p.add_argument("--top-k", type=int, nargs="+", default=[0, 1, 2], help="routed: 0 = dense softmax")
@@ -108,11 +99,8 @@ def main() -> None:
                     for k in ("base", "triton", "cublas"):
                         variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
                     times = {k: [] for k in variants}
-                    # The two variants swap places every other round: timed in a fixed order, two
-                    # identical variants (the routed layer's grouped schedule, which the switch does not
-                    # touch) read 3-13 % apart, the second always faster.
                     for i in range(args.rounds):
-                        for k in order(variants, swap=i % 2 == 1):
+                        for k in round_order(list(variants), i):
                             times[k].append(do_bench(variants[k], warmup=10, rep=60, return_mode="median"))
                     use("default")
                 med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,13 +1,13 @@
 """The op with the copy-engine shrink from 2048 rows on wide layers against from 8192 rows everywhere.
 
-    python bench/shrink_table_ab.py [--T 2048 4096 8192 16384] [--rounds 5] [--out bench/results]
+    python bench/shrink_table_ab.py [--T 2048 4096 8192 16384] [--rounds 6] [--out bench/results]
 
 For each shape (T, d_in, d_out), K = 3 adapters of rank 16 (R = 48) with LoraMap rank 16, bf16:
 cuBLAS's base layer (F.linear), lorafuse.lora_linear as it is (kernels.shrink: the copy-engine
 shrink from TMA_MIN_T rows, and from TMA_MIN_T_WIDE where d_in >= TMA_WIDE_D_IN) and with the
 copy engine from TMA_MIN_T rows everywhere ("previous"), each replayed from a CUDA graph (GPU time) and
 called directly (what an eager caller sees, host time included). L2 flushed before each call; every
-variant timed once per round, rounds alternating; the table gives medians over rounds and the ratio
+variant timed once per round, the order reversed every other round; the table gives medians over rounds and the ratio
 to the base timed the same way. (shrink-table-ab-b480b50-*.json compared the H200 sweep's fastest
 launch shapes, copy engine from 2048 rows, against the H100 table.) Writes
 shrink-table-ab-<gpu>-<date>.json.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, layer_inputs, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6, help="an even count (the order reverses every other round)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_table_ab.py needs a GPU"
@@ -69,9 +69,9 @@ def main() -> None:
                     variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
                 use_table("current")
                 times = {k: [] for k in variants}
-                for _ in range(args.rounds):
-                    for k, fn in variants.items():
-                        times[k].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+                for i in range(args.rounds):
+                    for k in round_order(list(variants), i):
+                        times[k].append(do_bench(variants[k], warmup=10, rep=60, return_mode="median"))
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"T": T, "d_in": d_in, "d_out": d_out, "ms": med, "ms_rounds": times,
                    "current_vs_previous_rel_diff": err}

@@ -134,7 +134,10 @@ def _routed_partial(x, a_cat, router, config):
         # Wide 16-bit products from cuBLAS (float32 out), as the plain shrink takes them from
         # SHRINK_CUBLAS_MIN_R columns: routed-shrink-sweep-e310a07-*.json had cuBLAS at 33 against the
         # one-operand kernel's 53 us (T = 8192, K = 16, r = 16: 272 columns) and 107 against 147 us
-        # (K = 64), but 46 against 36 us at 68 columns (K = 4).
+        # (K = 64), but 46 against 36 us at 68 columns (K = 4). Through the op, from CUDA graphs with the
+        # variants' order swapped every other round (routed-cublas-ab-dense*-eeeaae3-*.json, top-1, r = 16):
+        # T = 8192, K = 16 1.27x -> 1.22x the base GEMM at 4096 x 4096; K = 64 1.79x -> 1.68x; T = 2048, K = 16
+        # 1.43x -> 1.34x; at 4096 x 14336 0.02-0.03x less, within that run's noise.
         if config is None and shrink_uses_cublas(x, stacked):
             part = _mm_f32(x, stacked)
             if part is not None:

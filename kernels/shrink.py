@@ -694,7 +694,11 @@ TMA_SMEM = 220 * 1024  # shared memory the copy-engine shrink's pipeline may tak
 # the op (shrink-cublas-ab-b9000da-*.json, H200, LoraMap, bf16, from a CUDA graph, 3 interleaved rounds)
 # cuBLAS was faster in all 12 cells at R = 192 and 512: R = 512, T = 8192 1.58x -> 1.45x (4096 x 4096),
 # 1.29x -> 1.23x, 1.33x -> 1.23x (the 14336-wide shapes); R = 192 1.31x -> 1.21x, 1.17x -> 1.12x,
-# 1.16x -> 1.11x; at T = 2048 by 0.10-0.30x. At R = 48 the two were within the run's noise
+# 1.16x -> 1.11x; at T = 2048 by 0.10-0.30x. That run timed the variants in a fixed order, which
+# favoured the second (cuBLAS) by 3-13 %; timed again with the order swapped every other round
+# (shrink-cublas-ab-eeeaae3-*.json): R = 512, T = 8192 1.59x -> 1.51x and 1.29x -> 1.24x, R = 192
+# 1.29x -> 1.23x and 1.14x -> 1.10x (4096 x 4096, 4096 x 14336): smaller, still faster in every cell.
+# At R = 48 the two were within the run's noise
 # (shrink-cublas-ab-r48-*.json, -0.03 to +0.01x), so up to TMA_MAX_R the Triton kernels stay.
 # 16-bit inputs only (float32 would meet cuBLAS's TF32 setting). LORAFUSE_SHRINK_CUBLAS_MIN_R=0 turns it off.
 try:

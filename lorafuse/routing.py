@@ -351,10 +351,12 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
 # without gradients once R / top_k and T reach these. Grouped costs a pass per choice (each ~0.37x
 # the base GEMM at 4096 x 4096, ~0.21x at 4096 x 14336) plus about twice dense's host time; dense
 # grows with R (~0.07x per 100 rank columns at 4096 x 4096, half that on the wide layer). From CUDA
-# graphs on an H200, T = 8192, r = 16, dense with its stacked product from cuBLAS
-# (routed-cublas-ab-*43e2395-*.json): K = 64 top-1 grouped 1.43x / 1.21x against dense 1.70x / 1.37x;
-# K = 64 top-2 grouped 1.80x / 1.45x against dense 1.70x / 1.38x; K = 16 dense 1.19x / 1.11x. The
-# crossing is near R = 600 per choice.
+# graphs on an H200, T = 8192, r = 16, dense with its stacked product from cuBLAS: K = 64 top-1
+# grouped 1.48x / 1.25x against dense 1.68x / 1.42x (routed-cublas-ab-*-eeeaae3-*.json); K = 64 top-2
+# grouped 1.80x / 1.45x against dense 1.70x / 1.38x (routed-cublas-ab-*43e2395-*.json); K = 48 (R = 768)
+# top-1 grouped 1.42x / 1.21x against dense 1.52x / 1.30x, top-2 1.74x / 1.39x against 1.54x / 1.30x;
+# K = 32 (R = 512) top-1 even (1.32x / 1.15x grouped, 1.34x / 1.18x dense), top-2 dense by 0.16-0.31x
+# (routed-cublas-ab-k32k48-*.json). So grouped from about 600 rank columns per choice.
 GROUPED_MIN_RANK = 640
 GROUPED_MIN_T = 4096
 ROUTED_SCHEDULES = ("auto", "dense", "grouped")
