@@ -23,9 +23,15 @@ def launch_kwargs(cfg: triton.Config) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+# Triton picks the interpreter when a kernel is decorated, i.e. when lorafuse is imported: read the
+# variable once then, so that setting it later gives the plain-torch path on the CPU, not CPU tensors
+# sent to compiled kernels (a "0 active drivers" crash).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, read when kernels were defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1 when lorafuse was imported)."""
+    return INTERPRET
 
 
 def can_run(t: torch.Tensor) -> bool:

@@ -3,6 +3,9 @@
 Runs under the Triton interpreter on CPU (float32, float16) and on CUDA when present (adds
 bfloat16 and larger shapes). Tolerances: conftest.TOL.
 """
+import os
+import sys
+
 import pytest
 import torch
 
@@ -423,12 +426,30 @@ def test_empty_batch(shrink_impl):
 
 
 def test_launchers_refuse_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(sys.modules["lorafuse.kernels.utils"], "INTERPRET", False)
     x = torch.randn(4, 24)
     with pytest.raises(ValueError, match="x is on cpu.*CUDA"):
         shrink(x, torch.randn(3, 24), torch.ones(3))
     with pytest.raises(ValueError, match="a is on cpu.*CUDA"):
         lora_gemm(x, torch.randn(24, 8))
+
+
+def test_interpreter_set_after_import_keeps_the_torch_path():
+    """TRITON_INTERPRET set after lorafuse was imported: Triton compiled the kernels for a GPU, so CPU
+    tensors take the plain-torch path (they had been sent to the compiled kernels: a driver error)."""
+    import subprocess
+
+    code = ("import os, torch, lorafuse\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)\n"
+            "y = lorafuse.lora_linear(x, w, None, a, b, torch.ones(2))\n"
+            "ref = x @ w.t() + (x @ a.t()) @ b.t()\n"
+            "assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_lora_gemm_shape_errors():
