@@ -39,8 +39,14 @@ import time
 import traceback
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    # Without a GPU the kernels run under the Triton interpreter, which must be chosen before triton loads
+    # (else the lorafuse rows would time the plain-torch path).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, save_json, warm_up  # noqa: E402

@@ -69,11 +69,23 @@ def env_info(argv: Optional[List[str]] = None) -> dict:
     return info
 
 
+_SAVED_PATHS: dict = {}  # (out_dir, prefix) -> the file this process writes
+
+
 def save_json(doc: dict, out_dir: str, prefix: str) -> str:
-    """Atomically write out_dir/<prefix>-<gpu>-<date>.json (temp file in the same folder, then rename)."""
+    """Atomically write out_dir/<prefix>-<gpu>-<date>.json (temp file in the same folder, then rename).
+    A run rewrites its own file after every row; a file left by an earlier run (another part of a
+    grid run the same day, a committed result) is kept, and this run writes <...>-2.json, -3, ..."""
     os.makedirs(out_dir, exist_ok=True)
-    date = _dt.date.today().isoformat()
-    path = os.path.join(out_dir, f"{prefix}-{gpu_slug()}-{date}.json")
+    key = (os.path.abspath(out_dir), prefix)
+    path = _SAVED_PATHS.get(key)
+    if path is None:
+        stem = os.path.join(out_dir, f"{prefix}-{gpu_slug()}-{_dt.date.today().isoformat()}")
+        path, n = stem + ".json", 1
+        while os.path.exists(path):
+            n += 1
+            path = f"{stem}-{n}.json"
+        _SAVED_PATHS[key] = path
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     return path
 

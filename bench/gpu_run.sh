@@ -30,8 +30,11 @@ for step in "$@"; do
   t0=$(date +%s)
   case "$step" in
     test)
-      # Triton compiles each specialisation on the CPU: spread the suite over processes.
-      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_PROCS:-12}" --tb=line -rfE \
+      # Triton compiles each specialisation on the CPU: spread the suite over processes (pytest-xdist,
+      # where installed; without it the suite runs in one process, several times slower).
+      if $PY -c "import xdist" 2>/dev/null; then procs=(-n "${TEST_PROCS:-12}"); else
+        procs=(); echo "pytest-xdist not installed: one process (pip install pytest-xdist to spread it)"; fi
+      timeout "${TEST_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider ${procs[@]+"${procs[@]}"} --tb=line -rfE \
         tests/test_kernels.py tests/test_ops.py tests/test_modules.py ${TEST_EXTRA:-} >"$OUT/test.log" 2>&1
       rc=$?; grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/test.log" | tail -n 40; [ $rc -eq 0 ] || status=$rc
       # The shrink has two implementations; if the default split grid fails here, later steps

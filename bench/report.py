@@ -236,12 +236,28 @@ def write_json(doc: dict, path: str) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
 
 
+def pick_shape(doc: dict, K, r, error) -> tuple:
+    """(K, r) of the table: as asked, else 3 adapters of rank 16, else the first pair the run measured
+    (the smoke grid has r = 5). A pair the run lacks is an error naming the pairs it has."""
+    pairs = sorted({(row["K"], row["r"]) for row in doc["rows"]})
+    if not pairs:
+        error("the result file has no rows")
+    if K is None and r is None and (3, 16) not in pairs:
+        K, r = pairs[0]
+        print(f"(K, r) = ({K}, {r}): the run has no K = 3, r = 16 rows")
+    K = 3 if K is None else K
+    r = 16 if r is None else r
+    if (K, r) not in pairs:
+        error(f"the run has no rows with K = {K}, r = {r}; it measured (K, r) in {pairs}")
+    return K, r
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", nargs="+", help="one result file, or several parts of one grid with --merge")
     p.add_argument("--merge", metavar="OUT.json", help="merge the parts into OUT.json first (same commit and GPU)")
-    p.add_argument("--K", type=int, default=3)
-    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--K", type=int, help="adapters of the table and plot (default 3 if measured)")
+    p.add_argument("--r", type=int, help="their rank (default 16 if measured)")
     p.add_argument("--grid", type=int, nargs="*", metavar="T",
                    help="print the K x r grid at these T (default: every T) and plot it per lorafuse method")
     p.add_argument("--no-plot", action="store_true")
@@ -276,10 +292,11 @@ def main(argv=None):
                 plot_grid(doc, impl, out)
                 print("wrote", out)
         return
-    print(markdown(doc, args.K, args.r))
+    K, r = pick_shape(doc, args.K, args.r, p.error)
+    print(markdown(doc, K, r))
     if not args.no_plot:
         out = base + ".png"
-        plot(doc, args.K, args.r, out)
+        plot(doc, K, r, out)
         print("wrote", out)
 
 

@@ -82,3 +82,30 @@ def test_round_order_balances_places():
     assert all(sum(p) / len(p) == mean for p in places.values()), places
     assert common.round_order(names, 0) == names and names == ["base", "triton", "cublas", "base_graph",
                                                                 "triton_graph"]
+
+
+def test_report_picks_a_measured_shape(tmp_path, capsys):
+    """A smoke run has no K = 3, r = 16 rows: the table takes a pair it has, and a pair it lacks is
+    an error naming the ones it has (not an empty table and a plotting crash)."""
+    path = _write(tmp_path, "smoke.json", _part("abc", [(37, 1, 5), (37, 3, 5)], [1.5, 1.7]))
+    report.main([path, "--no-plot"])
+    out = capsys.readouterr().out
+    assert "(K, r) = (1, 5)" in out and "1.50" in out
+    with pytest.raises(SystemExit):
+        report.main([path, "--K", "3", "--r", "16", "--no-plot"])
+    assert "it measured (K, r) in [(1, 5), (3, 5)]" in capsys.readouterr().err
+
+
+def test_save_json_keeps_an_earlier_runs_file(tmp_path, monkeypatch):
+    """Two runs with one prefix on one day (two parts of a grid): the second writes a new file, and
+    rewrites only its own file after every row."""
+    import common
+
+    monkeypatch.setattr(common, "_SAVED_PATHS", {})
+    monkeypatch.setattr(common, "gpu_slug", lambda: "gpu-x")
+    first = common.save_json({"rows": [1]}, str(tmp_path), "kernels")
+    monkeypatch.setattr(common, "_SAVED_PATHS", {})  # a new process
+    second = common.save_json({"rows": [2]}, str(tmp_path), "kernels")
+    again = common.save_json({"rows": [2, 3]}, str(tmp_path), "kernels")
+    assert first != second == again and second.endswith("-2.json")
+    assert json.load(open(first)) == {"rows": [1]} and json.load(open(second)) == {"rows": [2, 3]}
