@@ -72,6 +72,8 @@ def _check_adapters(paths: List[str]) -> List[str]:
 
 def _check_out(path: str, flag: str = "--out", new: bool = False, overwritable: bool = False) -> str:
     """An output folder: missing parents are created when it is written; an existing file is refused."""
+    if not str(path).strip():
+        raise UsageError(f"{flag}: an empty path (give a folder name)")
     resolved = Path(path).resolve()
     for above in [resolved] + list(resolved.parents):
         if above.exists():
@@ -265,18 +267,53 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
     else:
         _check_out(a.out, new=True, overwritable=True)
     ds = _load_task(a.task, a.data)
-    model, tok = _load_model(a.model, a.seed)
+    seed = 0 if a.seed is None else a.seed
+    model, tok = _load_model(a.model, seed)
+    # The classification head is drawn from the seed and frozen: the adapter is only right on top of that
+    # head, so the folder records it for evaluate and compose.
     info = train_adapter(model, tok, ds, a.out, r=a.r, alpha=a.alpha, epochs=a.epochs, lr=a.lr,
-                         batch_size=a.batch_size, seed=a.seed, progress=not a.quiet)
+                         batch_size=a.batch_size, seed=seed, progress=not a.quiet,
+                         record={"model": a.model, "seed": seed, "task": a.task})
     print(json.dumps(info, indent=1))
     return 0
+
+
+def _head_seed(a) -> int:
+    """The seed of the classification head for --adapters: the one they were trained with (recorded by
+    train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded."""
+    from .train import TRAINED_WITH
+
+    recorded = {}
+    for p in a.adapters:
+        f = Path(p) / TRAINED_WITH
+        if f.is_file():
+            try:
+                rec = json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UsageError(f"--adapters: {f} is not valid JSON ({e})") from e
+            if isinstance(rec, dict) and isinstance(rec.get("seed"), int):
+                recorded[p] = rec
+                if rec.get("model") not in (None, a.model):
+                    print(f"note: {p} was trained on --model {rec['model']}, not {a.model}", file=sys.stderr)
+    seeds = {rec["seed"] for rec in recorded.values()}
+    if len(seeds) > 1:
+        raise UsageError("--adapters: trained with different --seed values ("
+                         + ", ".join(f"{p}: {rec['seed']}" for p, rec in recorded.items())
+                         + "), hence against different classification heads; they cannot be composed")
+    if seeds:
+        (seed,) = seeds
+        if a.seed is not None and a.seed != seed:
+            raise UsageError(f"--seed {a.seed}: the adapters were trained with --seed {seed}, which drew the "
+                             f"frozen classification head they work with; leave --seed out or pass {seed}")
+        return seed
+    return 0 if a.seed is None else a.seed
 
 
 def _composed(a):
     """The model with the adapters composed (the callers have run _check_compose_args)."""
     import lorafuse
 
-    model, tok = _load_model(a.model, a.seed)
+    model, tok = _load_model(a.model, _head_seed(a))
     kw = {}
     if a.method == "loramap":
         kw["map_rank"] = a.map_rank
@@ -300,6 +337,9 @@ def cmd_compose(a: argparse.Namespace) -> int:
                          "peft adapter (use `lorafuse evaluate --method route`)")
     if a.train_task and a.method == "sum":
         raise UsageError("--train-task: --method sum has nothing to train (use loramap, concat or weighted)")
+    if a.method == "loramap" and not a.train_task:
+        raise UsageError("--method loramap needs --train-task: an untrained LoraMap starts with b_map = 0, so "
+                         "its export would add nothing to the base model")
     if not a.train_task and (a.epochs is not None or a.lr is not None):
         raise UsageError("--epochs / --lr: only used with --train-task (the composition's training)")
     train_ds = _load_task(a.train_task, a.data, "--train-task") if a.train_task else None  # before any work
@@ -307,8 +347,8 @@ def cmd_compose(a: argparse.Namespace) -> int:
     if train_ds is not None:
         from .train import train_composition
 
-        info = train_composition(model, tok, train_ds, epochs=a.epochs or 30, lr=a.lr or 3e-3, seed=a.seed,
-                                 progress=not a.quiet)
+        info = train_composition(model, tok, train_ds, epochs=a.epochs or 30, lr=a.lr or 3e-3,
+                                 seed=_head_seed(a), progress=not a.quiet)
         print(json.dumps(info, indent=1))
     os.makedirs(Path(a.out).resolve().parent, exist_ok=True)
     lorafuse.export_peft(model, a.out)
@@ -324,8 +364,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         _check_compose_args(a)
     elif a.method != "sum" or a.weights is not None or a.map_rank is not None or a.top_k != 1:
         raise UsageError("--method / --weights / --map-rank / --top-k: only used with --adapters")
+    if a.adapters and a.method == "loramap":
+        raise UsageError("--method loramap: evaluate composes without training, and an untrained LoraMap is the "
+                         "base model (b_map starts at 0); train it with `lorafuse compose --method loramap "
+                         "--train-task ... --out DIR`, then evaluate DIR")
     ds = _load_task(a.task, a.data)
-    model, tok = _composed(a) if a.adapters else _load_model(a.model, a.seed)
+    model, tok = _composed(a) if a.adapters else _load_model(a.model, 0 if a.seed is None else a.seed)
     print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
     return 0
 
@@ -430,23 +474,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(sp, model="minilm"):
+    def common(sp, model="minilm", seed_help="seed of data order, head and init (default 0)", data=True):
         default = f"default {model}" if model else "default: the study's own, minilm or smollm2"
         sp.add_argument("--model", default=model, help=f"model name ({default}); one of: minilm, smollm2, "
                         "tiny-bert, tiny-llama, random-bert:<hidden>x<layers>, random-llama:<hidden>x<layers>, "
                         "or the path of a local model folder (config.json, weights, tokenizer; any name with a "
                         "'/', e.g. ./models/minilm), loaded as float32")
-        sp.add_argument("--seed", type=SEED, default=None if model is None else 0,
-                        help="seed of data order, head and init (default 0)")
+        sp.add_argument("--seed", type=SEED, default=None, help=seed_help)
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--data", default=None, help="folder holding covidfact/, scifact-rte/, gsm8k/, pubmedqa/ "
-                        "(default: $LORAFUSE_DATA or ../shared/data)")
+                        "(default: $LORAFUSE_DATA or ../shared/data)" if data else argparse.SUPPRESS)
 
     d = sub.add_parser("demo", help="the main job: a small composition study (two-hop reasoning), prints the table",
                        description="Trains two adapters on single-hop facts of a random world and a third on both, "
                        "composes the two six ways (sum, averaging, Arrow routing, LoraHub, LoraMap with two inits) and "
                        "reports two-hop accuracy. A few minutes on 2 CPU cores with the default model.")
-    common(d)
+    common(d, data=False)  # --data is parsed only to refuse it clearly
     d.add_argument("--out", default="lorafuse-demo", help="results folder (default ./lorafuse-demo)")
     d.add_argument("--people", type=PEOPLE, default=32, help="subjects in the random world (default 32, at least 3)")
     d.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per adapter and composition (default 30)")
@@ -460,11 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing adapter folder --out (the new adapter is written beside it, then "
                    "renamed into place)")
-    t.add_argument("--r", type=POSITIVE_INT, default=16)
-    t.add_argument("--alpha", type=POSITIVE, default=32)
-    t.add_argument("--epochs", type=POSITIVE, default=30)
-    t.add_argument("--lr", type=POSITIVE, default=3e-3)
-    t.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    t.add_argument("--r", type=POSITIVE_INT, default=16, help="LoRA rank (default 16)")
+    t.add_argument("--alpha", type=POSITIVE, default=32, help="lora_alpha; the scale is alpha / r (default 32)")
+    t.add_argument("--epochs", type=POSITIVE, default=30, help="training epochs (default 30)")
+    t.add_argument("--lr", type=POSITIVE, default=3e-3, help="learning rate (default 3e-3)")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examples per step (default 16)")
     t.set_defaults(fn=cmd_train_adapter)
 
     def composing(sp):
@@ -474,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--map-rank", type=POSITIVE_INT, default=None, help="LoraMap rank m (loramap)")
         sp.add_argument("--top-k", type=POSITIVE_INT, default=1, help="adapters per token (route; default 1)")
 
+    adapters_seed = ("seed of the head and of the composition's training (default: the seed the adapters were "
+                     "trained with, as train-adapter records it; else 0)")
     c = sub.add_parser("compose", help="compose adapters (optionally train the composition) and export one"
                                           " peft adapter")
-    common(c)
+    common(c, seed_help=adapters_seed)
     composing(c)
     c.add_argument("--out", required=True, help="folder for the exported peft adapter")
     c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, "
@@ -487,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compose)
 
     e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters)")
-    common(e)
+    common(e, seed_help=adapters_seed)
     composing(e)
     e.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:two_hop, covidfact:test")
     e.set_defaults(fn=cmd_evaluate)
@@ -495,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="run a study and write JSON, a markdown table and a plot")
     x.add_argument("name", choices=EXPERIMENTS, help="recycling (two-hop facts, MiniLM), loramap (COVID-Fact, "
                    "MiniLM, 3 seeds), summation (GSM8K/PubMedQA/COVID-Fact claims, SmolLM2)")
-    common(x, model=None)
+    common(x, model=None, seed_help="seed of data order, heads and inits (default: loramap 0 1 2, the others 0; "
+           "see --seeds)")
     x.add_argument("--out", required=True, help="results folder")
     x.add_argument("--people", type=PEOPLE, default=None, help="recycling: subjects in the random world (default 32)")
     x.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per adapter and composition")
@@ -519,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="kernel microbenchmarks (CUDA GPU); extra arguments go to the script")
     b.add_argument("--routing", action="store_true", help="routing / per-request benchmark instead")
     b.set_defaults(fn=cmd_bench, args=[])
-    b.epilog = "Other arguments (e.g. --quick, --smoke) go to the benchmark script."
+    b.epilog = ("Other arguments go to the benchmark script: bench/bench_kernels.py takes --smoke (a tiny grid, "
+                "on a CPU too), --quick (shorter timing windows), --K, --r, --T, --dims (part of the grid), --impls, "
+                "--out, --prefix; bench/bench_routing.py (--routing) takes --smoke, --quick, --parts routed "
+                "segmented, --budget, --out, --prefix. `python bench/bench_kernels.py --help` says more.")
     return p
 
 

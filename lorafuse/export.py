@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -212,6 +213,10 @@ def export_peft(
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the parent directory of out_dir does not exist: {parent!r}")
 
+    if all(not b.detach().any() for _, b in factors.values()):
+        warnings.warn("every lora_B of this export is zero, so the adapter adds nothing to the base model (an "
+                      "untrained LoraMap starts with b_map = 0: train it first, or compose with map_init='sum')",
+                      stacklevel=2)
     config = _lora_config(factors, meta)
     tensors = {}
     for key, (a, b) in factors.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -144,7 +145,8 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dat
 
 def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, out_dir: str,
                   r: int = 8, alpha: float = 16, target_modules: Optional[Sequence[str]] = None, dropout: float = 0.0,
-                  also_train: Sequence[nn.Module] = (), init_seed: Optional[int] = None, **fit_kw) -> Dict[str, Any]:
+                  also_train: Sequence[nn.Module] = (), init_seed: Optional[int] = None,
+                  record: Optional[Dict[str, Any]] = None, **fit_kw) -> Dict[str, Any]:
     """Train one peft LoRA on `train_dataset` and save it (peft format, atomically) to out_dir.
 
     The model is returned to its original state (LoRA layers removed, not merged), so the same base
@@ -152,8 +154,9 @@ def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_da
     adapter but not saved with it (e.g. a task head, see `fresh_head`); their weights stay as trained.
     init_seed: the seed of the adapter's initial lora_A (default: derived from fit's `seed` and
     out_dir's folder name, so that adapters trained one after another do not start alike, and each
-    is the same whatever ran before it). Under torchrun every rank trains; rank 0 saves.
-    Returns fit()'s dict plus "path".
+    is the same whatever ran before it). record: JSON-able facts saved beside the adapter as
+    TRAINED_WITH (the CLI records model, seed and task: its classification heads are drawn from the
+    seed). Under torchrun every rank trains; rank 0 saves. Returns fit()'s dict plus "path".
     """
     from peft import LoraConfig, get_peft_model
 
@@ -173,7 +176,7 @@ def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_da
     try:
         info = fit(peft_model, tokenizer, train_dataset, **fit_kw)
         if is_main_process():
-            save_adapter(peft_model, out_dir)
+            save_adapter(peft_model, out_dir, record)
         _barrier()  # the other ranks read the adapter only once it is there
     finally:
         peft_model.unload()
@@ -183,11 +186,21 @@ def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_da
     return info
 
 
-def save_adapter(peft_model: PeftModel, out_dir: str) -> None:
-    """peft's save_pretrained into a temporary folder beside out_dir, then one rename."""
+# Beside a CLI-trained adapter: {"model", "seed", "task"} it was trained with (lorafuse.cli reads it).
+TRAINED_WITH = "lorafuse_trained_with.json"
+
+
+def save_adapter(peft_model: PeftModel, out_dir: str, record: Optional[Dict[str, Any]] = None) -> None:
+    """peft's save_pretrained into a temporary folder beside out_dir, then one rename; record, if
+    given, is written into the same folder as TRAINED_WITH."""
     from .export import write_dir_atomically
 
-    write_dir_atomically(out_dir, lambda tmp: peft_model.save_pretrained(tmp))
+    def write(tmp: str) -> None:
+        peft_model.save_pretrained(tmp)
+        if record is not None:
+            Path(tmp, TRAINED_WITH).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    write_dir_atomically(out_dir, write)
 
 
 @contextlib.contextmanager

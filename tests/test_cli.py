@@ -1,4 +1,5 @@
 """The lorafuse command: help, argument errors named clearly, and a tiny demo run."""
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +117,37 @@ def test_compose_method_and_map_rank_checked(tmp_path, capsys):
     code, out, _ = run(["evaluate", "--task", "two-hop:two_hop", "--model", "tiny-bert", "--adapters",
                         str(tmp_path / "a"), "--method", "sum"], capsys)
     assert code == 0 and '"accuracy"' in out
+    # An untrained LoraMap adds nothing (b_map starts at 0): compose wants --train-task, evaluate refuses it.
+    code, _, err = run(["compose", "--adapters", str(tmp_path / "a"), "--method", "loramap", "--map-rank", "4",
+                        "--model", "tiny-bert", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "--method loramap needs --train-task" in err
+    code, _, err = run(["evaluate", "--task", "two-hop:two_hop", "--model", "tiny-bert", "--adapters",
+                        str(tmp_path / "a"), "--method", "loramap", "--map-rank", "4"], capsys)
+    assert code == 2 and "an untrained LoraMap is the base model" in err
+
+
+def test_adapters_keep_the_head_seed_they_were_trained_with(tmp_path, capsys):
+    """The classification head is drawn from --seed and frozen: train-adapter records the seed, and
+    evaluate / compose take it (a different head had silently halved the accuracy)."""
+    def train(name, seed):
+        code, _, _ = run(["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out",
+                          str(tmp_path / name), "--epochs", "1", "--r", "4", "--quiet", "--seed", str(seed)], capsys)
+        assert code == 0
+        return str(tmp_path / name)
+
+    a1, a0 = train("s1", 1), train("s0", 0)
+    rec = json.loads((tmp_path / "s1" / "lorafuse_trained_with.json").read_text())
+    assert rec == {"model": "tiny-bert", "seed": 1, "task": "two-hop:hop1"}
+    ev = ["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--adapters", a1]
+    code, default, _ = run(ev, capsys)
+    code1, explicit, _ = run(ev + ["--seed", "1"], capsys)
+    assert code == code1 == 0 and json.loads(default) == json.loads(explicit)
+    code, _, err = run(ev + ["--seed", "0"], capsys)
+    assert code == 2 and "--seed 0: the adapters were trained with --seed 1" in err
+    code, _, err = run(["compose", "--adapters", a1, a0, "--model", "tiny-bert", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "trained with different --seed values" in err and not (tmp_path / "c").exists()
+    code, _, err = run(["compose", "--adapters", a1, "--model", "tiny-bert", "--out", ""], capsys)
+    assert code == 2 and "--out: an empty path" in err
 
 
 def test_demo_runs_end_to_end_as_a_command(tmp_path):

@@ -114,6 +114,17 @@ def test_export_bfloat16_factors(saved, tmp_path):
         torch.bfloat16}
 
 
+def test_export_of_an_untrained_loramap_warns(saved, tmp_path, recwarn):
+    """map_init='lora' starts b_map at zero: exported before training, the adapter adds nothing."""
+    model = compose(fresh_model(saved, "bert"), saved["bert"][1], method="loramap", map_rank=3)
+    with pytest.warns(UserWarning, match="every lora_B of this export is zero"):
+        export_peft(model, tmp_path / "untrained")
+    _perturb(model)
+    recwarn.clear()
+    export_peft(model, tmp_path / "trained")
+    assert not [w for w in recwarn if "lora_B" in str(w.message)]
+
+
 def test_export_dir_has_the_usual_mode(saved, tmp_path):
     # The temporary folder is private; the exported one and its files must be readable as a plain
     # mkdir's and open()'s would be.
