@@ -156,6 +156,28 @@ def set_lorahub_weights(model: nn.Module, weights: Sequence[float]) -> None:
                              f"'weighted' (exact) or 'loramap' (factorwise) compositions")
 
 
+def _restorer(model: nn.Module, comp) -> Callable[[], None]:
+    """A function that puts an already composed model back as it is now: its composed layers' own
+    tensors (weights, maps; not the base layers), their grads and the training flag."""
+    saved = []
+    for slot in comp.slots.values():
+        layer = slot.composed
+        for p in layer.parameters(recurse=False):
+            saved.append((p, p.detach().clone(), p.requires_grad, p.grad))
+    training = {m: m.training for m in model.modules()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, value, flag, grad in saved:
+                p.copy_(value)
+                p.requires_grad_(flag)
+                p.grad = grad
+        for m, flag in training.items():
+            m.train(flag)
+
+    return restore
+
+
 def _mean_loss(model, batches, loss_fn, maximize: bool) -> Tensor:
     total = 0.0
     for batch in batches:
@@ -170,7 +192,7 @@ def _import_nevergrad():
         import nevergrad
     except ImportError as e:
         raise ImportError("lorahub_search needs nevergrad: pip install nevergrad "
-                          "(or pip install 'lorafuse[lorahub]')") from e
+                          "(or, in a lorafuse checkout, pip install -e '.[lorahub]')") from e
     return nevergrad
 
 
@@ -218,11 +240,12 @@ def lorahub_search(
     loss_fn = metric_or_loss or _default_loss
     composed_here = getattr(model, "_lorafuse_composition", None) is None
     comp = _prepare(model, adapters, composition)
+    restore = None if composed_here else _restorer(model, comp)
     try:
         return _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition, maximize, optimizer, ng)
     except BaseException:
-        if composed_here:  # a failed search leaves the model as it was given
-            decompose(model)
+        # A failed search leaves the model as it was given: not composed, or composed as it was.
+        decompose(model) if composed_here else restore()
         raise
 
 
@@ -249,12 +272,14 @@ def _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition
     param = ng.p.Array(init=np.zeros(K), lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
     opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
-    recommendation = opt.minimize(objective)
-    best = [float(x) for x in recommendation.value]
-    set_lorahub_weights(model, best)
-    with torch.no_grad():
-        loss = float(_mean_loss(model, batches, loss_fn, maximize))
-    model.train(was_training)
+    try:
+        recommendation = opt.minimize(objective)
+        best = [float(x) for x in recommendation.value]
+        set_lorahub_weights(model, best)
+        with torch.no_grad():
+            loss = float(_mean_loss(model, batches, loss_fn, maximize))
+    finally:
+        model.train(was_training)
     return LoraHubResult(weights=best, objective=loss + l1 * sum(abs(x) for x in best) / K, loss=loss,
                          composition=composition, method=optimizer, adapters=comp.adapter_names, seed=seed, l1=l1,
                          history=history, info={"budget": budget, "bounds": (lo, hi), "maximize": maximize})
@@ -289,11 +314,12 @@ def lorahub_train(
     loss_fn = loss or _default_loss
     composed_here = getattr(model, "_lorafuse_composition", None) is None
     comp = _prepare(model, adapters, composition)
+    restore = None if composed_here else _restorer(model, comp)
     try:
         return _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer, init)
     except BaseException:
-        if composed_here:  # a failed run leaves the model as it was given
-            decompose(model)
+        # A failed run leaves the model as it was given: not composed, or composed as it was.
+        decompose(model) if composed_here else restore()
         raise
 
 

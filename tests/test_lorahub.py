@@ -227,3 +227,32 @@ def test_bad_input(setup, tmp_path):
         lorahub_search(copy.deepcopy(fresh), mixed, batches, composition="factorwise")
     with pytest.raises(ValueError, match=r"one entry per adapter \(3\)"):
         set_lorahub_weights(composed, [1.0])
+
+
+@pytest.mark.parametrize("run", ["search", "train"])
+def test_a_failed_run_restores_an_already_composed_model(setup, run):
+    """The model was composed (weighted) before the call: a loss that fails midway leaves its weights,
+    flags and training mode as they were."""
+    base_sd, _, _, dirs, batches = setup
+    model = _fresh(base_sd)
+    compose(model, dirs, method="weighted", weights=[0.3, 0.7, -0.2])
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = []
+
+    def failing(m, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("loss failed")
+        return m(**batch).loss
+
+    with pytest.raises(RuntimeError, match="loss failed"), use_backend("torch"):
+        if run == "search":
+            lorahub_search(model, None, batches, failing, budget=10)
+        else:
+            lorahub_train(model, None, batches, failing, steps=10)
+    assert model.training and all(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
+    assert get_composition(model).method == "weighted"
