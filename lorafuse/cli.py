@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -584,6 +585,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if a.command == "compose" and not a.adapters:
         parser.error("compose needs --adapters (one or more peft adapter folders)")
+    from .experiments import report
+
+    report.COMMAND = shlex.join(["lorafuse"] + list(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(a, "model", None):
             _check_model_name(a.model)

@@ -339,3 +339,15 @@ def test_study_refuses_a_foreign_folder_where_it_writes_an_adapter_before_traini
     code, _, err = run(["experiment", "recycling", "--model", "tiny-bert", "--seeds", "3", "--out",
                         str(tmp_path / "s"), "--quiet"], capsys)
     assert code == 2 and "union" in err
+
+
+def test_results_record_the_command_that_ran(monkeypatch, capsys, tmp_path):
+    """A study's results name the lorafuse command line when the CLI ran it, and say "python" (not a
+    made-up lorafuse command built from the interpreter's argv) when it was called from Python."""
+    from lorafuse.experiments import report
+
+    monkeypatch.setattr(report, "COMMAND", None)
+    assert report.header("recycling", {})["command"].startswith("python (recycling called from ")
+    out = str(tmp_path / "o w")
+    run(["experiment", "recycling", "--out", out, "--seeds", "1", "1"], capsys)
+    assert report.header("recycling", {})["command"] == f"lorafuse experiment recycling --out '{out}' --seeds 1 1"

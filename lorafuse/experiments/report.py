@@ -41,8 +41,14 @@ def commit() -> str:
         return "unknown"
 
 
+# The command line that runs a study, set by lorafuse.cli; a study called from Python records the script.
+COMMAND: Optional[str] = None
+
+
 def header(study: str, config: dict) -> dict:
-    return {"study": study, "command": " ".join(["lorafuse"] + sys.argv[1:]) if sys.argv else "",
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else "an interactive session"
+    command = COMMAND or f"python ({study} called from {script}; the config below gives its arguments)"
+    return {"study": study, "command": command,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit(),
             "machine": machine(), "config": config}
 
