@@ -232,6 +232,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_layer.weight
+        # The op would name its weight argument; here the caller chose x, not the layer's weight.
+        if isinstance(x, Tensor) and (x.device != w.device or (
+                x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type))):
+            raise ValueError(f"x must be {w.dtype} on {w.device} like this layer, got {x.dtype} on {x.device} "
+                             f"(cast the input, or the module with .to(...))")
         if self.method == "route":
             from .routing import lora_linear_routed
             return lora_linear_routed(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.ranks,

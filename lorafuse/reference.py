@@ -1,7 +1,8 @@
 """Plain-torch references for every fused op.
 
 These are the definitions the kernels are tested against (in float64) and the path CPU tensors
-take when the Triton interpreter is off. They follow DESIGN.md's formulas literally.
+take when the Triton interpreter is off. They spell out the formulas of the README and the ops'
+docstrings literally.
 """
 from __future__ import annotations
 

@@ -112,6 +112,9 @@ class LoraLibrary:
         d_in, d_out = a0.shape[1], b0.shape[0]
         adapters = _check_adapters(adapters, d_in, d_out)
         n = len(adapters)
+        for name, v in (("num_slots", num_slots), ("r_max", r_max)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {v!r}")
         num_slots = n if num_slots is None else int(num_slots)
         if num_slots < n:
             raise ValueError(f"num_slots must be at least the number of adapters ({n}), got {num_slots}")
@@ -257,7 +260,9 @@ def _check_args(x, weight, bias, library) -> None:
                              or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be None or a ({d_out},) {x.dtype} tensor on {x.device}")
     if not isinstance(library, LoraLibrary):
-        raise TypeError(f"library must be a LoraLibrary, got {type(library).__name__}")
+        hint = (": pack (A, B, scale) triples with LoraLibrary.from_adapters(adapters) first"
+                if isinstance(library, (list, tuple)) else "")
+        raise TypeError(f"library must be a LoraLibrary, got {type(library).__name__}{hint}")
     if (library.d_in, library.d_out) != (d_in, d_out):
         raise ValueError(f"library must hold adapters of d_in={d_in}, d_out={d_out} (the weight's), "
                          f"got d_in={library.d_in}, d_out={library.d_out}")

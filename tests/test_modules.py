@@ -258,6 +258,18 @@ def test_bad_adapters():
         MultiLoraLinear(nn.Conv1d(3, 3, 1), [(a, b, s)])
 
 
+@pytest.mark.parametrize("method", ["sum", "route"])
+def test_input_of_another_dtype_is_named_as_x(method):
+    """The caller chose x, not the layer's weight: the error says so (the op alone names weight)."""
+    kw = {"router": "arrow"} if method == "route" else {}
+    layer = MultiLoraLinear(_base(), _adapters(), method=method, **kw)
+    x = torch.randn(3, 40, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x must be torch.float32 on \S+ like this layer, got torch.float64"):
+        layer(x)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # autocast casts x itself: allowed
+        assert layer(x.float()).shape == (3, 24)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("T", [16, 300])
 def test_cuda_graph_and_reduce_overhead_compile(T, seeded):

@@ -275,6 +275,11 @@ def test_bad_input_is_named(seeded):
         LoraLibrary.from_adapters(adapters, r_max=2)
     with pytest.raises(ValueError, match="num_slots must be at least"):
         LoraLibrary.from_adapters(adapters, num_slots=1)
+    for bad in ({"num_slots": "4"}, {"r_max": 2.5}, {"r_max": True}, {"num_slots": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be None or a positive integer"):
+            LoraLibrary.from_adapters(adapters, **bad)
+    with pytest.raises(TypeError, match="LoraLibrary.from_adapters"):
+        lora_linear_segmented(x, w, b, adapters, ids)  # the (A, B, scale) triples themselves
     with pytest.raises(ValueError, match="rank 4 exceeds"):
         lib.set_adapter(0, torch.zeros(4, 16), torch.zeros(8, 4), 1.0)
     with pytest.raises(ValueError, match="slot must be"):
