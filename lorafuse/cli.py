@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -633,6 +634,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .experiments import report
 
     report.COMMAND = shlex.join(["lorafuse"] + list(sys.argv[1:] if argv is None else argv))
+    if getattr(a, "quiet", False):  # also transformers' and datasets' own bars and notices
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")  # their deprecations
     try:
         if getattr(a, "model", None):
             _check_model_name(a.model)

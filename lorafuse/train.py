@@ -135,6 +135,10 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dat
             logging_strategy="no", disable_tqdm=not progress, remove_unused_columns=False,
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=_collator(tokenizer, task))
+        if not progress:  # without its bar the Trainer prints the final metrics instead
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - t0
