@@ -10,7 +10,9 @@ The splits, all binary statement verification (label 1 = true, 0 = false, half e
   hop2            every hop-2 fact, true and with a wrong city            (adapter 2 learns these)
   two_hop_train   two-hop statements about one part of the subjects       (for methods that train
   two_hop_dev     two-hop statements about another part                    a composition: LoraMap,
-  two_hop         two-hop statements about the rest (the test split)       LoraHub; dev selects)
+  two_hop         two-hop statements about the rest (the test split)       LoraHub)
+two_hop_dev is held out for choosing settings; the recycling study fixes its settings in advance and
+reports the test split only, so it does not read it.
 Every two-hop statement's two facts are in hop1 and hop2; the three two-hop splits share no subject.
 """
 from __future__ import annotations

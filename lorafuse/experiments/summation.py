@@ -42,9 +42,10 @@ def _row_cost(label: str, adapters: Dict[str, dict]) -> Dict[str, Any]:
 def run_summation(out_dir: str = "results/summation", model: str = "smollm2", data_dir: Optional[str] = None,
                   seed: int = 0, r: int = 4, alpha: float = 64, epochs: float = 1, lr: float = 1e-3,
                   batch_size: int = 8, max_length: int = 128, train_limit: Optional[int] = None,
-                  eval_limit: Optional[int] = 200, domains: Sequence[str] = tuple(DOMAINS), progress: bool = True,
+                  eval_limit: Optional[int] = None, domains: Sequence[str] = tuple(DOMAINS), progress: bool = True,
                   log=print) -> Dict[str, Any]:
-    """Run the study; writes out_dir/summation.{json,md,png}. train_limit/eval_limit subsample (for CPU)."""
+    """Run the study; writes out_dir/summation.{json,md,png}. train_limit / eval_limit subsample
+    (for CPU; None: every example, as the CLI does by default)."""
     import datasets
 
     import lorafuse
