@@ -210,6 +210,17 @@ def _task_kind(spec: Optional[str]) -> Optional[str]:
     return None if spec is None else "lm" if spec.split(":", 1)[0] in LM_TASKS else "classification"
 
 
+def _check_model_task(name: str, spec: Optional[str]) -> None:
+    """The model can take the task (a decoder for a language-modelling one): checked before data is read."""
+    from .models import check_model_task
+
+    if spec is not None:
+        try:
+            check_model_task(name, _task_kind(spec))
+        except ValueError as e:
+            raise UsageError(f"--model: {e}") from e
+
+
 def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     """'two-hop:<split>' or '<task>:<split>' from lorafuse.data."""
     if ":" not in spec:
@@ -234,9 +245,6 @@ def _load_model(name: str, seed: int, task: str = "classification"):
     try:
         return load_model(name, task=task, seed=seed)
     except ValueError as e:
-        if task == "lm":
-            raise UsageError(f"--model {name}: a language-modelling task needs a decoder (smollm2, tiny-llama, "
-                             f"random-llama:<hidden>x<layers>): {e}") from e
         raise UsageError(f"--model: {e}") from e
     except ImportError as e:
         raise UsageError(f"--model {name}: {e}") from e
@@ -280,6 +288,7 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
         _check_replaceable(a.out)
     else:
         _check_out(a.out, new=True, overwritable=True)
+    _check_model_task(a.model, a.task)
     ds = _load_task(a.task, a.data)
     kind = _task_kind(a.task)
     seed = 0 if a.seed is None else a.seed
@@ -295,9 +304,12 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
 
 
 def _recorded(a) -> dict:
-    """What train-adapter recorded beside each of --adapters (TRAINED_WITH): {path: record}."""
+    """What train-adapter recorded beside each of --adapters (TRAINED_WITH): {path: record}; read once
+    per command."""
     from .train import TRAINED_WITH
 
+    if getattr(a, "_records", None) is not None:
+        return a._records
     recorded = {}
     for p in a.adapters:
         f = Path(p) / TRAINED_WITH
@@ -310,6 +322,7 @@ def _recorded(a) -> dict:
                 recorded[p] = rec
                 if rec.get("model") not in (None, a.model):
                     print(f"note: {p} was trained on --model {rec['model']}, not {a.model}", file=sys.stderr)
+    a._records = recorded
     return recorded
 
 
@@ -326,20 +339,25 @@ def _adapters_kind(a, task: Optional[str]) -> str:
     return want
 
 
-def _head_seed(a) -> int:
+def _head_seed(a, kind: str = "classification") -> int:
     """The seed of the classification head for --adapters: the one they were trained with (recorded by
-    train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded."""
+    train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded.
+    A pretrained decoder has no such head: its adapters bind no seed (a random model's do: the seed
+    draws its weights)."""
     recorded = _recorded(a)
+    if kind == "lm" and not a.model.startswith(("tiny-", "random-")):
+        return 0 if a.seed is None else a.seed
     seeds = {rec["seed"] for rec in recorded.values()}
     if len(seeds) > 1:
         raise UsageError("--adapters: trained with different --seed values ("
                          + ", ".join(f"{p}: {rec['seed']}" for p, rec in recorded.items())
-                         + "), hence against different classification heads; they cannot be composed")
+                         + "), hence on different frozen heads (or random models); they cannot be composed")
     if seeds:
         (seed,) = seeds
         if a.seed is not None and a.seed != seed:
             raise UsageError(f"--seed {a.seed}: the adapters were trained with --seed {seed}, which drew the "
-                             f"frozen classification head they work with; leave --seed out or pass {seed}")
+                             f"{'frozen classification head' if kind != 'lm' else 'random model'} they work with; "
+                             f"leave --seed out or pass {seed}")
         return seed
     return 0 if a.seed is None else a.seed
 
@@ -348,7 +366,7 @@ def _composed(a, kind: str = "classification"):
     """The model with the adapters composed (the callers have run _check_compose_args)."""
     import lorafuse
 
-    model, tok = _load_model(a.model, _head_seed(a), kind)
+    model, tok = _load_model(a.model, _head_seed(a, kind), kind)
     kw = {}
     if a.method == "loramap":
         kw["map_rank"] = a.map_rank
@@ -377,6 +395,7 @@ def cmd_compose(a: argparse.Namespace) -> int:
                          "its export would add nothing to the base model")
     if not a.train_task and (a.epochs is not None or a.lr is not None):
         raise UsageError("--epochs / --lr: only used with --train-task (the composition's training)")
+    _check_model_task(a.model, a.train_task)
     train_ds = _load_task(a.train_task, a.data, "--train-task") if a.train_task else None  # before any work
     kind = _adapters_kind(a, a.train_task)
     model, tok = _composed(a, kind)
@@ -385,7 +404,7 @@ def cmd_compose(a: argparse.Namespace) -> int:
 
         lm = {"task": "lm", "max_length": LM_MAX_LENGTH} if kind == "lm" else {}
         info = train_composition(model, tok, train_ds, epochs=a.epochs or 30, lr=a.lr or 3e-3,
-                                 seed=_head_seed(a), progress=not a.quiet, **lm)
+                                 seed=_head_seed(a, kind), progress=not a.quiet, **lm)
         print(json.dumps(info, indent=1))
     os.makedirs(Path(a.out).resolve().parent, exist_ok=True)
     lorafuse.export_peft(model, a.out)
@@ -405,6 +424,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise UsageError("--method loramap: evaluate composes without training, and an untrained LoraMap is the "
                          "base model (b_map starts at 0); train it with `lorafuse compose --method loramap "
                          "--train-task ... --out DIR`, then evaluate DIR")
+    _check_model_task(a.model, a.task)
     ds = _load_task(a.task, a.data)
     kind = _adapters_kind(a, a.task) if a.adapters else _task_kind(a.task)
     model, tok = _composed(a, kind) if a.adapters else _load_model(a.model, 0 if a.seed is None else a.seed, kind)

@@ -107,8 +107,6 @@ def _random_model(kind: str, hidden: int, layers: int, task: str, num_labels: in
 
     heads = max(1, hidden // 16)
     if kind == "bert":
-        if task == "lm":
-            raise ValueError("random-bert models are encoders: use task='classification' (or a llama model for lm)")
         cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          intermediate_size=4 * hidden, max_position_embeddings=512, num_labels=num_labels)
         return BertForSequenceClassification(cfg)
@@ -118,11 +116,21 @@ def _random_model(kind: str, hidden: int, layers: int, task: str, num_labels: in
     return LlamaForCausalLM(cfg) if task == "lm" else LlamaForSequenceClassification(cfg)
 
 
+def check_model_task(name: str, task: str) -> None:
+    """ValueError where the model of this name cannot take the task, as far as the name tells (an
+    encoder for 'lm'); checked before anything is loaded."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    spec = random_spec({"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}.get(name, name))
+    if task == "lm" and (name == "minilm" or (spec is not None and spec[0] == "bert")):
+        raise ValueError(f"{name} is an encoder: a language-modelling task needs a decoder (smollm2, tiny-llama, "
+                         f"random-llama:<hidden>x<layers>); use task='classification' with {name}")
+
+
 def load_model(name: str, task: str = "classification", num_labels: int = 2, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer) by name; see the module docstring. Random weights and heads come from `seed`."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_model_task(name, task)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoTokenizer, logging as hf_logging
@@ -137,8 +145,6 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     elif name == "minilm" or is_local_name(name):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        if name == "minilm" and task != "classification":
-            raise ValueError("minilm is an encoder: use task='classification'")
         path = package_dir(name) / "model" if name == "minilm" else local_model_dir(name)
         tok = AutoTokenizer.from_pretrained(path)
         cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification

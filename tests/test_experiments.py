@@ -127,7 +127,8 @@ def test_summation_over_seeds_pools_points_and_reuses_matching_runs(tmp_path, mo
     def fake(out_dir, seed, log, **kw):
         calls.append(seed)
         cfg = dict(model="m", seed=seed, r=4, alpha=64, epochs=1, lr=kw.get("lr", 1e-3), batch_size=8, max_length=128,
-                   train_limit=kw.get("train_limit"), eval_limit=200, domains={"math": "gsm8k", "claims": "c"},
+                   train_limit=kw.get("train_limit"), eval_limit=kw.get("eval_limit"),
+                   domains={"math": "gsm8k", "claims": "c"},
                    sizes={"math": {"train": 4, "test": 2}})
         rows = [{"adapters": "base", "math_ppl": 10.0 + seed, "claims_ppl": 20.0},
                 {"adapters": "math+claims", "math_ppl": 12.0 + 2 * seed, "claims_ppl": 22.0, "rms_cosine": 0.1 * seed,
