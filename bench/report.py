@@ -154,11 +154,10 @@ def plot(doc, K, r, path):
         for i, key in enumerate(["fwd_ratio", "fb_ratio"]):
             ax = axes[i][j]
             for s in shown(rows):
-                pts = [(x["T"], x["impls"].get(s, {}).get(key)) for x in sel]
-                pts = [(t, v) for t, v in pts if v is not None]
-                if pts:
+                ts, vs = _series(sel, s, key)
+                if ts:
                     style = "-o" if s.startswith("lorafuse") else "--."
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=s.replace("lorafuse_", "lorafuse "))
+                    ax.plot(ts, vs, style, label=s.replace("lorafuse_", "lorafuse "))
             _format_axes(ax, i, di, do, "time / base layer" if j == 0 else None)
     axes[0][0].legend(fontsize=8)
     env = doc["env"]
@@ -209,11 +208,9 @@ def plot_grid(doc, impl: str, path: str) -> None:
             for n, (K, r) in enumerate(kr):
                 sel = sorted([x for x in rows if (x["d_in"], x["d_out"], x["K"], x["r"]) == (di, do, K, r)],
                              key=lambda x: x["T"])
-                pts = [(x["T"], x["impls"].get(impl, {}).get(key)) for x in sel]
-                pts = [(t, v) for t, v in pts if v is not None]
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=cmap(n / max(1, len(kr) - 1)),
-                            label=f"K={K}, r={r} (R={K * r})")
+                ts, vs = _series(sel, impl, key)
+                if ts:
+                    ax.plot(ts, vs, "-o", ms=3, color=cmap(n / max(1, len(kr) - 1)), label=f"K={K}, r={r} (R={K * r})")
             _format_axes(ax, i, di, do, f"{impl} time / base layer" if j == 0 else None)
     axes[0][0].legend(fontsize=7)
     env = doc["env"]
@@ -221,6 +218,13 @@ def plot_grid(doc, impl: str, path: str) -> None:
                  f"(commit {env['commit']}, {env['date'][:10]})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _series(rows: list, impl: str, key: str) -> tuple:
+    """(T values, ratios) of one implementation over rows sorted by T, rows it lacks left out."""
+    pts = [(x["T"], x["impls"].get(impl, {}).get(key)) for x in rows]
+    pts = [(t, v) for t, v in pts if v is not None]
+    return [t for t, _ in pts], [v for _, v in pts]
 
 
 def save_figure(fig, path: str) -> None:
