@@ -344,8 +344,10 @@ def _head_seed(a, kind: str = "classification") -> int:
     train-adapter in TRAINED_WITH), which --seed may repeat but not contradict; 0 where none is recorded.
     A pretrained decoder has no such head: its adapters bind no seed (a random model's do: the seed
     draws its weights)."""
+    from .models import is_random_model
+
     recorded = _recorded(a)
-    if kind == "lm" and not a.model.startswith(("tiny-", "random-")):
+    if kind == "lm" and not is_random_model(a.model):
         return 0 if a.seed is None else a.seed
     seeds = {rec["seed"] for rec in recorded.values()}
     if len(seeds) > 1:

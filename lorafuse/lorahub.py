@@ -245,7 +245,10 @@ def lorahub_search(
         return _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition, maximize, optimizer, ng)
     except BaseException:
         # A failed search leaves the model as it was given: not composed, or composed as it was.
-        decompose(model) if composed_here else restore()
+        if composed_here:
+            decompose(model)
+        else:
+            restore()
         raise
 
 
@@ -319,7 +322,10 @@ def lorahub_train(
         return _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer, init)
     except BaseException:
         # A failed run leaves the model as it was given: not composed, or composed as it was.
-        decompose(model) if composed_here else restore()
+        if composed_here:
+            decompose(model)
+        else:
+            restore()
         raise
 
 

@@ -116,12 +116,25 @@ def _random_model(kind: str, hidden: int, layers: int, task: str, num_labels: in
     return LlamaForCausalLM(cfg) if task == "lm" else LlamaForSequenceClassification(cfg)
 
 
+# Short names of two small random models.
+ALIASES = {"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}
+
+
+def is_random_model(name: str) -> bool:
+    """Whether the name draws a random model (its weights come from the seed); a malformed random name
+    is not one (load_model names what is wrong with it)."""
+    try:
+        return random_spec(ALIASES.get(name, name)) is not None
+    except ValueError:
+        return False
+
+
 def check_model_task(name: str, task: str) -> None:
     """ValueError where the model of this name cannot take the task, as far as the name tells (an
     encoder for 'lm'); checked before anything is loaded."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    spec = random_spec({"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}.get(name, name))
+    spec = random_spec(ALIASES.get(name, name))
     if task == "lm" and (name == "minilm" or (spec is not None and spec[0] == "bert")):
         raise ValueError(f"{name} is an encoder: a language-modelling task needs a decoder (smollm2, tiny-llama, "
                          f"random-llama:<hidden>x<layers>); use task='classification' with {name}")
@@ -137,7 +150,7 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
 
     torch.manual_seed(seed)
     if name in ("tiny-bert", "tiny-llama"):
-        name = {"tiny-bert": "random-bert:32x2", "tiny-llama": "random-llama:32x2"}[name]
+        name = ALIASES[name]
     spec = random_spec(name)
     if spec:
         tok = char_tokenizer(lm=task == "lm")
