@@ -2,6 +2,14 @@
 
     python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 4] [--out bench/results]
     python bench/shrink_cublas_ab.py --routed 16 64 [--top-k 0 1 2] [--schedule dense] [--T 2048 8192]
+    python bench/shrink_cublas_ab.py --variants triton expand both [--T 512 2048 8192] [--R 48]
+
+--variants picks what is timed beside the base layer (default: triton cublas): "triton" (the Triton
+shrink, the expand as extra K-steps of the Triton GEMM), "cublas" (x a_cat^T from cuBLAS, Triton GEMM),
+"expand" (the package's own shrink switch, the expand on cuBLAS: Z = S' b_cat^T, then Z.addmm_(x, W^T);
+lorafuse.ops.expand),
+"both" (cuBLAS for the shrink's product and the expand), "default" (the package's own switches). With
+expand variants the file is expand-cublas-ab-<gpu>-<date>.json (routed-expand-cublas-ab with --routed).
 
 For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
 lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
@@ -35,11 +43,14 @@ from common import env_info, graphed, layer_inputs, round_order, save_json, warm
 import lorafuse  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
-DEFAULT_MIN_R = shrink_module.SHRINK_CUBLAS_MIN_R
+ops_module = importlib.import_module("lorafuse.ops")
+DEFAULTS = (shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MIN_T)
+# variant -> (kernels.shrink.SHRINK_CUBLAS_MIN_R, lorafuse.ops.EXPAND_CUBLAS_MIN_T)
+VARIANTS = {"triton": (0, 0), "cublas": (1, 0), "expand": (DEFAULTS[0], 1), "both": (1, 1), "default": DEFAULTS}
 
 
 def use(variant: str) -> None:
-    shrink_module.SHRINK_CUBLAS_MIN_R = {"cublas": 1, "triton": 0}.get(variant, DEFAULT_MIN_R)
+    shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MIN_T = VARIANTS[variant]
 
 
 def main() -> None:
@@ -52,8 +63,12 @@ def main() -> None:
                    help="time the routed layer with these adapter counts (rank 16 each) instead")
     p.add_argument("--top-k", type=int, nargs="+", default=[0, 1, 2], help="routed: 0 = dense softmax")
     p.add_argument("--schedule", default="dense", choices=["auto", "dense", "grouped"])
+    p.add_argument("--variants", nargs="+", default=["triton", "cublas"], choices=list(VARIANTS))
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    names = list(dict.fromkeys(args.variants))
+    stem = "shrink-cublas-ab" if set(names) <= {"triton", "cublas"} else "expand-cublas-ab"
+    stem = f"routed-{stem.replace('shrink-', '')}" if args.routed is not None else stem
     assert torch.cuda.is_available(), "shrink_cublas_ab.py needs a GPU"
     warm_up()
     doc = {"env": env_info(sys.argv), "rows": []}
@@ -93,10 +108,10 @@ def main() -> None:
                     else:
                         ref = lorafuse.lora_linear_reference(x.float(), w.float(), None, a_cat.float(),
                                                              b_cat.float(), scale, a_map, b_map)
-                    errs = {v: ((op(v)().float() - ref).norm() / ref.norm()).item() for v in ("triton", "cublas")}
+                    errs = {v: ((op(v)().float() - ref).norm() / ref.norm()).item() for v in names}
                     used = shrink_module._MM_OUT_DTYPE
-                    variants = {"base_eager": base, "triton_eager": op("triton"), "cublas_eager": op("cublas")}
-                    for k in ("base", "triton", "cublas"):
+                    variants = {"base_eager": base, **{f"{v}_eager": op(v) for v in names}}
+                    for k in ["base", *names]:
                         variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
                     times = {k: [] for k in variants}
                     for i in range(args.rounds):
@@ -108,16 +123,16 @@ def main() -> None:
                 row = {"T": T, "d_in": d_in, "d_out": d_out, **shape, "ms": med, "ms_rounds": times,
                        "rel_err": errs, "mm_out_dtype": used}
                 for mode in ("eager", "graph"):
-                    for k in ("triton", "cublas"):
+                    for k in names:
                         row[f"{k}_{mode}_ratio"] = med[f"{k}_{mode}"] / med[f"base_{mode}"]
                 doc["rows"].append(row)
                 label = f"K={R} top_k={m}" if routed else f"R={R}"
-                print(f"{label} T={T} {dims}: graph base {med['base_graph']:.4f} ms, triton "
-                      f"{row['triton_graph_ratio']:.3f}x, cublas {row['cublas_graph_ratio']:.3f}x | eager triton "
-                      f"{row['triton_eager_ratio']:.3f}x, cublas {row['cublas_eager_ratio']:.3f}x | err {errs}",
-                      flush=True)
-                save_json(doc, args.out, "routed-cublas-ab" if routed else "shrink-cublas-ab")
-    shrink_module.SHRINK_CUBLAS_MIN_R = DEFAULT_MIN_R
+                cells = {mode: ", ".join(f"{k} {row[f'{k}_{mode}_ratio']:.3f}x" for k in names)
+                         for mode in ("graph", "eager")}
+                print(f"{label} T={T} {dims}: graph base {med['base_graph']:.4f} ms, {cells['graph']} | eager "
+                      f"{cells['eager']} | err {errs}", flush=True)
+                save_json(doc, args.out, stem)
+    use("default")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ FUSED_MAX_R = 128
 # three benchmark shapes and faster only at T = 2048, 4096 x 4096 (bench/NOTES.md, entry 8).
 PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
+# Rows from which the expand runs on cuBLAS for 16-bit CUDA inputs: Z = S' b_cat^T (+ bias) first, then
+# the base product accumulated onto it in place (Z.addmm_(x, W^T): cuBLAS's beta = 1), instead of the
+# Triton GEMM with the expand as R extra K-steps. Z is rounded to x's dtype before the base product is
+# added (one more rounding than the fused GEMM, as in peft). 0 turns it off.
+try:
+    EXPAND_CUBLAS_MIN_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MIN_T", "0"))
+except ValueError:
+    raise ValueError("LORAFUSE_EXPAND_CUBLAS_MIN_T must be an integer row count (0 turns it off), got "
+                     f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MIN_T']!r}") from None
+
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
@@ -207,9 +217,24 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
                                            check=False)
         return y, (sp if save else None), s, u
     sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False)
-    # lora_linear has checked the operands and made bias contiguous: no second round of checks.
-    y = lora_gemm(x, weight.t(), sp, b_cat.t(), bias, check=False)
+    y = expand(x, weight, bias, sp, b_cat)
     return y, (sp if save else None), s, u
+
+
+def expand_uses_cublas(x: Tensor) -> bool:
+    """Whether expand() takes the matmul path for x (T, d_in): cuBLAS on CUDA; on the CPU (the
+    interpreter's tests) torch's own matmul."""
+    return 0 < EXPAND_CUBLAS_MIN_T <= x.shape[0] and x.dtype != torch.float32
+
+
+def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor) -> Tensor:
+    """y = x W^T + bias + S' b_cat^T.  x: (T, d_in), weight: (d_out, d_in), bias: (d_out,) or None,
+    sp: (T, R) in x's dtype, b_cat: (d_out, R). The operands have been checked (lora_linear and the
+    routed op check them): no second round of checks."""
+    if expand_uses_cublas(x):
+        y = torch.mm(sp, b_cat.t()) if bias is None else torch.addmm(bias, sp, b_cat.t())
+        return y.addmm_(x, weight.t())
+    return lora_gemm(x, weight.t(), sp, b_cat.t(), bias, check=False)
 
 
 def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs):

@@ -287,15 +287,15 @@ def _block_ids_cached(ranks: tuple, device: torch.device) -> Tensor:
 
 
 def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature, save):
-    from .kernels import lora_gemm
     from .kernels.routing import routed_shrink
+    from .ops import expand
 
     # The op has checked every operand (lora_linear_routed): no second round of checks. The kernels
     # index the vectors without a stride: a sliced or expanded one is copied (here, under every entry).
     bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)
     sp, s, z, g = routed_shrink(x, a_c, router_c, sc, block, top_k=top_k, temperature=temperature,
                                 abs_logits=abs_logits, router_bias=rbias, save=save, check=False)
-    y = lora_gemm(x, weight.t(), sp, b_c.t(), bias, check=False)
+    y = expand(x, weight, bias, sp, b_c)
     return y, sp, s, z, g
 
 

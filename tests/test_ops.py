@@ -85,6 +85,23 @@ def test_cublas_shrink_path(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
     assert calls and shrink_module._MM_OUT_DTYPE is not False
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
+def test_cublas_expand_path(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
+    # The expand as Z = S' b_cat^T (+ bias), then Z.addmm_(x, W^T), as rows from EXPAND_CUBLAS_MIN_T
+    # take it; the Triton GEMM must not run in the forward.
+    monkeypatch.setattr(ops, "EXPAND_CUBLAS_MIN_T", 1)
+    monkeypatch.setattr(ops, "FUSED_MAX_T", 0)
+    gemm_calls = []
+    orig = ops.lora_gemm
+    monkeypatch.setattr(ops, "lora_gemm", lambda *a, **k: gemm_calls.append(1) or orig(*a, **k))
+    args = _args(T, d_in, d_out, R, m, dtype)
+    with torch.no_grad():
+        y = lorafuse.lora_linear(*args)
+    assert not gemm_calls and y.dtype == dtype
+    _check_against_reference(args, dtype)
+
+
 @pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()[0] == 9),
                     reason="the persistent layer runs on Hopper GPUs only")
 @pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "two-launch"])

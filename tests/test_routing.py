@@ -211,6 +211,35 @@ def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, 
         assert len(kernel_calls) == 1  # the fused routed shrink ran (on the GPU or the interpreter)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_routed_cublas_expand(dtype, top_k, monkeypatch, seeded):
+    """The routed layer's expand on the matmul path (lorafuse.ops.expand from EXPAND_CUBLAS_MIN_T rows),
+    forward and gradients against float64."""
+    import lorafuse.ops as ops
+
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    monkeypatch.setattr(ops, "EXPAND_CUBLAS_MIN_T", 1)
+    T, d_in, d_out, ranks = 37, 48, 40, [3, 8, 5]
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
+    router, rbias = router_for("arrow", a_cat, b_cat, ranks, scale, dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, a_cat, b_cat)]
+    y = lora_linear_routed(*leaves, scale, ranks, router, "arrow", top_k, 0.7, rbias, schedule="dense")
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, a_cat, b_cat)]
+    ref = lora_linear_routed_reference(*ref_leaves, scale.double(), ranks, router.double(), "arrow", top_k, 0.7,
+                                       rbias)
+    stable = ~near_tie_rows(x, router, rbias, "arrow", top_k, 0.7)
+    assert stable.float().mean() > 0.9
+    keep = stable.to(y.device)
+    assert y.dtype == dtype and rel_err(y[keep], ref[keep]) < TOL[dtype]
+    dy = torch.randn_like(y) * keep[:, None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads_ref = torch.autograd.grad(ref, ref_leaves, dy.double())
+    for name, g, g_ref in zip(["x", "weight", "bias", "a_cat", "b_cat"], grads, grads_ref):
+        assert rel_err(g, g_ref) < 2 * TOL[dtype], name
+
+
 @pytest.fixture
 def segmented_calls(monkeypatch):
     """Counts passes of the mixed-batch kernels (one per top-k choice on the grouped schedule)."""
