@@ -4,11 +4,11 @@
     python bench/shrink_cublas_ab.py --routed 16 64 [--top-k 0 1 2] [--schedule dense] [--T 2048 8192]
     python bench/shrink_cublas_ab.py --variants triton expand both [--T 512 2048 8192] [--R 48]
 
---variants picks what is timed beside the base layer (default: triton cublas): "triton" (the Triton
-shrink, the expand as extra K-steps of the Triton GEMM), "cublas" (x a_cat^T from cuBLAS, Triton GEMM),
-"expand" (the package's own shrink switch, the expand on cuBLAS: Z = S' b_cat^T, then Z.addmm_(x, W^T);
-lorafuse.ops.expand),
-"both" (cuBLAS for the shrink's product and the expand), "default" (the package's own switches). With
+--variants picks what is timed beside the base layer (default: triton cublas), at every T: "triton" (the
+Triton shrink; the expand as extra K-steps of the Triton GEMM), "cublas" (x a_cat^T from cuBLAS, Triton
+GEMM), "gemm" (the package's own shrink switch, Triton GEMM), "expand" (the package's own shrink switch, the
+expand on cuBLAS: Z = S' b_cat^T, then Z.addmm_(x, W^T); lorafuse.ops.expand), "both" (cuBLAS for the
+shrink's product and the expand), "default" (the package's own switches). With
 expand variants the file is expand-cublas-ab-<gpu>-<date>.json (routed-expand-cublas-ab with --routed).
 
 For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
@@ -44,13 +44,15 @@ import lorafuse  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 ops_module = importlib.import_module("lorafuse.ops")
-DEFAULTS = (shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MIN_T)
-# variant -> (kernels.shrink.SHRINK_CUBLAS_MIN_R, lorafuse.ops.EXPAND_CUBLAS_MIN_T)
-VARIANTS = {"triton": (0, 0), "cublas": (1, 0), "expand": (DEFAULTS[0], 1), "both": (1, 1), "default": DEFAULTS}
+DEFAULTS = (shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MAX_T)
+ALL = 10 ** 9
+# variant -> (kernels.shrink.SHRINK_CUBLAS_MIN_R, lorafuse.ops.EXPAND_CUBLAS_MAX_T)
+VARIANTS = {"triton": (0, 0), "cublas": (1, 0), "gemm": (DEFAULTS[0], 0), "expand": (DEFAULTS[0], ALL),
+            "both": (1, ALL), "default": DEFAULTS}
 
 
 def use(variant: str) -> None:
-    shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MIN_T = VARIANTS[variant]
+    shrink_module.SHRINK_CUBLAS_MIN_R, ops_module.EXPAND_CUBLAS_MAX_T = VARIANTS[variant]
 
 
 def main() -> None:

@@ -42,15 +42,19 @@ FUSED_MAX_R = 128
 # three benchmark shapes and faster only at T = 2048, 4096 x 4096 (bench/NOTES.md, entry 8).
 PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
-# Rows from which the expand runs on cuBLAS for 16-bit CUDA inputs: Z = S' b_cat^T (+ bias) first, then
-# the base product accumulated onto it in place (Z.addmm_(x, W^T): cuBLAS's beta = 1), instead of the
-# Triton GEMM with the expand as R extra K-steps. Z is rounded to x's dtype before the base product is
-# added (one more rounding than the fused GEMM, as in peft). 0 turns it off.
+# Up to this many rows (above FUSED_MAX_T, or any rank beyond FUSED_MAX_R) the expand of 16-bit inputs runs
+# on cuBLAS: Z = S' b_cat^T (+ bias) first, then the base product accumulated onto it in place
+# (Z.addmm_(x, W^T), cuBLAS's beta = 1), instead of the Triton GEMM with the expand as R extra K-steps.
+# Z is rounded to x's dtype before the base product is added (one rounding more than the fused GEMM, as
+# in peft). Where the Triton GEMM fills the GPU poorly this wins (expand-cublas-ab-*.json, H200, LoraMap
+# R = 48, from a CUDA graph, 4 rounds, order reversed every other one: T = 512 1.77x -> 1.68x,
+# 1.44x -> 1.27x, 1.41x -> 1.27x the base GEMM on 4096 x 4096, 4096 x 14336, 14336 x 4096); from 2048
+# rows it does not (+0.00 to +0.04x: beta = 1 costs cuBLAS 3-6 %, and Z is written once more). 0 turns it off.
 try:
-    EXPAND_CUBLAS_MIN_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MIN_T", "0"))
+    EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "1024"))
 except ValueError:
-    raise ValueError("LORAFUSE_EXPAND_CUBLAS_MIN_T must be an integer row count (0 turns it off), got "
-                     f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MIN_T']!r}") from None
+    raise ValueError("LORAFUSE_EXPAND_CUBLAS_MAX_T must be an integer row count (0 turns it off), got "
+                     f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MAX_T']!r}") from None
 
 
 @contextlib.contextmanager
@@ -222,9 +226,9 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
 
 
 def expand_uses_cublas(x: Tensor) -> bool:
-    """Whether expand() takes the matmul path for x (T, d_in): cuBLAS on CUDA; on the CPU (the
-    interpreter's tests) torch's own matmul."""
-    return 0 < EXPAND_CUBLAS_MIN_T <= x.shape[0] and x.dtype != torch.float32
+    """Whether expand() takes cuBLAS's path for x (T, d_in). (The CPU's interpreter tests force the same
+    path, on torch's CPU matmul, by replacing this function.)"""
+    return x.shape[0] <= EXPAND_CUBLAS_MAX_T and x.is_cuda and x.dtype != torch.float32
 
 
 def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor) -> Tensor:

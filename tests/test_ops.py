@@ -88,9 +88,9 @@ def test_cublas_shrink_path(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", CASES, ids=IDS)
 def test_cublas_expand_path(T, d_in, d_out, R, m, dtype, monkeypatch, seeded):
-    # The expand as Z = S' b_cat^T (+ bias), then Z.addmm_(x, W^T), as rows from EXPAND_CUBLAS_MIN_T
+    # The expand as Z = S' b_cat^T (+ bias), then Z.addmm_(x, W^T), as rows up to EXPAND_CUBLAS_MAX_T
     # take it; the Triton GEMM must not run in the forward.
-    monkeypatch.setattr(ops, "EXPAND_CUBLAS_MIN_T", 1)
+    monkeypatch.setattr(ops, "expand_uses_cublas", lambda x: x.dtype != torch.float32)
     monkeypatch.setattr(ops, "FUSED_MAX_T", 0)
     gemm_calls = []
     orig = ops.lora_gemm
@@ -344,3 +344,13 @@ def test_bfloat16_on_the_interpreter_takes_the_torch_path(seeded):
             lorafuse.lora_linear(*args)
     with pytest.raises(ValueError, match="x is bfloat16 on the CPU"):
         shrink(args[0], args[3], args[5])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the cuBLAS expand is a CUDA path")
+def test_expand_dispatch():
+    # 16-bit CUDA rows up to EXPAND_CUBLAS_MAX_T take cuBLAS's expand; float32 and more rows the Triton GEMM.
+    lim = ops.EXPAND_CUBLAS_MAX_T
+    assert lim > ops.FUSED_MAX_T
+    for T, dt, want in [(lim, torch.bfloat16, True), (lim + 1, torch.bfloat16, False), (lim, torch.float32, False),
+                        (ops.FUSED_MAX_T + 1, torch.float16, True)]:
+        assert ops.expand_uses_cublas(torch.empty(T, 8, device="cuda", dtype=dt)) is want, (T, dt)

@@ -214,13 +214,13 @@ def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
 @pytest.mark.parametrize("top_k", [None, 1])
 def test_routed_cublas_expand(dtype, top_k, monkeypatch, seeded):
-    """The routed layer's expand on the matmul path (lorafuse.ops.expand from EXPAND_CUBLAS_MIN_T rows),
+    """The routed layer's expand on the matmul path (lorafuse.ops.expand up to EXPAND_CUBLAS_MAX_T rows),
     forward and gradients against float64."""
     import lorafuse.ops as ops
 
     if not can_run(torch.empty(0, device=DEVICE)):
         pytest.skip("kernels cannot run here")
-    monkeypatch.setattr(ops, "EXPAND_CUBLAS_MIN_T", 1)
+    monkeypatch.setattr(ops, "expand_uses_cublas", lambda x: x.dtype != torch.float32)
     T, d_in, d_out, ranks = 37, 48, 40, [3, 8, 5]
     x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
     router, rbias = router_for("arrow", a_cat, b_cat, ranks, scale, dtype)
