@@ -46,12 +46,15 @@ PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 # on cuBLAS: Z = S' b_cat^T (+ bias) first, then the base product accumulated onto it in place
 # (Z.addmm_(x, W^T), cuBLAS's beta = 1), instead of the Triton GEMM with the expand as R extra K-steps.
 # Z is rounded to x's dtype before the base product is added (one rounding more than the fused GEMM, as
-# in peft). Where the Triton GEMM fills the GPU poorly this wins (expand-cublas-ab-*.json, H200, LoraMap
-# R = 48, from a CUDA graph, 4 rounds, order reversed every other one: T = 512 1.77x -> 1.68x,
-# 1.44x -> 1.27x, 1.41x -> 1.27x the base GEMM on 4096 x 4096, 4096 x 14336, 14336 x 4096); from 2048
-# rows it does not (+0.00 to +0.04x: beta = 1 costs cuBLAS 3-6 %, and Z is written once more). 0 turns it off.
+# in peft). Where the Triton GEMM's tiles fill the GPU poorly this wins: expand-cublas-ab-*.json (H200,
+# LoraMap, R = 48, from a CUDA graph, 4 rounds, the order reversed every other one), the layer over the
+# base GEMM on 4096 x 4096 / 4096 x 14336 / 14336 x 4096: T = 128 2.51 / 1.38 / 2.44x -> 1.85 / 1.40 /
+# 1.50x; T = 256 1.99 / 1.71 / 2.07x -> 1.70 / 1.42 / 1.41x; T = 512 1.77 / 1.44 / 1.41x -> 1.68 / 1.27 /
+# 1.27x; T = 1024 1.41 / 1.30 / 1.14x -> 1.48 / 1.19 / 1.17x (mixed); from 2048 rows +0.00 to +0.04x
+# (beta = 1 costs cuBLAS 3-6 %, and Z is written once more). The routed layer (K = 16, top-1, T = 512):
+# 2.16 / 1.61x -> 2.06 / 1.41x. 0 turns it off.
 try:
-    EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "1024"))
+    EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "512"))
 except ValueError:
     raise ValueError("LORAFUSE_EXPAND_CUBLAS_MAX_T must be an integer row count (0 turns it off), got "
                      f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MAX_T']!r}") from None
