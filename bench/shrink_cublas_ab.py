@@ -10,6 +10,8 @@ GEMM), "gemm" (the package's own shrink switch, Triton GEMM), "expand" (the pack
 expand on cuBLAS: Z = S' b_cat^T, then Z.addmm_(x, W^T); lorafuse.ops.expand), "both" (cuBLAS for the
 shrink's product and the expand), "default" (the package's own switches). With
 expand variants the file is expand-cublas-ab-<gpu>-<date>.json (routed-expand-cublas-ab with --routed).
+--backward times forward+backward instead (the stem gains -backward): the expand switch also takes the
+backward's dx = dy W + dS a_cat.
 
 For each shape (T, d_in, d_out) and R, LoraMap rank 16, bf16: cuBLAS's base layer (F.linear),
 lorafuse.lora_linear with the Triton shrink ("triton": kernels.shrink's pointer or copy-engine kernels)
@@ -28,6 +30,7 @@ Writes routed-cublas-ab-<gpu>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import statistics
@@ -66,11 +69,15 @@ def main() -> None:
     p.add_argument("--top-k", type=int, nargs="+", default=[0, 1, 2], help="routed: 0 = dense softmax")
     p.add_argument("--schedule", default="dense", choices=["auto", "dense", "grouped"])
     p.add_argument("--variants", nargs="+", default=["triton", "cublas"], choices=list(VARIANTS))
+    p.add_argument("--backward", action="store_true",
+                   help="time forward+backward: the gradients of x (and of the LoraMap mapping; the routed layer: "
+                        "x only), against the base layer's forward+backward for x")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     names = list(dict.fromkeys(args.variants))
     stem = "shrink-cublas-ab" if set(names) <= {"triton", "cublas"} else "expand-cublas-ab"
     stem = f"routed-{stem.replace('shrink-', '')}" if args.routed is not None else stem
+    stem = f"{stem}-backward" if args.backward else stem
     assert torch.cuda.is_available(), "shrink_cublas_ab.py needs a GPU"
     warm_up()
     doc = {"env": env_info(sys.argv), "rows": []}
@@ -112,7 +119,17 @@ def main() -> None:
                                                              b_cat.float(), scale, a_map, b_map)
                     errs = {v: ((op(v)().float() - ref).norm() / ref.norm()).item() for v in names}
                     used = shrink_module._MM_OUT_DTYPE
-                    variants = {"base_eager": base, **{f"{v}_eager": op(v) for v in names}}
+                variants = {"base_eager": base, **{f"{v}_eager": op(v) for v in names}}
+                if args.backward:  # forward+backward: the gradients of x (and of the mapping) from dy
+                    leaves = [x] if routed else [x, a_map, b_map]
+                    for t in leaves:
+                        t.requires_grad_(True)
+                    dy = torch.randn(T, d_out, device=x.device, dtype=x.dtype)
+
+                    def with_grad(fwd, wrt):
+                        return lambda: torch.autograd.grad(fwd(), wrt, dy)
+                    variants = {k: with_grad(f, [x] if k == "base_eager" else leaves) for k, f in variants.items()}
+                with contextlib.nullcontext() if args.backward else torch.no_grad():
                     for k in ["base", *names]:
                         variants[f"{k}_graph"] = graphed(variants[f"{k}_eager"])
                     times = {k: [] for k in variants}
@@ -122,7 +139,8 @@ def main() -> None:
                     use("default")
                 med = {k: statistics.median(v) for k, v in times.items()}
                 shape = {"K": R, "top_k": m, "schedule": args.schedule} if routed else {"R": R, "m": m}
-                row = {"T": T, "d_in": d_in, "d_out": d_out, **shape, "ms": med, "ms_rounds": times,
+                row = {"T": T, "d_in": d_in, "d_out": d_out, **shape, "backward": args.backward, "ms": med,
+                       "ms_rounds": times,
                        "rel_err": errs, "mm_out_dtype": used}
                 for mode in ("eager", "graph"):
                     for k in names:

@@ -236,8 +236,9 @@ def expand_uses_cublas(x: Tensor) -> bool:
 
 def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor) -> Tensor:
     """y = x W^T + bias + S' b_cat^T.  x: (T, d_in), weight: (d_out, d_in), bias: (d_out,) or None,
-    sp: (T, R) in x's dtype, b_cat: (d_out, R). The operands have been checked (lora_linear and the
-    routed op check them): no second round of checks."""
+    sp: (T, R) in x's dtype, b_cat: (d_out, R); any strides. The backward's dx = dy W + dS a_cat is the
+    same product: expand(dy, W^T, None, dS, a_cat^T). The operands have been checked (lora_linear and
+    the routed op check them): no second round of checks."""
     if expand_uses_cublas(x):
         y = torch.mm(sp, b_cat.t()) if bias is None else torch.addmm(bias, sp, b_cat.t())
         return y.addmm_(x, weight.t())
@@ -257,7 +258,7 @@ def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, n
             need_ds=n_x or n_a, need_dmap=(n_am or n_bm), need_dscale=n_sc, check=False,
         )
     return [
-        lora_gemm(dy, weight, ds, a_cat) if n_x else None,
+        expand(dy, weight.t(), None, ds, a_cat.t()) if n_x else None,
         dy.t() @ x if n_w else None,
         dy.sum(0, dtype=torch.float32).to(dy.dtype) if n_b else None,
         ds.t() @ x if n_a else None,

@@ -306,9 +306,9 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
     dS' = dY b_cat runs as the shrink's partial kernel; the gate backward (elementwise on the (T, R)
     and (T, K) rows: dS = dS' * scale * g[:, block], dg_i = sum over block i of dS' S scale, the
     softmax backward, |.|'s sign) is plain torch; dx = dY W + [dS | dZ] [a_cat; router] is one
-    lora_gemm; the weight gradients are plain matmuls."""
-    from .kernels import lora_gemm
+    product (lorafuse.ops.expand); the weight gradients are plain matmuls."""
     from .kernels.shrink import _rows_partial, split_config
+    from .ops import expand
 
     n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = needs
     T, R = x.shape[0], sc.shape[0]
@@ -324,7 +324,8 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
         dlog = g * (dg - (g * dg).sum(1, keepdim=True)) / temperature
         dz = dlog * torch.sign(z) if abs_logits else dlog
         if n_x:
-            grads[0] = lora_gemm(dy, weight, torch.cat([ds, dz], 1).to(dy.dtype), torch.cat([a_c, router_c], 0))
+            grads[0] = expand(dy, weight.t(), None, torch.cat([ds, dz], 1).to(dy.dtype),
+                              torch.cat([a_c, router_c], 0).t())
         if n_a:
             grads[3] = ds.t().to(x.dtype) @ x
         if n_sc:
