@@ -42,17 +42,21 @@ FUSED_MAX_R = 128
 # three benchmark shapes and faster only at T = 2048, 4096 x 4096 (bench/NOTES.md, entry 8).
 PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
-# Up to this many rows (above FUSED_MAX_T, or any rank beyond FUSED_MAX_R) the expand of 16-bit inputs runs
-# on cuBLAS: Z = S' b_cat^T (+ bias) first, then the base product accumulated onto it in place
-# (Z.addmm_(x, W^T), cuBLAS's beta = 1), instead of the Triton GEMM with the expand as R extra K-steps.
-# Z is rounded to x's dtype before the base product is added (one rounding more than the fused GEMM, as
-# in peft). Where the Triton GEMM's tiles fill the GPU poorly this wins: expand-cublas-ab-*.json (H200,
-# LoraMap, R = 48, from a CUDA graph, 4 rounds, the order reversed every other one), the layer over the
-# base GEMM on 4096 x 4096 / 4096 x 14336 / 14336 x 4096: T = 128 2.51 / 1.38 / 2.44x -> 1.85 / 1.40 /
-# 1.50x; T = 256 1.99 / 1.71 / 2.07x -> 1.70 / 1.42 / 1.41x; T = 512 1.77 / 1.44 / 1.41x -> 1.68 / 1.27 /
-# 1.27x; T = 1024 1.41 / 1.30 / 1.14x -> 1.48 / 1.19 / 1.17x (mixed); from 2048 rows +0.00 to +0.04x
-# (beta = 1 costs cuBLAS 3-6 %, and Z is written once more). The routed layer (K = 16, top-1, T = 512):
-# 2.16 / 1.61x -> 2.06 / 1.41x. 0 turns it off.
+# From EXPAND_CUBLAS_MIN_T to EXPAND_CUBLAS_MAX_T rows the expand of 16-bit inputs runs on cuBLAS:
+# Z = S' b_cat^T (+ bias) first, then the base product accumulated onto it in place (Z.addmm_(x, W^T),
+# cuBLAS's beta = 1), instead of the Triton GEMM with the expand as R extra K-steps; the backward's dx
+# likewise. Z is rounded to x's dtype before the base product is added (one rounding more than the fused
+# GEMM, as in peft). Where the Triton GEMM's tiles fill the GPU poorly this wins: expand-cublas-ab-*.json
+# (H200, LoraMap, R = 48, forward from a CUDA graph, 4 rounds, the order reversed every other one), the
+# layer over the base GEMM on 4096 x 4096 / 4096 x 14336 / 14336 x 4096: T = 128 2.51 / 1.38 / 2.44x ->
+# 1.85 / 1.40 / 1.50x; T = 256 1.99 / 1.71 / 2.07x -> 1.70 / 1.42 / 1.41x; T = 512 1.77 / 1.44 / 1.41x ->
+# 1.68 / 1.27 / 1.27x; T = 1024 1.41 / 1.30 / 1.14x -> 1.48 / 1.19 / 1.17x (mixed); from 2048 rows +0.00
+# to +0.04x (beta = 1 costs cuBLAS 3-6 %, and Z is written once more). The routed layer (K = 16, top-1,
+# T = 512): 2.16 / 1.61x -> 2.06 / 1.41x. Below 65 rows the Triton GEMM's few-row tiles win
+# (routing-expand-6b519c3-*.json: the routed layer at T = 16, K = 4 / 16 / 64, from a graph 1.62 / 1.61 /
+# 1.96x -> 1.78 / 1.84 / 2.19x on cuBLAS; LoraMap R = 512 at T = 16 mixed). EXPAND_CUBLAS_MAX_T = 0 turns
+# it off.
+EXPAND_CUBLAS_MIN_T = 65
 try:
     EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "512"))
 except ValueError:
@@ -231,7 +235,7 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
 def expand_uses_cublas(x: Tensor) -> bool:
     """Whether expand() takes cuBLAS's path for x (T, d_in). (The CPU's interpreter tests force the same
     path, on torch's CPU matmul, by replacing this function.)"""
-    return x.shape[0] <= EXPAND_CUBLAS_MAX_T and x.is_cuda and x.dtype != torch.float32
+    return EXPAND_CUBLAS_MIN_T <= x.shape[0] <= EXPAND_CUBLAS_MAX_T and x.is_cuda and x.dtype != torch.float32
 
 
 def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor) -> Tensor:

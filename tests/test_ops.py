@@ -348,9 +348,10 @@ def test_bfloat16_on_the_interpreter_takes_the_torch_path(seeded):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the cuBLAS expand is a CUDA path")
 def test_expand_dispatch():
-    # 16-bit CUDA rows up to EXPAND_CUBLAS_MAX_T take cuBLAS's expand; float32 and more rows the Triton GEMM.
-    lim = ops.EXPAND_CUBLAS_MAX_T
-    assert lim > ops.FUSED_MAX_T
-    for T, dt, want in [(lim, torch.bfloat16, True), (lim + 1, torch.bfloat16, False), (lim, torch.float32, False),
-                        (ops.FUSED_MAX_T + 1, torch.float16, True)]:
+    # 16-bit CUDA rows from EXPAND_CUBLAS_MIN_T to EXPAND_CUBLAS_MAX_T take cuBLAS's expand; float32, fewer
+    # and more rows the Triton GEMM.
+    lo, hi = ops.EXPAND_CUBLAS_MIN_T, ops.EXPAND_CUBLAS_MAX_T
+    assert ops.FUSED_MAX_T < lo < hi
+    for T, dt, want in [(hi, torch.bfloat16, True), (hi + 1, torch.bfloat16, False), (hi, torch.float32, False),
+                        (lo, torch.float16, True), (lo - 1, torch.float16, False), (16, torch.bfloat16, False)]:
         assert ops.expand_uses_cublas(torch.empty(T, 8, device="cuda", dtype=dt)) is want, (T, dt)
