@@ -355,3 +355,22 @@ def test_expand_dispatch():
     for T, dt, want in [(hi, torch.bfloat16, True), (hi + 1, torch.bfloat16, False), (hi, torch.float32, False),
                         (lo, torch.float16, True), (lo - 1, torch.float16, False), (16, torch.bfloat16, False)]:
         assert ops.expand_uses_cublas(torch.empty(T, 8, device="cuda", dtype=dt)) is want, (T, dt)
+
+
+@pytest.mark.parametrize("var", ["LORAFUSE_EXPAND_CUBLAS_MAX_T", "LORAFUSE_SHRINK_CUBLAS_MIN_R"])
+def test_switch_environment_variables(var):
+    # A row or rank count read at import: a bad value is refused by name; a number is taken as given.
+    import os
+    import subprocess
+    import sys
+
+    read = ("import lorafuse.ops as o, importlib; s = importlib.import_module('lorafuse.kernels.shrink'); "
+            "print(o.EXPAND_CUBLAS_MAX_T, s.SHRINK_CUBLAS_MIN_R)")
+    run = lambda value: subprocess.run([sys.executable, "-c", read], capture_output=True, text=True,  # noqa: E731
+                                       env={**os.environ, var: value})
+    bad = run("many")
+    assert bad.returncode != 0 and var in bad.stderr and "'many'" in bad.stderr
+    good = run("7")
+    assert good.returncode == 0, good.stderr
+    expand_max, shrink_min = good.stdout.split()
+    assert (expand_max if var == "LORAFUSE_EXPAND_CUBLAS_MAX_T" else shrink_min) == "7"
