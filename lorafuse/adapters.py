@@ -27,6 +27,8 @@ __all__ = ["LoraAdapter", "load_adapter", "load_adapters", "adapters_from_peft",
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# Beside a CLI-trained adapter: {"model", "seed", "task"} it was trained with (lorafuse.cli reads it).
+TRAINED_WITH = "lorafuse_trained_with.json"
 
 # module path, A or B, optional adapter name (state dicts taken from model.state_dict() keep it).
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -92,8 +94,9 @@ def check_supported(config: Any, name: str) -> None:
     """Raise NotImplementedError naming the first feature of `config` that is not a plain LoRA."""
     from peft import LoraConfig
 
-    if not isinstance(config, LoraConfig):
-        kind = getattr(config, "peft_type", type(config).__name__)
+    # peft's LoRA variants (AdaLoRA among them) subclass LoraConfig: their peft_type says what they are.
+    kind = str(getattr(config, "peft_type", type(config).__name__)).split(".")[-1]
+    if not isinstance(config, LoraConfig) or kind != "LORA":
         raise NotImplementedError(f"adapter {name!r}: only LoRA adapters are supported, got peft_type {kind}")
     if getattr(config, "bias", "none") != "none":
         raise NotImplementedError(f"adapter {name!r}: bias={config.bias!r} is not supported (only bias='none')")
@@ -255,15 +258,21 @@ def load_adapter(source: AdapterSource, name: Optional[str] = None) -> LoraAdapt
                     f"got {type(source).__name__}")
 
 
-def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
-    """Several adapters; names default to the directory names (or adapter<i>) and are made unique."""
+def adapter_list(sources: Sequence[AdapterSource]) -> List[AdapterSource]:
+    """`sources` as a list (read once: a generator would be spent by its first use); a single adapter
+    or anything that is not a list of adapters is refused by name."""
     if isinstance(sources, (str, os.PathLike, LoraAdapter)) or (
             isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[0], Mapping)):
         raise TypeError("adapters must be a list of adapters; wrap a single adapter in a list")
     if isinstance(sources, Mapping) or not isinstance(sources, Iterable):
         raise TypeError(f"adapters must be a list of peft adapter folders, (state_dict, config) pairs or "
                         f"LoraAdapters, got {type(sources).__name__}")
-    sources = list(sources)
+    return list(sources)
+
+
+def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
+    """Several adapters; names default to the directory names (or adapter<i>) and are made unique."""
+    sources = adapter_list(sources)
     if not sources:
         raise ValueError("adapters must hold at least one adapter, got an empty list")
     loaded = [load_adapter(src, None if isinstance(src, (str, os.PathLike, LoraAdapter)) else f"adapter{i}")

@@ -43,7 +43,9 @@ class _Slot:
 class Composition:
     """What compose() did to a model (read it with lorafuse.get_composition(model)).
 
-    adapters: the LoraAdapters in the global order; method, weights (global, K entries, or None),
+    adapters: the LoraAdapters in the global order; method; weights (global, K entries: compose's, or
+    the last ones LoraHub wrote into every layer; None where there are none, or after LoraHub trained
+    each layer's own; a layer trained since holds its own: read its `weights`);
     kwargs: what was passed on to MultiLoraLinear; slots: module path -> _Slot; state: "composed" or
     "merged"; requires_grad: every parameter's flag before compose (restored by decompose).
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHT_NAMES, LoraAdapter
+from .adapters import CONFIG_NAME, PEFT_PREFIX, TRAINED_WITH, WEIGHT_NAMES, LoraAdapter
 
 __all__ = ["export_peft", "EXPORTABLE_METHODS"]
 
@@ -109,10 +109,16 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> 
         raise
 
 
+# What a peft adapter folder written by peft or lorafuse holds; a folder with anything else (a Trainer's
+# checkpoints, training arguments, other files) is not replaced.
+ADAPTER_FOLDER_FILES = frozenset({CONFIG_NAME, *WEIGHT_NAMES, "README.md", TRAINED_WITH})
+
+
 def why_not_replaceable(out_dir: Union[str, os.PathLike]) -> Optional[str]:
     """Why an existing out_dir may not be replaced, or None if it may: lorafuse replaces only what it
-    writes there, a peft adapter folder (with adapter_config.json) or an empty folder; never a file,
-    the working folder or a folder that holds it."""
+    writes there, a peft adapter folder (adapter_config.json, the weights, peft's README.md, lorafuse's
+    record) or an empty folder; never a file, a folder holding anything else, the working folder or a
+    folder that holds it."""
     path = os.path.realpath(os.fspath(out_dir))
     if not os.path.lexists(path):
         return None
@@ -122,8 +128,13 @@ def why_not_replaceable(out_dir: Union[str, os.PathLike]) -> Optional[str]:
         return f"{name} is the working folder or holds it"
     if not os.path.isdir(path):
         return f"{name} is a file, not a folder"
-    if os.listdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+    entries = sorted(os.listdir(path))
+    if entries and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return f"{name} holds files but is not a peft adapter folder (no {CONFIG_NAME})"
+    other = [e for e in entries if e not in ADAPTER_FOLDER_FILES or not os.path.isfile(os.path.join(path, e))]
+    if other:
+        return (f"{name} holds more than a peft adapter ({', '.join(map(repr, other[:3]))}"
+                f"{', ...' if len(other) > 3 else ''}), which replacing it would delete")
     return None
 
 
@@ -181,8 +192,8 @@ def export_peft(
     Args:
         dtype: the dtype of the saved factors (float32 by default).
         base_model_name_or_path: recorded in the config (default: the model's own name, if any).
-        overwrite: replace an existing out_dir, if it is a peft adapter folder or empty (default:
-            refuse with FileExistsError).
+        overwrite: replace an existing out_dir, if it is empty or a peft adapter folder with nothing but
+            an adapter's own files (why_not_replaceable; default: refuse with FileExistsError).
     Returns out_dir as a string.
     """
     from safetensors.torch import save_file

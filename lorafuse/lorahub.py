@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .adapters import adapter_list
 from .compose import compose, decompose, get_composition
 
 __all__ = ["lorahub_search", "lorahub_train", "LoraHubResult", "set_lorahub_weights", "COMPOSITIONS"]
@@ -87,7 +88,7 @@ def _prepare(model: nn.Module, adapters: Optional[Sequence[Any]], composition: s
     if comp is None:
         if adapters is None:
             raise ValueError("adapters is required unless the model is already composed")
-        adapters = list(adapters)  # read once: a generator would be spent by the first use
+        adapters = adapter_list(adapters)
         if composition == "exact":
             compose(model, adapters, method="weighted", weights=[0.0] * len(adapters))
         else:
@@ -137,23 +138,26 @@ def _common_rank(adapters) -> int:
 def set_lorahub_weights(model: nn.Module, weights: Sequence[float]) -> None:
     """Write K global weights into every composed layer (each layer takes the entries of its adapters)."""
     comp = get_composition(model)
-    w = torch.as_tensor([float(x) for x in weights], dtype=torch.float32)
+    given = [float(x) for x in weights]
+    w = torch.as_tensor(given, dtype=torch.float32)
     if w.numel() != len(comp.adapters):
         raise ValueError(f"weights must have one entry per adapter ({len(comp.adapters)}), got {w.numel()}")
+    for slot in comp.slots.values():  # every layer checked before any is written
+        if slot.composed.method not in ("weighted", "loramap"):
+            raise ValueError(f"module {slot.key!r} is composed with method {slot.composed.method!r}; LoraHub weights "
+                             f"apply to 'weighted' (exact) or 'loramap' (factorwise) compositions")
     for slot in comp.slots.values():
         layer = slot.composed
         w_layer = w[slot.adapter_indices].to(layer.adapter_scales.device)
         if layer.method == "weighted":
             layer.weights.copy_(w_layer)
-        elif layer.method == "loramap":
+        else:
             r = layer.ranks[0]
             eye = torch.eye(r, device=layer.a_map.device)
             blocks = torch.cat([wi * eye for wi in w_layer], 1)  # (r, K_layer r)
             layer.a_map.copy_(blocks)
             layer.b_map.copy_(blocks.t())
-        else:
-            raise ValueError(f"module {slot.key!r} is composed with method {layer.method!r}; LoraHub weights apply to "
-                             f"'weighted' (exact) or 'loramap' (factorwise) compositions")
+    comp.weights = given
 
 
 def _restorer(model: nn.Module, comp) -> Callable[[], None]:
@@ -390,6 +394,7 @@ def _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer,
         final = w.detach().tolist()
     else:
         final = [float("nan")] * K  # no global weights: see each layer's .weights
+        comp.weights = None
     with torch.no_grad():
         task = float(_mean_loss(model, batches, loss_fn, False))
         flat = torch.cat([p.detach().reshape(-1) for p in params])

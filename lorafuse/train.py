@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # hints only: datasets and transformers are imported where us
 import torch
 import torch.nn as nn
 
+from .adapters import TRAINED_WITH
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
@@ -190,8 +192,6 @@ def train_adapter(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_da
     return info
 
 
-# Beside a CLI-trained adapter: {"model", "seed", "task"} it was trained with (lorafuse.cli reads it).
-TRAINED_WITH = "lorafuse_trained_with.json"
 
 
 def save_adapter(peft_model: PeftModel, out_dir: str, record: Optional[Dict[str, Any]] = None) -> None:

@@ -527,6 +527,16 @@ def test_unsupported_features(saved, tmp_path, feature, spec, match):
     _assert_unchanged(model, snap)
 
 
+def test_adalora_refused_by_name(saved, tmp_path):
+    # AdaLoRA's config subclasses LoraConfig: its peft_type names it.
+    from peft import AdaLoraConfig, get_peft_model
+
+    cfg = AdaLoraConfig(r=4, init_r=4, target_r=2, target_modules=["q_proj"], total_step=10)
+    get_peft_model(tiny_model("llama"), cfg).save_pretrained(str(tmp_path / "ada"))
+    with pytest.raises(NotImplementedError, match="only LoRA adapters are supported, got peft_type ADALORA"):
+        compose(fresh_model(saved, "llama"), [str(tmp_path / "ada")])
+
+
 def test_embedding_target_rejected(saved, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -158,3 +158,11 @@ def test_overwrite_replaces_only_an_adapter_folder(saved, tmp_path, monkeypatch)
     export_peft(model, tmp_path / "empty", overwrite=True)  # an empty folder and an adapter folder are fine
     export_peft(model, tmp_path / "empty", overwrite=True)
     assert (tmp_path / "empty" / "adapter_config.json").is_file()
+    # An adapter folder that holds more (a Trainer's checkpoints, its arguments) is not replaced either.
+    run = tmp_path / "run"
+    export_peft(model, run)
+    (run / "checkpoint-500").mkdir()
+    (run / "training_args.bin").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="holds more than a peft adapter.*'checkpoint-500', 'training_args.bin'"):
+        export_peft(model, run, overwrite=True)
+    assert (run / "training_args.bin").read_bytes() == b"keep" and (run / "checkpoint-500").is_dir()

@@ -1,6 +1,7 @@
 """LoraHub search and training: deterministic, the loss it reports is the one of the exact (or LoraHub's
 factor-wise) composition as peft computes it, and gradients of the K weights are right."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def _loss_at(base_sd, dirs, batches, weights):
 def test_search_deterministic_and_improves(setup):
     base_sd, _, names, dirs, batches = setup
     with use_backend("torch"):
-        r1 = lorahub_search(_fresh(base_sd), dirs, batches, budget=30, seed=42)
+        model = _fresh(base_sd)
+        r1 = lorahub_search(model, dirs, batches, budget=30, seed=42)
+        assert get_composition(model).weights == r1.weights  # the composition records the weights found
         r2 = lorahub_search(_fresh(base_sd), dirs, batches, budget=30, seed=42)
     assert r1.weights == r2.weights and r1.history == r2.history
     assert len(r1.history) == 30 and r1.history[0][0] == [0.0, 0.0, 0.0]
@@ -193,9 +196,12 @@ def test_train_reduces_objective(setup):
     comp = get_composition(model)
     for slot in comp.slots.values():  # the global weights are tied across layers
         assert slot.composed.weights.tolist() == pytest.approx([res.weights[i] for i in slot.adapter_indices])
+    assert comp.weights == res.weights
     assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
-    per_layer = lorahub_train(_fresh(base_sd), dirs, batches, steps=3, lr=0.1, per_layer=True)
+    model = _fresh(base_sd)
+    per_layer = lorahub_train(model, dirs, batches, steps=3, lr=0.1, per_layer=True)
     assert per_layer.info["per_layer"]
+    assert get_composition(model).weights is None  # each layer holds its own
 
 
 def test_bad_input(setup, tmp_path):
@@ -218,6 +224,11 @@ def test_bad_input(setup, tmp_path):
         lorahub_search(_fresh(base_sd), dirs, batches, l1=float("nan"))
     result = lorahub_search(_fresh(base_sd), (d for d in dirs), batches, budget=2)  # a generator of adapters
     assert len(result.weights) == len(dirs)
+    for single in (dirs[0], Path(dirs[0])):  # one adapter, not a list of them
+        with pytest.raises(TypeError, match="wrap a single adapter in a list"):
+            lorahub_search(_fresh(base_sd), single, batches, budget=1)
+        with pytest.raises(TypeError, match="wrap a single adapter in a list"):
+            lorahub_train(_fresh(base_sd), single, batches, steps=1)
     composed = compose(_fresh(base_sd), dirs, method="sum")
     with pytest.raises(ValueError, match="method='weighted'"):
         lorahub_search(composed, None, batches)
