@@ -95,9 +95,27 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _base_of(module: nn.Module) -> nn.Module:
-    """The frozen linear under a peft LoRA wrapper (or the module itself)."""
+    """The frozen linear under a peft LoRA wrapper, the original module under a peft training wrapper
+    (modules_to_save, trainable tokens), or the module itself."""
     get_base = getattr(module, "get_base_layer", None)
-    return get_base() if callable(get_base) else module
+    if callable(get_base):
+        return get_base()
+    aux = _peft_wrapper_types()[1:]
+    return module.original_module if aux and isinstance(module, aux) else module
+
+
+def _peft_wrapper_types() -> tuple:
+    """peft's LoRA layer base class and its training wrappers' (modules_to_save, trainable tokens) that
+    this peft has; () without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return ()
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper as Aux
+    except ImportError:  # older peft: modules_to_save only
+        from peft.utils.other import ModulesToSaveWrapper as Aux
+    return (BaseTunerLayer, Aux)
 
 
 def _linear_for(key: str, module: nn.Module):
@@ -168,14 +186,15 @@ def _plan(root: nn.Module, adapters: List[LoraAdapter]) -> Dict[str, List[int]]:
 
 
 def _other_peft_wrappers(root: nn.Module, composed_keys) -> Dict[str, nn.Module]:
-    """Outermost peft tuner layers (module path -> wrapper) that are not among composed_keys."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
+    """Outermost peft wrappers (module path -> wrapper) that are not among composed_keys: LoRA layers and
+    the training wrappers of adapters left out (another adapter's modules_to_save copy of a head would
+    act otherwise)."""
+    kinds = _peft_wrapper_types()
+    if not kinds:
         return {}
     found: Dict[str, nn.Module] = {}
     for key, module in root.named_modules():
-        if isinstance(module, BaseTunerLayer) and not any(key.startswith(k + ".") for k in found):
+        if isinstance(module, kinds) and not any(key.startswith(k + ".") for k in found):
             if key not in composed_keys:
                 found[key] = module
     return found

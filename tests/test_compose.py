@@ -527,6 +527,30 @@ def test_unsupported_features(saved, tmp_path, feature, spec, match):
     _assert_unchanged(model, snap)
 
 
+def test_peft_model_other_adapters_modules_to_save_switched_off(saved, tmp_path, seeded):
+    # A PeftModel whose adapter left out of the composition keeps a trained copy of lm_head
+    # (modules_to_save): the composition must not run through that copy, and decompose puts it back.
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+
+    _, _, names, dirs = saved["llama"]
+    cls = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        cls.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)
+    cls.save_pretrained(str(tmp_path / "cls"))
+    peft_model = PeftModel.from_pretrained(fresh_model(saved, "llama"), str(tmp_path / "cls"), adapter_name="cls")
+    peft_model.load_adapter(dirs[0], adapter_name=names[0])
+    inputs = model_inputs("llama")
+    wrapper = peft_model.base_model.model.lm_head
+    assert isinstance(wrapper, ModulesToSaveWrapper)
+    compose(peft_model, adapter_names=names[:1])
+    ref = compose(fresh_model(saved, "llama"), dirs[:1])
+    with use_backend("torch"):
+        assert rel_err(model_output(peft_model, inputs), model_output(ref, inputs)) < TOL
+    decompose(peft_model)
+    assert peft_model.base_model.model.lm_head is wrapper
+
+
 def test_adalora_refused_by_name(saved, tmp_path):
     # AdaLoRA's config subclasses LoraConfig: its peft_type names it.
     from peft import AdaLoraConfig, get_peft_model
