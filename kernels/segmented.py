@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .utils import (block_for, can_run, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty,
-                    next_pow2, num_sms, onchip_rank_limit, split_range)
+                    next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,6 +856,7 @@ def segmented_linear_decode(
     if T > DECODE_MAX_T:
         raise ValueError(f"segmented_linear_decode takes at most {DECODE_MAX_T} rows, got T = {T} "
                          "(use segmented_lora_ onto a base product)")
+    bias = unit_vector(bias)  # the kernel reads it without a stride: a sliced or expanded bias is copied
     ranks, idx = _check_rows(x, N, fac_in, fac_out, ranks, scales, idx)
     num_slots, r_max = fac_in.shape[:2]
     if T == 0 or N == 0 or D == 0 or num_slots == 0 or r_max == 0:  # nothing for the kernels to do

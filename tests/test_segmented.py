@@ -327,6 +327,21 @@ def test_decode_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, dtype,
         assert rel_err(y.double() - base, ref - base) < 1e-4, f"seed {seeded}"
 
 
+@pytest.mark.parametrize("kind", ["sliced", "expanded"])
+def test_decode_reads_a_strided_bias_as_given(seeded, kind):
+    """A sliced or expanded bias (stride 2 or 0) into the decode kernels: the same result as a contiguous one."""
+    d_in, d_out, ranks = 40, 24, [3, 5]
+    adapters = make_adapters(d_in, d_out, ranks, torch.float32)
+    lib, scales = _library_tensors(adapters, len(ranks) + 1, False)
+    w, _ = make_layer(d_in, d_out, torch.float32, bias=False)
+    b = (torch.randn(2 * d_out, device=DEVICE)[::2] if kind == "sliced"
+         else torch.randn(1, device=DEVICE).expand(d_out))
+    x = torch.randn(5, d_in, device=DEVICE)
+    ids = random_ids(5, lib.num_slots, len(ranks))
+    y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids)
+    assert rel_err(y, expected(x, w, b.contiguous(), adapters, ids)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("block_n,block_k", [(16, 16), (32, 64), (64, 32)])
 def test_decode_any_tile(seeded, block_n, block_k):
     """Explicit configs: column and K blocks that divide neither d_out nor d_in, or exceed d_in."""
