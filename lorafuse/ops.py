@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -98,6 +99,12 @@ def autocast_inputs(fn: Callable) -> Callable:
         return fn(x, weight, bias, *args, **kwargs)
 
     return wrapper
+
+
+def rows_of(x: Tensor) -> Tensor:
+    """x (..., d) as (rows, d), a view where possible; also for d = 0 (where reshape(-1, 0) cannot
+    infer the row count)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _use_kernels(x: Tensor) -> bool:
@@ -419,7 +426,7 @@ def lora_linear(
     check_lora_args(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
     # (The common cases skip no-op reshapes and casts: each costs host time on every small call.)
     flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    x2 = x if flat else rows_of(x)
     if x2.shape[0] == 0 or weight.shape[0] == 0 or weight.shape[1] == 0 or not _use_kernels(x2):
         y = _torch_path(x2, weight, bias, a_cat, b_cat, scale, a_map, b_map)
         return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])

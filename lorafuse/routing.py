@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .kernels.routing import MIN_TEMPERATURE  # the launcher's own limit
 from .kernels.utils import unit_vector
-from .ops import autocast_inputs, check_lora_args, first_order_only, lora_linear
+from .ops import autocast_inputs, check_lora_args, expand, first_order_only, lora_linear, rows_of
 from . import ops as _ops
 
 __all__ = ["ROUTER_KINDS", "arrow_prototypes", "routing_gates", "lora_linear_routed",
@@ -122,11 +122,17 @@ def arrow_prototypes(a_cat: Tensor, b_cat: Tensor, ranks: Sequence[int], scale: 
 
 
 def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k, temperature,
-                       router_bias) -> List[int]:
+                       router_bias) -> Tuple[List[int], Optional[int], float]:
     check_lora_args(x, weight, bias, a_cat, b_cat, scale)
     R = a_cat.shape[0]
     ranks = _check_ranks(ranks, R)
-    K = len(ranks)
+    top_k, temperature = _check_router(x, len(ranks), router, router_kind, top_k, temperature, router_bias)
+    return ranks, top_k, temperature
+
+
+def _check_router(x, K: int, router, router_kind, top_k, temperature, router_bias) -> Tuple[Optional[int], float]:
+    """The router's arguments for K adapters and inputs x (..., d_in), as lora_linear_routed and
+    routing_gates take them; returns top_k and temperature as _check_gating does."""
     if router_kind not in ROUTER_KINDS:
         raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {router_kind!r}")
     if router_kind == "uniform":
@@ -152,8 +158,7 @@ def _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router, rout
             raise ValueError(f"router_bias must be a floating-point tensor of shape ({K},) on {x.device}, got "
                              f"{router_bias.dtype if isinstance(router_bias, Tensor) else type(router_bias).__name__}"
                              f" {tuple(router_bias.shape) if isinstance(router_bias, Tensor) else ''}")
-    top_k, temperature = _check_gating(top_k, temperature, K)
-    return ranks, top_k, temperature
+    return _check_gating(top_k, temperature, K)
 
 
 
@@ -177,11 +182,18 @@ def _check_gating(top_k, temperature, K: int) -> Tuple[Optional[int], float]:
 # Plain torch (the reference, and the path where the kernels cannot run)
 
 
+def _top_ids(logits: Tensor, k: int) -> Tensor:
+    """(..., K) -> the indices (..., k) of each row's k largest logits. Ties go to the lowest adapter
+    index, as in the kernels' iterative max (a zero-initialised router ties every logit; torch.topk's
+    choice among ties differs by device)."""
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def _gates_from_logits(z: Tensor, abs_logits: bool, top_k: Optional[int], temperature: float) -> Tensor:
     """z: (T, K) -> gates (T, K): softmax of (|z| or z) / temperature over each row's top_k (or all)."""
     logits = (z.abs() if abs_logits else z) / temperature
     if top_k is not None and top_k < z.shape[-1]:
-        idx = torch.topk(logits, top_k, dim=-1).indices
+        idx = _top_ids(logits, top_k)
         kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         logits = logits.masked_fill(~kept, float("-inf"))
     return torch.softmax(logits, dim=-1)
@@ -205,18 +217,12 @@ def routing_gates(
     if router_kind == "uniform":
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive integer for router_kind='uniform', got {num_adapters!r}")
-        if top_k is not None:
-            raise ValueError("top_k has no meaning with router_kind='uniform' (every adapter gets 1/K): leave it None")
-        _check_gating(top_k, temperature, num_adapters)
+        _check_router(x, int(num_adapters), router, router_kind, top_k, temperature, router_bias)
         return x.new_full((*x.shape[:-1], num_adapters), 1.0 / num_adapters, dtype=torch.float32)
     if not isinstance(router, Tensor) or router.dim() != 2 or router.shape[1] != x.shape[-1]:
         raise ValueError(f"router must have shape (K, {x.shape[-1]}), got "
                          f"{tuple(router.shape) if isinstance(router, Tensor) else type(router).__name__}")
-    K = router.shape[0]
-    top_k, temperature = _check_gating(top_k, temperature, K)
-    if router_bias is not None and (not isinstance(router_bias, Tensor) or tuple(router_bias.shape) != (K,)):
-        got = tuple(router_bias.shape) if isinstance(router_bias, Tensor) else type(router_bias).__name__
-        raise ValueError(f"router_bias must be None or have shape ({K},), got {got}")
+    top_k, temperature = _check_router(x, router.shape[0], router, router_kind, top_k, temperature, router_bias)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = F.linear(x.to(acc), router.to(x.dtype).to(acc),
                  router_bias.to(acc) if router_bias is not None else None)
@@ -262,8 +268,8 @@ def lora_linear_routed_reference(
     arguments and result as lora_linear_routed. Differentiable by autograd."""
     ranks, top_k, temperature = _check_routed_args(x, weight, bias, a_cat, b_cat, scale, ranks, router,
                                                    router_kind, top_k, temperature, router_bias)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    y = _routed_math(x.reshape(-1, d_in), weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
+    lead = x.shape[:-1]
+    y = _routed_math(rows_of(x), weight, bias, a_cat, b_cat, scale, ranks, router, router_kind, top_k,
                      temperature, router_bias, acc=x.dtype, round_to=None)
     return y.reshape(*lead, weight.shape[0])
 
@@ -288,7 +294,6 @@ def _block_ids_cached(ranks: tuple, device: torch.device) -> Tensor:
 
 def _routed_forward(x, weight, bias, a_c, b_c, sc, router_c, rbias, block, abs_logits, top_k, temperature, save):
     from .kernels.routing import routed_shrink
-    from .ops import expand
 
     # The op has checked every operand (lora_linear_routed): no second round of checks. The kernels
     # index the vectors without a stride: a sliced or expanded one is copied (here, under every entry).
@@ -308,7 +313,6 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
     softmax backward, |.|'s sign) is plain torch; dx = dY W + [dS | dZ] [a_cat; router] is one
     product (lorafuse.ops.expand); the weight gradients are plain matmuls."""
     from .kernels.shrink import _rows_partial, split_config
-    from .ops import expand
 
     n_x, n_w, n_b, n_a, n_bc, n_sc, n_r, n_rb = needs
     T, R = x.shape[0], sc.shape[0]
@@ -408,7 +412,8 @@ def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_l
     if top_k == 1:  # the softmax over one kept logit is 1: no gate to apply
         ids, gates = logits.argmax(1)[None], [None]
     else:
-        top, ids = torch.topk(logits, top_k, dim=1)
+        ids = _top_ids(logits, top_k)
+        top = logits.gather(1, ids)
         gates = torch.softmax(top / temperature, dim=1).t().contiguous()  # (top_k, T): a row per choice
         ids = ids.t().contiguous()
     fac_in, fac_out, scales, ranks_t = _library_factors(a_c, b_c, sc, ranks)
@@ -580,8 +585,8 @@ def lora_linear_routed(
     if router_kind == "uniform":
         # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.
         return lora_linear(x, weight, bias, a_cat, b_cat, scale / K)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d_in)
+    lead = x.shape[:-1]
+    x2 = rows_of(x)
     from .kernels.routing import MAX_ROUTED_K
 
     if x2.shape[0] == 0 or K > MAX_ROUTED_K or not _ops._use_kernels(x2):

@@ -25,7 +25,7 @@ from lorafuse.kernels.segmented import (check_ids_on_device, decode_uses_tma, de
 from lorafuse.kernels.utils import is_interpreting
 
 from .modules import _check_adapters
-from .ops import _use_kernels, autocast_inputs, first_order_only
+from .ops import _use_kernels, autocast_inputs, first_order_only, rows_of
 
 __all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference", "SegmentedLoraLinear",
            "AdapterIds", "LibraryHandle", "attach_library"]
@@ -60,7 +60,8 @@ class LoraLibrary:
         if (not isinstance(ranks, Tensor) or tuple(ranks.shape) != (n,) or ranks.is_floating_point()
                 or ranks.dtype == torch.bool or ranks.is_complex()):
             raise ValueError(f"ranks must be an integer tensor of shape ({n},), got {ranks!r}")
-        if not isinstance(scales, Tensor) or tuple(scales.shape) != (n,) or scales.dtype == torch.bool:
+        if (not isinstance(scales, Tensor) or tuple(scales.shape) != (n,) or scales.dtype == torch.bool
+                or scales.is_complex()):
             raise ValueError(f"scales must be a real tensor of shape ({n},), got {scales!r}")
         # Checked once here (a host read): the kernels trust every slot's rank to fit in r_max.
         if n and (int(ranks.min()) < 0 or int(ranks.max()) > r_max):
@@ -307,7 +308,7 @@ def lora_linear_segmented_reference(x: Tensor, weight: Tensor, bias: Optional[Te
     Loops over the slots that occur (reads ids back to the host): a definition, not a fast path.
     """
     ids = _row_ids(x, idx)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = rows_of(x)
     y = F.linear(x2, weight, bias)
     for i in torch.unique(ids).tolist():
         if i < 0:
@@ -450,8 +451,8 @@ def lora_linear_segmented(
         raise NotImplementedError(
             "gradients of the library's factors (a, b, scales) are computed eagerly only: call "
             "lora_linear_segmented outside torch.compile, or freeze the library (requires_grad_(False))")
-    lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, d_in)
+    lead, d_out = x.shape[:-1], weight.shape[0]
+    x2 = rows_of(x)
     kernels = x2.shape[0] != 0 and _use_kernels(x2)
     needs_grad = lib_grads or (grad_on and any(t is not None and t.requires_grad for t in (x2, weight, bias)))
     # On CUDA without gradients the kernels check the ids themselves (no launch of its own).

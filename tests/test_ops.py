@@ -270,6 +270,8 @@ def test_zero_width_layers(T, seeded):
     x, w, b, a, bc, sc, am, bm = _args(T, 40, 24, 5, 4, torch.float32)
     y = lorafuse.lora_linear(x[:, :0], w[:, :0], b, a[:, :0], bc, sc, am, bm)
     assert torch.equal(y, b.expand(T, 24))
+    y = lorafuse.lora_linear(x[:, :0].reshape(T, 1, 0), w[:, :0], b, a[:, :0], bc, sc, am, bm)  # leading dims
+    assert torch.equal(y, b.expand(T, 1, 24))
     leaves = [t.detach().requires_grad_() for t in (x, w[:0], b[:0], a, bc[:0], sc, am, bm)]
     y = lorafuse.lora_linear(*leaves)
     assert y.shape == (T, 0)

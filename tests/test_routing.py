@@ -515,6 +515,9 @@ def test_leading_dims_and_empty(seeded):
     assert rel_err(y, reference64(x, w, b, a_cat, b_cat, scale, ranks, router, "arrow", None, 1.0, None)) < 1e-5
     y0 = lora_linear_routed(x[:, :0], w, b, a_cat, b_cat, scale, ranks, router)
     assert y0.shape == (3, 0, 16)
+    y0 = lora_linear_routed(x[..., :0], w[:, :0], b, a_cat[:, :0], b_cat, scale, ranks, router[:, :0], "linear",
+                            top_k=1)  # d_in = 0: the product is the bias
+    assert torch.equal(y0, b.expand(3, 5, 16))
 
 
 def test_routing_gates_checks_its_arguments(seeded):
@@ -526,8 +529,16 @@ def test_routing_gates_checks_its_arguments(seeded):
     for temperature in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="temperature must be a positive finite number"):
             routing_gates(x, router, "arrow", None, temperature)
-    with pytest.raises(ValueError, match=r"router_bias must be None or have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"router_bias must be a floating-point tensor of shape \(3,\)"):
         routing_gates(x, router, "linear", None, 1.0, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="router_bias is only used with router_kind='linear'"):
+        routing_gates(x, router, "arrow", None, 1.0, torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="router must be a floating-point tensor"):
+        routing_gates(x, router.long(), "linear")
+    with pytest.raises(ValueError, match="router_kind='uniform' takes no router"):
+        routing_gates(x, router, "uniform", num_adapters=3)
+    with pytest.raises(ValueError, match="router_kind must be one of"):
+        routing_gates(x, None, "learned")
     with pytest.raises(ValueError, match="num_adapters must be a positive integer"):
         routing_gates(x, None, "uniform", num_adapters=2.5)
     with pytest.raises(ValueError, match="top_k has no meaning"):
@@ -852,3 +863,25 @@ def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path, seeded):
         compose(fresh, dirs, method="route", top_k=2)
     assert torch.equal(model_output(fresh, inputs), before)
     assert not any(isinstance(m, MultiLoraLinear) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tied_logits_pick_the_lowest_adapters(top_k, seeded):
+    """Every logit tied (a zero-initialised linear router): each row keeps the top_k lowest adapter indices,
+    in plain torch as in the kernels (the interpreter on the CPU)."""
+    T, d_in, d_out, ranks = 6, 16, 24, [2, 3, 1, 4]
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, torch.float32)
+    router = torch.zeros(len(ranks), d_in, device=DEVICE)
+    rbias = torch.zeros(len(ranks), device=DEVICE)
+    g = routing_gates(x, router, "linear", top_k, router_bias=rbias)
+    want = torch.zeros_like(g)
+    want[:, :top_k] = 1.0 / top_k
+    assert torch.equal(g, want)
+    args = (x, w, b, a_cat, b_cat, scale, ranks, router, "linear", top_k, 1.0, rbias)
+    with use_backend("torch"):
+        y_torch = lora_linear_routed(*args)
+    y = lora_linear_routed(*args)
+    assert rel_err(y, y_torch) < 1e-5
+    with torch.no_grad():
+        y_grouped = lora_linear_routed(*args, schedule="grouped")
+    assert rel_err(y_grouped, y_torch) < 1e-5

@@ -806,6 +806,9 @@ def test_library_refuses_ranks_it_cannot_hold_and_copies_strided_vectors():
     with pytest.raises(ValueError, match="scales must be finite"):
         LoraLibrary(a, b, torch.tensor([4, 8], dtype=torch.int32, device=DEVICE),
                     torch.tensor([1.0, float("nan")], device=DEVICE))
+    with pytest.raises(ValueError, match="scales must be a real tensor"):
+        LoraLibrary(a, b, torch.tensor([4, 8], dtype=torch.int32, device=DEVICE),
+                    torch.tensor([1.0, 2.0], dtype=torch.complex64, device=DEVICE))
     strided = LoraLibrary(a, b, torch.tensor([4, 0, 8, 0], dtype=torch.int32, device=DEVICE)[::2],
                           torch.tensor([2.0, 0.0, 0.5, 0.0], device=DEVICE)[::2])
     assert strided.ranks.is_contiguous() and strided.scales.is_contiguous()
