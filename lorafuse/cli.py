@@ -124,8 +124,8 @@ def _check_study_out(study: str, out: str, seeds) -> None:
 
 
 def _check_replaceable(path: str, flag: str = "--out") -> None:
-    """--overwrite replaces only what it would have written: a peft adapter folder (or an empty one),
-    never the working folder or one above it (lorafuse.export.why_not_replaceable)."""
+    """--overwrite replaces only what it would have written: a peft adapter folder holding nothing else, or
+    an empty one; never the working folder or one above it (lorafuse.export.why_not_replaceable)."""
     from .export import why_not_replaceable
 
     why = why_not_replaceable(path)
@@ -568,8 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a decoder --model such as smollm2 or tiny-llama)")
     t.add_argument("--out", required=True, help="adapter folder to write (peft format); must not exist yet")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing adapter folder --out (the new adapter is written beside it, then "
-                   "renamed into place)")
+                   help="replace an existing adapter folder --out that holds only an adapter's files (the new "
+                   "adapter is written beside it, then renamed into place)")
     t.add_argument("--r", type=POSITIVE_INT, default=16, help="LoRA rank (default 16)")
     t.add_argument("--alpha", type=POSITIVE, default=32, help="lora_alpha; the scale is alpha / r (default 32)")
     t.add_argument("--epochs", type=POSITIVE, default=30, help="training epochs (default 30)")

@@ -93,12 +93,18 @@ def test_compose_method_and_map_rank_checked(tmp_path, capsys):
     # An existing adapter is not overwritten unless asked; then it is replaced whole.
     again = ["train-adapter", "--task", "two-hop:hop1", "--model", "tiny-bert", "--out", str(tmp_path / "a"),
              "--epochs", "1", "--r", "4", "--quiet"]
-    (tmp_path / "a" / "marker").write_text("old")
+    (tmp_path / "a" / "adapter_model.bin").write_text("old")  # a stale file of an adapter's own
     code, _, err = run(again, capsys)
     assert code == 2 and "already exists" in err and "--overwrite replaces it" in err
-    assert (tmp_path / "a" / "marker").is_file()
+    assert (tmp_path / "a" / "adapter_model.bin").is_file()
+    (tmp_path / "a" / "checkpoint-10").mkdir()  # more than an adapter (a Trainer's checkpoint): kept, refused
+    code, _, err = run(again + ["--overwrite"], capsys)
+    assert code == 2 and "holds more than a peft adapter ('checkpoint-10')" in err
+    assert (tmp_path / "a" / "checkpoint-10").is_dir()
+    (tmp_path / "a" / "checkpoint-10").rmdir()
     code, _, _ = run(again + ["--overwrite"], capsys)
-    assert code == 0 and (tmp_path / "a" / "adapter_config.json").is_file() and not (tmp_path / "a" / "marker").exists()
+    assert code == 0 and (tmp_path / "a" / "adapter_config.json").is_file()
+    assert not (tmp_path / "a" / "adapter_model.bin").exists()  # replaced whole
     code, _, err = run(["compose", "--adapters", str(tmp_path / "a"), "--method", "mean", "--model", "tiny-bert",
                         "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--method must be one of" in err
