@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=SEED, default=None, help=seed_help)
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--data", default=None, help="folder holding covidfact/, scifact-rte/, gsm8k/, pubmedqa/ "
-                        "(default: $LORAFUSE_DATA or ../shared/data)" if data else argparse.SUPPRESS)
+                        "(default: $LORAFUSE_DATA, else ../shared/data from the working folder or from "
+                        "lorafuse's source checkout)" if data else argparse.SUPPRESS)
 
     d = sub.add_parser("demo", help="the main job: a small composition study (two-hop reasoning), prints the table",
                        description="Trains two adapters on single-hop facts of a random world and a third on both, "

@@ -49,12 +49,16 @@ ENTAILMENT = {"entailment": 1, "not_entailment": 0}
 
 
 def default_data_dir() -> Optional[Path]:
-    """$LORAFUSE_DATA, else ../shared/data beside the source checkout (where the tests find it)."""
+    """$LORAFUSE_DATA, else ../shared/data from the working folder, else ../shared/data beside the
+    source checkout (where the tests find it from any folder)."""
     env = os.environ.get("LORAFUSE_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-    return here if here.is_dir() else None
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        here = base.parent / "shared" / "data"
+        if here.is_dir():
+            return here
+    return None
 
 
 def _root(data_dir: Optional[str]) -> Path:

@@ -383,7 +383,7 @@ def _train(model, comp, batches, loss_fn, steps, lr, l1, composition, per_layer,
                     w.grad = grad + (w.grad if w.grad is not None else 0)
             # per_layer: no global weights to record (each layer has its own .weights)
             step_w = [float("nan")] * K if per_layer else w.detach().tolist()
-            history.append((step_w, float(task) + float(pen)))
+            history.append((step_w, task.item() + pen.item()))
             opt.step()
     finally:
         for p, flag in own:

@@ -91,3 +91,14 @@ def test_quotes_are_kept_verbatim(tmp_path):
             'index\tsentence1\tsentence2\tentailment\n0\the said "no\t"quoted" claim\tentailment\n')
     d = data.load_task("scifact", str(tmp_path))
     assert d["train"][0]["text"] == '"quoted" claim' and d["train"][0]["text_pair"] == 'he said "no'
+
+
+def test_default_data_dir_from_the_working_folder(tmp_path, monkeypatch):
+    # ../shared/data is looked for from the working folder first (an installed package has no checkout).
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.delenv("LORAFUSE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path / "work")
+    assert data.default_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.setenv("LORAFUSE_DATA", str(tmp_path / "elsewhere"))
+    assert data.default_data_dir() == tmp_path / "elsewhere"
