@@ -1,4 +1,5 @@
-"""The op with the forward shrink's x a_cat^T from cuBLAS against the Triton shrink, over total ranks R.
+"""The op with parts of its work on cuBLAS against the Triton kernels, interleaved A/B: the forward shrink's
+x a_cat^T (by default) or the expand (--variants), over total ranks R.
 
     python bench/shrink_cublas_ab.py [--T 2048 8192] [--R 48 192 512] [--rounds 4] [--out bench/results]
     python bench/shrink_cublas_ab.py --routed 16 64 [--top-k 0 1 2] [--schedule dense] [--T 2048 8192]

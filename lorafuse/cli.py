@@ -306,7 +306,7 @@ def cmd_train_adapter(a: argparse.Namespace) -> int:
 def _recorded(a) -> dict:
     """What train-adapter recorded beside each of --adapters (TRAINED_WITH): {path: record}; read once
     per command."""
-    from .train import TRAINED_WITH
+    from .adapters import TRAINED_WITH
 
     if getattr(a, "_records", None) is not None:
         return a._records

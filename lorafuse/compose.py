@@ -100,13 +100,14 @@ def _base_of(module: nn.Module) -> nn.Module:
     get_base = getattr(module, "get_base_layer", None)
     if callable(get_base):
         return get_base()
-    aux = _peft_wrapper_types()[1:]
-    return module.original_module if aux and isinstance(module, aux) else module
+    kinds = _peft_wrapper_types()
+    training_wrapper = kinds[1] if kinds else None
+    return module.original_module if training_wrapper and isinstance(module, training_wrapper) else module
 
 
 def _peft_wrapper_types() -> tuple:
-    """peft's LoRA layer base class and its training wrappers' (modules_to_save, trainable tokens) that
-    this peft has; () without peft."""
+    """(peft's LoRA layer base class, its training wrappers' base class: modules_to_save, trainable
+    tokens), as this peft has them; () without peft."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
