@@ -183,6 +183,10 @@ def _routed_finish_kernel(
     else:
         logits = z * inv_temp
     neg_inf = float("-inf")
+    # A NaN logit (a diverged learned router) counts as the largest, as torch.sort and torch.topk take
+    # it: top-k then selects it and the softmax turns the row's output to NaN on every path, where
+    # a max that skips NaN would route around it and hide the fault.
+    logits = tl.where(logits != logits, float("inf"), logits)
     logits = tl.where(k_mask[None, :], logits, neg_inf)
     if TOP_K > 0:
         # Iterative max: each step keeps the largest remaining logit (the lowest index among equals).

@@ -278,7 +278,8 @@ def test_grouped_forward_matches_float64(dtype, case, kind, top_k, segmented_cal
     stable = ~near_tie_rows(x, router, rbias, kind, top_k, 0.7)
     assert stable.float().mean() > 0.9
     assert rel_err(y[stable.to(y.device)], ref[stable.to(ref.device)]) < TOL[dtype]
-    assert segmented_calls == [top_k > 1] * top_k and not kernel_calls  # top-1: every gate is 1
+    # top-1 passes a row gate too: 1, or NaN where the chosen logit is NaN (a diverged router)
+    assert segmented_calls == [True] * top_k and not kernel_calls
 
 
 def test_grouped_schedule_choice_and_errors(segmented_calls, kernel_calls, monkeypatch, seeded):
@@ -885,3 +886,24 @@ def test_tied_logits_pick_the_lowest_adapters(top_k, seeded):
     with torch.no_grad():
         y_grouped = lora_linear_routed(*args, schedule="grouped")
     assert rel_err(y_grouped, y_torch) < 1e-5
+
+
+@pytest.mark.parametrize("top_k", [1, 2, None])
+def test_nan_logit_reads_nan_on_every_path(top_k, seeded):
+    """A learned router with a NaN weight (diverged): every row's logit of that adapter is NaN, and the
+    output is NaN on every path (plain torch, the fused kernels, the grouped schedule), never a finite
+    output routed around the fault."""
+    T, d_in, d_out, ranks = 5, 16, 24, [2, 3, 1, 4]
+    x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, torch.float32)
+    router, rbias = router_for("linear", a_cat, b_cat, ranks, scale, torch.float32)
+    router[2, 3] = float("nan")
+    assert routing_gates(x, router, "linear", top_k, router_bias=rbias).isnan().all()
+    args = (x, w, b, a_cat, b_cat, scale, ranks, router, "linear", top_k, 1.0, rbias)
+    with use_backend("torch"):
+        outs = {"torch": lora_linear_routed(*args)}
+    outs["kernels"] = lora_linear_routed(*args)
+    if top_k is not None:
+        with torch.no_grad():
+            outs["grouped"] = lora_linear_routed(*args, schedule="grouped")
+    for path, y in outs.items():
+        assert y.shape == (T, d_out) and y.isnan().all(), path
