@@ -410,10 +410,11 @@ def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_l
         z = z + rbias
     logits = z.abs() if abs_logits else z
     if top_k == 1:
-        # The softmax over one kept logit is 1, except for a NaN (or inf) logit, where it is NaN: the
-        # row gate keeps that, so a diverged router's rows read NaN here as on the dense path.
-        ids = logits.argmax(1)[None]
-        gates = [(logits.gather(1, ids.t()) * 0 + 1).squeeze(1).contiguous()]
+        # The softmax over one kept logit is 1, or NaN where that logit is NaN or inf: applied as the
+        # row gate, so that a diverged router's rows read NaN here as on the dense path.
+        ids = logits.argmax(1, keepdim=True)
+        gates = torch.softmax(logits.gather(1, ids), dim=1).t()
+        ids = ids.t()
     else:
         ids = _top_ids(logits, top_k)
         top = logits.gather(1, ids)
