@@ -230,36 +230,46 @@ def _routed_finish_kernel(
 MIN_TEMPERATURE = 1e-6
 
 
-def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, temperature, router_bias):
-    """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
+def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True):
+    """The checks every routed kernel makes of x (T, d_in) and the router's arguments; raise naming them."""
     check_runnable("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
-    T, D = x.shape
-    for name, t in (("a_cat", a_cat), ("router", router)):
-        if t.dim() != 2 or t.shape[1] != D or t.shape[0] < 1:
-            raise ValueError(f"{name} must have shape (rows, {D}) (d_in of x), got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
-    R, K = a_cat.shape[0], router.shape[0]
+    D = x.shape[1]
+    if router.dim() != 2 or router.shape[1] != D or router.shape[0] < 1:
+        raise ValueError(f"router must have shape (K, {D}) (d_in of x), got {tuple(router.shape)}")
+    if router.dtype != x.dtype or router.device != x.device:
+        raise ValueError(f"router must be {x.dtype} on {x.device} like x, got {router.dtype} on {router.device}")
+    K = router.shape[0]
+    if K > MAX_ROUTED_K:
+        raise ValueError(f"the routed kernels take at most {MAX_ROUTED_K} adapters, got K = {K}")
+    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32
+                                    or router_bias.device != x.device):
+        raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
+                         f"{tuple(router_bias.shape)} on {router_bias.device}")
+    if (top_k is None and not dense_ok) or (top_k is not None and not (1 <= int(top_k) <= K)):
+        raise ValueError(f"top_k must be {'None or ' if dense_ok else ''}an integer in 1..{K}, got {top_k!r}")
+    if not (MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number >= {MIN_TEMPERATURE:g} (smaller ones "
+                         f"overflow the float32 gates), got {temperature!r}")
+
+
+def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, temperature, router_bias):
+    """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
+    _check_router_args(x, router, top_k, temperature, router_bias)
+    D = x.shape[1]
+    if a_cat.dim() != 2 or a_cat.shape[1] != D or a_cat.shape[0] < 1:
+        raise ValueError(f"a_cat must have shape (rows, {D}) (d_in of x), got {tuple(a_cat.shape)}")
+    if a_cat.dtype != x.dtype or a_cat.device != x.device:
+        raise ValueError(f"a_cat must be {x.dtype} on {x.device} like x, got {a_cat.dtype} on {a_cat.device}")
+    R = a_cat.shape[0]
     if tuple(scale.shape) != (R,):
         raise ValueError(f"scale must have shape ({R},) (rows of a_cat), got {tuple(scale.shape)}")
-    if K > MAX_ROUTED_K:
-        raise ValueError(f"the routed shrink takes at most {MAX_ROUTED_K} adapters, got K = {K}")
     if scale.dtype != torch.float32 or scale.device != x.device:
         raise ValueError(f"scale must be float32 on {x.device}, got {scale.dtype} on {scale.device}")
     if tuple(block_ids.shape) != (R,) or block_ids.dtype != torch.int32 or block_ids.device != x.device:
         raise ValueError(f"block_ids must be int32 of shape ({R},) on {x.device}, got {block_ids.dtype} "
                          f"{tuple(block_ids.shape)} on {block_ids.device}")
-    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32
-                                    or router_bias.device != x.device):
-        raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
-                         f"{tuple(router_bias.shape)} on {router_bias.device}")
-    if top_k is not None and not (1 <= int(top_k) <= K):
-        raise ValueError(f"top_k must be None or an integer in 1..{K}, got {top_k!r}")
-    if not (MIN_TEMPERATURE <= temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number >= {MIN_TEMPERATURE:g} (smaller ones "
-                         f"overflow the float32 gates), got {temperature!r}")
     # Indexed without a stride in the kernels: a sliced or expanded vector is copied first.
     return unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
 
@@ -318,3 +328,90 @@ def routed_shrink(
         BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), num_warps=4,
     )
     return sp, s, z, g
+
+
+@triton.jit
+def _route_select_kernel(
+    part_ptr, rbias_ptr, ids_ptr, gates_ptr,
+    T, K, n_splits, inv_temp,
+    stride_ps, stride_pt,
+    ABS_LOGITS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """From the partial sums of the logits x router^T (splits, T, K): each row's TOP_K adapters and
+    their gates (the softmax over the kept logits), written as ids (TOP_K, T) int32 and gates
+    (TOP_K, T) float32, one row per choice. Same selection as _routed_finish_kernel: the largest
+    logits, the lowest index among equal ones, a NaN counted as the largest (its row's gates NaN)."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    z = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, t_mask[:, None] & k_mask[None, :],
+                    BLOCK_T, BLOCK_K)
+    if HAS_RBIAS:
+        z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if ABS_LOGITS:
+        logits = tl.abs(z) * inv_temp
+    else:
+        logits = z * inv_temp
+    neg_inf = float("-inf")
+    logits = tl.where(logits != logits, float("inf"), logits)
+    work = tl.where(k_mask[None, :], logits, neg_inf)
+    # Choice 0 holds the row's largest logit: every gate is exp(l_j - l_0) / sum (1 for top-1, NaN
+    # where l_0 is inf, as the softmax gives). Two passes of the (cheap) selection: the first sums
+    # the kept exponentials, the second writes; nothing is read back from memory.
+    top = tl.max(work, axis=1)
+    denom = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    scan = work
+    for _ in tl.static_range(TOP_K):
+        row_max = tl.max(scan, axis=1)
+        first = tl.min(tl.where(scan == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
+        scan = tl.where(offs_k[None, :] == first[:, None], neg_inf, scan)
+        denom += tl.exp(row_max - top)
+    for j in tl.static_range(TOP_K):
+        row_max = tl.max(work, axis=1)
+        first = tl.min(tl.where(work == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
+        work = tl.where(offs_k[None, :] == first[:, None], neg_inf, work)
+        tl.store(ids_ptr + j * T + offs_t, first, mask=t_mask)
+        tl.store(gates_ptr + j * T + offs_t, tl.exp(row_max - top) / denom, mask=t_mask)
+
+
+def route_select(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    temperature: float = 1.0,
+    abs_logits: bool = True,
+    router_bias: Optional[torch.Tensor] = None,
+    check: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top_k adapters and gates, for the grouped schedule (rows then grouped by adapter).
+
+    x: (T, d_in); router: (K, d_in) in x's dtype; router_bias: (K,) float32 or None. Returns ids
+    (top_k, T) int32 (row j: every row's j-th largest logit's adapter) and gates (top_k, T) float32
+    (the softmax over each row's kept logits / temperature). The logits are |x router^T| (abs_logits,
+    Arrow) or x router^T + router_bias, in float32; one thin GEMM and one selection kernel.
+    check=False skips the operand checks (lorafuse.routing's op has made them already)."""
+    if check:
+        _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=False)
+    T, D = x.shape
+    K = router.shape[0]
+    router_bias = unit_vector(router_bias)
+    ids = new_empty((top_k, T), torch.int32, x.device)
+    gates = new_empty((top_k, T), torch.float32, x.device)
+    if T == 0:
+        return ids, gates
+    part, splits = _rows_partial(x, router.t(), T, D, K, split_config(T, D, K, x.dtype, x.device))
+    block_k = block_for(K)
+    block_t = 16 if is_interpreting() else max(16, min(128, 4096 // block_k))
+    launch(_route_select_kernel, (cdiv(T, block_t),),
+           part, router_bias if router_bias is not None else part, ids, gates,
+           T, K, splits, 1.0 / float(temperature),
+           part.stride(0), part.stride(1),
+           ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k), HAS_RBIAS=router_bias is not None,
+           BLOCK_T=block_t, BLOCK_K=block_k, num_warps=4)
+    return ids, gates

@@ -143,7 +143,8 @@ def unit_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-# Tests set this so that every buffer a launch function allocates starts as NaN: an element a
+# Tests set this so that every buffer a launch function allocates starts as NaN (integer ones at
+# their type's minimum): an element a
 # kernel fails to write then shows up instead of passing as leftover memory (often zeros).
 POISON_OUTPUTS = False
 
@@ -151,7 +152,7 @@ POISON_OUTPUTS = False
 def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS and t.numel():
-        t.fill_(float("nan"))
+        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(dtype).min)
     return t
 
 

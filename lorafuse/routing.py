@@ -398,28 +398,12 @@ def _library_factors(a_c: Tensor, b_c: Tensor, sc: Tensor,
 
 def _routed_grouped(x, weight, bias, a_c, b_c, sc, router_c, rbias, ranks, abs_logits, top_k, temperature):
     """The top-k routed forward with rows grouped by their chosen adapters (no gradients): y (T, d_out)."""
+    from .kernels.routing import route_select
     from .kernels.segmented import segmented_lora_
-    from .kernels.shrink import _rows_partial, split_config
 
     bias, sc, rbias = unit_vector(bias), unit_vector(sc), unit_vector(rbias)  # as in _routed_forward
-    T, d_in = x.shape
-    K = router_c.shape[0]
-    part, splits = _rows_partial(x, router_c.t(), T, d_in, K, split_config(T, d_in, K, x.dtype, x.device))
-    z = part[0] if splits == 1 else part.sum(0)           # logits (T, K), float32 accumulation
-    if rbias is not None:
-        z = z + rbias
-    logits = z.abs() if abs_logits else z
-    if top_k == 1:
-        # The softmax over one kept logit is 1, or NaN where that logit is NaN or inf: applied as the
-        # row gate, so that a diverged router's rows read NaN here as on the dense path.
-        ids = logits.argmax(1, keepdim=True)
-        gates = torch.softmax(logits.gather(1, ids), dim=1).t()
-        ids = ids.t()
-    else:
-        ids = _top_ids(logits, top_k)
-        top = logits.gather(1, ids)
-        gates = torch.softmax(top / temperature, dim=1).t().contiguous()  # (top_k, T): a row per choice
-        ids = ids.t().contiguous()
+    # ids, gates (top_k, T): a row per choice; the gates of top-1 are 1 (NaN where the logit is NaN).
+    ids, gates = route_select(x, router_c, top_k, temperature, abs_logits, rbias, check=False)
     fac_in, fac_out, scales, ranks_t = _library_factors(a_c, b_c, sc, ranks)
     y = F.linear(x, weight, bias)
     for j in range(top_k):

@@ -907,3 +907,51 @@ def test_nan_logit_reads_nan_on_every_path(top_k, seeded):
             outs["grouped"] = lora_linear_routed(*args, schedule="grouped")
     for path, y in outs.items():
         assert y.shape == (T, d_out) and y.isnan().all(), path
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("K,top_k", [(1, 1), (5, 2), (64, 3), (200, 1)])
+@pytest.mark.parametrize("T,d_in", [(1, 24), (37, 100), (300, 40)])
+@pytest.mark.parametrize("kind", ["arrow", "linear"])
+def test_route_select_matches_float64(dtype, K, top_k, T, d_in, kind, seeded):
+    """The grouped schedule's selection kernel: each row's top_k adapters (ids, the largest logit
+    first, lowest index among equals) and their softmax gates, against float64 (d_in = 100 splits
+    the logits' product over programs under the interpreter)."""
+    from lorafuse.routing import _top_ids
+
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    x = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    router = (torch.randn(K, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    rbias = torch.randn(K, device=DEVICE) * 0.3 if kind == "linear" else None
+    ids, gates = routing_kernels.route_select(x, router, top_k, 0.7, kind == "arrow", rbias)
+    assert ids.shape == gates.shape == (top_k, T) and ids.dtype == torch.int32 and gates.dtype == torch.float32
+    z = x.double().cpu() @ router.double().cpu().t()
+    if rbias is not None:
+        z = z + rbias.double().cpu()
+    logits = z.abs() if kind == "arrow" else z
+    want_ids = _top_ids(logits, top_k)
+    want_gates = torch.softmax(logits.gather(1, want_ids) / 0.7, dim=1)
+    stable = ~near_tie_rows(x, router, rbias, kind, top_k, 0.7)
+    assert stable.float().mean() > 0.8
+    assert torch.equal(ids.t().cpu().long()[stable], want_ids[stable])
+    assert rel_err(gates.t()[stable.to(gates.device)], want_gates[stable]) < 10 * ACC_TOL[dtype]
+    assert torch.allclose(gates.sum(0).cpu(), torch.ones(T, dtype=torch.float32), atol=1e-5)
+
+
+def test_route_select_nan_logit_and_errors(seeded):
+    """A NaN logit is the row's first choice and makes its gates NaN; bad arguments are named."""
+    if not can_run(torch.empty(0, device=DEVICE)):
+        pytest.skip("kernels cannot run here")
+    x = torch.randn(9, 16, device=DEVICE)
+    router = torch.randn(4, 16, device=DEVICE)
+    rbias = torch.zeros(4, device=DEVICE)
+    rbias[2] = float("nan")
+    ids, gates = routing_kernels.route_select(x, router, 2, 1.0, False, rbias)
+    assert (ids[0] == 2).all() and gates.isnan().all()
+    with pytest.raises(ValueError, match=r"top_k must be an integer in 1\.\.4, got None"):
+        routing_kernels.route_select(x, router, None)
+    with pytest.raises(ValueError, match=r"router must have shape \(K, 16\)"):
+        routing_kernels.route_select(x, router[:, :8], 1)
+    with pytest.raises(ValueError, match="router_bias must be float32 of shape"):
+        routing_kernels.route_select(x, router, 1, router_bias=rbias.double())
