@@ -19,10 +19,9 @@ Two schedules, neither of which reads anything back to the host (fixed shapes: C
   launch counts rows per slot with atomics, one launch over row chunks places the rows in the
   permutation, its first program also writing the prefix sums and the block table), cut into
   blocks of BLOCK_T rows that share one adapter, and each block runs tensor-core dots. The number
-  of blocks is bounded by
-  cdiv(T, BLOCK_T) + min(N, T), so the grid is sized by that bound and surplus programs exit after
-  a few loads. Rows of one slot are ordered by the atomics, which changes which rows share a block
-  but not any row's result (each row's dot products are its own).
+  of blocks is bounded by cdiv(T, BLOCK_T) + min(N, T), so the grid is sized by that bound and
+  surplus programs exit after a few loads. Rows of one slot are ordered by the atomics, which
+  changes which rows share a block but not any row's result (each row's dot products are its own).
 
 For a few rows of a wide layer (decoding), segmented_linear_decode replaces the base GEMM and the
 gathered expand with one GEMM of its own whose epilogue adds the rows' adapter terms (after the
