@@ -380,6 +380,10 @@ def _route_select_kernel(
         tl.store(gates_ptr + j * T + offs_t, tl.exp(row_max - top) / denom, mask=t_mask)
 
 
+# Logits per program of the selection kernel (rows x adapters).
+SELECT_ELEMS = 4096
+
+
 def route_select(
     x: torch.Tensor,
     router: torch.Tensor,
@@ -407,7 +411,7 @@ def route_select(
         return ids, gates
     part, splits = _rows_partial(x, router.t(), T, D, K, split_config(T, D, K, x.dtype, x.device))
     block_k = block_for(K)
-    block_t = 16 if is_interpreting() else max(16, min(128, 4096 // block_k))
+    block_t = 16 if is_interpreting() else max(16, min(128, SELECT_ELEMS // block_k))
     launch(_route_select_kernel, (cdiv(T, block_t),),
            part, router_bias if router_bias is not None else part, ids, gates,
            T, K, splits, 1.0 / float(temperature),

@@ -405,6 +405,10 @@ def _check_ids_arg(idx: torch.Tensor) -> torch.Tensor:
     return idx.contiguous()
 
 
+# Rows per program of the counting launch.
+COUNT_BLOCK = 1024
+
+
 def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     """Group rows by slot (a counting sort: a fill and two launches) and lay out the row blocks.
 
@@ -422,7 +426,7 @@ def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     buf = torch.zeros((ends[-1],), dtype=i32, device=dev)
     counts, pos, perm, seg_start, seg_end, blk_end, blk_slot = (
         buf[e - cdiv(n, 4) * 4:e - cdiv(n, 4) * 4 + n] for n, e in zip(sizes, ends))
-    count_block = 1024 if not is_interpreting() else 64
+    count_block = COUNT_BLOCK if not is_interpreting() else 64
     launch(_count_rows_kernel, (cdiv(T, count_block),), idx, counts, pos, T, num_slots, BLOCK=count_block,
            num_warps=4)
     block_s = block_for(num_slots)

@@ -1,0 +1,63 @@
+"""The grouped routing schedule's small kernels under their launch sizes, replayed from CUDA graphs.
+
+    python bench/grouped_plan_sweep.py [--T 2048 8192] [--K 64] [--out bench/results]
+
+Times group_rows (the zero fill, the counting launch and the plan launch) over COUNT_BLOCK rows
+per counting program, and route_select (the logits' thin GEMM and the selection kernel) over
+SELECT_ELEMS logits per selection program, each the median of do_bench over graph replays (L2
+flushed). Ids are drawn uniformly over K adapters, as an Arrow router over a random library gives.
+Writes grouped-plan-sweep-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, graphed, save_json, warm_up  # noqa: E402
+
+import lorafuse.kernels.routing as rk  # noqa: E402
+import lorafuse.kernels.segmented as sk  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--K", type=int, nargs="+", default=[64])
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "grouped_plan_sweep.py needs a GPU"
+    warm_up()
+
+    def bench(f):
+        f()
+        return do_bench(graphed(f), warmup=25, rep=100, return_mode="median") * 1e3
+
+    rows = []
+    for T in args.T:
+        for K in args.K:
+            ids = torch.randint(0, K, (T,), device="cuda", dtype=torch.int32)
+            x = torch.randn(T, args.d, device="cuda", dtype=torch.bfloat16)
+            router = torch.randn(K, args.d, device="cuda", dtype=torch.bfloat16) / args.d ** 0.5
+            row = {"T": T, "K": K, "d_in": args.d, "group_rows_us": {}, "route_select_us": {}}
+            for cb in (128, 256, 512, 1024):
+                sk.COUNT_BLOCK = cb
+                row["group_rows_us"][cb] = bench(lambda: sk.group_rows(ids, K, 64))
+            for el in (1024, 2048, 4096, 8192):
+                rk.SELECT_ELEMS = el
+                for top_k in (1, 2):
+                    row["route_select_us"][f"{el}_top{top_k}"] = bench(
+                        lambda top_k=top_k: rk.route_select(x, router, top_k, 1.0, True, None, check=False))
+            row["logits_mm_us"] = bench(lambda: torch.mm(x, router.t()))
+            print(row, flush=True)
+            rows.append(row)
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "grouped-plan-sweep"))
+
+
+if __name__ == "__main__":
+    main()
