@@ -147,6 +147,34 @@ def _routed_partial(x, a_cat, router, config):
 
 
 @triton.jit
+def _routing_logits(part_ptr, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, k_mask, inv_temp,
+                    ABS_LOGITS: tl.constexpr, HAS_RBIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """(z, logits) of a row block: z the summed partials (+ router_bias), logits = (|z| or z) / the
+    temperature, -inf past K. A NaN logit (a diverged learned router) counts as +inf, the largest, as
+    torch.sort and torch.topk take it: top-k then selects it and the softmax turns the row's output
+    to NaN on every path, where a max that skips NaN would route around it and hide the fault."""
+    z = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, BLOCK_T, BLOCK_K)
+    if HAS_RBIAS:
+        z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if ABS_LOGITS:
+        logits = tl.abs(z) * inv_temp
+    else:
+        logits = z * inv_temp
+    logits = tl.where(logits != logits, float("inf"), logits)
+    return z, tl.where(k_mask[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _next_choice(work, offs_k, BLOCK_K: tl.constexpr):
+    """One step of the iterative top-k: (each row's largest remaining logit, its index (the lowest among
+    equals), work with that entry removed)."""
+    row_max = tl.max(work, axis=1)
+    first = tl.min(tl.where(work == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
+    return row_max, first, tl.where(offs_k[None, :] == first[:, None], float("-inf"), work)
+
+
+@triton.jit
 def _routed_finish_kernel(
     part_ptr, scale_ptr, block_ptr, rbias_ptr,
     sp_ptr, s_ptr, z_ptr, g_ptr,
@@ -175,29 +203,16 @@ def _routed_finish_kernel(
     tk_mask = t_mask[:, None] & k_mask[None, :]
 
     # The router logits are columns R .. R+K-1 of the partial sums.
-    z = _sum_splits(part_ptr + R, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, BLOCK_T, BLOCK_K)
-    if HAS_RBIAS:
-        z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    if ABS_LOGITS:
-        logits = tl.abs(z) * inv_temp
-    else:
-        logits = z * inv_temp
+    z, logits = _routing_logits(part_ptr + R, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask,
+                                k_mask, inv_temp, ABS_LOGITS, HAS_RBIAS, BLOCK_T, BLOCK_K)
     neg_inf = float("-inf")
-    # A NaN logit (a diverged learned router) counts as the largest, as torch.sort and torch.topk take
-    # it: top-k then selects it and the softmax turns the row's output to NaN on every path, where
-    # a max that skips NaN would route around it and hide the fault.
-    logits = tl.where(logits != logits, float("inf"), logits)
-    logits = tl.where(k_mask[None, :], logits, neg_inf)
     if TOP_K > 0:
         # Iterative max: each step keeps the largest remaining logit (the lowest index among equals).
         work = logits
         keep = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
         for _ in tl.static_range(TOP_K):
-            row_max = tl.max(work, axis=1)
-            first = tl.min(tl.where(work == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
-            hit = offs_k[None, :] == first[:, None]
-            keep = tl.where(hit, 1, keep)
-            work = tl.where(hit, neg_inf, work)
+            _, first, work = _next_choice(work, offs_k, BLOCK_K)
+            keep = tl.where(offs_k[None, :] == first[:, None], 1, keep)
         kept = (keep != 0) & k_mask[None, :]
     else:
         kept = (offs_t[:, None] >= 0) & k_mask[None, :]
@@ -350,17 +365,9 @@ def _route_select_kernel(
     t_mask = offs_t < T
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    z = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, t_mask[:, None] & k_mask[None, :],
-                    BLOCK_T, BLOCK_K)
-    if HAS_RBIAS:
-        z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    if ABS_LOGITS:
-        logits = tl.abs(z) * inv_temp
-    else:
-        logits = z * inv_temp
-    neg_inf = float("-inf")
-    logits = tl.where(logits != logits, float("inf"), logits)
-    work = tl.where(k_mask[None, :], logits, neg_inf)
+    _, work = _routing_logits(part_ptr, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k,
+                              t_mask[:, None] & k_mask[None, :], k_mask, inv_temp, ABS_LOGITS, HAS_RBIAS,
+                              BLOCK_T, BLOCK_K)
     # Choice 0 holds the row's largest logit: every gate is exp(l_j - l_0) / sum (1 for top-1, NaN
     # where l_0 is inf, as the softmax gives). Two passes of the (cheap) selection: the first sums
     # the kept exponentials, the second writes; nothing is read back from memory.
@@ -368,14 +375,10 @@ def _route_select_kernel(
     denom = tl.zeros((BLOCK_T,), dtype=tl.float32)
     scan = work
     for _ in tl.static_range(TOP_K):
-        row_max = tl.max(scan, axis=1)
-        first = tl.min(tl.where(scan == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
-        scan = tl.where(offs_k[None, :] == first[:, None], neg_inf, scan)
+        row_max, _, scan = _next_choice(scan, offs_k, BLOCK_K)
         denom += tl.exp(row_max - top)
     for j in tl.static_range(TOP_K):
-        row_max = tl.max(work, axis=1)
-        first = tl.min(tl.where(work == row_max[:, None], offs_k[None, :], BLOCK_K), axis=1)
-        work = tl.where(offs_k[None, :] == first[:, None], neg_inf, work)
+        row_max, first, work = _next_choice(work, offs_k, BLOCK_K)
         tl.store(ids_ptr + j * T + offs_t, first, mask=t_mask)
         tl.store(gates_ptr + j * T + offs_t, tl.exp(row_max - top) / denom, mask=t_mask)
 
