@@ -3,8 +3,10 @@
     python bench/grouped_plan_sweep.py [--T 2048 8192] [--K 64] [--out bench/results]
 
 Times group_rows (the zero fill, the counting launch and the plan launch) over COUNT_BLOCK rows
-per counting program, and route_select (the logits' thin GEMM and the selection kernel) over
-SELECT_ELEMS logits per selection program, each the median of do_bench over graph replays (L2
+per counting program, route_select (the logits' thin GEMM and the selection kernel) over
+SELECT_ELEMS logits per selection program, and one grouped pass of segmented_lora_ (plan, row
+shrink, row expand onto a d_in-wide output; adapters of rank 16) over the expand's
+GROUPED_EXPAND_BLOCK_N and GROUPED_EXPAND_WARPS, each the median of do_bench over graph replays (L2
 flushed). Ids are drawn uniformly over K adapters, as an Arrow router over a random library gives.
 Writes grouped-plan-sweep-<gpu>-<date>.json.
 """
@@ -38,6 +40,7 @@ def main() -> None:
         f()
         return do_bench(graphed(f), warmup=25, rep=100, return_mode="median") * 1e3
 
+    defaults = (sk.COUNT_BLOCK, rk.SELECT_ELEMS, sk.GROUPED_EXPAND_BLOCK_N, sk.GROUPED_EXPAND_WARPS)
     rows = []
     for T in args.T:
         for K in args.K:
@@ -54,8 +57,22 @@ def main() -> None:
                     row["route_select_us"][f"{el}_top{top_k}"] = bench(
                         lambda top_k=top_k: rk.route_select(x, router, top_k, 1.0, True, None, check=False))
             row["logits_mm_us"] = bench(lambda: torch.mm(x, router.t()))
+            fac_in = torch.randn(K, 16, args.d, device="cuda", dtype=torch.bfloat16) / args.d ** 0.5
+            fac_out = torch.randn(K, 16, args.d, device="cuda", dtype=torch.bfloat16)
+            ranks = torch.full((K,), 16, device="cuda", dtype=torch.int32)
+            scales = torch.ones(K, device="cuda")
+            gates = torch.rand(T, device="cuda")
+            y = torch.zeros(T, args.d, device="cuda", dtype=torch.bfloat16)
+            row["grouped_pass_us"] = {}
+            for bn in (64, 128, 256):
+                for w in (4, 8):
+                    sk.GROUPED_EXPAND_BLOCK_N, sk.GROUPED_EXPAND_WARPS = bn, w
+                    row["grouped_pass_us"][f"n{bn}_w{w}"] = bench(lambda: sk.segmented_lora_(
+                        y, x, fac_in, fac_out, ranks, scales, ids, schedule="grouped", row_scale=gates))
+            sk.COUNT_BLOCK, rk.SELECT_ELEMS, sk.GROUPED_EXPAND_BLOCK_N, sk.GROUPED_EXPAND_WARPS = defaults
             print(row, flush=True)
             rows.append(row)
+    print("defaults (count block, select elems, expand block_n, warps):", defaults)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "grouped-plan-sweep"))
 
 

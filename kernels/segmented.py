@@ -507,6 +507,13 @@ def _grouped_expand_kernel(
     pid_n = tl.program_id(1)
     slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
                                             perm_ptr, NUM_SLOTS, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.where(valid, N, 0)
+    # The output tile is the bulk of this program's bytes and needs nothing computed first: its
+    # load is issued before the small ones, so that their latency overlaps it.
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+    o_mask = t_mask[:, None] & n_mask[None, :]
+    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     rank = tl.load(ranks_ptr + slot)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
@@ -517,14 +524,9 @@ def _grouped_expand_kernel(
     if HAS_ROW_SCALE:
         s *= tl.load(row_scale_ptr + rows, mask=t_mask, other=0.0)[:, None]
     s = s.to(out_ptr.dtype.element_ty)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < tl.where(valid, N, 0)
     f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     delta = tl.dot(s, f, input_precision=PREC)
-    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
-    o_mask = t_mask[:, None] & n_mask[None, :]
-    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -574,6 +576,12 @@ def _gathered_blocks(block_r: int):
         return 32, 32, 4
     width = max(32, min(256, 4096 // block_r))
     return width, width, 4
+
+
+# The grouped expand's output columns per program and warps (a read-modify-write of the output
+# rows: bench/grouped_plan_sweep.py times the choices).
+GROUPED_EXPAND_BLOCK_N = 128
+GROUPED_EXPAND_WARPS = 4
 
 
 def _grouped_blocks(T: int, dtype: torch.dtype):
@@ -748,6 +756,8 @@ def segmented_lora_(
         part.stride(0),
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
+    if not is_interpreting():
+        block_n, warps = GROUPED_EXPAND_BLOCK_N, GROUPED_EXPAND_WARPS
     launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n)),
         out, part, fac_out, ranks, scales, row_scale_, *plan_args,
         N, num_slots,
