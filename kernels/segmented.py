@@ -405,8 +405,10 @@ def _check_ids_arg(idx: torch.Tensor) -> torch.Tensor:
     return idx.contiguous()
 
 
-# Rows per program of the counting launch.
-COUNT_BLOCK = 1024
+# Rows per program of the counting launch: more, smaller programs spread the atomics' latency
+# (grouped-plan-sweep-1453a14-*.json, H200, group_rows from a CUDA graph, 64 slots: T = 8192 16.0 us
+# at 128 rows against 18.8 at 1024; T = 2048 14.2 against 18.1).
+COUNT_BLOCK = 128
 
 
 def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
@@ -579,7 +581,9 @@ def _gathered_blocks(block_r: int):
 
 
 # The grouped expand's output columns per program and warps (a read-modify-write of the output
-# rows: bench/grouped_plan_sweep.py times the choices).
+# rows). grouped-plan-sweep-1453a14-*.json: 128 columns and 4 warps best or within 1 us of the best
+# of 64/128/256 x 4/8 at T = 2048 and 8192 (a grouped pass at T = 8192, K = 64: 100 us; 8 warps on 64
+# columns 117).
 GROUPED_EXPAND_BLOCK_N = 128
 GROUPED_EXPAND_WARPS = 4
 
