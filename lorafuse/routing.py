@@ -361,11 +361,11 @@ def _routed_backward(dy, x, weight, a_c, router_c, b_c, sc, block, sp, s, z, g, 
 # grouped 1.80x / 1.45x against dense 1.70x / 1.38x (routed-cublas-ab-*43e2395-*.json); K = 48 (R = 768)
 # top-1 grouped 1.42x / 1.21x against dense 1.52x / 1.30x, top-2 1.74x / 1.39x against 1.54x / 1.30x;
 # K = 32 (R = 512) top-1 even (1.32x / 1.15x grouped, 1.34x / 1.18x dense), top-2 dense by 0.16-0.31x
-# (routed-cublas-ab-k32k48-*.json). With the selection kernel and the spread row plan (1453a14,
-# routed-profile-*-1453a14-*.json, graph replays, 4096 x 4096, T = 8192, top-2) grouped against dense:
-# K = 32 1.53x / 1.34x, K = 48 1.59x / 1.54x, K = 64 1.52-1.57x / 1.69-1.74x (two runs); top-1 K = 64
-# 1.31x / 1.73x. So grouped from 448 rank columns per choice (top-2 from K = 64 at r = 16, top-1 from
-# K = 28, where grouped was already even at K = 32 before these changes).
+# (routed-cublas-ab-k32k48-*.json). With the selection kernel and the spread row plan (fc2d9c8,
+# routed-profile-{c68b9f7,k32k48-1453a14,fc2d9c8}-*.json, graph replays, 4096 x 4096, T = 8192, top-2)
+# grouped against dense: K = 32 1.53x / 1.34x, K = 48 1.59x / 1.54x, K = 64 1.52-1.57x / 1.69-1.74x
+# (two runs); top-1 K = 64 1.31x / 1.73x. So grouped from 448 rank columns per choice (top-2 from
+# K = 64 at r = 16, top-1 from K = 28, where grouped was already even at K = 32 before these changes).
 GROUPED_MIN_RANK = 448
 GROUPED_MIN_T = 4096
 ROUTED_SCHEDULES = ("auto", "dense", "grouped")
