@@ -509,13 +509,6 @@ def _grouped_expand_kernel(
     pid_n = tl.program_id(1)
     slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
                                             perm_ptr, NUM_SLOTS, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < tl.where(valid, N, 0)
-    # The output tile is the bulk of this program's bytes and needs nothing computed first: its
-    # load is issued before the small ones, so that their latency overlaps it.
-    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
-    o_mask = t_mask[:, None] & n_mask[None, :]
-    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     rank = tl.load(ranks_ptr + slot)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
@@ -526,9 +519,14 @@ def _grouped_expand_kernel(
     if HAS_ROW_SCALE:
         s *= tl.load(row_scale_ptr + rows, mask=t_mask, other=0.0)[:, None]
     s = s.to(out_ptr.dtype.element_ty)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.where(valid, N, 0)
     f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     delta = tl.dot(s, f, input_precision=PREC)
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+    o_mask = t_mask[:, None] & n_mask[None, :]
+    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
@@ -583,7 +581,9 @@ def _gathered_blocks(block_r: int):
 # The grouped expand's output columns per program and warps (a read-modify-write of the output
 # rows). grouped-plan-sweep-1453a14-*.json: 128 columns and 4 warps best or within 1 us of the best
 # of 64/128/256 x 4/8 at T = 2048 and 8192 (a grouped pass at T = 8192, K = 64: 100 us; 8 warps on 64
-# columns 117).
+# columns 117). That sweep ran a variant that issued the output tile's load first; per kernel it
+# was slower than this order (routed-profile-fc2d9c8-*.json: 69.7 against 67.2 us at T = 8192, top-1;
+# 137 against 128 us for top-2's two passes), so the loads stay in this order.
 GROUPED_EXPAND_BLOCK_N = 128
 GROUPED_EXPAND_WARPS = 4
 
