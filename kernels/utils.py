@@ -144,8 +144,8 @@ def unit_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 # Tests set this so that every buffer a launch function allocates starts as NaN (integer ones at
-# their type's minimum): an element a
-# kernel fails to write then shows up instead of passing as leftover memory (often zeros).
+# their type's minimum): an element a kernel fails to write then shows up instead of passing as
+# leftover memory (often zeros).
 POISON_OUTPUTS = False
 
 
