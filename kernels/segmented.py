@@ -589,10 +589,11 @@ GROUPED_EXPAND_WARPS = 4
 
 
 def _grouped_blocks(T: int, dtype: torch.dtype):
+    """(BLOCK_T, the shrink's BLOCK_D, the expand's BLOCK_N, the shrink's warps, the expand's warps)."""
     if is_interpreting():
-        return 16, 32, 32, 4
+        return 16, 32, 32, 4, 4
     bt = 32 if T <= 2048 else 64
-    return bt, (64 if dtype == torch.float32 else 128), 128, 4  # BLOCK_T, BLOCK_D, BLOCK_N, warps
+    return bt, (64 if dtype == torch.float32 else 128), GROUPED_EXPAND_BLOCK_N, 4, GROUPED_EXPAND_WARPS
 
 
 def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor):
@@ -747,7 +748,7 @@ def segmented_lora_(
 
     if check_ids and x.is_cuda:
         check_ids_on_device(idx, num_slots)
-    block_t, block_d, block_n, warps = _grouped_blocks(T, x.dtype)
+    block_t, block_d, block_n, warps, expand_warps = _grouped_blocks(T, x.dtype)
     plan = group_rows(idx, num_slots, block_t)
     part = new_empty((T, r_max), torch.float32, x.device)
     prec = dot_precision(x.dtype)
@@ -760,8 +761,6 @@ def segmented_lora_(
         part.stride(0),
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    if not is_interpreting():
-        block_n, warps = GROUPED_EXPAND_BLOCK_N, GROUPED_EXPAND_WARPS
     launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n)),
         out, part, fac_out, ranks, scales, row_scale_, *plan_args,
         N, num_slots,
@@ -769,7 +768,7 @@ def segmented_lora_(
         part.stride(0),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
-        HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=expand_warps,
     )
     if save_s:
         valid = (idx >= 0) & (idx < num_slots)
