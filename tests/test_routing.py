@@ -60,6 +60,19 @@ def near_tie_rows(x, router, router_bias, kind, top_k, temperature):
     return (top[:, top_k - 1] - top[:, top_k]) < rel * logits.abs().mean()
 
 
+def redraw_near_ties(x, router, router_bias, kind, top_k, temperature, tries=50):
+    """x with its near-tie rows (see near_tie_rows) drawn afresh until none is left: a one-row case
+    would otherwise have nothing to compare now and then. Returns x (a new tensor)."""
+    x = x.clone()
+    flat = x.reshape(-1, x.shape[-1])
+    for _ in range(tries):
+        bad = near_tie_rows(flat, router, router_bias, kind, top_k, temperature).to(flat.device)
+        if not bad.any():
+            break
+        flat[bad] = torch.randn(int(bad.sum()), flat.shape[1], device=flat.device).to(flat.dtype)
+    return x
+
+
 def reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, router_bias):
     d = lambda t: None if t is None else t.detach().to(F64)  # noqa: E731
     return lora_linear_routed_reference(d(x), d(w), d(b), d(a_cat), d(b_cat), d(scale), ranks, d(router), kind,
@@ -200,6 +213,7 @@ def test_routed_forward_matches_float64(dtype, case, kind, top_k, kernel_calls, 
     x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
     router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, dtype)
     temperature = 0.7
+    x = redraw_near_ties(x, router, rbias, kind, top_k, temperature)
     y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias,
                            schedule="dense")
     ref = reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, temperature, rbias)
@@ -224,6 +238,7 @@ def test_routed_cublas_expand(dtype, top_k, monkeypatch, seeded):
     T, d_in, d_out, ranks = 37, 48, 40, [3, 8, 5]
     x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
     router, rbias = router_for("arrow", a_cat, b_cat, ranks, scale, dtype)
+    x = redraw_near_ties(x, router, rbias, "arrow", top_k, 0.7)
     leaves = [t.detach().requires_grad_() for t in (x, w, b, a_cat, b_cat)]
     y = lora_linear_routed(*leaves, scale, ranks, router, "arrow", top_k, 0.7, rbias, schedule="dense")
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, a_cat, b_cat)]
@@ -271,6 +286,7 @@ def test_grouped_forward_matches_float64(dtype, case, kind, top_k, segmented_cal
     top_k = min(top_k, len(ranks))
     x, w, b, a_cat, b_cat, scale = make_layer(T, d_in, d_out, ranks, dtype)
     router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, dtype)
+    x = redraw_near_ties(x, router, rbias, kind, top_k, 0.7)
     y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, 0.7, rbias,
                            schedule="grouped")
     ref = reference64(x, w, b, a_cat, b_cat, scale, ranks, router, kind, top_k, 0.7, rbias)
@@ -924,6 +940,7 @@ def test_route_select_matches_float64(dtype, K, top_k, T, d_in, kind, seeded):
     x = torch.randn(T, d_in, device=DEVICE).to(dtype)
     router = (torch.randn(K, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
     rbias = torch.randn(K, device=DEVICE) * 0.3 if kind == "linear" else None
+    x = redraw_near_ties(x, router, rbias, kind, top_k, 0.7)
     ids, gates = routing_kernels.route_select(x, router, top_k, 0.7, kind == "arrow", rbias)
     assert ids.shape == gates.shape == (top_k, T) and ids.dtype == torch.int32 and gates.dtype == torch.float32
     z = x.double().cpu() @ router.double().cpu().t()
@@ -933,7 +950,7 @@ def test_route_select_matches_float64(dtype, K, top_k, T, d_in, kind, seeded):
     want_ids = _top_ids(logits, top_k)
     want_gates = torch.softmax(logits.gather(1, want_ids) / 0.7, dim=1)
     stable = ~near_tie_rows(x, router, rbias, kind, top_k, 0.7)
-    assert stable.float().mean() > 0.8
+    assert stable.float().mean() > 0.9
     assert torch.equal(ids.t().cpu().long()[stable], want_ids[stable])
     assert rel_err(gates.t()[stable.to(gates.device)], want_gates[stable]) < 10 * ACC_TOL[dtype]
     assert torch.allclose(gates.sum(0).cpu(), torch.ones(T, dtype=torch.float32), atol=1e-5)
