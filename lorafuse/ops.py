@@ -220,6 +220,12 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=torch.float32)
 
 
+def _x_to_save(x: Tensor, needs) -> Tensor:
+    """x itself only where a gradient reads it (weight's and a_cat's): a LoraMap or weighted layer
+    keeps no (T, d_in) activation, and an inference-mode x may feed the maps' gradients."""
+    return x if (needs[1] or needs[3]) else _empty(x)
+
+
 def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool):
     """x (T, d_in) -> (y (T, d_out), S' (T, R), S (T, R) f32, U (T, m) f32); the last three are
     None unless `save` (they are what the backward needs)."""
@@ -335,10 +341,11 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs):
-    f32 = torch.float32
+    # x may be saved as a placeholder (_x_to_save): shapes and dtypes come from dy and the weights.
+    f32, dt = torch.float32, dy.dtype
     shapes = [
-        (x.shape, x.dtype), (weight.shape, x.dtype), ((weight.shape[0],), x.dtype), (a_cat.shape, x.dtype),
-        (b_cat.shape, x.dtype), (scale.shape, f32),
+        ((dy.shape[0], weight.shape[1]), dt), (weight.shape, dt), ((weight.shape[0],), dt), (a_cat.shape, dt),
+        (b_cat.shape, dt), (scale.shape, f32),
         (a_map.shape if a_map is not None else None, f32), (b_map.shape if b_map is not None else None, f32),
     ]
     return [x.new_empty(shp, dtype=dt) if (n and shp is not None) else _empty(x) for n, (shp, dt) in zip(needs, shapes)]
@@ -348,7 +355,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save = inputs
     y, sp, s, u = output
     ctx.mark_non_differentiable(sp, s, u)
-    ctx.save_for_backward(x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u)
+    ctx.save_for_backward(_x_to_save(x, ctx.needs_input_grad), weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u)
     ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_cat, b_cat, scale, a_map, b_map)]
 
 
@@ -367,7 +374,7 @@ def _backward(ctx, dy, _dsp, _ds, _du):
     needs = list(ctx.needs_input_grad[:8])
     if not any(needs):
         return (None,) * 9
-    if s.numel() == 0 and x.shape[0] > 0 and a_cat.shape[0] > 0:
+    if s.numel() == 0 and dy.shape[0] > 0 and a_cat.shape[0] > 0:
         raise RuntimeError("lorafuse::lora_linear_fwd was called with save=False, so it kept nothing to "
                            "differentiate; call it with save=True (lorafuse.lora_linear does) when a "
                            "gradient is needed")
@@ -386,7 +393,8 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_cat, b_cat, scale, a_map, b_map):
         y, sp, s, u = _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, True)
-        ctx.save_for_backward(x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u)
+        ctx.save_for_backward(_x_to_save(x, ctx.needs_input_grad), weight, a_cat, b_cat, scale, a_map, b_map,
+                              sp, s, u)
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, a_cat, b_cat, scale, a_map, b_map)]
         return y
 

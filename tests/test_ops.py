@@ -214,6 +214,31 @@ def test_torch_compile_fullgraph(T, seeded):
         assert rel_err(g, gr) < 1e-5
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("mask", [[False] * 6 + [True, True], [False] * 5 + [True, False, False]],
+                         ids=["maps", "scale"])
+def test_x_is_saved_only_for_the_grads_that_read_it(mask, compiled, seeded):
+    """LoraMap and weighted layers train the maps or the scale, whose gradients never read x: the op
+    keeps no (T, d_in) activation for them, so an x made under inference_mode trains them too."""
+    args = _args(37, 40, 24, 5, 4, torch.float32)
+    with torch.inference_mode():
+        args[0] = args[0].clone()
+    leaves = [a.detach().requires_grad_(g) if a is not None and g else a for a, g in zip(args, mask)]
+    with lorafuse.use_backend("triton"):
+        f = torch.compile(lorafuse.lora_linear, backend="aot_eager", fullgraph=True) if compiled else \
+            lorafuse.lora_linear
+        y = f(*leaves)
+    if not compiled:
+        assert all(t.shape != args[0].shape for t in y.grad_fn.saved_tensors), "x was saved"
+    want = [i for i, g in enumerate(mask) if g]
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [leaves[i] for i in want], dy)
+    ref = [a.detach().double().requires_grad_(g) if a is not None else None for a, g in zip(args, mask)]
+    grads_ref = torch.autograd.grad(lora_linear_reference(*ref), [ref[i] for i in want], dy.double())
+    for i, g, g_ref in zip(want, grads, grads_ref):
+        assert rel_err(g, g_ref) < GRAD_TOL[torch.float32], f"grad of {NAMES[i]}"
+
+
 BAD = [
     (0, lambda a: a.__setitem__(0, torch.randn(3, 41, device=DEVICE)), "x must have shape"),
     (1, lambda a: a.__setitem__(1, torch.randn(24, device=DEVICE)), "weight must have shape"),
