@@ -58,6 +58,9 @@ def _check_adapters(adapters, d_in: int, d_out: int):
         if not isinstance(b, Tensor) or tuple(b.shape) != (d_out, r):
             raise ValueError(f"adapters[{i}] B must have shape ({d_out}, {r}) (d_out, rank of its A), "
                              f"got {tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        for name, t in (("A", a), ("B", b)):
+            if not t.is_floating_point():
+                raise ValueError(f"adapters[{i}] {name} must be a real floating-point tensor, got {t.dtype}")
         if isinstance(s, Tensor):
             if s.numel() != 1:
                 raise ValueError(f"adapters[{i}] scale must be a number, got a tensor of shape {tuple(s.shape)}")

@@ -254,6 +254,11 @@ def test_bad_adapters():
         MultiLoraLinear(_base(), [(a, b[:, :2], s)])
     with pytest.raises(ValueError, match=r"adapters\[0\] scale must be a finite number"):
         MultiLoraLinear(_base(), [(a, b, float("nan"))])
+    # a complex factor would otherwise be cast to its real part with only torch's warning
+    with pytest.raises(ValueError, match=r"adapters\[1\] B must be a real floating-point tensor, got torch.complex64"):
+        MultiLoraLinear(_base(), [(a, b, s), (a, b.to(torch.complex64), s)])
+    with pytest.raises(ValueError, match=r"adapters\[0\] A must be a real floating-point tensor, got torch.int64"):
+        MultiLoraLinear(_base(), [(a.long(), b, s)])
     with pytest.raises(TypeError, match="base must be an nn.Linear"):
         MultiLoraLinear(nn.Conv1d(3, 3, 1), [(a, b, s)])
 
