@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .adapters import LoraAdapter, load_adapters
 from .modules import check_weights
+from .train import seeded
 
 __all__ = ["merge_adapters", "MERGE_METHODS"]
 
@@ -119,8 +120,8 @@ def merge_adapters(
 
     layers: Dict[str, tuple] = {}
     errors: Dict[str, float] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    factors = [t for ad in loaded for layer in ad.layers.values() for t in layer[:2]]
+    with seeded(seed, tensors=factors):
         for key in modules:
             present = [i for i, ad in enumerate(loaded) if key in ad.layers]
             shapes = {(loaded[i].layers[key][1].shape[0], loaded[i].layers[key][0].shape[1]) for i in present}

@@ -88,13 +88,18 @@ def derived_seed(seed: int, *parts: Any) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int, model: Optional[nn.Module] = None) -> Iterator[None]:
-    """Inside the block the global RNG (CPU, and the CUDA devices of `model`) starts from `seed`; after
-    it, the state from before is back. For initialisations that draw from the global RNG (peft's
-    LoRA A, a LoraMap's a_map): each then depends on its own seed, not on what ran before it."""
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda}) if model is not None else []
+def seeded(seed: int, model: Optional[nn.Module] = None, tensors: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Inside the block the global RNG of the CPU and of the CUDA devices that `model` or `tensors` live
+    on starts from `seed`; after it, the state from before is back, on every device. For draws from the
+    global RNG (peft's LoRA A, a LoraMap's a_map, DARE's masks): each then depends on its own seed, not
+    on what ran before it. (torch.manual_seed would also reseed every other CUDA device, unrestored.)"""
+    params = list(model.parameters()) if model is not None else []
+    cuda = sorted({t.device.index or 0 for t in params + list(tensors) if t.is_cuda})
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
         yield
 
 

@@ -63,11 +63,16 @@ def test_matches_peft_merge_utils(saved, family, method, seeded):
         assert rel_err(_dense(merged, key), ref) < 1e-5, key
 
 
-def test_dare_seeded_and_rng_untouched(saved):
+def test_dare_seeded_and_rng_untouched(saved, monkeypatch):
     dirs = saved["llama"][3]
     state = torch.get_rng_state()
+    # CPU adapters draw from the CPU generator only: no CUDA device may be reseeded (torch.manual_seed
+    # would reseed every one, or queue it until CUDA starts, and restore none).
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: reseeded.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: reseeded.append(s))
     m1 = merge_adapters(dirs, method="dare_ties", density=0.3, seed=3, rank="full")
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), state) and not reseeded
     m2 = merge_adapters(dirs, method="dare_ties", density=0.3, seed=3, rank="full")
     m3 = merge_adapters(dirs, method="dare_ties", density=0.3, seed=4, rank="full")
     key = next(iter(m1.layers))
