@@ -162,7 +162,9 @@ def set_lorahub_weights(model: nn.Module, weights: Sequence[float]) -> None:
 
 def _restorer(model: nn.Module, comp) -> Callable[[], None]:
     """A function that puts an already composed model back as it is now: its composed layers' own
-    tensors (weights, maps; not the base layers), their grads and the training flag."""
+    tensors (weights, maps; not the base layers), their grads, the composition's recorded weights and
+    the training flag."""
+    comp_weights = None if comp.weights is None else list(comp.weights)
     saved = []
     for slot in comp.slots.values():
         layer = slot.composed
@@ -178,6 +180,7 @@ def _restorer(model: nn.Module, comp) -> Callable[[], None]:
                 p.grad = grad
         for m, flag in training.items():
             m.train(flag)
+        comp.weights = comp_weights
 
     return restore
 

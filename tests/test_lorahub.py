@@ -242,8 +242,8 @@ def test_bad_input(setup, tmp_path):
 
 @pytest.mark.parametrize("run", ["search", "train"])
 def test_a_failed_run_restores_an_already_composed_model(setup, run):
-    """The model was composed (weighted) before the call: a loss that fails midway leaves its weights,
-    flags and training mode as they were."""
+    """The model was composed (weighted) before the call: a loss that fails midway leaves its weights
+    (in the layers and as the composition records them), flags and training mode as they were."""
     base_sd, _, _, dirs, batches = setup
     model = _fresh(base_sd)
     compose(model, dirs, method="weighted", weights=[0.3, 0.7, -0.2])
@@ -266,4 +266,4 @@ def test_a_failed_run_restores_an_already_composed_model(setup, run):
     assert model.training and all(m.training for m in model.modules())
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
-    assert get_composition(model).method == "weighted"
+    assert get_composition(model).method == "weighted" and get_composition(model).weights == [0.3, 0.7, -0.2]
