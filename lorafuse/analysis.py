@@ -132,6 +132,10 @@ def delta_cosine(adapters: Sequence[Any], modules: Optional[Sequence[str]] = Non
         unknown = [m for m in modules if m not in all_modules]
         if unknown:
             raise ValueError(f"modules: {unknown[:3]} are targeted by none of the adapters")
+        repeated = sorted({m for m in modules if modules.count(m) > 1})
+        if repeated:
+            # each layer counts once in the overall cosine and the RMS over layers
+            raise ValueError(f"modules: {repeated[:3]} are listed more than once")
         all_modules = list(modules)
 
     nan = math.nan

@@ -133,5 +133,7 @@ def test_bad_input():
         delta_cosine([x], modules="l0.q")
     with pytest.raises(ValueError, match="modules is empty"):
         delta_cosine([x], modules=[])
+    with pytest.raises(ValueError, match=r"\['l0.q'\] are listed more than once"):
+        delta_cosine([x], modules=["l0.q", "l0.q"])
     with pytest.raises(FileNotFoundError, match="missing-dir"):
         delta_cosine([x, "/nonexistent/missing-dir"])
