@@ -221,18 +221,40 @@ def _check_model_task(name: str, spec: Optional[str]) -> None:
             raise UsageError(f"--model: {e}") from e
 
 
+def _check_data(data_dir: Optional[str]) -> str:
+    """The data folder exists: --data, else $LORAFUSE_DATA, else one found beside the checkout. Returns
+    how errors about its files should name it."""
+    from .data import default_data_dir
+
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise UsageError(f"--data: {data_dir} is not a directory")
+        return "--data"
+    found = default_data_dir()
+    if found is None:
+        raise UsageError("--data: no data folder found; pass --data <folder with covidfact/, scifact-rte/, "
+                         "gsm8k/, pubmedqa/> or set LORAFUSE_DATA")
+    source = "$LORAFUSE_DATA" if os.environ.get("LORAFUSE_DATA") else f"the data folder {found} (--data to choose)"
+    if not found.is_dir():
+        raise UsageError(f"{source}: {found} is not a directory")
+    return source
+
+
 def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
     """'two-hop:<split>' or '<task>:<split>' from lorafuse.data."""
     if ":" not in spec:
         raise UsageError(f"{flag} must be <name>:<split>, e.g. two-hop:hop1 or covidfact:train; got {spec!r}")
     name, split = spec.split(":", 1)
-    from .data import LM_TASKS, load_task
+    from .data import LM_TASKS, TASKS, load_task
 
     if name == "two-hop" and data_dir is not None:
         raise UsageError(f"--data: {flag} two-hop is the synthetic two-hop world, generated, not read from a folder")
+    source = _check_data(data_dir) if name in TASKS else flag  # (an unknown name: load_task lists the valid)
     try:
         dsets = load_task(name, data_dir)
-    except (ValueError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # a file missing from the data folder
+        raise UsageError(f"{source}: {str(e).removeprefix('data_dir: ')}") from e
+    except ValueError as e:
         raise UsageError(f"{flag}: {e}") from e
     if split not in dsets:
         raise UsageError(f"{flag}: {name} has no split {split!r}; splits: {', '.join(dsets)}")
@@ -470,17 +492,12 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         return cmd_demo(argparse.Namespace(out=a.out, model=a.model or "minilm", seed=a.seed or 0,
                                            people=a.people or 32, quiet=a.quiet, epochs=a.epochs, lr=a.lr,
                                            seeds=a.seeds, data=None, reuse=a.reuse))
-    from .data import default_data_dir
     from .experiments.report import markdown_table
 
     model = a.model or ("minilm" if a.name == "loramap" else "smollm2")
     if a.name == "summation":
         _check_decoder(model)
-    if a.data is None and default_data_dir() is None:
-        raise UsageError("--data: no data folder found; pass --data <folder with covidfact/, scifact-rte/, "
-                         "gsm8k/, pubmedqa/> or set LORAFUSE_DATA")
-    if a.data is not None and not Path(a.data).is_dir():
-        raise UsageError(f"--data: {a.data} is not a directory")
+    _check_data(a.data)
     _check_model_package(model)
     seeds_run = (a.seeds if a.seeds is not None else [a.seed] if a.seed is not None else [0, 1, 2]) \
         if a.name == "loramap" else a.seeds

@@ -56,7 +56,9 @@ def test_help_lists_every_command(capsys):
     (["experiment", "summation", "--out", "/tmp/x", "--model", "tiny-bert"], "an encoder"),
     (["evaluate", "--task", "nope:train", "--model", "tiny-bert"], "unknown task 'nope'"),
     (["evaluate", "--task", "covidfact:test", "--model", "tiny-bert", "--data", "/no/such/data"],
-     "/no/such/data is not a directory"),
+     "--data: /no/such/data is not a directory"),
+    (["train-adapter", "--task", "covidfact:train", "--model", "tiny-bert", "--data", "/no/such/data", "--out",
+      "/tmp/x"], "--data: /no/such/data is not a directory"),
     (["experiment", "loramap", "--out", "/tmp/x", "--data", "/no/such/data"], "--data: /no/such/data"),
     (["experiment", "summation", "--out", "/tmp/x", "--model", "bert-huge"], "unknown model 'bert-huge'"),
     (["experiment", "loramap", "--out", "/tmp/x", "--model", "/no/such/model"], "no such folder"),
@@ -68,6 +70,17 @@ def test_help_lists_every_command(capsys):
 def test_bad_arguments_are_named(args, msg, capsys):
     code, _, err = run(args, capsys)
     assert code == 2 and msg in err
+
+
+def test_data_folder_errors_name_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """A data folder without the task's files, or a $LORAFUSE_DATA that is no folder: the error names
+    --data or the variable, not --task."""
+    code, _, err = run(["evaluate", "--task", "covidfact:test", "--model", "tiny-bert", "--data", str(tmp_path)],
+                       capsys)
+    assert code == 2 and f"--data: expected the file {tmp_path}" in err, err
+    monkeypatch.setenv("LORAFUSE_DATA", str(tmp_path / "nope"))
+    code, _, err = run(["evaluate", "--task", "covidfact:test", "--model", "tiny-bert"], capsys)
+    assert code == 2 and f"$LORAFUSE_DATA: {tmp_path / 'nope'} is not a directory" in err, err
 
 
 def test_compose_method_and_map_rank_checked(tmp_path, capsys):
