@@ -431,7 +431,15 @@ def cmd_compose(a: argparse.Namespace) -> int:
                                  seed=_head_seed(a, kind), progress=not a.quiet, **lm)
         print(json.dumps(info, indent=1))
     os.makedirs(Path(a.out).resolve().parent, exist_ok=True)
-    lorafuse.export_peft(model, a.out)
+    # The composition binds what its inputs were bound to (or what it was trained on): the same seed
+    # and model checks then hold when it is evaluated or composed again.
+    recorded = _recorded(a)
+    record = None
+    if recorded or a.train_task:
+        task = a.train_task or next((r["task"] for r in recorded.values() if isinstance(r.get("task"), str)), None)
+        record = {"model": a.model, "seed": _head_seed(a, kind), "task": task, "method": a.method,
+                  "composed_from": [str(Path(p).resolve()) for p in a.adapters]}
+    lorafuse.export_peft(model, a.out, record=record)
     print(f"wrote one peft adapter (the composition, method={a.method}) to {a.out}")
     return 0
 

@@ -7,6 +7,7 @@ The directory is written to a temporary sibling and renamed into place: never ha
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -184,6 +185,7 @@ def export_peft(
     dtype: torch.dtype = torch.float32,
     base_model_name_or_path: Optional[str] = None,
     overwrite: bool = False,
+    record: Optional[Dict[str, Any]] = None,
 ) -> str:
     """Write the composition of a composed model (lorafuse.compose) or a LoraAdapter (e.g. from
     lorafuse.merge_adapters) as one peft LoRA adapter: out_dir/adapter_config.json and
@@ -194,6 +196,8 @@ def export_peft(
         base_model_name_or_path: recorded in the config (default: the model's own name, if any).
         overwrite: replace an existing out_dir, if it is empty or a peft adapter folder with nothing but
             an adapter's own files (why_not_replaceable; default: refuse with FileExistsError).
+        record: JSON-serialisable facts written beside the adapter, in the same atomic write, as
+            lorafuse_trained_with.json (the command line records the model, seed and task there).
     Returns out_dir as a string.
     """
     from safetensors.torch import save_file
@@ -228,6 +232,9 @@ def export_peft(
         warnings.warn("every lora_B of this export is zero, so the adapter adds nothing to the base model (an "
                       "untrained LoraMap starts with b_map = 0: train it first, or compose with map_init='sum')",
                       stacklevel=2)
+    if record is not None and not isinstance(record, dict):
+        raise TypeError(f"record must be a dict or None, got {type(record).__name__}")
+    record_json = json.dumps(record, indent=1) + "\n"  # (a record that is not JSON fails here, before writing)
     config = _lora_config(factors, meta)
     tensors = {}
     for key, (a, b) in factors.items():
@@ -237,6 +244,9 @@ def export_peft(
     def write(tmp: str) -> None:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, WEIGHT_NAMES[0]), metadata={"format": "pt"})
+        if record is not None:
+            with open(os.path.join(tmp, TRAINED_WITH), "w", encoding="utf-8") as f:
+                f.write(record_json)
         assert os.path.isfile(os.path.join(tmp, CONFIG_NAME))
 
     write_dir_atomically(out_dir, write)

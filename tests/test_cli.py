@@ -169,6 +169,18 @@ def test_adapters_keep_the_head_seed_they_were_trained_with(tmp_path, capsys):
     assert code == 2 and "trained with different --seed values" in err and not (tmp_path / "c").exists()
     code, _, err = run(["compose", "--adapters", a1, "--model", "tiny-bert", "--out", ""], capsys)
     assert code == 2 and "--out: an empty path" in err
+    # a composition of seed-1 adapters is bound to seed 1 in turn: evaluated or composed again alike
+    code, _, _ = run(["compose", "--adapters", a1, a1, "--model", "tiny-bert", "--out", str(tmp_path / "c1"),
+                      "--quiet"], capsys)
+    assert code == 0
+    rec = json.loads((tmp_path / "c1" / "lorafuse_trained_with.json").read_text())
+    assert rec["seed"] == 1 and rec["model"] == "tiny-bert" and rec["task"] == "two-hop:hop1"
+    code, _, err = run(["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--adapters",
+                        str(tmp_path / "c1"), "--seed", "3"], capsys)
+    assert code == 2 and "--seed 3: the adapters were trained with --seed 1" in err
+    code, _, err = run(["evaluate", "--task", "two-hop:hop1", "--model", "tiny-bert", "--adapters",
+                        str(tmp_path / "c1"), a0, "--method", "sum"], capsys)
+    assert code == 2 and "trained with different --seed values" in err
 
 
 def test_demo_runs_end_to_end_as_a_command(tmp_path):
