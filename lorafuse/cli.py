@@ -39,11 +39,13 @@ def _number(kind, low: Optional[float] = None, inclusive: bool = False, high: Op
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        what = "an integer" if kind is int else "a finite number"
         if low is not None and (v < low or (v == low and not inclusive)):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
         if high is not None and v > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {what} <= {high if kind is int else f'{high:g}'}, "
+                                             f"got {text!r}")
         return v
     return parse
 
@@ -603,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examples per step (default 16)")
     t.set_defaults(fn=cmd_train_adapter)
 
-    def composing(sp):
-        sp.add_argument("--adapters", nargs="+", help="peft adapter folders")
+    def composing(sp, required=False):
+        sp.add_argument("--adapters", nargs="+", required=required,
+                        help="peft adapter folders" + (" (one or more)" if required else ""))
         sp.add_argument("--method", default="sum", help=f"one of {', '.join(COMPOSE_METHODS)} (default sum)")
         sp.add_argument("--weights", type=FINITE, nargs="*", default=None, help="per-adapter weights (weighted)")
         sp.add_argument("--map-rank", type=POSITIVE_INT, default=None, help="LoraMap rank m (loramap)")
@@ -615,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compose", help="compose adapters (optionally train the composition) and export one"
                                           " peft adapter")
     common(c, seed_help=adapters_seed)
-    composing(c)
+    composing(c, required=True)
     c.add_argument("--out", required=True, help="folder for the exported peft adapter")
     c.add_argument("--train-task", default=None, help="<name>:<split> to train the composition on (loramap, "
                    "concat, weighted)")
@@ -677,8 +680,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(a, "fn", None):
         parser.print_help()
         return 2
-    if a.command == "compose" and not a.adapters:
-        parser.error("compose needs --adapters (one or more peft adapter folders)")
     from .experiments import report
 
     report.COMMAND = shlex.join(["lorafuse"] + list(sys.argv[1:] if argv is None else argv))

@@ -294,13 +294,16 @@ def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, t
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--lr", "nan"], "argument --lr: must be"),
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--r", "0"], "argument --r: must be"),
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--alpha", "inf"], "argument --alpha: must be"),
-    (["demo", "--people", "2"], "argument --people: must be a finite number >= 3"),
+    (["demo", "--people", "2"], "argument --people: must be an integer >= 3"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--map-rank", "-3"], "argument --map-rank: must be"),
     (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--weights", "nan"], "argument --weights: must be finite"),
     (["experiment", "loramap", "--out", "/tmp/x", "--train-limit", "-5"], "argument --train-limit: must be"),
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--seed", "-1"], "argument --seed: must be"),
-    (["experiment", "loramap", "--out", "/tmp/x", "--seeds", "0", "4294967296"], "argument --seeds: must be at most"),
+    (["experiment", "loramap", "--out", "/tmp/x", "--seeds", "0", "4294967296"],
+     "argument --seeds: must be an integer <= 4294967295"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--r", "0"], "--r: must be an integer > 0"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["compose", "--out", "/tmp/x"], "lorafuse compose: error: the following arguments are required: --adapters"),
 ])
 def test_bad_numbers_are_refused_as_the_line_is_read(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
