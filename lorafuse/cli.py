@@ -698,6 +698,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"lorafuse {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written whole or not at all: nothing half-written to report
+        print(f"lorafuse {a.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

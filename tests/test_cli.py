@@ -411,3 +411,15 @@ def test_results_record_the_command_that_ran(monkeypatch, capsys, tmp_path):
     out = str(tmp_path / "o w")
     run(["experiment", "recycling", "--out", out, "--seeds", "1", "1"], capsys)
     assert report.header("recycling", {})["command"] == f"lorafuse experiment recycling --out '{out}' --seeds 1 1"
+
+
+def test_an_interrupt_is_one_line(monkeypatch, tmp_path, capsys):
+    """Ctrl-C: one line and exit 130, not a traceback (outputs are written atomically, nothing to clean)."""
+    import lorafuse.cli as cli
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_demo", interrupted)
+    code, _, err = run(["demo", "--out", str(tmp_path / "d")], capsys)
+    assert code == 130 and err.strip() == "lorafuse demo: interrupted"
