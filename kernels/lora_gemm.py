@@ -592,6 +592,8 @@ def lora_gemm(
     tuned = AUTOTUNE and config is None
 
     impl = impl or GEMM_IMPL
+    if impl not in ("auto", "tma", "portable"):
+        raise ValueError(f"impl must be 'auto', 'tma' or 'portable', got {impl!r}")
     # Below 128 rows a 128-row tile is mostly empty; the pointer kernel's small tiles do better.
     use_tma = impl == "tma" or (impl == "auto" and T >= 128 and a.dtype != torch.float32)
     b_nk = b.stride(0) == 1 and b.stride(1) != 1  # b is W^T: load W's (N, K) rows directly

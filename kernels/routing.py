@@ -18,6 +18,7 @@ methods.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -251,6 +252,8 @@ def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True
     if x.dim() != 2:
         raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
     D = x.shape[1]
+    if not isinstance(router, torch.Tensor):
+        raise TypeError(f"router must be a torch.Tensor, got {type(router).__name__}")
     if router.dim() != 2 or router.shape[1] != D or router.shape[0] < 1:
         raise ValueError(f"router must have shape (K, {D}) (d_in of x), got {tuple(router.shape)}")
     if router.dtype != x.dtype or router.device != x.device:
@@ -262,7 +265,8 @@ def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True
                                     or router_bias.device != x.device):
         raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
                          f"{tuple(router_bias.shape)} on {router_bias.device}")
-    if (top_k is None and not dense_ok) or (top_k is not None and not (1 <= int(top_k) <= K)):
+    integral = isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
+    if (top_k is None and not dense_ok) or (top_k is not None and not (integral and 1 <= top_k <= K)):
         raise ValueError(f"top_k must be {'None or ' if dense_ok else ''}an integer in 1..{K}, got {top_k!r}")
     if not (MIN_TEMPERATURE <= temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number >= {MIN_TEMPERATURE:g} (smaller ones "
@@ -273,6 +277,9 @@ def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, tempera
     """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
     _check_router_args(x, router, top_k, temperature, router_bias)
     D = x.shape[1]
+    for name, t in (("a_cat", a_cat), ("scale", scale), ("block_ids", block_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if a_cat.dim() != 2 or a_cat.shape[1] != D or a_cat.shape[0] < 1:
         raise ValueError(f"a_cat must have shape (rows, {D}) (d_in of x), got {tuple(a_cat.shape)}")
     if a_cat.dtype != x.dtype or a_cat.device != x.device:
@@ -285,6 +292,13 @@ def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, tempera
     if tuple(block_ids.shape) != (R,) or block_ids.dtype != torch.int32 or block_ids.device != x.device:
         raise ValueError(f"block_ids must be int32 of shape ({R},) on {x.device}, got {block_ids.dtype} "
                          f"{tuple(block_ids.shape)} on {block_ids.device}")
+    K = router.shape[0]
+    if R and not (block_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # one read-back (a capture cannot have it): an id outside 0..K-1 would leave its column zero
+        lo, hi = (int(v) for v in torch.aminmax(block_ids))
+        if lo < 0 or hi >= K:
+            raise ValueError(f"block_ids must lie in 0..{K - 1} (one adapter per rank column), got "
+                             f"values in {lo}..{hi}")
     # Indexed without a stride in the kernels: a sliced or expanded vector is copied first.
     return unit_vector(scale), unit_vector(router_bias), unit_vector(block_ids)
 
@@ -311,7 +325,9 @@ def routed_shrink(
     float32 (s may be a strided view), else all three None. top_k: None (dense softmax) or
     1..K; abs_logits: Arrow's |z|. config: the partial kernel's launch shape (split_config's keys).
     check=False skips the operand checks (for callers that have made these guarantees already:
-    lorafuse.routing's op, where they are a visible share of a small call's host time).
+    lorafuse.routing's op, where they are a visible share of a small call's host time); with check,
+    block_ids' range is read back to the host (one synchronisation), except while a CUDA graph is
+    being captured.
     """
     if check:
         scale, router_bias, block_ids = _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k,

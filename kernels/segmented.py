@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -414,8 +415,14 @@ COUNT_BLOCK = 128
 def group_rows(idx: torch.Tensor, num_slots: int, block_t: int) -> GroupPlan:
     """Group rows by slot (a counting sort: a fill and two launches) and lay out the row blocks.
 
-    idx (T,) int32/int64; ids outside [0, num_slots) (-1 among them) belong to no block."""
+    idx (T,) int32/int64; ids outside [0, num_slots) (-1 among them) belong to no block.
+    block_t: rows per block, a power of two (the kernels that read the plan tile rows by it)."""
     idx = _check_ids_arg(idx)
+    for name, v, low in (("num_slots", num_slots, 0), ("block_t", block_t, 1)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    if block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two (the row blocks are tiled by it), got {block_t}")
     T = idx.shape[0]
     dev = idx.device
     i32 = torch.int32
@@ -596,7 +603,14 @@ def _grouped_blocks(T: int, dtype: torch.dtype):
     return bt, (64 if dtype == torch.float32 else 128), GROUPED_EXPAND_BLOCK_N, 4, GROUPED_EXPAND_WARPS
 
 
+def _check_tensors(**named) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor):
+    _check_tensors(**{name: fac}, ranks=ranks, scales=scales)
     if fac.dim() != 3:
         raise ValueError(f"{name} must have shape (num_slots, r_max, D), got {tuple(fac.shape)}")
     if fac.device != x.device or fac.dtype != x.dtype:
@@ -616,11 +630,14 @@ def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Te
     contiguous (the kernels read them without strides)."""
     T, D = x.shape
     _check_library("fac_in", fac_in, x, ranks, scales)
-    _check_library("fac_out", fac_out, x, ranks, scales)
     num_slots, r_max = fac_in.shape[:2]
-    if fac_in.shape[2] != D or tuple(fac_out.shape) != (num_slots, r_max, N):
-        raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) and fac_out ({num_slots}, {r_max}, {N}), "
-                         f"got {tuple(fac_in.shape)} and {tuple(fac_out.shape)}")
+    if fac_in.shape[2] != D:
+        raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) (D of the rows), got {tuple(fac_in.shape)}")
+    _check_tensors(fac_out=fac_out, idx=idx)
+    if tuple(fac_out.shape) != (num_slots, r_max, N):
+        raise ValueError(f"fac_out must have shape ({num_slots}, {r_max}, {N}) (fac_in's slots and r_max, the "
+                         f"output width), got {tuple(fac_out.shape)}")
+    _check_library("fac_out", fac_out, x, ranks, scales)
     if tuple(idx.shape) != (T,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != x.device:
         raise ValueError(f"idx must be an int32/int64 tensor of shape ({T},) on {x.device}, "
                          f"got {idx.dtype} {tuple(idx.shape)} on {idx.device}")
@@ -693,6 +710,7 @@ def segmented_lora_(
     schedule the row shrink does it, without a launch of its own.
     """
     T, D = _check_x(x)
+    _check_tensors(out=out)
     if out.dim() != 2 or out.shape[0] != T or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
@@ -724,6 +742,9 @@ def segmented_lora_(
     elif base is not None:
         base()
     if empty:
+        if save_s and N == 0 and T and D and num_slots and r_max:
+            # no output columns, but S is asked for (a zero-width layer's backward): the shrink alone
+            return out, _gathered_shrink(x, fac_in, ranks, idx, check_ids=check_ids).sum(0)
         if check_ids and x.is_cuda:
             check_ids_on_device(idx, num_slots)
         return (out, torch.zeros((T, r_max), dtype=torch.float32, device=x.device)) if save_s else out

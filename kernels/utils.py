@@ -102,6 +102,8 @@ def check_tensor(
 
 
 def check_runnable(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_cuda and t.dtype == torch.bfloat16 and t.device.type == "cpu" and is_interpreting():
         raise ValueError(f"{name} is bfloat16 on the CPU: under TRITON_INTERPRET=1 the kernels' bfloat16 "
                          "products are wrong (triton issue 11584); use float16 or float32 there")

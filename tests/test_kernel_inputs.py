@@ -6,7 +6,7 @@ import torch
 
 from conftest import DEVICE, HAS_CUDA, rel_err
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink
-from lorafuse.kernels.routing import routed_shrink
+from lorafuse.kernels.routing import route_select, routed_shrink
 from lorafuse.kernels.segmented import group_rows, segmented_lora_, segmented_outer
 from lorafuse.kernels.utils import onchip_rank_limit
 
@@ -130,3 +130,52 @@ def test_routed_shrink_names_a_router_bias_on_another_device():
         routed_shrink(x, _randn(3, 16), _randn(2, 16), torch.ones(3, device=DEVICE),
                       torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE), abs_logits=False,
                       router_bias=torch.zeros(2))
+
+
+@pytest.mark.parametrize("schedule", ["gathered", "grouped"])
+def test_segmented_without_output_columns_still_saves_the_shrink(schedule, seeded):
+    # N_out = 0: nothing to add to out, but S (the rows' shrink, unscaled) is asked for.
+    T, D = 37, 24
+    fac_in, fac_out, ranks, scales = _library(3, 4, D, 0)
+    x, idx = _randn(T, D), torch.randint(-1, 3, (T,), device=DEVICE)
+    _, s = segmented_lora_(torch.empty(T, 0, device=DEVICE), x, fac_in, fac_out, ranks, scales, idx,
+                           schedule=schedule, save_s=True)
+    want = torch.zeros(T, 4, dtype=torch.float64)
+    for t, i in enumerate(idx.tolist()):
+        if i >= 0:
+            want[t] = fac_in[i].double().cpu() @ x[t].double().cpu()  # zero-padded beyond the slot's rank
+    assert rel_err(s, want) < 1e-5
+
+
+def test_launchers_name_arguments_of_the_wrong_kind():
+    x, a, router = _randn(8, 32), _randn(4, 32), _randn(4, 32)
+    block, scale = torch.arange(4, dtype=torch.int32, device=DEVICE), torch.ones(4, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        shrink(x.tolist(), a, scale)
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor, got float"):
+        routed_shrink(x, a, router, 1.0, block)
+    with pytest.raises(TypeError, match="router must be a torch.Tensor, got list"):
+        routed_shrink(x, a, router.tolist(), scale, block)
+    for top_k in (1.5, True):
+        with pytest.raises(ValueError, match=rf"top_k must be None or an integer in 1..4, got {top_k}"):
+            routed_shrink(x, a, router, scale, block, top_k=top_k)
+        with pytest.raises(ValueError, match=rf"top_k must be an integer in 1..4, got {top_k}"):
+            route_select(x, router, top_k)
+    # a column's adapter outside 0..K-1 would leave that column zero
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=r"block_ids must lie in 0..3"):
+            routed_shrink(x, a, router, scale, torch.tensor([0, 1, bad, 3], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="impl must be 'auto', 'tma' or 'portable', got 'bogus'"):
+        lora_gemm(x, _randn(32, 8), impl="bogus")
+    fac_in, _, ranks, scales = _library(3, 4, 32, 16)
+    idx = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"fac_out must have shape \(3, 4, 16\).*got \(2, 4, 16\)"):
+        segmented_lora_(torch.zeros(8, 16, device=DEVICE), x, fac_in, _randn(2, 4, 16), ranks, scales, idx)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor, got NoneType"):
+        segmented_lora_(None, x, fac_in, _randn(3, 4, 16), ranks, scales, idx)
+    with pytest.raises(ValueError, match="block_t must be an integer >= 1, got 0"):
+        group_rows(idx, 3, 0)
+    with pytest.raises(ValueError, match="block_t must be a power of two .* got 24"):
+        group_rows(idx, 3, 24)
+    with pytest.raises(ValueError, match="num_slots must be an integer >= 0, got -1"):
+        group_rows(idx, -1, 16)

@@ -461,7 +461,7 @@ def test_decode_bad_input_is_named():
                                 torch.zeros(65, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match=r"idx must be an int32/int64 tensor of shape \(4,\)"):
         segmented_linear_decode(x, w, b, *args, ids[:3])
-    with pytest.raises(ValueError, match=r"and fac_out \(2, 3, 6\)"):
+    with pytest.raises(ValueError, match=r"fac_out must have shape \(2, 3, 6\)"):
         segmented_linear_decode(x, w[:6], b[:6], *args, ids)
 
 
