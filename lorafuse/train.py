@@ -30,11 +30,33 @@ from .adapters import TRAINED_WITH
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
+def _encode_pairs(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], pairs: Sequence[str],
+                  max_length: int) -> Dict[str, list]:
+    """(claim, evidence) pairs cut to max_length tokens by the evidence's tail: the claim is what the
+    label is about. A claim that alone leaves no room for the evidence is cut with it (longest first)."""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    claim_len = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    groups = {"only_second": [i for i, n in enumerate(claim_len) if n < room],
+              "longest_first": [i for i, n in enumerate(claim_len) if n >= room]}
+    out: Dict[str, list] = {}
+    for mode, rows in groups.items():
+        if not rows:
+            continue
+        enc = tokenizer([texts[i] for i in rows], [pairs[i] for i in rows], truncation=mode, max_length=max_length)
+        for key, values in enc.items():
+            col = out.setdefault(key, [None] * len(texts))
+            for i, v in zip(rows, values):
+                col[i] = v
+    return out
+
+
 def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 64,
              task: str = "classification") -> Dataset:
     """A datasets.Dataset of model inputs.
 
-    classification: columns text, text_pair ("" = none), label -> input_ids, attention_mask, labels.
+    classification: columns text, text_pair ("" = none), label -> input_ids, attention_mask, labels;
+        over max_length a pair loses the end of text_pair (the evidence), never of text (the claim)
+        unless the claim alone fills the window.
     lm: columns prompt, answer -> input_ids of prompt + answer + eos, labels = -100 on the prompt; over
         max_length, the prompt loses its start (down to half the window), then the answer its end.
     """
@@ -42,7 +64,7 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
         def enc(batch):
             pairs = batch.get("text_pair") or [""] * len(batch["text"])
             if any(pairs):
-                out = tokenizer(batch["text"], [p or "" for p in pairs], truncation=True, max_length=max_length)
+                out = _encode_pairs(tokenizer, batch["text"], [p or "" for p in pairs], max_length)
             else:
                 out = tokenizer(batch["text"], truncation=True, max_length=max_length)
             out["labels"] = batch["label"]

@@ -107,6 +107,27 @@ def test_lm_truncation_keeps_the_answer():
     assert scored == tok(" yes" + tok.eos_token, add_special_tokens=False)["input_ids"]
 
 
+def test_pair_truncation_keeps_the_claim():
+    """Over max_length a (claim, evidence) pair loses the evidence's tail, never the claim; a claim that
+    fills the window alone is cut too, and every row fits."""
+    import datasets
+
+    from lorafuse.train import tokenize
+
+    _, tok = load_model("tiny-bert", seed=0)
+    claim, long_claim = "the mother of ann was born in paris", " ".join(["ann was born in paris"] * 20)
+    evidence = " ".join(["bob lives in rome and carl was born in oslo"] * 20)
+    ds = datasets.Dataset.from_dict({"text": [claim, long_claim, claim], "text_pair": [evidence, evidence, ""],
+                                     "label": [1, 0, 1]})
+    rows = tokenize(ds, tok, max_length=64)
+    want = tok(claim, add_special_tokens=False)["input_ids"]
+    assert 16 < len(want) < 60  # (the tiny model's vocabulary splits words finely)
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    assert rows[0]["input_ids"][1:1 + len(want)] == want and len(rows[0]["input_ids"]) == 64
+    assert rows[0]["input_ids"][1 + len(want)] == tok.sep_token_id  # the whole claim, then the evidence
+    assert rows[2]["input_ids"][1:1 + len(want)] == want and [r["labels"] for r in rows] == [1, 0, 1]
+
+
 def test_adapter_init_depends_on_its_name_and_seed_only(tiny, tmp_path, monkeypatch):
     # Adapters trained one after another used to start from the same lora_A (the Trainer re-seeds
     # the global RNG, and training without dropout draws nothing from it): their deltas lined up.
