@@ -60,6 +60,8 @@ def test_perspective_tasks_avoid_covidfact_dev_and_test_claims():
     diff = data.load_task("perspective-difference", str(ROOT))["train"]
     for row in diff.select(range(50)):
         assert row["text_pair"] in row["text"]
+    # the word's length gives nothing away: four letters or more in both classes
+    assert min(len(w) for w in diff["text_pair"]) >= 4
 
 
 def test_perspective_tasks_are_deterministic():
