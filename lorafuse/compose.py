@@ -294,6 +294,9 @@ def compose(
                 layer_kw["weights"] = [weights[i] for i in idx]
             if map_rank is not None:
                 layer_kw["map_rank"] = map_rank
+            if method == "route" and kw.get("router") == "uniform" and len(idx) < K:
+                # averaging over the whole library: the adapters absent here add a zero delta
+                layer_kw["num_adapters"] = K
             top_k = kw.get("top_k")
             if (method == "route" and isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
                     and top_k > len(idx)):

@@ -90,6 +90,8 @@ class MultiLoraLinear(nn.Module):
             lorafuse.routing): router "arrow" (default; prototypes from the adapters' weights, kept as
             the buffer router_weight (K, d_in)), "linear" (trainable router_weight (K, d_in) and
             router_bias (K,)) or "uniform" (averaging); top_k None (softmax over all K) or 1..K.
+        num_adapters: for router "uniform", the size of the library the K adapters come from: gates
+            1/num_adapters (default K). compose passes it where a layer carries some of the adapters.
 
     Public attributes: base_layer, a_cat (R, d_in), b_cat (d_out, R), scale (R,) (the effective
     per-column scale, s_i * w_i over adapter i's rank block), weights (K,), a_map, b_map (LoraMap),
@@ -107,6 +109,7 @@ class MultiLoraLinear(nn.Module):
         router: Optional[str] = None,
         top_k: Optional[int] = None,
         temperature: float = 1.0,
+        num_adapters: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -162,9 +165,10 @@ class MultiLoraLinear(nn.Module):
             self.map_init = None
             self.a_map = None
             self.b_map = None
-        if method == "route" or router is not None or top_k is not None or temperature != 1.0:
+        if (method == "route" or router is not None or top_k is not None or temperature != 1.0
+                or num_adapters is not None):
             from .routing import init_route
-            init_route(self, router, top_k, temperature)
+            init_route(self, router, top_k, temperature, num_adapters)
         for p in base.parameters():
             p.requires_grad_(False)
 
@@ -244,7 +248,7 @@ class MultiLoraLinear(nn.Module):
             from .routing import lora_linear_routed
             return lora_linear_routed(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.ranks,
                                       self.router_weight, self.router_kind, self.top_k, self.temperature,
-                                      self.router_bias)
+                                      self.router_bias, num_adapters=self.num_adapters)
         return lora_linear(x, w, self.base_layer.bias, self.a_cat, self.b_cat, self.scale, self.a_map, self.b_map)
 
     @torch.no_grad()
@@ -279,4 +283,6 @@ class MultiLoraLinear(nn.Module):
             s += f", map_rank={self.map_rank}, map_init={self.map_init}"
         if self.method == "route":
             s += f", router={self.router_kind}, top_k={self.top_k}, temperature={self.temperature}"
+            if self.num_adapters is not None:
+                s += f", num_adapters={self.num_adapters}"
         return s

@@ -542,6 +542,7 @@ def lora_linear_routed(
     temperature: float = 1.0,
     router_bias: Optional[Tensor] = None,
     schedule: str = "auto",
+    num_adapters: Optional[int] = None,
 ) -> Tensor:
     """y = x W^T + b + ((x a_cat^T) * scale * g[:, block]) b_cat^T with per-token gates g (T, K).
 
@@ -558,6 +559,9 @@ def lora_linear_routed(
     "grouped" (top_k only, forward without gradients) computes only each row's top_k adapters, rows
     grouped by adapter; "auto" takes grouped for a top-k forward without gradients when T >=
     GROUPED_MIN_T and R >= GROUPED_MIN_RANK * top_k, else dense.
+    num_adapters ("uniform" only): the library's size, for gates 1/num_adapters (default K): a layer
+    that carries some of a library's adapters then averages over the whole library, as parameter
+    averaging does (the others' deltas are zero there).
 
     Example: a token whose top logit belongs to adapter 2 with top_k=1 gets exactly adapter 2's
     delta: y = x W^T + b + s_2 (x A_2^T) B_2^T.
@@ -574,9 +578,13 @@ def lora_linear_routed(
             isinstance(t, Tensor) and t.requires_grad for t in operands):
         _use_grouped(schedule, top_k, ranks, 0, True)  # the same error on every backend
     K = len(ranks)
+    if num_adapters is not None and (router_kind != "uniform" or isinstance(num_adapters, bool) or not isinstance(
+            num_adapters, numbers.Integral) or num_adapters < K):
+        raise ValueError(f"num_adapters is the library size for router_kind='uniform': an integer >= K = {K}, "
+                         f"got {num_adapters!r} with router_kind={router_kind!r}")
     if router_kind == "uniform":
         # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.
-        return lora_linear(x, weight, bias, a_cat, b_cat, scale / K)
+        return lora_linear(x, weight, bias, a_cat, b_cat, scale / (num_adapters or K))
     lead = x.shape[:-1]
     x2 = rows_of(x)
     from .kernels.routing import MAX_ROUTED_K
@@ -616,14 +624,16 @@ def lora_linear_routed(
 # MultiLoraLinear(method="route")
 
 
-def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], temperature: float) -> None:
+def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], temperature: float,
+               num_adapters: Optional[int] = None) -> None:
     """Give a MultiLoraLinear built with method="route" its router (called from its __init__).
 
     Sets layer.router_kind, top_k, temperature, router_weight and router_bias: "arrow": router_weight
     is a buffer of the prototypes (K, d_in) float32, computed once here from a_cat, b_cat and the
     scales (call init_route again after editing the adapters); "linear": router_weight (K, d_in) is a
     trainable float32 Parameter initialised like nn.Linear's weight, router_bias (K,) starts at zero;
-    "uniform": no router (gates 1/K).
+    "uniform": no router (gates 1/K, or 1/num_adapters: the library's size, where the layer carries
+    some of its adapters; layer.num_adapters).
     """
     if layer.method != "route":
         raise ValueError(f"router, top_k and temperature are only used with method='route', got "
@@ -635,7 +645,12 @@ def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], te
     top_k, temperature = _check_gating(top_k, temperature, K)
     if kind == "uniform" and top_k is not None:
         raise ValueError("top_k has no meaning with router='uniform' (every adapter gets 1/K): leave it None")
+    if num_adapters is not None and (kind != "uniform" or isinstance(num_adapters, bool)
+                                     or not isinstance(num_adapters, numbers.Integral) or num_adapters < K):
+        raise ValueError(f"num_adapters is the library size for router='uniform': an integer >= K = {K}, got "
+                         f"{num_adapters!r} with router={kind!r}")
     layer.router_kind, layer.top_k, layer.temperature = kind, top_k, temperature
+    layer.num_adapters = int(num_adapters) if num_adapters is not None else None
     for name in ("router_weight", "router_bias"):
         if name in layer._parameters or name in layer._buffers:
             delattr(layer, name)

@@ -521,6 +521,14 @@ def test_top1_is_exactly_one_adapter_and_uniform_is_averaging(seeded):
     y_avg_same = lora_linear_routed(x, w, b, a_cat, b_cat, scale_blocks, ranks, None, "uniform")
     assert rel_err(y_avg, reference64(x, w, b, a_cat, b_cat, scale, ranks, None, "uniform", None, 1.0, None)) < 1e-5
     assert rel_err(y_avg_same, weighted(x)) < 1e-5
+    # three adapters of a library of five: gates 1/5, the two absent ones add nothing
+    y_lib = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, None, "uniform", num_adapters=5)
+    assert rel_err(y_lib, reference64(x, w, b, a_cat, b_cat, scale * 3 / 5, ranks, None, "uniform", None, 1.0,
+                                      None)) < 1e-5
+    for bad, kind in ((2, "uniform"), (2.5, "uniform"), (5, "linear")):
+        with pytest.raises(ValueError, match=r"num_adapters is the library size for router_kind='uniform'"):
+            lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router if kind == "linear" else None, kind,
+                               router_bias=rbias if kind == "linear" else None, num_adapters=bad)
 
 
 def test_leading_dims_and_empty(seeded):
@@ -861,6 +869,36 @@ def test_routing_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter does not compile: build the routed shrink's kernels for sm_90 (bf16) so that a
     compile error shows up in CI without a GPU."""
     compile_in_subprocess(_COMPILE_FOR_HOPPER)
+
+
+def test_compose_uniform_route_averages_over_the_library(tmp_path, seeded):
+    """router="uniform" is parameter averaging: on a layer that carries some of the K adapters, the
+    others add a zero delta and the gates stay 1/K (not 1/(the layer's count)); the model equals
+    method="weighted" with its default weights 1/K."""
+    from test_compose import model_inputs, model_output, peft_with_adapters, save_adapters
+
+    from lorafuse import compose, decompose, get_composition
+
+    specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj"]),
+             dict(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj"]),
+             dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "o_proj"])]
+    fresh, peft_model, names = peft_with_adapters("llama", specs)
+    dirs = save_adapters(peft_model, names, tmp_path / "adapters")
+    inputs = model_inputs("llama")
+    model = compose(fresh, dirs, method="route", router="uniform")
+    layers = get_composition(model).layers()
+    assert layers["model.layers.0.self_attn.o_proj"].num_adapters == 3  # carries 2 of the 3
+    assert layers["model.layers.0.self_attn.q_proj"].num_adapters is None  # carries all 3
+    out = model_output(model, inputs)
+    decompose(model)
+    averaged = model_output(compose(model, dirs, method="weighted"), inputs)
+    assert rel_err(out, averaged.double()) < 1e-5
+    with pytest.raises(ValueError, match=r"num_adapters is the library size for router='uniform': an integer >= K = 3"):
+        MultiLoraLinear(nn.Linear(8, 4), [(torch.randn(2, 8), torch.randn(4, 2), 1.0)] * 3, method="route",
+                        router="uniform", num_adapters=2)
+    with pytest.raises(ValueError, match=r"num_adapters is the library size .* with router='arrow'"):
+        MultiLoraLinear(nn.Linear(8, 4), [(torch.randn(2, 8), torch.randn(4, 2), 1.0)] * 3, method="route",
+                        num_adapters=4)
 
 
 def test_compose_route_rejects_top_k_above_a_layers_adapters(tmp_path, seeded):
