@@ -129,8 +129,10 @@ def test_persistent_and_two_launch_paths(persistent, dtype, monkeypatch, seeded)
         [True, False, False, False, False, True, False, False],  # weighted: scale trains
         [False, False, False, True, True, False, False, False],  # LoraConcat
         [False, True, True, False, False, False, False, False],  # base layer trains
+        [False, False, False, False, False, False, True, False],  # a_map alone
+        [False, False, False, False, False, False, False, True],  # b_map alone
     ],
-    ids=["x", "maps", "scale", "concat", "base"],
+    ids=["x", "maps", "scale", "concat", "base", "a_map", "b_map"],
 )
 def test_only_requested_grads(mask, monkeypatch, seeded):
     calls = []

@@ -292,11 +292,17 @@ def test_bad_input_is_named(seeded):
 
 
 def _library_tensors(adapters, num_slots, per_column):
+    """(library, scales, the adapters as the reference reads them). per_column: a scale per rank
+    column (the routed layer's form), each column's its own, folded into B's columns (float64) for
+    the reference."""
     lib = LoraLibrary.from_adapters(adapters, num_slots=num_slots)
     scales = lib.scales
-    if per_column:  # a scale per rank column (the routed layer's form), here the slot's scale again
-        scales = scales[:, None].expand(-1, lib.r_max).contiguous()
-    return lib, scales
+    if not per_column:
+        return lib, scales, adapters
+    factor = torch.rand(lib.num_slots, lib.r_max, device=DEVICE) + 0.5
+    scales = (scales[:, None] * factor).contiguous()
+    ref = [(a, b.double() * factor[i, :a.shape[0]].double(), s) for i, (a, b, s) in enumerate(adapters)]
+    return lib, scales, ref
 
 
 # (T, d_in, d_out, ranks): T from 1 to DECODE_MAX_T; d_in not a multiple of any K block (masked K
@@ -314,12 +320,12 @@ def test_decode_matches_rowwise_definition(seeded, T, d_in, d_out, ranks, dtype,
     """segmented_linear_decode (the row shrink, then the GEMM with the rows' adapters in its
     epilogue): the whole output against float64, and the adapter term alone in float32."""
     adapters = make_adapters(d_in, d_out, ranks, dtype)
-    lib, scales = _library_tensors(adapters, len(ranks) + 1, per_column)
+    lib, scales, ref_adapters = _library_tensors(adapters, len(ranks) + 1, per_column)
     w, b = make_layer(d_in, d_out, dtype, bias=bias)
     x = torch.randn(T, d_in, device=DEVICE).to(dtype)
     ids = random_ids(T, lib.num_slots, len(ranks))
     y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids)
-    ref = expected(x, w, b, adapters, ids)
+    ref = expected(x, w, b, ref_adapters, ids)
     assert y.dtype == dtype and y.shape == (T, d_out)
     assert rel_err(y, ref) < TOL[dtype], f"seed {seeded}"
     if dtype == torch.float32:
@@ -332,7 +338,7 @@ def test_decode_reads_a_strided_bias_as_given(seeded, kind):
     """A sliced or expanded bias (stride 2 or 0) into the decode kernels: the same result as a contiguous one."""
     d_in, d_out, ranks = 40, 24, [3, 5]
     adapters = make_adapters(d_in, d_out, ranks, torch.float32)
-    lib, scales = _library_tensors(adapters, len(ranks) + 1, False)
+    lib, scales, _ = _library_tensors(adapters, len(ranks) + 1, False)
     w, _ = make_layer(d_in, d_out, torch.float32, bias=False)
     b = (torch.randn(2 * d_out, device=DEVICE)[::2] if kind == "sliced"
          else torch.randn(1, device=DEVICE).expand(d_out))
@@ -347,7 +353,7 @@ def test_decode_any_tile(seeded, block_n, block_k):
     """Explicit configs: column and K blocks that divide neither d_out nor d_in, or exceed d_in."""
     import triton
     adapters = make_adapters(50, 72, [4, 9], torch.float32)
-    lib, scales = _library_tensors(adapters, 2, False)
+    lib, scales, _ = _library_tensors(adapters, 2, False)
     w, b = make_layer(50, 72, torch.float32)
     x = torch.randn(7, 50, device=DEVICE)
     ids = torch.tensor([1, 0, -1, 1, 1, 0, -1], device=DEVICE)
@@ -372,7 +378,7 @@ def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, 
 
     import lorafuse.kernels.segmented as S
     adapters = make_adapters(d_in, d_out, [16, 5, 8], dtype)
-    lib, scales = _library_tensors(adapters, 4, False)
+    lib, scales, _ = _library_tensors(adapters, 4, False)
     w, b = make_layer(d_in, d_out, dtype)
     x = torch.randn(T, d_in, device=DEVICE).to(dtype)
     ids = random_ids(T, lib.num_slots, 3)
@@ -389,7 +395,7 @@ def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, 
     launched.clear()
     x2, w2 = torch.randn(T, d_in + 1, device=DEVICE).to(dtype), torch.randn(d_out, d_in + 1, device=DEVICE).to(dtype)
     a2 = make_adapters(d_in + 1, d_out, [4], dtype)
-    lib2, sc2 = _library_tensors(a2, 1, False)
+    lib2, sc2, _ = _library_tensors(a2, 1, False)
     ids2 = torch.zeros(T, dtype=torch.long, device=DEVICE)
     y2 = segmented_linear_decode(x2, w2, None, lib2.a, lib2.b, lib2.ranks, sc2, ids2, config=cfg)
     assert S._decode_kernel in launched and S._decode_tma_kernel not in launched
