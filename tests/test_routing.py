@@ -437,7 +437,7 @@ def test_routed_shrink_cublas(top_k, dtype, monkeypatch, seeded):
 # Gradients
 
 
-GRAD_CASES = [(29, 40, 36, [3, 6, 2], torch.float32)]
+GRAD_CASES = [(29, 40, 36, [3, 6, 2], torch.float32), (29, 40, 36, [3, 6, 2], torch.float16)]
 if HAS_CUDA:
     GRAD_CASES += [(1024, 512, 384, [16, 8, 16, 4], torch.bfloat16), (1024, 512, 384, [16, 8, 16, 4], torch.float16),
                    # 2048 rows (lead 2) and R + K = 204: the forward's stacked product from cuBLAS

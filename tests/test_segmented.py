@@ -186,7 +186,7 @@ def test_set_adapter_and_clear_in_place(seeded, schedule):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_gradients_of_x_weight_bias(seeded, schedule, dtype):
     d_in, d_out, T = 40, 24, 29
     adapters = make_adapters(d_in, d_out, [5, 3, 9], dtype)
@@ -217,7 +217,7 @@ def _expected_from_library(x, w, bias, a, b, scales, ids):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_gradients_of_the_library(seeded, schedule, dtype, x_grad):
     d_in, d_out, T = 40, 24, 45
