@@ -246,18 +246,23 @@ def _routed_finish_kernel(
 MIN_TEMPERATURE = 1e-6
 
 
+def _check_matrix_like_x(name: str, t, rows: str, x: torch.Tensor) -> None:
+    """t must be a (rows >= 1, d_in) tensor in x's dtype on x's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    D = x.shape[1]
+    if t.dim() != 2 or t.shape[1] != D or t.shape[0] < 1:
+        raise ValueError(f"{name} must have shape ({rows}, {D}) (d_in of x), got {tuple(t.shape)}")
+    if t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
+
+
 def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True):
     """The checks every routed kernel makes of x (T, d_in) and the router's arguments; raise naming them."""
     check_runnable("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (T, d_in), got {tuple(x.shape)}")
-    D = x.shape[1]
-    if not isinstance(router, torch.Tensor):
-        raise TypeError(f"router must be a torch.Tensor, got {type(router).__name__}")
-    if router.dim() != 2 or router.shape[1] != D or router.shape[0] < 1:
-        raise ValueError(f"router must have shape (K, {D}) (d_in of x), got {tuple(router.shape)}")
-    if router.dtype != x.dtype or router.device != x.device:
-        raise ValueError(f"router must be {x.dtype} on {x.device} like x, got {router.dtype} on {router.device}")
+    _check_matrix_like_x("router", router, "K", x)
     K = router.shape[0]
     if K > MAX_ROUTED_K:
         raise ValueError(f"the routed kernels take at most {MAX_ROUTED_K} adapters, got K = {K}")
@@ -276,14 +281,10 @@ def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True
 def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, temperature, router_bias):
     """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
     _check_router_args(x, router, top_k, temperature, router_bias)
-    D = x.shape[1]
-    for name, t in (("a_cat", a_cat), ("scale", scale), ("block_ids", block_ids)):
+    _check_matrix_like_x("a_cat", a_cat, "rows", x)
+    for name, t in (("scale", scale), ("block_ids", block_ids)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if a_cat.dim() != 2 or a_cat.shape[1] != D or a_cat.shape[0] < 1:
-        raise ValueError(f"a_cat must have shape (rows, {D}) (d_in of x), got {tuple(a_cat.shape)}")
-    if a_cat.dtype != x.dtype or a_cat.device != x.device:
-        raise ValueError(f"a_cat must be {x.dtype} on {x.device} like x, got {a_cat.dtype} on {a_cat.device}")
     R = a_cat.shape[0]
     if tuple(scale.shape) != (R,):
         raise ValueError(f"scale must have shape ({R},) (rows of a_cat), got {tuple(scale.shape)}")
