@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .shrink import FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config
-from .utils import (block_for, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty, split_range,
-                    unit_vector)
+from .utils import (block_for, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch, new_empty,
+                    split_range, unit_vector)
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
@@ -248,8 +248,7 @@ MIN_TEMPERATURE = 1e-6
 
 def _check_matrix_like_x(name: str, t, rows: str, x: torch.Tensor) -> None:
     """t must be a (rows >= 1, d_in) tensor in x's dtype on x's device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(**{name: t})
     D = x.shape[1]
     if t.dim() != 2 or t.shape[1] != D or t.shape[0] < 1:
         raise ValueError(f"{name} must have shape ({rows}, {D}) (d_in of x), got {tuple(t.shape)}")
@@ -282,9 +281,7 @@ def _check_routed_shrink_args(x, a_cat, router, scale, block_ids, top_k, tempera
     """Raise naming the argument; returns (scale, router_bias, block_ids) as the kernels index them."""
     _check_router_args(x, router, top_k, temperature, router_bias)
     _check_matrix_like_x("a_cat", a_cat, "rows", x)
-    for name, t in (("scale", scale), ("block_ids", block_ids)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(scale=scale, block_ids=block_ids)
     R = a_cat.shape[0]
     if tuple(scale.shape) != (R,):
         raise ValueError(f"scale must have shape ({R},) (rows of a_cat), got {tuple(scale.shape)}")

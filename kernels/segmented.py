@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (block_for, can_run, cdiv, check_runnable, dot_precision, is_interpreting, launch, new_empty,
-                    next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
+from .utils import (block_for, can_run, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch,
+                    new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,14 +603,8 @@ def _grouped_blocks(T: int, dtype: torch.dtype):
     return bt, (64 if dtype == torch.float32 else 128), GROUPED_EXPAND_BLOCK_N, 4, GROUPED_EXPAND_WARPS
 
 
-def _check_tensors(**named) -> None:
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_library(name: str, fac: torch.Tensor, x: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor):
-    _check_tensors(**{name: fac}, ranks=ranks, scales=scales)
+    check_tensors(**{name: fac}, ranks=ranks, scales=scales)
     if fac.dim() != 3:
         raise ValueError(f"{name} must have shape (num_slots, r_max, D), got {tuple(fac.shape)}")
     if fac.device != x.device or fac.dtype != x.dtype:
@@ -633,7 +627,7 @@ def _check_rows(x: torch.Tensor, N: int, fac_in: torch.Tensor, fac_out: torch.Te
     num_slots, r_max = fac_in.shape[:2]
     if fac_in.shape[2] != D:
         raise ValueError(f"fac_in must have shape (num_slots, r_max, {D}) (D of the rows), got {tuple(fac_in.shape)}")
-    _check_tensors(fac_out=fac_out, idx=idx)
+    check_tensors(fac_out=fac_out, idx=idx)
     if tuple(fac_out.shape) != (num_slots, r_max, N):
         raise ValueError(f"fac_out must have shape ({num_slots}, {r_max}, {N}) (fac_in's slots and r_max, the "
                          f"output width), got {tuple(fac_out.shape)}")
@@ -710,7 +704,7 @@ def segmented_lora_(
     schedule the row shrink does it, without a launch of its own.
     """
     T, D = _check_x(x)
-    _check_tensors(out=out)
+    check_tensors(out=out)
     if out.dim() != 2 or out.shape[0] != T or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be a ({T}, N_out) {x.dtype} tensor on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")

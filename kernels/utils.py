@@ -101,9 +101,15 @@ def check_tensor(
         raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
+def check_tensors(**named) -> None:
+    """Raise a TypeError naming the first argument that is not a tensor."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_runnable(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(**{name: t})
     if not t.is_cuda and t.dtype == torch.bfloat16 and t.device.type == "cpu" and is_interpreting():
         raise ValueError(f"{name} is bfloat16 on the CPU: under TRITON_INTERPRET=1 the kernels' bfloat16 "
                          "products are wrong (triton issue 11584); use float16 or float32 there")

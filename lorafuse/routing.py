@@ -528,6 +528,14 @@ torch.library.register_autograd("lorafuse::lora_linear_routed_fwd", _routed_op_b
 
 
 @autocast_inputs
+def _check_num_adapters(num_adapters: Optional[int], kind: str, K: int, param: str) -> None:
+    """num_adapters: None, or the library size (an integer >= K) for uniform routing only."""
+    if num_adapters is not None and (kind != "uniform" or isinstance(num_adapters, bool)
+                                     or not isinstance(num_adapters, numbers.Integral) or num_adapters < K):
+        raise ValueError(f"num_adapters is the library size for {param}='uniform': an integer >= K = {K}, got "
+                         f"{num_adapters!r} with {param}={kind!r}")
+
+
 def lora_linear_routed(
     x: Tensor,
     weight: Tensor,
@@ -578,10 +586,7 @@ def lora_linear_routed(
             isinstance(t, Tensor) and t.requires_grad for t in operands):
         _use_grouped(schedule, top_k, ranks, 0, True)  # the same error on every backend
     K = len(ranks)
-    if num_adapters is not None and (router_kind != "uniform" or isinstance(num_adapters, bool) or not isinstance(
-            num_adapters, numbers.Integral) or num_adapters < K):
-        raise ValueError(f"num_adapters is the library size for router_kind='uniform': an integer >= K = {K}, "
-                         f"got {num_adapters!r} with router_kind={router_kind!r}")
+    _check_num_adapters(num_adapters, router_kind, K, "router_kind")
     if router_kind == "uniform":
         # Averaging is a fixed weighting: the plain multi-LoRA op with every scale divided by K.
         return lora_linear(x, weight, bias, a_cat, b_cat, scale / (num_adapters or K))
@@ -645,10 +650,7 @@ def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], te
     top_k, temperature = _check_gating(top_k, temperature, K)
     if kind == "uniform" and top_k is not None:
         raise ValueError("top_k has no meaning with router='uniform' (every adapter gets 1/K): leave it None")
-    if num_adapters is not None and (kind != "uniform" or isinstance(num_adapters, bool)
-                                     or not isinstance(num_adapters, numbers.Integral) or num_adapters < K):
-        raise ValueError(f"num_adapters is the library size for router='uniform': an integer >= K = {K}, got "
-                         f"{num_adapters!r} with router={kind!r}")
+    _check_num_adapters(num_adapters, kind, K, "router")
     layer.router_kind, layer.top_k, layer.temperature = kind, top_k, temperature
     layer.num_adapters = int(num_adapters) if num_adapters is not None else None
     for name in ("router_weight", "router_bias"):
