@@ -47,10 +47,6 @@ def candidates(kind: str):
                                      (False, 32, 256, 4), (False, 32, 256, 6), (True, 64, 256, 4)):
             yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": True, "SWAP": swap}, num_warps=4,
                                 num_stages=stages)
-    if kind == "tma-split":  # slices of d_in (K_SPLITS) for layers with fewer column blocks than SMs
-        for (bn, bk, stages), k_splits in itertools.product(((64, 128, 6), (64, 128, 4), (64, 256, 4)), (1, 2, 3, 4)):
-            yield triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": True, "SWAP": True, "K_SPLITS": k_splits},
-                                num_warps=4, num_stages=stages)
     if kind in ("tma", "all"):
         for swap, bn, bk, stages in itertools.product((False, True), (32, 64, 128), (64, 128), (4, 6)):
             if swap and bn < 64 or bn * bk * stages > 128 * 128 * 4:  # (shared memory)
@@ -68,7 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--dims", nargs="*", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 16, 32, 64])
     p.add_argument("--sweep-T", type=int, nargs="*", default=[16, 64])
-    p.add_argument("--sweep-kind", choices=["pointer", "tma", "tma-deep", "tma-split", "all"], default="all",
+    p.add_argument("--sweep-kind", choices=["pointer", "tma", "tma-deep", "all"], default="all",
                    help="which decode GEMM's configs the sweep tries")
     p.add_argument("--rounds", type=int, default=2,
                    help="sweep rounds, the configs' order reversed every other one (the mean is reported)")

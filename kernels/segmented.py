@@ -78,19 +78,9 @@ def _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, t, split,
 
 
 @triton.jit
-def _zero_counts(count_ptr, NUM_COUNTS):
-    """Program (0, 0) zeroes the split-K decode kernel's NUM_COUNTS ticket counters (none when 0):
-    that kernel takes its tickets only after waiting for this launch, so no memset node is needed."""
-    if (NUM_COUNTS > 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        for i in range(0, NUM_COUNTS, 1024):
-            offs = i + tl.arange(0, 1024)
-            tl.store(count_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NUM_COUNTS)
-
-
-@triton.jit
 def _gathered_shrink_kernel(
-    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, count_ptr,
-    D, R_MAX, D_PER_SPLIT, NUM_SLOTS, NUM_COUNTS,
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
     stride_xt, stride_xd,
     stride_fn, stride_fr, stride_fd,
     stride_ps, stride_pt,
@@ -100,7 +90,6 @@ def _gathered_shrink_kernel(
 ):
     if PDL:  # the decode kernel may start now: it waits for this kernel before reading its output
         tl.extra.cuda.gdc_launch_dependents()
-    _zero_counts(count_ptr, NUM_COUNTS)
     _shrink_row(x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
                 tl.program_id(0).to(tl.int64), tl.program_id(1),
                 D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
@@ -110,8 +99,8 @@ def _gathered_shrink_kernel(
 
 @triton.jit(debug=True)  # debug keeps the device_assert (in this variant only)
 def _gathered_shrink_checked_kernel(
-    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr, count_ptr,
-    D, R_MAX, D_PER_SPLIT, NUM_SLOTS, NUM_COUNTS,
+    x_ptr, fac_ptr, ranks_ptr, idx_ptr, part_ptr,
+    D, R_MAX, D_PER_SPLIT, NUM_SLOTS,
     stride_xt, stride_xd,
     stride_fn, stride_fr, stride_fd,
     stride_ps, stride_pt,
@@ -123,7 +112,6 @@ def _gathered_shrink_checked_kernel(
     lora_linear_segmented without a launch of its own."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    _zero_counts(count_ptr, NUM_COUNTS)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(idx_ptr + t)
     tl.device_assert((slot >= -1) & (slot < NUM_SLOTS), "idx holds an adapter id outside [-1, num_slots)")
@@ -255,13 +243,12 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_tma_kernel(
-    x_desc, w_desc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, gpart_ptr, count_ptr,
-    T, N, D, SPLITS, NUM_SLOTS, K_PER_SPLIT, N_BLOCKS,
+    x_desc, w_desc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr,
+    T, N, D, SPLITS, NUM_SLOTS,
     stride_ot, stride_on,
     stride_ps, stride_pt,
     stride_fn, stride_fr, stride_fd,
     stride_sn, stride_sr,
-    stride_gs, stride_gt,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -271,58 +258,29 @@ def _decode_tma_kernel(
     BLOCK_R: tl.constexpr,
     CHUNK_T: tl.constexpr,
     SWAP: tl.constexpr,
-    K_SPLITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """_decode_kernel with x and W read by the tensor memory accelerator (Hopper): the copies are
     asynchronous, so the pipeline keeps num_stages tiles of W in flight per program without
     registers to hold them (the layer is bound by reading W). Rows past T and columns past D or N
     are filled with zeros by the copy. SWAP computes W x^T (BLOCK_N rows on the tensor cores' M
-    side, where Hopper's warp-group MMA needs 64; the few rows go on the N side).
-
-    K_SPLITS > 1 cuts D into slices of K_PER_SPLIT (whole K blocks), one program per (column block,
-    slice), so that a layer with fewer column blocks than SMs still streams W from every SM: each
-    program writes its float32 partial tile, then takes a ticket from its column block's counter
-    (zeroed by the row shrink, which it waits for first); the last to arrive sums the slices in
-    slice order (the result does not depend on which program came last) and runs the epilogue."""
-    pid = tl.program_id(0)
-    pid_n = pid % N_BLOCKS
-    split = pid // N_BLOCKS
+    side, where Hopper's warp-group MMA needs 64; the few rows go on the N side)."""
+    pid_n = tl.program_id(0)
     off_n = pid_n * BLOCK_N
     offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-    k_lo = split * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
     if SWAP:
         acc_t = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in range(0, D, BLOCK_K):
             acc_t = tl.dot(w_desc.load([off_n, k0]), tl.trans(x_desc.load([0, k0])), acc_t, input_precision=PREC)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in range(0, D, BLOCK_K):
             acc = tl.dot(x_desc.load([0, k0]), tl.trans(w_desc.load([off_n, k0])), acc, input_precision=PREC)
-    if K_SPLITS == 1:
-        _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
-                         T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
-                         stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                         HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
-    else:
-        offs_t = tl.arange(0, BLOCK_T)
-        tile = offs_t[:, None] * stride_gt + offs_n[None, :]
-        tile_mask = (offs_t < T)[:, None] & (offs_n < N)[None, :]
-        tl.store(gpart_ptr + split * stride_gs + tile, acc, mask=tile_mask)
-        tl.debug_barrier()  # every thread's part of the tile stored before the ticket is taken
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the shrink has zeroed the counters
-        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == K_SPLITS - 1:
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(K_SPLITS):  # unrolled: the loads do not wait on one another
-                acc += tl.load(gpart_ptr + i * stride_gs + tile, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
-                             T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
-                             stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                             HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
+    _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+                     stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
+                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
 
 
 @triton.jit
@@ -688,14 +646,12 @@ def _check_x(x: torch.Tensor) -> Tuple[int, int]:
 
 
 def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor, idx: torch.Tensor,
-                     pdl: bool = False, check_ids: bool = False,
-                     counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     pdl: bool = False, check_ids: bool = False) -> torch.Tensor:
     """The row shrink's float32 partials (splits, T, r_max), one launch of (row, slice of D)
     programs: enough of them to fill the GPU even for a few rows; the consumer sums the slices,
     so the result does not depend on timing (no atomics). pdl: let a programmatic dependent start.
     check_ids: assert on the device that idx lies in [-1, num_slots) (CUDA; the interpreter does
-    not raise device assertions). counts: an int32 vector the launch zeroes (the split-K decode
-    kernel's tickets)."""
+    not raise device assertions)."""
     T, D = x.shape
     num_slots, r_max = fac_in.shape[:2]
     block_r = block_for(r_max)
@@ -704,8 +660,8 @@ def _gathered_shrink(x: torch.Tensor, fac_in: torch.Tensor, ranks: torch.Tensor,
     per_split, splits = split_range(D, splits, block_d)
     part = new_empty((splits, T, r_max), torch.float32, x.device)
     launch(_gathered_shrink_checked_kernel if check_ids and x.is_cuda else _gathered_shrink_kernel, (T, splits),
-        x, fac_in, ranks, idx, part, counts if counts is not None else part,
-        D, r_max, per_split, num_slots, counts.numel() if counts is not None else 0,
+        x, fac_in, ranks, idx, part,
+        D, r_max, per_split, num_slots,
         x.stride(0), x.stride(1),
         fac_in.stride(0), fac_in.stride(1), fac_in.stride(2),
         part.stride(0), part.stride(1),
@@ -946,15 +902,7 @@ def segmented_linear_decode(
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())
     block_r = block_for(r_max)
-    use_tma = cfg.kwargs.get("TMA", False) and tma
-    n_blocks = cdiv(N, block_n)
-    k_splits, k_per = 1, D
-    if use_tma and cfg.kwargs.get("K_SPLITS", 1) > 1:
-        # Slices of whole K blocks; a K_SPLITS that would leave a slice empty is reduced.
-        k_per = cdiv(cdiv(D, cfg.kwargs["K_SPLITS"]), block_k) * block_k
-        k_splits = cdiv(D, k_per)
-    counts = new_empty((n_blocks,), torch.int32, x.device) if k_splits > 1 else None  # zeroed by the shrink
-    part = _gathered_shrink(x, fac_in, ranks, idx, pdl=pdl, check_ids=check_ids, counts=counts)
+    part = _gathered_shrink(x, fac_in, ranks, idx, pdl=pdl, check_ids=check_ids)
     splits = part.shape[0]
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}
@@ -963,21 +911,18 @@ def segmented_linear_decode(
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
                   CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
-    if use_tma:
+    if cfg.kwargs.get("TMA", False) and tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         x_desc = TensorDescriptor(x, [T, D], [x.stride(0), 1], [common["BLOCK_T"], block_k])
         w_desc = TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [block_n, block_k])
-        gpart = new_empty((k_splits, T, N), torch.float32, x.device) if k_splits > 1 else part  # (not read at 1)
-        launch(_decode_tma_kernel, (n_blocks * k_splits,),
+        launch(_decode_tma_kernel, (cdiv(N, block_n),),
             x_desc, w_desc, bias if bias is not None else y, y, part, fac_out, ranks, scales, idx,
-            gpart, counts if counts is not None else ranks,
-            T, N, D, splits, num_slots, k_per, n_blocks,
+            T, N, D, splits, num_slots,
             y.stride(0), y.stride(1),
             part.stride(0), part.stride(1),
             fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
             *scale_strides,
-            gpart.stride(0), gpart.stride(1),
-            SWAP=cfg.kwargs.get("SWAP", False), K_SPLITS=k_splits, **common,
+            SWAP=cfg.kwargs.get("SWAP", False), **common,
         )
         return y
     launch(_decode_kernel, (cdiv(N, block_n),),
