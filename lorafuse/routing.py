@@ -527,7 +527,6 @@ torch.library.register_autograd("lorafuse::lora_linear_routed_fwd", _routed_op_b
                                 setup_context=_routed_setup_context)
 
 
-@autocast_inputs
 def _check_num_adapters(num_adapters: Optional[int], kind: str, K: int, param: str) -> None:
     """num_adapters: None, or the library size (an integer >= K) for uniform routing only."""
     if num_adapters is not None and (kind != "uniform" or isinstance(num_adapters, bool)
@@ -536,6 +535,7 @@ def _check_num_adapters(num_adapters: Optional[int], kind: str, K: int, param: s
                          f"{num_adapters!r} with {param}={kind!r}")
 
 
+@autocast_inputs
 def lora_linear_routed(
     x: Tensor,
     weight: Tensor,

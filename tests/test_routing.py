@@ -1010,3 +1010,28 @@ def test_route_select_nan_logit_and_errors(seeded):
         routing_kernels.route_select(x, router[:, :8], 1)
     with pytest.raises(ValueError, match="router_bias must be float32 of shape"):
         routing_kernels.route_select(x, router, 1, router_bias=rbias.double())
+
+
+@pytest.mark.parametrize("kind", ["arrow", "linear"])
+def test_autocast_casts_like_linear(kind, seeded):
+    """Under autocast the routed op behaves as F.linear and lora_linear: x, weight and bias in the
+    autocast dtype whatever x's own dtype (float32 x, or activations already in the autocast dtype
+    with float32 parameters), the output in that dtype; the same through MultiLoraLinear(method="route")."""
+    ranks = [3, 5]
+    x, w, b, a_cat, b_cat, scale = make_layer(9, 24, 16, ranks, torch.float32)
+    router, rbias = router_for(kind, a_cat, b_cat, ranks, scale, torch.float32)
+    dev, dt = DEVICE.type, (torch.float16 if HAS_CUDA else torch.bfloat16)
+    with use_backend("auto" if HAS_CUDA else "torch"):
+        with torch.autocast(dev, dtype=dt):
+            y = lora_linear_routed(x, w, b, a_cat, b_cat, scale, ranks, router, kind, 1, router_bias=rbias)
+            y16 = lora_linear_routed(x.to(dt), w, b, a_cat, b_cat, scale, ranks, router, kind, 1,
+                                     router_bias=rbias)
+        ref = lora_linear_routed(x.to(dt), w.to(dt), b.to(dt), a_cat.to(dt), b_cat.to(dt), scale, ranks,
+                                 router.to(dt), kind, 1, router_bias=rbias)
+    assert y.dtype == y16.dtype == dt
+    assert rel_err(y, ref) < 1e-6 and rel_err(y16, ref) < 1e-6
+    base = nn.Linear(24, 16, device=DEVICE)
+    adapters = [(a_cat[:3], b_cat[:, :3], 1.0), (a_cat[3:], b_cat[:, 3:], 1.0)]
+    layer = MultiLoraLinear(base, adapters, method="route", router=kind, top_k=1)
+    with use_backend("auto" if HAS_CUDA else "torch"), torch.autocast(dev, dtype=dt):
+        assert layer(x.to(dt)).dtype == dt and layer(x).dtype == dt
