@@ -562,11 +562,13 @@ class LibraryHandle:
             raise RuntimeError("the library was detached from the model")
         device = next(iter(self.layers.values())).library.device
         held = self._ids.value
-        if held is not None and held.shape == ids.shape and not ids.is_floating_point():
+        if held is not None and held.shape == ids.shape:
             held.copy_(ids)
         else:
-            # A copy: later calls copy_ into the held tensor, which must not be the caller's.
-            self._ids.value = ids.to(device, copy=True)
+            # A copy, always int64: later calls copy_ into the held tensor (so that a captured CUDA
+            # graph sees them), which must not be the caller's and must hold any id (-1 and slots
+            # past 127 too, whatever integer dtype the first ids came in).
+            self._ids.value = ids.to(device, torch.int64, copy=True)
         return self._ids.value
 
     def detach(self) -> nn.Module:

@@ -620,6 +620,9 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
     assert handle.set_ids(torch.tensor([0, 1, -1, 2, 0])) is held  # same shape: copied in place (CUDA graphs)
     assert held.tolist() == [0, 1, -1, 2, 0]
     assert first.tolist() == [1, 0, 2, -1, 1], "the caller's ids tensor was overwritten"
+    # Ids first given in a narrow integer dtype are held as int64: a later -1 (None) is not 255.
+    assert handle.set_ids(torch.tensor([1, 0], dtype=torch.uint8)).dtype == torch.int64
+    assert handle.set_ids([None, 1]).tolist() == [-1, 1]
     assert torch.equal(plain[1], out[1])
     handle.detach()
     assert type(base.model.layers[0].self_attn.o_proj).__name__ == "Linear"
