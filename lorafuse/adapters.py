@@ -50,6 +50,10 @@ _UNSUPPORTED_FIELDS = (
     ("arrow_config", "peft's Arrow routing (arrow_config; lorafuse routes with method='route')"),
 )
 
+# peft initialisations that subtract the initial B A from the base weight (PiSSA, CorDA, OLoRA, LoftQ,
+# LoRA-GA): the saved factors only reproduce the trained layer on that changed weight.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
 # A saved base weight (peft's save_embedding_layers): '<module>.weight' or '<module>.base_layer.weight'.
 _BASE_KEY_RE = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.(?P<param>weight|bias)$")
 
@@ -103,6 +107,12 @@ def check_supported(config: Any, name: str) -> None:
     for attr, feature in _UNSUPPORTED_FIELDS:
         if getattr(config, attr, None):
             raise NotImplementedError(f"adapter {name!r}: {feature} is not supported")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise NotImplementedError(
+            f"adapter {name!r}: init_lora_weights={init!r} trains against a changed base weight (W minus its "
+            "initial B A), which this folder does not hold; save the adapter converted to a plain LoRA with "
+            "peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) and compose that")
 
 
 def _as_config(config: Any, name: str) -> Any:

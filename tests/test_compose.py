@@ -513,6 +513,9 @@ def test_state_dict_of_several_adapters_refused(saved):
     ("bias", dict(bias="lora_only"), "bias='lora_only'"),
     ("lora_bias", dict(lora_bias=True), "LoRA bias"),
     ("modules_to_save", dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    # Saved without conversion, these hold factors relative to a base weight changed at init.
+    ("pissa", dict(init_lora_weights="pissa"), "init_lora_weights='pissa' trains against a changed base"),
+    ("olora", dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
 ])
 def test_unsupported_features(saved, tmp_path, feature, spec, match):
     from peft import LoraConfig, get_peft_model
