@@ -176,6 +176,16 @@ class MultiLoraLinear(nn.Module):
     def in_features(self) -> int:
         return self.base_layer.in_features
 
+    # The base layer's parameters, read-only, as peft's LoRA layers pass them through: model code that
+    # reads a targeted layer's weight directly (Mamba's dt_proj) keeps working, and reads the base's.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features

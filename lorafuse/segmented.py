@@ -509,6 +509,14 @@ class SegmentedLoraLinear(nn.Module):
         self.library = library
         self.ids = ids
 
+    @property
+    def weight(self) -> Tensor:  # the base layer's, read-only (as MultiLoraLinear's)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_layer.weight
         return lora_linear_segmented(x, w, self.base_layer.bias, self.library, self.ids.get())

@@ -684,3 +684,22 @@ def test_a_whole_peft_model_state_dict_is_an_adapter(family):
     with pytest.raises(NotImplementedError, match=r"carries its own base bias for module .*same shape"):
         compose(model, [(changed, cfg)])
     assert not any(isinstance(m, MultiLoraLinear) for m in model.modules())
+
+
+def test_model_code_reading_a_targeted_weight(tmp_path, seeded):
+    """Mamba's mixer reads dt_proj.weight directly: after compose that is the base layer's weight (as
+    through peft's LoRA layer), so the model runs and gives peft's outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MambaConfig, MambaForCausalLM
+
+    base = MambaForCausalLM(MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=101)).eval()
+    fresh = copy.deepcopy(base)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["x_proj", "dt_proj", "in_proj"],
+                                                 init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    ids = torch.randint(0, 101, (2, 7))
+    model = compose(fresh, [str(tmp_path / "ad")], method="sum")
+    layer = model.backbone.layers[0].mixer.dt_proj
+    assert isinstance(layer, MultiLoraLinear) and layer.weight is layer.base_layer.weight
+    with torch.no_grad(), use_backend("torch"):
+        assert rel_err(model(ids).logits, peft_model(ids).logits) < TOL
