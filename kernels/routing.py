@@ -265,6 +265,8 @@ def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True
     K = router.shape[0]
     if K > MAX_ROUTED_K:
         raise ValueError(f"the routed kernels take at most {MAX_ROUTED_K} adapters, got K = {K}")
+    if router_bias is not None:
+        check_tensors(router_bias=router_bias)
     if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32
                                     or router_bias.device != x.device):
         raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "

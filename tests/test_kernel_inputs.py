@@ -8,7 +8,7 @@ from conftest import DEVICE, HAS_CUDA, rel_err
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink
 from lorafuse.kernels.routing import route_select, routed_shrink
 from lorafuse.kernels.segmented import group_rows, segmented_lora_, segmented_outer
-from lorafuse.kernels.utils import onchip_rank_limit
+from lorafuse.kernels.utils import can_run, onchip_rank_limit
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -130,6 +130,15 @@ def test_routed_shrink_names_a_router_bias_on_another_device():
         routed_shrink(x, _randn(3, 16), _randn(2, 16), torch.ones(3, device=DEVICE),
                       torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE), abs_logits=False,
                       router_bias=torch.zeros(2))
+
+
+def test_routed_shrink_names_a_router_bias_that_is_not_a_tensor():
+    if not can_run(torch.zeros(1, device=DEVICE)):
+        pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")
+    with pytest.raises(TypeError, match="router_bias must be a torch.Tensor, got list"):
+        routed_shrink(_randn(4, 16), _randn(3, 16), _randn(2, 16), torch.ones(3, device=DEVICE),
+                      torch.tensor([0, 0, 1], dtype=torch.int32, device=DEVICE), abs_logits=False,
+                      router_bias=[0.0, 0.0])
 
 
 @pytest.mark.parametrize("schedule", ["gathered", "grouped"])
