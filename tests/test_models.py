@@ -79,6 +79,43 @@ def test_local_model_folder_loads_in_float32(tmp_path):
     assert model(**tok2(["a claim"], ["its evidence"], return_tensors="pt")).logits.shape == (1, 2)
 
 
+def test_local_classifier_folder_with_another_label_count(tmp_path):
+    """A saved classifier of 3 labels loads for a 2-label task: its head is replaced by the seeded one."""
+    src, tok = load_model("random-bert:32x1", num_labels=3, seed=0)
+    src.save_pretrained(tmp_path / "c3")
+    tok.save_pretrained(tmp_path / "c3")
+    model, _ = load_model(str(tmp_path / "c3"), num_labels=2, seed=4)
+    assert classification_head(model).weight.shape == (2, 32)
+    assert torch.equal(classification_head(model).weight,
+                       classification_head(load_model("random-bert:32x1", seed=4)[0]).weight)
+
+
+def test_local_folder_for_language_modelling_must_be_a_causal_lm(tmp_path):
+    """An encoder folder (BERT loads as BertLMHeadModel, which sees the tokens after each position) is
+    refused for perplexity; a decoder folder is taken, with or without `architectures` in its config."""
+    import json
+
+    enc, tok = load_model("random-bert:32x1", seed=0)
+    enc.save_pretrained(tmp_path / "enc")
+    tok.save_pretrained(tmp_path / "enc")
+    with pytest.raises(ValueError, match="is not a causal LM"):
+        load_model(str(tmp_path / "enc"), task="lm")
+    dec, dtok = load_model("random-llama:32x1", task="lm", seed=0)
+    dec.save_pretrained(tmp_path / "dec")
+    dtok.save_pretrained(tmp_path / "dec")
+    cfg_path = tmp_path / "dec" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("architectures", None)
+    cfg_path.write_text(json.dumps(cfg))
+    model, _ = load_model(str(tmp_path / "dec"), task="lm")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    cfg = json.loads((tmp_path / "enc" / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="is not a causal LM"):
+        models.check_model_task(str(tmp_path / "enc"), "lm")
+
+
 def test_local_model_folder_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         load_model(str(tmp_path / "nope"))

@@ -161,3 +161,23 @@ def test_macro_f1_counts_every_class(tiny):
     finally:
         head.load_state_dict(saved)
     assert res["accuracy"] == 1.0 and res["macro_f1"] == 0.5
+
+
+def test_empty_training_sets_are_named():
+    """fit on no examples, or a class-balanced cut smaller than the class count, says so (not a torch
+    sampler error deep inside the Trainer)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from lorafuse.experiments.loramap import _balanced
+    from lorafuse.train import fit
+
+    model, tok = load_model("tiny-bert", seed=0)
+    empty = Dataset.from_dict({"text": [], "label": []},
+                              features=Features({"text": Value("string"), "label": ClassLabel(names=["a", "b"])}))
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        fit(model, tok, empty, progress=False)
+    two = Dataset.from_dict({"text": ["x", "y", "z"], "label": [0, 1, 0]},
+                            features=Features({"text": Value("string"), "label": ClassLabel(names=["a", "b"])}))
+    assert sorted(_balanced(two, 2, seed=0)["label"]) == [0, 1]
+    with pytest.raises(ValueError, match="train_limit must be at least the number of classes"):
+        _balanced(two, 1, seed=0)

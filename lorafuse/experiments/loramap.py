@@ -49,6 +49,9 @@ def _balanced(ds, limit: Optional[int], seed: int):
     shuffled = ds.shuffle(seed=seed)
     labels = list(shuffled["label"])
     n = shuffled.features["label"].num_classes
+    if limit < n:
+        raise ValueError(f"train_limit must be at least the number of classes ({n}) to keep one example of each, "
+                         f"got {limit}")
     keep = []
     for c in range(n):
         keep += [i for i, y in enumerate(labels) if y == c][:limit // n]

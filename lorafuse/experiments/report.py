@@ -30,13 +30,17 @@ def machine() -> Dict[str, str]:
 
 def commit() -> str:
     """The commit the study ran from: $LORAFUSE_COMMIT when set (a copied tree, e.g. on a GPU machine, may
-    carry stale git metadata), else git's HEAD here."""
+    carry stale git metadata), else git's HEAD here, with '+dirty' when tracked files differ from it."""
     if os.environ.get("LORAFUSE_COMMIT"):
         return os.environ["LORAFUSE_COMMIT"]
     try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        root = str(Path(__file__).resolve().parents[2])
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD"], capture_output=True, timeout=10)
+        return sha + ("+dirty" if dirty.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
