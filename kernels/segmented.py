@@ -511,7 +511,13 @@ def _grouped_expand_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    COL_BLOCKS: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1,
 ):
+    """out[rows] += round(S[rows] * scale * row_scale) fac_out[slot] for one block of rows sharing a
+    slot, over COL_BLOCKS column blocks of BLOCK_N: the block's plan and S are read once, and with
+    STAGES > 1 the next column block's output tile is loaded while this one is added (the pass is
+    bound by reading and writing the output)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot, rows, t_mask, valid = _block_rows(pid, blk_slot_ptr, seg_start_ptr, seg_end_ptr, blk_end_ptr,
@@ -526,15 +532,17 @@ def _grouped_expand_kernel(
     if HAS_ROW_SCALE:
         s *= tl.load(row_scale_ptr + rows, mask=t_mask, other=0.0)[:, None]
     s = s.to(out_ptr.dtype.element_ty)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < tl.where(valid, N, 0)
-    f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
-                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    delta = tl.dot(s, f, input_precision=PREC)
-    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
-    o_mask = t_mask[:, None] & n_mask[None, :]
-    y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+    n_end = tl.where(valid, N, 0)
+    for j in tl.range(0, COL_BLOCKS, num_stages=STAGES):
+        offs_n = (pid_n * COL_BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_end
+        f = tl.load(fac_ptr + slot * stride_fn + offs_r[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        delta = tl.dot(s, f, input_precision=PREC)
+        o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+        o_mask = t_mask[:, None] & n_mask[None, :]
+        y = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +601,9 @@ def _gathered_blocks(block_r: int):
 # 137 against 128 us for top-2's two passes), so the loads stay in this order.
 GROUPED_EXPAND_BLOCK_N = 128
 GROUPED_EXPAND_WARPS = 4
+# Column blocks per expand program, and its pipeline depth over them.
+GROUPED_EXPAND_COL_BLOCKS = 1
+GROUPED_EXPAND_STAGES = 1
 
 
 def _grouped_blocks(T: int, dtype: torch.dtype):
@@ -776,14 +787,16 @@ def segmented_lora_(
         part.stride(0),
         PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n)),
+    col_blocks = GROUPED_EXPAND_COL_BLOCKS if not is_interpreting() else 2
+    launch(_grouped_expand_kernel, (plan.num_programs, cdiv(N, block_n * col_blocks)),
         out, part, fac_out, ranks, scales, row_scale_, *plan_args,
         N, num_slots,
         out.stride(0), out.stride(1),
         part.stride(0),
         fac_out.stride(0), fac_out.stride(1), fac_out.stride(2),
         *scale_strides,
-        HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=expand_warps,
+        HAS_ROW_SCALE=has_rs, PREC=prec, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, COL_BLOCKS=col_blocks,
+        STAGES=GROUPED_EXPAND_STAGES, num_warps=expand_warps,
     )
     if save_s:
         valid = (idx >= 0) & (idx < num_slots)

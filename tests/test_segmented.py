@@ -725,9 +725,11 @@ compile_for_sm90(S._gathered_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*f
                  {"HAS_ROW_SCALE": True, "BLOCK_R": 16, "BLOCK_N": 256, "BLOCK_SPLITS": 16})
 compile_for_sm90(S._grouped_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
                  "part_ptr": "*fp32", **plan}, {"PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_D": 128})
-compile_for_sm90(S._grouped_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
-                 "ranks_ptr": "*i32", "scales_ptr": "*fp32", "row_scale_ptr": "*fp32", **plan},
-                 {"HAS_ROW_SCALE": True, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_N": 128})
+for col_blocks, stages in ((1, 1), (4, 3)):
+    compile_for_sm90(S._grouped_expand_kernel, {"out_ptr": "*bf16", "part_ptr": "*fp32", "fac_ptr": "*bf16",
+                     "ranks_ptr": "*i32", "scales_ptr": "*fp32", "row_scale_ptr": "*fp32", **plan},
+                     {"HAS_ROW_SCALE": True, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_R": 16, "BLOCK_N": 128,
+                      "COL_BLOCKS": col_blocks, "STAGES": stages})
 compile_for_sm90(S._count_rows_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_ptr": "*i32"}, {"BLOCK": 1024})
 compile_for_sm90(S._plan_kernel, {"idx_ptr": "*i64", "counts_ptr": "*i32", "pos_ptr": "*i32", "perm_ptr": "*i32",
                  "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "blk_end_ptr": "*i32", "blk_slot_ptr": "*i32"},
