@@ -601,9 +601,13 @@ def _gathered_blocks(block_r: int):
 # 137 against 128 us for top-2's two passes), so the loads stay in this order.
 GROUPED_EXPAND_BLOCK_N = 128
 GROUPED_EXPAND_WARPS = 4
-# Column blocks per expand program, and its pipeline depth over them.
-GROUPED_EXPAND_COL_BLOCKS = 1
-GROUPED_EXPAND_STAGES = 1
+# Column blocks per expand program, and its pipeline depth over them: four blocks, three stages took
+# the grouped pass (plan, row shrink, row expand; 4096 columns, rank 16) from 93.1 to 86.4 us at
+# T = 8192, K = 64 and from 85.5 to 81.7 us at K = 16; 51.0 -> 49.2 and 45.0 -> 43.1 us at T = 2048
+# (H200, graph replays, two rounds in alternating order;
+# bench/results/grouped-plan-sweep-colblocks-5f9b29f-*.json).
+GROUPED_EXPAND_COL_BLOCKS = 4
+GROUPED_EXPAND_STAGES = 3
 
 
 def _grouped_blocks(T: int, dtype: torch.dtype):
