@@ -194,7 +194,9 @@ class MultiLoraLinear(nn.Module):
     def scale(self) -> Tensor:
         """(R,) float32: s_i * w_i repeated over adapter i's rank block."""
         w, s = self.weights, self.adapter_scales
-        if self.method == "weighted" or torch.compiler.is_compiling():
+        # Differentiable whenever a gradient can flow (weights or scales set to train, under any method).
+        if (self.method == "weighted" or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (w.requires_grad or s.requires_grad))):
             return (s * w)[self.rank_index]
         # The other methods fix the weights at 1: the (R,) vector is computed once and kept while the
         # scales and their storage stay the same (in-place edits bump _version), which saves two small

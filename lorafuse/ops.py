@@ -188,8 +188,8 @@ def check_lora_args(
     for name, t in list(named.items())[1:] + [("bias", bias), ("a_map", a_map), ("b_map", b_map)]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if bias is not None and bias.dtype != x.dtype:

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE, HAS_CUDA, TOL, rel_err
-from lorafuse import MultiLoraLinear
+from lorafuse import MultiLoraLinear, lora_linear_reference, use_backend
 
 D_IN, D_OUT = 40, 24
 RANKS = [3, 5, 2]
@@ -329,3 +329,24 @@ def test_a_refused_layer_leaves_the_base_trainable():
     assert all(p.requires_grad for p in base.parameters())
     MultiLoraLinear(base, _adapters(), method="sum")
     assert not any(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("method", ["sum", "concat", "loramap"])
+def test_weights_set_to_train_get_gradients_under_every_method(method, seeded):
+    """The K weights are fixed at 1 outside "weighted", but a user may still set them to train (e.g.
+    requires_grad_(True) on the whole layer): their gradient is then the same as in a compiled step,
+    not silently None (the cached scale is used only when no gradient can flow into it)."""
+    ad = [(torch.randn(2, 8), torch.randn(6, 2), 1.0), (torch.randn(3, 8), torch.randn(6, 3), 0.5)]
+    layer = MultiLoraLinear(nn.Linear(8, 6), ad, method=method, **({"map_rank": 2} if method == "loramap" else {}))
+    if layer.b_map is not None:
+        nn.init.normal_(layer.b_map)
+    x = torch.randn(4, 8)
+    layer(x)  # fills the cache
+    layer.weights.requires_grad_(True)
+    with use_backend("torch"):
+        layer(x).pow(2).sum().backward()
+    w = layer.weights.detach().clone().requires_grad_(True)
+    ref = lora_linear_reference(x, layer.weight, layer.bias, layer.a_cat, layer.b_cat,
+                                (layer.adapter_scales * w)[layer.rank_index], layer.a_map, layer.b_map)
+    ref.pow(2).sum().backward()
+    assert layer.weights.grad is not None and rel_err(layer.weights.grad, w.grad) < 1e-5
