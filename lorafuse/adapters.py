@@ -94,8 +94,10 @@ class LoraAdapter:
         return f"LoraAdapter(name={self.name!r}, modules={len(self.layers)}, ranks={ranks}, source={self.source!r})"
 
 
-def check_supported(config: Any, name: str) -> None:
-    """Raise NotImplementedError naming the first feature of `config` that is not a plain LoRA."""
+def check_supported(config: Any, name: str, base_changed_ok: bool = False) -> None:
+    """Raise NotImplementedError naming the first feature of `config` that is not a plain LoRA.
+    base_changed_ok: the adapter is read from a live PeftModel, whose base weight an initialisation such
+    as PiSSA has already changed (its factors are right on that model; not so from a folder)."""
     from peft import LoraConfig
 
     # peft's LoRA variants (AdaLoRA among them) subclass LoraConfig: their peft_type says what they are.
@@ -108,7 +110,7 @@ def check_supported(config: Any, name: str) -> None:
         if getattr(config, attr, None):
             raise NotImplementedError(f"adapter {name!r}: {feature} is not supported")
     init = getattr(config, "init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if not base_changed_ok and isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise NotImplementedError(
             f"adapter {name!r}: init_lora_weights={init!r} trains against a changed base weight (W minus its "
             "initial B A), which this folder does not hold; save the adapter converted to a plain LoRA with "
@@ -199,10 +201,10 @@ def _split_state_dict(state_dict: Mapping[str, Tensor], name: str
 
 
 def adapter_from_state_dict(state_dict: Mapping[str, Tensor], config: Any, name: str = "adapter",
-                            source: str = "state dict") -> LoraAdapter:
+                            source: str = "state dict", base_changed_ok: bool = False) -> LoraAdapter:
     """Build a LoraAdapter from a peft state dict (keys as saved by peft) and its LoraConfig (or dict)."""
     config = _as_config(config, name)
-    check_supported(config, name)
+    check_supported(config, name, base_changed_ok)
     layers: Dict[str, LayerFactors] = {}
     modules, base_weights = _split_state_dict(state_dict, name)
     for module, ab in modules.items():
@@ -304,8 +306,11 @@ def load_adapters(sources: Sequence[AdapterSource]) -> List[LoraAdapter]:
     return out
 
 
-def adapters_from_peft(peft_model: Any, adapter_names: Optional[Sequence[str]] = None) -> List[LoraAdapter]:
-    """The named LoRA adapters loaded in a PeftModel (default: all of them), in the order given."""
+def adapters_from_peft(peft_model: Any, adapter_names: Optional[Sequence[str]] = None,
+                       base_changed_ok: bool = False) -> List[LoraAdapter]:
+    """The named LoRA adapters loaded in a PeftModel (default: all of them), in the order given.
+    base_changed_ok: accept adapters whose initialisation changed the base weight (PiSSA, OLoRA, ...),
+    for use on this same model only (compose of the PeftModel itself), whose base holds that change."""
     from peft.utils import get_peft_model_state_dict
 
     configs = peft_model.peft_config
@@ -318,7 +323,8 @@ def adapters_from_peft(peft_model: Any, adapter_names: Optional[Sequence[str]] =
     for n in names:
         if n not in configs:
             raise ValueError(f"adapter_names: {n!r} is not loaded in the PeftModel; loaded: {sorted(configs)}")
-        check_supported(configs[n], n)
+        check_supported(configs[n], n, base_changed_ok)
         sd = get_peft_model_state_dict(peft_model, adapter_name=n)
-        out.append(adapter_from_state_dict(sd, configs[n], name=n, source="peft model"))
+        out.append(adapter_from_state_dict(sd, configs[n], name=n, source="peft model",
+                                           base_changed_ok=base_changed_ok))
     return out

@@ -266,7 +266,8 @@ def compose(
     if adapters is None:
         if root is model:
             raise ValueError("adapters is required unless model is a PeftModel with loaded adapters")
-        adapters = adapters_from_peft(model, adapter_names)
+        # Composed onto the PeftModel's own base, which holds any change its adapters' init made.
+        adapters = adapters_from_peft(model, adapter_names, base_changed_ok=True)
     else:
         if adapter_names is not None:
             raise ValueError("adapter_names selects adapters loaded in a PeftModel; pass adapters=None with it")

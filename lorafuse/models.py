@@ -187,9 +187,10 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head is reported as "newly initialized": expected
         try:
-            model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+            model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kw)
         finally:
             hf_logging.set_verbosity(verbosity)
+        _check_only_head_mismatched(name, info)
         if tok.pad_token is None:  # decoders: pad with eos, as for smollm2
             tok.pad_token = tok.eos_token
             model.config.pad_token_id = tok.pad_token_id
@@ -204,8 +205,7 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
             raise FileNotFoundError(f"no .gguf file in {path}")
         tok = AutoTokenizer.from_pretrained(path, gguf_file=files[0].name)
         cls = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
-        # A saved classifier's head of another label count is replaced (the head is drawn from the seed below).
-        kw = {} if task == "lm" else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+        kw = {} if task == "lm" else {"num_labels": num_labels}
         model = cls.from_pretrained(path, gguf_file=files[0].name, dtype=torch.float32, **kw)
         _drop_gguf_quantizer(model)
         if tok.pad_token is None:
@@ -216,6 +216,16 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
     if task == "classification":
         init_head(model, seed)
     return model.to(dtype).eval(), tok
+
+
+def _check_only_head_mismatched(name: str, info: dict) -> None:
+    """ignore_mismatched_sizes lets a saved head of another label count be replaced; any other weight of
+    the wrong shape (a damaged or edited folder) would be replaced by random values as well: refuse it."""
+    bad = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()) or ()
+                 if not str(k[0] if isinstance(k, tuple) else k).startswith(("classifier.", "score.")))
+    if bad:
+        raise ValueError(f"model {name!r}: weights of another shape than its config.json gives: "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
 def _drop_gguf_quantizer(model: torch.nn.Module) -> None:

@@ -71,7 +71,28 @@ def _check_adapters(adapters, d_in: int, d_out: int):
     return out
 
 
-class MultiLoraLinear(nn.Module):
+class WrapsBaseLayer(nn.Module):
+    """A layer built around an nn.Linear held as `base_layer`, whose weight and bias it passes through
+    as peft's LoRA layers do: model code that reads a wrapped layer's weight directly (Mamba's dt_proj)
+    reads the base's, and code that sets it (transformers' tie_weights on a wrapped lm_head) sets the
+    base's."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+class MultiLoraLinear(WrapsBaseLayer):
     """An nn.Linear with K LoRA adapters, y = base(x) + ((x a_cat^T [a_map^T b_map^T]) * scale) b_cat^T.
 
     Args:
@@ -176,15 +197,6 @@ class MultiLoraLinear(nn.Module):
     def in_features(self) -> int:
         return self.base_layer.in_features
 
-    # The base layer's parameters, read-only, as peft's LoRA layers pass them through: model code that
-    # reads a targeted layer's weight directly (Mamba's dt_proj) keeps working, and reads the base's.
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
 
     @property
     def out_features(self) -> int:

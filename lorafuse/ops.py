@@ -119,6 +119,10 @@ def _use_kernels(x: Tensor) -> bool:
     return ok
 
 
+# The dtypes lora_linear computes in (x, weight and bias share one).
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
     """The common case in one expression; check_lora_args explains any failure."""
     try:
@@ -126,7 +130,7 @@ def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
         R = a_cat.shape[0]
         dev, dt = x.device, x.dtype
         ok = (x.shape[-1] == d_in and a_cat.dim() == 2 and a_cat.shape[1] == d_in and b_cat.shape == (d_out, R)
-              and scale.shape == (R,) and weight.dtype == dt and x.is_floating_point()
+              and scale.shape == (R,) and weight.dtype == dt and dt in _X_DTYPES
               and a_cat.is_floating_point() and b_cat.is_floating_point() and scale.is_floating_point()
               and weight.device == dev and a_cat.device == dev and b_cat.device == dev and scale.device == dev)
         if bias is not None:
@@ -188,7 +192,7 @@ def check_lora_args(
     for name, t in list(named.items())[1:] + [("bias", bias), ("a_map", a_map), ("b_map", b_map)]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if x.dtype not in _X_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")

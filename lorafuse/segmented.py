@@ -24,7 +24,7 @@ from lorafuse.kernels.segmented import (check_ids_on_device, decode_uses_tma, de
                                         segmented_linear_decode, segmented_lora_, segmented_outer)
 from lorafuse.kernels.utils import is_interpreting
 
-from .modules import _check_adapters
+from .modules import WrapsBaseLayer, _check_adapters
 from .ops import _use_kernels, autocast_inputs, first_order_only, rows_of
 
 __all__ = ["LoraLibrary", "lora_linear_segmented", "lora_linear_segmented_reference", "SegmentedLoraLinear",
@@ -498,7 +498,7 @@ class AdapterIds:
         return self.value
 
 
-class SegmentedLoraLinear(nn.Module):
+class SegmentedLoraLinear(WrapsBaseLayer):
     """An nn.Linear serving a LoraLibrary: row t of the input uses adapter ids.get()[t] (or its sequence's)."""
 
     def __init__(self, base: nn.Linear, library: LoraLibrary, ids: AdapterIds) -> None:
@@ -509,13 +509,6 @@ class SegmentedLoraLinear(nn.Module):
         self.library = library
         self.ids = ids
 
-    @property
-    def weight(self) -> Tensor:  # the base layer's, read-only (as MultiLoraLinear's)
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_layer.weight

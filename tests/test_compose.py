@@ -703,3 +703,42 @@ def test_model_code_reading_a_targeted_weight(tmp_path, seeded):
     assert isinstance(layer, MultiLoraLinear) and layer.weight is layer.base_layer.weight
     with torch.no_grad(), use_backend("torch"):
         assert rel_err(model(ids).logits, peft_model(ids).logits) < TOL
+
+
+def test_tied_lm_head_composed_still_ties(tmp_path, seeded):
+    """GPT-2 ties lm_head to the token embedding: composed with an adapter on lm_head, transformers'
+    tie_weights sets the wrapped base layer's weight (as through peft's LoRA layer), and the model's
+    output is unchanged by it."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn", "lm_head"],
+                                                       init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    model = compose(tiny_model("gpt2"), [str(tmp_path / "ad")], method="sum")
+    head = model.lm_head
+    assert isinstance(head, MultiLoraLinear)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad(), use_backend("torch"):
+        before = model(ids).logits
+        model.tie_weights()
+        after = model(ids).logits
+    assert head.base_layer.weight is model.transformer.wte.weight
+    assert "weight" not in head._parameters
+    assert torch.equal(before, after)
+
+
+def test_peft_model_with_a_base_changing_init_composes_onto_itself(seeded):
+    """A live PeftModel holds the base weight PiSSA changed, so its adapter composes exactly onto that
+    model (only a saved folder, read onto an unchanged base, is refused)."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights="pissa"))
+    randomize_lora(pm)
+    pm.eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        ref = pm(ids).logits
+    compose(pm, method="sum")
+    with torch.no_grad(), use_backend("torch"):
+        assert rel_err(pm(ids).logits, ref) < TOL

@@ -90,6 +90,22 @@ def test_local_classifier_folder_with_another_label_count(tmp_path):
                        classification_head(load_model("random-bert:32x1", seed=4)[0]).weight)
 
 
+def test_local_folder_with_weights_of_another_shape_is_refused(tmp_path):
+    """Only the classification head may differ in shape from the saved one; any other mismatch (an
+    edited config.json) is refused, not filled with random values."""
+    import json
+
+    src, tok = load_model("random-bert:32x1", seed=0)
+    src.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 48
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="weights of another shape than its config.json gives: .*intermediate"):
+        load_model(str(tmp_path / "m"))
+
+
 def test_local_folder_for_language_modelling_must_be_a_causal_lm(tmp_path):
     """An encoder folder (BERT loads as BertLMHeadModel, which sees the tokens after each position) is
     refused for perplexity; a decoder folder is taken, with or without `architectures` in its config."""

@@ -255,7 +255,8 @@ BAD = [
     (3, lambda a: a.__setitem__(3, a[3].long()), "a_cat must be a floating-point tensor"),
     (1, lambda a: a.__setitem__(1, a[1].to("meta")), "weight must be on"),
     (0, lambda a: a.__setitem__(0, [1.0, 2.0]), "x must be a torch.Tensor"),
-    (0, lambda a: (a.__setitem__(0, a[0].to(torch.float8_e4m3fn)), a.__setitem__(1, a[1].to(torch.float8_e4m3fn))),
+    (0, lambda a: (a.__setitem__(0, a[0].to(torch.float8_e4m3fn)), a.__setitem__(1, a[1].to(torch.float8_e4m3fn)),
+                   a.__setitem__(2, None)),
      "x must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"),
     (3, lambda a: a.__setitem__(3, a[3][..., None]), r"a_cat must have shape \(R, 40\)"),
 ]
