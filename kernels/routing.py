@@ -267,10 +267,9 @@ def _check_router_args(x, router, top_k, temperature, router_bias, dense_ok=True
         raise ValueError(f"the routed kernels take at most {MAX_ROUTED_K} adapters, got K = {K}")
     if router_bias is not None:
         check_tensors(router_bias=router_bias)
-    if router_bias is not None and (tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32
-                                    or router_bias.device != x.device):
-        raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
-                         f"{tuple(router_bias.shape)} on {router_bias.device}")
+        if tuple(router_bias.shape) != (K,) or router_bias.dtype != torch.float32 or router_bias.device != x.device:
+            raise ValueError(f"router_bias must be float32 of shape ({K},) on {x.device}, got {router_bias.dtype} "
+                             f"{tuple(router_bias.shape)} on {router_bias.device}")
     integral = isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
     if (top_k is None and not dense_ok) or (top_k is not None and not (integral and 1 <= top_k <= K)):
         raise ValueError(f"top_k must be {'None or ' if dense_ok else ''}an integer in 1..{K}, got {top_k!r}")

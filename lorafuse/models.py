@@ -221,8 +221,9 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, dty
 def _check_only_head_mismatched(name: str, info: dict) -> None:
     """ignore_mismatched_sizes lets a saved head of another label count be replaced; any other weight of
     the wrong shape (a damaged or edited folder) would be replaced by random values as well: refuse it."""
-    bad = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()) or ()
-                 if not str(k[0] if isinstance(k, tuple) else k).startswith(("classifier.", "score.")))
+    # (transformers lists each mismatch as (key, saved shape, model shape))
+    keys = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
+    bad = sorted(k for k in keys if not k.startswith(("classifier.", "score.")))
     if bad:
         raise ValueError(f"model {name!r}: weights of another shape than its config.json gives: "
                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")

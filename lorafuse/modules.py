@@ -197,7 +197,6 @@ class MultiLoraLinear(WrapsBaseLayer):
     def in_features(self) -> int:
         return self.base_layer.in_features
 
-
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features

@@ -509,7 +509,6 @@ class SegmentedLoraLinear(WrapsBaseLayer):
         self.library = library
         self.ids = ids
 
-
     def forward(self, x: Tensor) -> Tensor:
         w = self.base_layer.weight
         return lora_linear_segmented(x, w, self.base_layer.bias, self.library, self.ids.get())
