@@ -352,14 +352,11 @@ def _set_block_shapes(nargs):
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
     nargs["out_desc"].block_shape = [bm, bn]
-    if nargs.get("TAIL_TMA", False):
-        nargs["s_desc"].block_shape = [bm, bk]
-        nargs["c_desc"].block_shape = [bn, bk]
 
 
 @triton.jit
 def _lora_gemm_tma_kernel(
-    a_desc, b_desc, out_desc, s_ptr, c_ptr, bias_ptr, s_desc, c_desc,
+    a_desc, b_desc, out_desc, s_ptr, c_ptr, bias_ptr,
     T, N, K, R, T_BUCKET,
     stride_sm, stride_sr, stride_cr, stride_cn,
     B_NK: tl.constexpr,
@@ -372,14 +369,12 @@ def _lora_gemm_tma_kernel(
     GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
-    TAIL_TMA: tl.constexpr = False,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    r_tiles = tl.cdiv(R, BLOCK_K)
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -398,16 +393,8 @@ def _lora_gemm_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_mask = offs_m < T
         n_mask = offs_n < N
-        if TAIL_TMA:
-            # s (T, R) and c as (N, R) rows by the copy engine: a loop the compiler pipelines like
-            # the main one (rank columns past R are zero-filled).
-            for ri in range(r_tiles):
-                sv = s_desc.load([off_m, ri * BLOCK_K])
-                cv = c_desc.load([off_n, ri * BLOCK_K])
-                acc = tl.dot(sv, cv.T, acc, input_precision=PREC)
-        else:
-            acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                                stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
+        acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
@@ -618,12 +605,6 @@ def lora_gemm(
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
         out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
-        s_desc = c_desc = a_desc
-        tail_tma = bool(R) and cfg.kwargs.get("TAIL_TMA", TAIL_TMA) and _tma_compatible(s_, c_.t())
-        if tail_tma:
-            ct = c_.t()
-            s_desc = TensorDescriptor(s_, list(s_.shape), list(s_.stride()), [bm, bk])
-            c_desc = TensorDescriptor(ct, list(ct.shape), list(ct.stride()), [bn, bk])
         sms = num_sms(a.device)
         if tuned:
             kernel = _lora_gemm_tma_tuned
@@ -633,11 +614,11 @@ def lora_gemm(
             grid = (min(sms, cdiv(T, bm) * cdiv(N, bn)),)
         launch(
             kernel, grid,
-            a_desc, b_desc, out_desc, s_, c_, bias_, s_desc, c_desc,
+            a_desc, b_desc, out_desc, s_, c_, bias_,
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
-            **({"TAIL_TMA": tail_tma} if tuned else dict(launch_kwargs(cfg), TAIL_TMA=tail_tma)),
+            **({} if tuned else launch_kwargs(cfg)),
         )
         return out
 
@@ -663,10 +644,6 @@ def lora_gemm(
     )
     return out
 
-
-# The TMA GEMM's low-rank tail: s and c read by the copy engine in a pipelined loop of their own
-# (True), or by plain loads after the main loop (False). A config's TAIL_TMA key overrides it.
-TAIL_TMA = os.environ.get("LORAFUSE_TAIL_TMA", "0") == "1"
 
 # From this many rows on, s and c are re-laid out when their rank strides are not multiples of 16.
 ALIGN_MIN_T = 256

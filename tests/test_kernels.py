@@ -205,35 +205,6 @@ def test_lora_gemm(T, d_in, d_out, R, m, dtype, seeded):
     assert rel_err(lora_gemm(a, w.t()), a.double() @ w.double().t()) < TOL[dtype]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the copy-engine tail runs on a Hopper GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("T,d_in,d_out,R", [(300, 1000, 520, 48), (2048, 4096, 4096, 256), (129, 264, 1000, 130),
-                                             (1000, 512, 384, 16)])
-def test_lora_gemm_tail_tma(T, d_in, d_out, R, dtype, seeded):
-    """The TMA GEMM with its low-rank tail read by the copy engine (TAIL_TMA): rank columns past R
-    and rows or columns past the tile are zero-filled, with and without a bias, both tile loops."""
-    from lorafuse.kernels.lora_gemm import _tma_available
-    from lorafuse.kernels.shrink import alloc_rows
-
-    if not _tma_available(torch.device(DEVICE)):
-        pytest.skip("needs a Hopper GPU")
-    a = torch.randn(T, d_in, device=DEVICE).to(dtype)
-    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
-    s = alloc_rows(T, R, dtype, a.device)
-    s.copy_(torch.randn(T, R, device=DEVICE))
-    c_store = alloc_rows(d_out, R, dtype, a.device)
-    c_store.copy_(torch.randn(d_out, R, device=DEVICE) / R ** 0.5)
-    bias = torch.randn(d_out, device=DEVICE).to(dtype)
-    for flat in (True, False):
-        cfg = _cfg(128, 256, 64, 8, 3, FLATTEN=flat, WARP_SPECIALIZE=flat, TAIL_TMA=True)
-        for bias_ in (bias, None):
-            out = lora_gemm(a, w.t(), s, c_store.t(), bias_, impl="tma", config=cfg)
-            ref = a.double() @ w.double().t() + s.double() @ c_store.double().t()
-            if bias_ is not None:
-                ref = ref + bias_.double()
-            assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (flat, bias_ is None)
-
-
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
