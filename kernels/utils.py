@@ -110,6 +110,8 @@ def check_tensors(**named) -> None:
 
 def check_runnable(name: str, t: torch.Tensor) -> None:
     check_tensors(**{name: t})
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if not t.is_cuda and t.dtype == torch.bfloat16 and t.device.type == "cpu" and is_interpreting():
         raise ValueError(f"{name} is bfloat16 on the CPU: under TRITON_INTERPRET=1 the kernels' bfloat16 "
                          "products are wrong (triton issue 11584); use float16 or float32 there")
@@ -129,7 +131,7 @@ def expect(name: str, t, shape: Sequence[Optional[int]], device: torch.device,
     launchers call this on every launch."""
     if isinstance(t, torch.Tensor):
         ts = t.shape
-        if (len(ts) == len(shape) and t.device == device
+        if (len(ts) == len(shape) and t.device == device and t.layout == torch.strided
                 and (t.dtype == dtype if dtype is not None else t.is_floating_point())
                 and all(n is None or n == m for n, m in zip(shape, ts))):
             return
@@ -140,6 +142,8 @@ def expect(name: str, t, shape: Sequence[Optional[int]], device: torch.device,
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if dtype is not None:
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
     raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")

@@ -110,6 +110,14 @@ def rows_of(x: Tensor) -> Tensor:
 def _use_kernels(x: Tensor) -> bool:
     if _BACKEND == "torch":
         return False
+    # torch.func transforms (grad, vmap, jacrev) cannot see into the kernels' autograd Functions; the
+    # plain-torch path computes the same function and composes with them. (Under torch.compile the
+    # custom ops are traced instead, and Dynamo should not meet this private call.)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        if _BACKEND == "triton":
+            raise ValueError("backend 'triton' cannot run under torch.func transforms (grad, vmap, ...); "
+                             "use backend 'auto' or 'torch' there")
+        return False
     ok = can_run(x) and x.dtype in _KERNEL_DTYPES
     if _BACKEND == "triton" and not ok:
         raise ValueError(
@@ -121,6 +129,7 @@ def _use_kernels(x: Tensor) -> bool:
 
 # The dtypes lora_linear computes in (x, weight and bias share one).
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STRIDED = torch.strided
 
 
 def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
@@ -132,13 +141,16 @@ def _args_ok(x, weight, bias, a_cat, b_cat, scale, a_map, b_map) -> bool:
         ok = (x.shape[-1] == d_in and a_cat.dim() == 2 and a_cat.shape[1] == d_in and b_cat.shape == (d_out, R)
               and scale.shape == (R,) and weight.dtype == dt and dt in _X_DTYPES
               and a_cat.is_floating_point() and b_cat.is_floating_point() and scale.is_floating_point()
-              and weight.device == dev and a_cat.device == dev and b_cat.device == dev and scale.device == dev)
+              and weight.device == dev and a_cat.device == dev and b_cat.device == dev and scale.device == dev
+              and x.layout == _STRIDED and weight.layout == _STRIDED and a_cat.layout == _STRIDED
+              and b_cat.layout == _STRIDED and scale.layout == _STRIDED)
         if bias is not None:
-            ok = ok and bias.shape == (d_out,) and bias.dtype == dt and bias.device == dev
+            ok = ok and bias.shape == (d_out,) and bias.dtype == dt and bias.device == dev and bias.layout == _STRIDED
         if a_map is not None or b_map is not None:
             m = a_map.shape[0]
             ok = ok and a_map.shape == (m, R) and b_map.shape == (R, m) and a_map.device == dev \
-                and b_map.device == dev and a_map.is_floating_point() and b_map.is_floating_point()
+                and b_map.device == dev and a_map.is_floating_point() and b_map.is_floating_point() \
+                and a_map.layout == _STRIDED and b_map.layout == _STRIDED
         return bool(ok)
     except (AttributeError, TypeError, ValueError, IndexError):
         return False
@@ -164,6 +176,9 @@ def check_lora_args(
     for name, t in (("bias", bias), ("a_map", a_map), ("b_map", b_map)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    for name, t in list(named.items()) + [("bias", bias), ("a_map", a_map), ("b_map", b_map)]:
+        if t is not None and t.layout != _STRIDED:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if x.dim() < 1:
         raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
     if weight.dim() != 2:

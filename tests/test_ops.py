@@ -259,6 +259,9 @@ BAD = [
                    a.__setitem__(2, None)),
      "x must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"),
     (3, lambda a: a.__setitem__(3, a[3][..., None]), r"a_cat must have shape \(R, 40\)"),
+    (3, lambda a: a.__setitem__(3, a[3].to_sparse()), r"a_cat must be a dense \(strided\) tensor"),
+    (0, lambda a: a.__setitem__(0, a[0].to_sparse()), r"x must be a dense \(strided\) tensor"),
+    (1, lambda a: a.__setitem__(1, a[1].to_sparse_csr()), r"weight must be a dense \(strided\) tensor"),
 ]
 
 
@@ -268,6 +271,23 @@ def test_bad_input_names_the_argument(i, mutate, msg):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=msg):
         lorafuse.lora_linear(*args)
+
+
+def test_torch_func_transforms(seeded):
+    """torch.func.grad and vmap see the plain-torch path (the kernels' autograd Functions do not
+    compose with them) and agree with the float64 reference; the 'triton' backend refuses them."""
+    args = _args(7, 40, 24, 5, 4, torch.float32)
+    consts = [a.detach() if a is not None else None for a in args[1:]]
+    ref_consts = [a.double() if a is not None else None for a in consts]
+    x = args[0].detach()
+    g = torch.func.grad(lambda x: lorafuse.lora_linear(x, *consts).square().sum())(x)
+    g_ref = torch.func.grad(lambda x: lora_linear_reference(x, *ref_consts).square().sum())(x.double())
+    assert rel_err(g, g_ref) < GRAD_TOL[torch.float32]
+    xs = torch.randn(3, 7, 40, device=DEVICE)
+    y = torch.vmap(lambda x: lorafuse.lora_linear(x, *consts))(xs)
+    assert rel_err(y, lora_linear_reference(xs.double(), *ref_consts)) < TOL[torch.float32]
+    with lorafuse.use_backend("triton"), pytest.raises(ValueError, match="torch.func"):
+        torch.vmap(lambda x: lorafuse.lora_linear(x, *consts))(xs)
 
 
 @pytest.mark.parametrize("T", [5, 70])  # the one-launch path and the split path
