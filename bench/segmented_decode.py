@@ -8,9 +8,7 @@ Every layer is timed replayed from a CUDA graph (the way decoding runs; eager ca
 measure the host), L2 flushed before each replay, median of do_bench: the base layer alone (cuBLAS),
 "unfused" (cuBLAS beside the gathered row shrink on a side stream, then the gathered expand: the
 path before the decode kernels), "decode" (segmented_linear_decode with its heuristic config),
-"decode_nopdl" (the same without programmatic dependent launch), then the base, "decode" and
-"decode" without the first chunk's factor prefetch (kernels.segmented.DECODE_PREFETCH) in --ab-rounds
-rounds of alternating order (`ab_us`, medians), and at --sweep-T every candidate
+"decode_nopdl" (the same without programmatic dependent launch), and at --sweep-T every candidate
 config of the decode GEMM, each checked against a float32 reference.
 Also the per-kernel GPU times (torch.profiler) of both paths. Writes segmented-decode-<gpu>-<date>.json.
 """
@@ -19,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 
 import torch
@@ -29,7 +26,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import _graphed  # noqa: E402
-from common import env_info, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, save_json, warm_up  # noqa: E402
 from routed_profile import kernel_table  # noqa: E402
 
 import lorafuse.kernels.segmented as S  # noqa: E402
@@ -71,8 +68,6 @@ def main(argv=None) -> None:
                    help="which decode GEMM's configs the sweep tries")
     p.add_argument("--rounds", type=int, default=2,
                    help="sweep rounds, the configs' order reversed every other one (the mean is reported)")
-    p.add_argument("--ab-rounds", type=int, default=4,
-                   help="rounds of base / decode with / without the factor prefetch, alternating order")
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -124,21 +119,6 @@ def main(argv=None) -> None:
                     row["decode_nopdl_us"], row["decode_nopdl_err"] = bench(g_nopdl), err(g_nopdl())
                 finally:
                     S._pdl_supported = pdl
-                # The first chunk's factor prefetch on and off, in alternating-order rounds with the base.
-                S.DECODE_PREFETCH = False
-                try:
-                    g_nopf = _graphed(lambda xx: segmented_linear_decode(xx, W, None, *lib_args, ids), x)
-                    row["decode_noprefetch_err"] = err(g_nopf())
-                finally:
-                    S.DECODE_PREFETCH = True
-                g_pf = _graphed(lambda xx: segmented_linear_decode(xx, W, None, *lib_args, ids), x)
-                ab = {"base": g_base, "prefetch": g_pf, "noprefetch": g_nopf}
-                row["ab_us_rounds"] = {k: [] for k in ab}
-                for rnd in range(args.ab_rounds):
-                    for k in round_order(list(ab), rnd):
-                        row["ab_us_rounds"][k].append(bench(ab[k]))
-                row["ab_us"] = {k: statistics.median(v) for k, v in row["ab_us_rounds"].items()}
-                del g_pf, g_nopf, ab
                 row["kernels_unfused"] = kernel_table(g_unf)
                 row["kernels_decode"] = kernel_table(g_dec)
                 if T in args.sweep_T:
@@ -169,9 +149,6 @@ def main(argv=None) -> None:
                   f"({row['unfused_us'] / row['base_us']:.2f}x), decode {row['decode_us']:.1f} "
                   f"({row['decode_us'] / row['base_us']:.2f}x; no PDL {row['decode_nopdl_us']:.1f}) "
                   f"err {row['decode_err']:.1e}{best}", flush=True)
-            print("   rounds (us):", {k: round(v, 2) for k, v in row["ab_us"].items()},
-                  f"prefetch {row['ab_us']['prefetch'] / row['ab_us']['base']:.3f}x, "
-                  f"without {row['ab_us']['noprefetch'] / row['ab_us']['base']:.3f}x", flush=True)
             print("   decode kernels:", {k[:30]: v for k, v in row["kernels_decode"].items()}, flush=True)
             save_json(doc, args.out, "segmented-decode")
     print("wrote", save_json(doc, args.out, "segmented-decode"))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
@@ -206,7 +205,6 @@ def _decode_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     """out[:, n-block] = x W[n-block]^T + b + each row's round(S[t] * scale) fac_out[idx[t], :, n-block].
 
@@ -222,10 +220,6 @@ def _decode_kernel(
     n_mask = offs_n < N
     x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wd
-    if PREFETCH:  # the first chunk's factor rows are read while W streams (they need no shrink)
-        row0, col0, ok0, sc0, f0 = _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, 0, T, N,
-                                                   NUM_SLOTS, stride_fn, stride_fr, stride_fd, stride_sn,
-                                                   stride_sr, BLOCK_R, CHUNK_T)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         if EVEN_K:
@@ -241,12 +235,8 @@ def _decode_kernel(
         acc = tl.dot(xv, tl.trans(wv), acc, input_precision=PREC)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    if not PREFETCH:
-        row0, col0, ok0, sc0, f0 = _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, 0, T, N,
-                                                   NUM_SLOTS, stride_fn, stride_fr, stride_fd, stride_sn,
-                                                   stride_sr, BLOCK_R, CHUNK_T)
-    _decode_epilogue(acc, row0, col0, ok0, sc0, f0, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr,
-                     idx_ptr, offs_n, T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+    _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
                      HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
 
@@ -269,7 +259,6 @@ def _decode_tma_kernel(
     CHUNK_T: tl.constexpr,
     SWAP: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
     """_decode_kernel with x and W read by the tensor memory accelerator (Hopper): the copies are
     asynchronous, so the pipeline keeps num_stages tiles of W in flight per program without
@@ -279,10 +268,6 @@ def _decode_tma_kernel(
     pid_n = tl.program_id(0)
     off_n = pid_n * BLOCK_N
     offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        row0, col0, ok0, sc0, f0 = _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, 0, T, N,
-                                                   NUM_SLOTS, stride_fn, stride_fr, stride_fd, stride_sn,
-                                                   stride_sr, BLOCK_R, CHUNK_T)
     if SWAP:
         acc_t = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -292,59 +277,21 @@ def _decode_tma_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             acc = tl.dot(x_desc.load([0, k0]), tl.trans(w_desc.load([off_n, k0])), acc, input_precision=PREC)
-    if not PREFETCH:
-        row0, col0, ok0, sc0, f0 = _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, 0, T, N,
-                                                   NUM_SLOTS, stride_fn, stride_fr, stride_fd, stride_sn,
-                                                   stride_sr, BLOCK_R, CHUNK_T)
-    _decode_epilogue(acc, row0, col0, ok0, sc0, f0, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr,
-                     idx_ptr, offs_n, T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+    _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
                      HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
 
 
 @triton.jit
-def _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, c, T, N, NUM_SLOTS,
-                    stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                    BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr):
-    """What the adapter term of rows c .. c + CHUNK_T needs besides the shrink: over the chunk's
-    (row, rank column) pairs kk, the row, the column, whether the pair counts (a row in range with an
-    adapter of at least that rank), its scale, and the slot's factor rows fac_out[slot, col, offs_n]."""
-    kk = tl.arange(0, CHUNK_T * BLOCK_R)
-    row = c + kk // BLOCK_R
-    col = kk % BLOCK_R
-    slot = tl.load(idx_ptr + row, mask=row < T, other=-1).to(tl.int64)
-    ok = (row < T) & (slot >= 0) & (slot < NUM_SLOTS)
-    slot = tl.where(ok, slot, 0)
-    ok = ok & (col < tl.load(ranks_ptr + slot))
-    sc = tl.load(scales_ptr + slot * stride_sn + col * stride_sr, mask=ok, other=0.0).to(tl.float32)
-    f = tl.load(fac_ptr + slot[:, None] * stride_fn + col[:, None] * stride_fr + offs_n[None, :] * stride_fd,
-                mask=ok[:, None] & (offs_n < N)[None, :], other=0.0)
-    return row, col, ok, sc, f
-
-
-@triton.jit
-def _chunk_term(acc, row, col, ok, sc, f, part_ptr, offs_t, offs_s, s_mask, stride_ps, stride_pt,
-                PREC: tl.constexpr):
-    """acc += the chunk's adapter term: a tensor-core dot whose K axis runs over the chunk's (row,
-    rank column) pairs; the left operand is block-diagonal (row t's S' in its own columns), the right
-    one the rows' gathered factor rows."""
-    parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + row[None, :] * stride_pt + col[None, :],
-                    mask=s_mask[:, None] & ok[None, :], other=0.0)
-    # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
-    sp = (tl.sum(parts, axis=0) * sc).to(f.dtype)
-    sp_rows = tl.where(offs_t[:, None] == row[None, :], sp[None, :], 0.0).to(f.dtype)
-    return tl.dot(sp_rows, f, acc, input_precision=PREC)
-
-
-@triton.jit
-def _decode_epilogue(acc, row0, col0, ok0, sc0, f0, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr,
-                     idx_ptr, offs_n, T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
+def _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
+                     T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr,
                      PDL: tl.constexpr):
     """acc (BLOCK_T, BLOCK_N) = x W[offs_n]^T in float32; adds the bias and each row's adapter term
-    (the first chunk's operands given: _chunk_operands at c = 0) and stores the rows' outputs."""
+    and stores the rows' outputs."""
     offs_t = tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     n_mask = offs_n < N
@@ -352,16 +299,29 @@ def _decode_epilogue(acc, row0, col0, ok0, sc0, f0, bias_ptr, out_ptr, part_ptr,
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible after this
-    # All loads of a chunk are independent, so the epilogue waits on memory once per chunk, not once
-    # per rank column.
+    # The adapter term as tensor-core dots over chunks of CHUNK_T rows: the K axis of a chunk runs
+    # over (row, rank column) pairs, the left operand is block-diagonal (row t's S' in its own
+    # columns), the right one row t's factor rows gathered from its slot. All loads of a chunk are
+    # independent, so the epilogue waits on memory once per chunk, not once per rank column.
+    kk = tl.arange(0, CHUNK_T * BLOCK_R)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     s_mask = offs_s < SPLITS
-    acc = _chunk_term(acc, row0, col0, ok0, sc0, f0, part_ptr, offs_t, offs_s, s_mask, stride_ps, stride_pt, PREC)
-    for c in range(CHUNK_T, T, CHUNK_T):
-        row, col, ok, sc, f = _chunk_operands(fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n, c, T, N, NUM_SLOTS,
-                                              stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                                              BLOCK_R, CHUNK_T)
-        acc = _chunk_term(acc, row, col, ok, sc, f, part_ptr, offs_t, offs_s, s_mask, stride_ps, stride_pt, PREC)
+    for c in range(0, T, CHUNK_T):
+        row = c + kk // BLOCK_R
+        col = kk % BLOCK_R
+        slot = tl.load(idx_ptr + row, mask=row < T, other=-1).to(tl.int64)
+        ok = (row < T) & (slot >= 0) & (slot < NUM_SLOTS)
+        slot = tl.where(ok, slot, 0)
+        ok = ok & (col < tl.load(ranks_ptr + slot))
+        parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + row[None, :] * stride_pt + col[None, :],
+                        mask=s_mask[:, None] & ok[None, :], other=0.0)
+        sc = tl.load(scales_ptr + slot * stride_sn + col * stride_sr, mask=ok, other=0.0).to(tl.float32)
+        # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
+        sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty)
+        sp_rows = tl.where(offs_t[:, None] == row[None, :], sp[None, :], 0.0).to(out_ptr.dtype.element_ty)
+        f = tl.load(fac_ptr + slot[:, None] * stride_fn + col[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                    mask=ok[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(sp_rows, f, acc, input_precision=PREC)
     tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
@@ -858,9 +818,6 @@ def segmented_lora_(
 # pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
 # 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
-# The decode GEMM loads the first chunk of rows' adapter factors before its K loop, so that their
-# gather overlaps the stream of W instead of following it (a config's PREFETCH key overrides).
-DECODE_PREFETCH = os.environ.get("LORAFUSE_DECODE_PREFETCH", "1") == "1"
 DECODE_MIN_WIDTH = 2
 
 
@@ -966,12 +923,10 @@ def segmented_linear_decode(
     splits = part.shape[0]
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}
-    prefetch = cfg.kwargs.get("PREFETCH", DECODE_PREFETCH)
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-                  CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, PREFETCH=prefetch,
-                  num_warps=cfg.num_warps,
+                  CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
     if cfg.kwargs.get("TMA", False) and tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -348,19 +348,16 @@ def test_decode_reads_a_strided_bias_as_given(seeded, kind):
     assert rel_err(y, expected(x, w, b.contiguous(), adapters, ids)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("block_n,block_k", [(16, 16), (32, 64), (64, 32)])
-def test_decode_any_tile(seeded, block_n, block_k, prefetch):
-    """Explicit configs: column and K blocks that divide neither d_out nor d_in, or exceed d_in; the
-    first chunk of rows' factors loaded before the K loop (PREFETCH) or after it. 21 rows: two chunks
-    of 16 (rank blocks of 16), so the loop over the chunks after the first runs too."""
+def test_decode_any_tile(seeded, block_n, block_k):
+    """Explicit configs: column and K blocks that divide neither d_out nor d_in, or exceed d_in."""
     import triton
     adapters = make_adapters(50, 72, [4, 9], torch.float32)
     lib, scales, _ = _library_tensors(adapters, 2, False)
     w, b = make_layer(50, 72, torch.float32)
-    x = torch.randn(21, 50, device=DEVICE)
-    ids = torch.tensor([1, 0, -1, 1, 1, 0, -1] * 3, device=DEVICE)
-    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}, num_warps=4, num_stages=1)
+    x = torch.randn(7, 50, device=DEVICE)
+    ids = torch.tensor([1, 0, -1, 1, 1, 0, -1], device=DEVICE)
+    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=1)
     y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
     assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.float32], f"seed {seeded}"
 
@@ -389,8 +386,8 @@ def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, 
     launched = []
     real = S.launch
     monkeypatch.setattr(S, "launch", lambda fn, *a, **k: launched.append(fn) or real(fn, *a, **k))
-    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "TMA": True, "SWAP": swap,
-                         "PREFETCH": stages == 4}, num_warps=4, num_stages=stages)
+    cfg = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "TMA": True, "SWAP": swap}, num_warps=4,
+                        num_stages=stages)
     y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
     assert S._decode_tma_kernel in launched and S._decode_kernel not in launched
     assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
@@ -745,21 +742,20 @@ compile_for_sm90(S._gathered_shrink_checked_kernel, {"x_ptr": "*bf16", "fac_ptr"
                  "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256, "PDL": True})
 compile_for_sm90(S._gathered_shrink_kernel, {"x_ptr": "*bf16", "fac_ptr": "*bf16", "ranks_ptr": "*i32",
                  "idx_ptr": "*i64", "part_ptr": "*fp32"}, {"BLOCK_R": 16, "BLOCK_D": 256, "PDL": True})
-for even, pdl, prefetch in ((True, True, True), (False, False, False)):
+for even, pdl in ((True, True), (False, False)):
     compile_for_sm90(S._decode_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                      "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
                      "idx_ptr": "*i64"},
                      {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 256,
                       "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "EVEN_K": even, "EVEN_N": even,
-                      "PDL": pdl, "PREFETCH": prefetch})
-for swap, bn, prefetch in ((True, 64, True), (False, 32, False), (True, 64, False)):
+                      "PDL": pdl})
+for swap, bn in ((True, 64), (False, 32)):
     compile_for_sm90(S._decode_tma_kernel, {"x_desc": "tensordesc<bf16[16,128]>",
                      "w_desc": f"tensordesc<bf16[{bn},128]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                      "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
                      "idx_ptr": "*i64"},
                      {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": bn, "BLOCK_K": 128,
-                      "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "SWAP": swap, "PDL": True,
-                      "PREFETCH": prefetch})
+                      "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "SWAP": swap, "PDL": True})
 print("compiled")
 """
 
