@@ -169,8 +169,16 @@ def write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
                 os.chmod(os.path.join(root, f), default_mode(folder=False))
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
+            aside = os.path.join(old, "x")
+            os.replace(out_dir, aside)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                # The new folder did not take the old one's place: put the old one back.
+                if not os.path.exists(out_dir):
+                    os.replace(aside, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)

@@ -52,6 +52,16 @@ def _truncate(delta: Tensor, rank: int):
 
 
 @torch.no_grad()
+def _layer_stack(module: str) -> str:
+    """The path of a module's layer stack: "transformer.h" for "transformer.h.3.attn.c_attn", "" for a
+    module outside any numbered stack (lm_head)."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i])
+    return ""
+
+
 def merge_adapters(
     adapters: Sequence[Any],
     method: str = "task_arithmetic",
@@ -102,14 +112,17 @@ def merge_adapters(
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
     # A and B are stored in one orientation whatever fan_in_fan_out says, and peft rewrites the flag
-    # per module (a GPT-2 adapter on c_attn and lm_head is saved with False, one on c_attn alone with
-    # True): differing flags are refused only when the two sides share no module, i.e. look like
+    # per module (a GPT-2 adapter on c_attn and lm_head is saved with False, one on c_fc alone with
+    # True): differing flags are refused only when the two sides share neither a module nor a layer
+    # stack (the path before the layer number: "transformer.h" against "model.layers"), i.e. look like
     # adapters of different kinds of models. Shapes are checked per module below.
     fifo = [bool(getattr(ad.config, "fan_in_fan_out", False)) if ad.config is not None
             else bool(ad.info.get("fan_in_fan_out", False)) for ad in loaded]
     conv = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if f))
     lin = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if not f))
-    if conv and lin and not conv & lin:
+    conv_stacks = {st for st in map(_layer_stack, conv) if st}
+    lin_stacks = {st for st in map(_layer_stack, lin) if st}
+    if conv and lin and not conv & lin and not conv_stacks & lin_stacks:
         raise ValueError(f"the adapters disagree on fan_in_fan_out (GPT-2-style Conv1D layers or not) and share no "
                          f"module: {dict(zip([ad.name for ad in loaded], fifo))}; they look trained on different "
                          "kinds of models and cannot be merged")

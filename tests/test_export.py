@@ -166,3 +166,27 @@ def test_overwrite_replaces_only_an_adapter_folder(saved, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="holds more than a peft adapter.*'checkpoint-500', 'training_args.bin'"):
         export_peft(model, run, overwrite=True)
     assert (run / "training_args.bin").read_bytes() == b"keep" and (run / "checkpoint-500").is_dir()
+
+
+def test_failed_overwrite_keeps_the_old_adapter(saved, tmp_path, monkeypatch):
+    """If the new folder cannot take the old one's place, the old adapter is put back where it was
+    and no temporary folder is left beside it."""
+    import lorafuse.export as export_module
+
+    model = compose(fresh_model(saved, "llama"), saved["llama"][1], method="sum")
+    out = tmp_path / "out"
+    export_peft(model, out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    real = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(str(src)).startswith(".out.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        export_peft(model, out, overwrite=True)
+    monkeypatch.setattr(export_module.os, "replace", real)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -168,6 +168,13 @@ def test_gpt2_adapters_with_differing_saved_flags_merge(tmp_path):
     key = next(k for k in again.layers if k.endswith("c_attn"))
     want = 2 * _dense(merge_adapters([dirs[1]]), key) + _dense(merge_adapters([dirs[0]]), key)
     assert rel_err(_dense(again, key), want) < 1e-5
+    # No module in common (c_attn + lm_head against c_fc), the same layer stack: still one model.
+    pm = get_peft_model(tiny_model("gpt2", seed=5), LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"],
+                                                               fan_in_fan_out=True))
+    randomize_lora(pm)
+    pm.save_pretrained(str(tmp_path / "fc"))
+    apart = merge_adapters([dirs[0], str(tmp_path / "fc")], method="task_arithmetic")
+    assert any(k.endswith("c_fc") for k in apart.layers) and any(k.endswith("lm_head") for k in apart.layers)
 
 
 def test_density_and_seed_types_are_named(saved):
