@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from .synthetic import max_people
+
 COMPOSE_METHODS = ("sum", "weighted", "concat", "loramap", "route")
 EXPERIMENTS = ("recycling", "loramap", "summation")
 
@@ -51,7 +53,10 @@ def _number(kind, low: Optional[float] = None, inclusive: bool = False, high: Op
 
 
 POSITIVE_INT, POSITIVE, FINITE = _number(int, 0), _number(float, 0.0), _number(float)
-PEOPLE = _number(int, 3, inclusive=True)  # the two-hop world's three splits need three subjects
+# The two-hop world's three splits need three subjects; its names run out past max_people().
+PEOPLE = _number(int, 3, inclusive=True, high=max_people())
+# LoRA and LoraMap ranks: past every supported model's width (and a typo's 10^12 would exhaust memory).
+RANK = _number(int, 0, high=4096)
 SEED = _number(int, 0, inclusive=True, high=2 ** 32 - 1)  # numpy's range
 
 
@@ -258,6 +263,8 @@ def _load_task(spec: str, data_dir: Optional[str], flag: str = "--task"):
 
 
 def _load_model(name: str, seed: int, task: str = "classification"):
+    from safetensors import SafetensorError
+
     from .models import load_model
 
     try:
@@ -266,7 +273,7 @@ def _load_model(name: str, seed: int, task: str = "classification"):
         raise UsageError(f"--model: {e}") from e
     except ImportError as e:
         raise UsageError(f"--model {name}: {e}") from e
-    except (OSError, RuntimeError) as e:  # transformers' own loading errors (a damaged or foreign folder)
+    except (OSError, RuntimeError, SafetensorError) as e:  # loading errors (a damaged or foreign folder)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {name}: could not be loaded: {first}") from e
 
@@ -517,6 +524,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         limits.update({"lr": a.lr, "compose_lr": a.lr} if a.name == "loramap" else {"lr": a.lr})
     if a.compose_epochs:
         limits["compose_epochs"] = a.compose_epochs
+    from .data import DataFileError
+
     try:
         if a.name == "loramap":
             from .experiments.loramap import COLUMNS as columns, run_loramap
@@ -535,7 +544,9 @@ def cmd_experiment(a: argparse.Namespace) -> int:
                 columns = summation.COLUMNS
                 doc = summation.run_summation(out_dir=a.out, model=model, data_dir=a.data, seed=a.seed or 0,
                                               **limits)
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # a file missing from the data folder
+        raise UsageError(f"--data: {str(e).removeprefix('data_dir: ')}") from e
+    except DataFileError as e:  # a file there but not in its format
         raise UsageError(f"--data: {e}") from e
     print()
     print(markdown_table(doc["rows"], [c for c in columns if any(c in r for r in doc["rows"])]))
@@ -595,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing adapter folder --out that holds only an adapter's files (the new "
                    "adapter is written beside it, then renamed into place)")
-    t.add_argument("--r", type=POSITIVE_INT, default=16, help="LoRA rank (default 16)")
+    t.add_argument("--r", type=RANK, default=16, help="LoRA rank (default 16)")
     t.add_argument("--alpha", type=POSITIVE, default=32, help="lora_alpha; the scale is alpha / r (default 32)")
     t.add_argument("--epochs", type=POSITIVE, default=30, help="training epochs (default 30)")
     t.add_argument("--lr", type=POSITIVE, default=3e-3, help="learning rate (default 3e-3)")
@@ -607,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peft adapter folders" + (" (one or more)" if required else ""))
         sp.add_argument("--method", default="sum", help=f"one of {', '.join(COMPOSE_METHODS)} (default sum)")
         sp.add_argument("--weights", type=FINITE, nargs="*", default=None, help="per-adapter weights (weighted)")
-        sp.add_argument("--map-rank", type=POSITIVE_INT, default=None, help="LoraMap rank m (loramap)")
+        sp.add_argument("--map-rank", type=RANK, default=None, help="LoraMap rank m (loramap)")
         sp.add_argument("--top-k", type=POSITIVE_INT, default=1, help="adapters per token (route; default 1)")
 
     adapters_seed = ("seed of the head and of the composition's training (default: the seed the adapters were "

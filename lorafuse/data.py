@@ -62,6 +62,23 @@ def default_data_dir() -> Optional[Path]:
     return None
 
 
+class DataFileError(ValueError):
+    """A data file that is there but not in the expected format; the message names the file."""
+
+
+def _require(rows: Sequence, fields: Dict[str, type], path: Path) -> None:
+    """DataFileError naming the file and the row unless every row is a mapping holding these fields with
+    values of these types."""
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataFileError(f"{path}: row {i} is a {type(r).__name__}, expected an object with fields "
+                                f"{', '.join(fields)}")
+        for name, kind in fields.items():
+            if not isinstance(r.get(name), kind):
+                got = "missing" if name not in r else f"a {type(r[name]).__name__}"
+                raise DataFileError(f"{path}: row {i}: field {name!r} is {got}, expected a {kind.__name__}")
+
+
 def _root(data_dir: Optional[str]) -> Path:
     if data_dir is None:
         found = default_data_dir()
@@ -88,7 +105,11 @@ def read_tsv(path: Path) -> List[Dict[str, str]]:
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataFileError(f"{path}: no rows")
+    for i, r in enumerate(rows):
+        if None in r.values() or None in r:  # a row with fewer or more fields than the header
+            raise DataFileError(f"{path}: row {i} has {len([v for v in r.values() if v is not None])} fields, "
+                                f"the header {len(r) - (None in r)}")
     return rows
 
 
@@ -97,18 +118,19 @@ def _label_column(row: Dict[str, str], path: Path) -> str:
     for name in ("label", "entailment"):
         if name in row:
             return name
-    raise ValueError(f"{path}: no label column (expected 'label' or 'entailment'; columns: {list(row)})")
+    raise DataFileError(f"{path}: no label column (expected 'label' or 'entailment'; columns: {list(row)})")
 
 
 def _rte(path: Path, claim_col: str) -> Dict[str, list]:
     rows = read_tsv(path)
     lab = _label_column(rows[0], path)
-    if claim_col not in rows[0]:
-        raise ValueError(f"{path}: no column {claim_col!r} (columns: {list(rows[0])})")
+    for col in (claim_col, "sentence1"):
+        if col not in rows[0]:
+            raise DataFileError(f"{path}: no column {col!r} (columns: {list(rows[0])})")
     out: Dict[str, list] = {"text": [], "text_pair": [], "label": []}
     for i, r in enumerate(rows):
         if r[lab] not in ENTAILMENT:
-            raise ValueError(f"{path}: row {i} has label {r[lab]!r}, expected entailment or not_entailment")
+            raise DataFileError(f"{path}: row {i} has label {r[lab]!r}, expected entailment or not_entailment")
         # Claim first: with truncation, the (long) evidence loses its tail, never the claim.
         out["text"].append(r[claim_col].strip())
         out["text_pair"].append(r["sentence1"].strip())
@@ -145,9 +167,27 @@ def load_scifact(data_dir: Optional[str] = None) -> DatasetDict:
                            CLASS_NAMES["scifact"])
 
 
-def _jsonl(path: Path) -> List[dict]:
+def _jsonl(path: Path, fields: Dict[str, type]) -> List[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise DataFileError(f"{path}: line {n} is not JSON ({e})") from None
+    if not rows:
+        raise DataFileError(f"{path}: no rows")
+    _require(rows, fields, path)
+    return rows
+
+
+def _json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise DataFileError(f"{path}: not JSON ({e})") from None
 
 
 def gsm8k_final(answer: str) -> str:
@@ -163,7 +203,11 @@ def load_gsm8k(data_dir: Optional[str] = None) -> DatasetDict:
     root = _root(data_dir)
     splits = {}
     for k in ("train", "test"):
-        rows = _jsonl(_file(root, "gsm8k", f"{k}.jsonl"))
+        path = _file(root, "gsm8k", f"{k}.jsonl")
+        rows = _jsonl(path, {"question": str, "answer": str})
+        for i, r in enumerate(rows):
+            if "####" not in r["answer"]:
+                raise DataFileError(f"{path}: row {i}: the answer has no '####' before its final number")
         splits[k] = {"prompt": [f"Question: {r['question'].strip()}\nAnswer:" for r in rows],
                      "answer": [re.sub(r"<<[^>]*>>", "", r["answer"]).strip() for r in rows],
                      "final": [gsm8k_final(r["answer"]) for r in rows]}
@@ -174,10 +218,18 @@ def load_pubmedqa(data_dir: Optional[str] = None, with_context: bool = False) ->
     """PubMedQA expert set: train (500 ids), test (the 500 official test ids); prompt = the question
     (and the abstract with with_context=True), answer = the long answer; decision = yes/no/maybe."""
     root = _root(data_dir)
-    with open(_file(root, "pubmedqa", "ori_pqal.json"), encoding="utf-8") as f:
-        entries = json.load(f)
-    with open(_file(root, "pubmedqa", "test_ground_truth.json"), encoding="utf-8") as f:
-        test_ids = set(json.load(f))
+    path = _file(root, "pubmedqa", "ori_pqal.json")
+    entries = _json(path)
+    if not isinstance(entries, dict) or not entries:
+        raise DataFileError(f"{path}: expected an object of entries by PubMed id, got a {type(entries).__name__}"
+                            + (" with none" if isinstance(entries, dict) else ""))
+    _require(list(entries.values()), {"QUESTION": str, "LONG_ANSWER": str, "final_decision": str, "CONTEXTS": list},
+             path)
+    truth = _file(root, "pubmedqa", "test_ground_truth.json")
+    test_ids = _json(truth)
+    if not isinstance(test_ids, (dict, list)):
+        raise DataFileError(f"{truth}: expected the test ids (an object or a list), got a {type(test_ids).__name__}")
+    test_ids = set(test_ids)
     splits: Dict[str, Dict[str, list]] = {k: {"prompt": [], "answer": [], "decision": [], "pubid": []}
                                           for k in ("train", "test")}
     for pid in sorted(entries):
@@ -210,9 +262,14 @@ def _twin_groups(root: Path) -> List[dict]:
     counter-claims. Groups with any claim in COVID-Fact's dev or test split are left out."""
     held_out = set()
     for f in ("dev.tsv", "test1.tsv"):
-        held_out |= {_norm(r["Sentence2"]) for r in read_tsv(_file(root, "covidfact", f))}
+        path = _file(root, "covidfact", f)
+        rows = read_tsv(path)
+        if "Sentence2" not in rows[0]:
+            raise DataFileError(f"{path}: no column 'Sentence2' (columns: {list(rows[0])})")
+        held_out |= {_norm(r["Sentence2"]) for r in rows}
     groups: Dict[tuple, List[dict]] = defaultdict(list)
-    for r in _jsonl(_file(root, "covidfact", "COVIDFACT_dataset.jsonl")):
+    twins = _file(root, "covidfact", "COVIDFACT_dataset.jsonl")
+    for r in _jsonl(twins, {"claim": str, "label": str, "evidence": list}):
         groups[tuple(r["evidence"])].append(r)
     out = []
     for evidence, rows in groups.items():

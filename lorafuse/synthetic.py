@@ -27,6 +27,8 @@ ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", 
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 CODAS = ["", "n", "r", "l", "s", "th", "m"]
 LABEL_NAMES = ["false", "true"]
+# Distinct two-syllable names (people and the relatives they are linked to draw from them).
+TWO_SYLLABLE_NAMES = (len(ONSETS) * len(VOWELS)) ** 2 * len(CODAS)
 
 
 def _names(rng: random.Random, n: int, syllables: int, taken: set) -> List[str]:
@@ -40,6 +42,11 @@ def _names(rng: random.Random, n: int, syllables: int, taken: set) -> List[str]:
     return out
 
 
+def max_people(n_relations: int = 2) -> int:
+    """The most people a world can have: subjects and their relatives all need distinct names."""
+    return TWO_SYLLABLE_NAMES // (1 + n_relations)
+
+
 def two_hop_world(n_people: int = 32, n_cities: int = 8, relations: Sequence[str] = ("mother", "father"),
                   seed: int = 0) -> dict:
     """The facts themselves: {"subjects", "bridges", "cities", "relation": {(A, rel): B}, "birthplace": {B: C}}."""
@@ -49,6 +56,11 @@ def two_hop_world(n_people: int = 32, n_cities: int = 8, relations: Sequence[str
         raise ValueError(f"n_cities must be >= 2 (false statements need another city), got {n_cities}")
     if not relations:
         raise ValueError("relations must name at least one relation")
+    most = max_people(len(relations))
+    if n_people > most:
+        raise ValueError(f"n_people must be <= {most} with {len(relations)} relations: each person and each "
+                         f"relative needs a distinct name of two syllables ({TWO_SYLLABLE_NAMES} exist), "
+                         f"got {n_people}")
     rng = random.Random(seed)
     taken: set = set()
     subjects = _names(rng, n_people, 2, taken)

@@ -303,6 +303,10 @@ def test_experiment_seeds_reach_recycling_and_are_checked(monkeypatch, capsys, t
      "argument --seeds: must be an integer <= 4294967295"),
     (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--r", "0"], "--r: must be an integer > 0"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["demo", "--people", "60000"], "argument --people: must be an integer <= 48384"),
+    (["train-adapter", "--task", "two-hop:hop1", "--out", "/tmp/x", "--r", "1000000000000"],
+     "argument --r: must be an integer <= 4096"),
+    (["compose", "--adapters", "/tmp", "--out", "/tmp/x", "--map-rank", "5000"], "argument --map-rank: must be"),
     (["compose", "--out", "/tmp/x"], "lorafuse compose: error: the following arguments are required: --adapters"),
 ])
 def test_bad_numbers_are_refused_as_the_line_is_read(args, msg, capsys):
@@ -423,3 +427,33 @@ def test_an_interrupt_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "cmd_demo", interrupted)
     code, _, err = run(["demo", "--out", str(tmp_path / "d")], capsys)
     assert code == 130 and err.strip() == "lorafuse demo: interrupted"
+
+
+def test_damaged_data_and_model_files_are_one_line(tmp_path, capsys):
+    """A data file that is there but malformed, in a study and in evaluate, and a model folder whose
+    weight file is damaged: one line naming the flag and the file, exit 2, no traceback."""
+    import shutil
+
+    src = default_data_dir()
+    if src is None:
+        pytest.skip("no data folder (set LORAFUSE_DATA)")
+    data = tmp_path / "data"
+    shutil.copytree(src / "covidfact", data / "covidfact")
+    (data / "covidfact" / "dev.tsv").write_text("")
+    code, _, err = run(["experiment", "loramap", "--model", "tiny-bert", "--data", str(data), "--seeds", "0",
+                        "--train-limit", "4", "--eval-limit", "4", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"--data: {data / 'covidfact' / 'dev.tsv'}: no rows" in err, err
+    (data / "gsm8k").mkdir()
+    for split in ("train", "test"):
+        (data / "gsm8k" / f"{split}.jsonl").write_text('{"answer": "2 #### 2"}\n')
+    code, _, err = run(["evaluate", "--task", "gsm8k:train", "--model", "tiny-llama", "--data", str(data)], capsys)
+    assert code == 2 and "train.jsonl: row 0: field 'question' is missing" in err, err
+    from lorafuse.models import load_model
+
+    folder = tmp_path / "model"
+    model, tokenizer = load_model("tiny-bert", seed=0)[:2]
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    code, _, err = run(["evaluate", "--task", "two-hop:two_hop", "--model", str(folder)], capsys)
+    assert code == 2 and "could not be loaded" in err and "Traceback" not in err, err

@@ -104,3 +104,29 @@ def test_default_data_dir_from_the_working_folder(tmp_path, monkeypatch):
     assert data.default_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()
     monkeypatch.setenv("LORAFUSE_DATA", str(tmp_path / "elsewhere"))
     assert data.default_data_dir() == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("task,files,msg", [
+    ("scifact", {"scifact-rte/train.tsv": "index\tsentence2\tentailment\n0\tc\tentailment\n"},
+     "train.tsv: no column 'sentence1'"),
+    ("scifact", {"scifact-rte/train.tsv": "index\tsentence1\tsentence2\tentailment\n0\te\tc\n"},
+     "train.tsv: row 0 has 3 fields, the header 4"),
+    ("gsm8k", {"gsm8k/train.jsonl": '{"question": "q", "answer": "a #### 1"}\n{"question": \n'},
+     "train.jsonl: line 2 is not JSON"),
+    ("gsm8k", {"gsm8k/train.jsonl": '{"question": "q", "answer": "no final number"}\n'},
+     "train.jsonl: row 0: the answer has no '####'"),
+    ("pubmedqa", {"pubmedqa/ori_pqal.json": "[1, 2]", "pubmedqa/test_ground_truth.json": "{}"},
+     "ori_pqal.json: expected an object of entries by PubMed id, got a list"),
+    ("pubmedqa", {"pubmedqa/ori_pqal.json": '{"1": {"QUESTION": "q"}}', "pubmedqa/test_ground_truth.json": "{}"},
+     "ori_pqal.json: row 0: field 'LONG_ANSWER' is missing"),
+])
+def test_malformed_files_are_named(tmp_path, task, files, msg):
+    """A file that is there but not in its format: DataFileError (a ValueError) naming the file."""
+    good = {"scifact-rte/dev.tsv": "index\tsentence1\tsentence2\tentailment\n0\te\tc\tentailment\n",
+            "scifact-rte/train.tsv": "index\tsentence1\tsentence2\tentailment\n0\te\tc\tentailment\n",
+            "gsm8k/test.jsonl": '{"question": "q", "answer": "a #### 1"}\n'}
+    for name, text in {**good, **files}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(data.DataFileError, match=msg):
+        data.load_task(task, str(tmp_path))

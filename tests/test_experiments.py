@@ -265,3 +265,15 @@ def test_report_commit_marks_a_changed_tree(monkeypatch, tmp_path):
     assert report.commit() == sha
     (pkg / "report.py").write_text("x = 2\n")
     assert report.commit() == sha + "+dirty"
+
+
+def test_a_damaged_saved_seed_is_run_again(tmp_path):
+    """--reuse meets a seed file cut short (or not an object): the seed runs again, said in one line."""
+    from lorafuse.experiments.common import saved_run
+
+    path = tmp_path / "recycling.json"
+    for text in ('{"config": ', "[1, 2]", '{"config": [1]}'):
+        path.write_text(text)
+        said = []
+        assert saved_run(path, 0, {"people": 8}, log=said.append) is None
+        assert len(said) == 1 and "cannot be read back" in said[0] and "running again" in said[0], said

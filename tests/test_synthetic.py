@@ -66,3 +66,11 @@ def test_dataset_dict_has_class_labels():
     d = two_hop(n_people=6, seed=0)
     assert set(d) == {"hop1", "hop2", "two_hop_train", "two_hop_dev", "two_hop"}
     assert d["hop1"].features["label"].names == ["false", "true"]
+
+
+def test_more_people_than_names_is_refused():
+    """Past max_people() the world would run out of distinct names (and its drawing loop never end)."""
+    from lorafuse.synthetic import max_people, two_hop_world
+
+    with pytest.raises(ValueError, match=f"n_people must be <= {max_people()}"):
+        two_hop_world(n_people=max_people() + 1)

@@ -42,8 +42,14 @@ def saved_run(path: Path, seed: int, settings: Dict[str, Any], log: Callable = p
     settings."""
     if not path.is_file():
         return None
-    prev = json.loads(path.read_text())
-    config = as_settings(prev) if as_settings else prev.get("config", {})
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+        config = as_settings(prev) if as_settings else prev.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError(f"its config is a {type(config).__name__}")
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
+        log(f"seed {seed}: {path} cannot be read back ({type(e).__name__}: {str(e)[:120]}); running again")
+        return None
     mismatch = {k: (config.get(k), v) for k, v in settings.items() if config.get(k) != v}
     if config.get("seed") != seed:
         mismatch["seed"] = (config.get("seed"), seed)
