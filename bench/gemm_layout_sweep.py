@@ -1,0 +1,94 @@
+"""The TMA GEMM's launch configs for the backward's layout (dx = dy W + dS a_cat: W read row-major)
+against cuBLAS, beside the forward's layout (y = x W^T + S' b_cat^T) with its default config.
+
+    python bench/gemm_layout_sweep.py [--shapes 8192x4096x4096 ...] [--rounds 2] [--out bench/results]
+
+A shape T x K x N is a GEMM of T rows over K into N columns: for the backward of a (d_in -> d_out)
+layer, K = d_out and N = d_in. R = 48 low-rank columns. Every variant replayed from a CUDA graph,
+L2 flushed before each replay (do_bench), once per round, the order reversed every other round;
+medians over rounds. Variants: "cublas" (torch.mm of the same operands, no low-rank term),
+"default" (lora_gemm's own tma_config for the layout) and every candidate config
+(tma_candidates() and warp-specialised variants), each checked against float32.
+Writes gemm-layout-sweep-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, graphed, round_order, save_json, warm_up  # noqa: E402
+
+lg = importlib.import_module("lorafuse.kernels.lora_gemm")  # the module, not the function of that name
+
+
+def cfg_name(cfg) -> str:
+    k = cfg.kwargs
+    return (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
+            f"{'F' if k.get('FLATTEN') else '-'}{'W' if k.get('WARP_SPECIALIZE') else '-'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["8192x4096x4096", "8192x14336x4096", "8192x4096x14336",
+                                                   "2048x4096x4096"], help="T x K x N")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "gemm_layout_sweep.py needs a GPU"
+    warm_up()
+    cands = lg.tma_candidates() + [lg._cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=True),
+                                   lg._cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=True),
+                                   lg._cfg(128, 128, 64, 8, 4, FLATTEN=True, WARP_SPECIALIZE=True),
+                                   lg._cfg(256, 128, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=True)]
+    rows = []
+    for shape in args.shapes:
+        T, K, N = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(K, N, device="cuda", dtype=torch.bfloat16) / K ** 0.5  # row-major: the backward's W
+        s = torch.randn(T, 48, device="cuda", dtype=torch.bfloat16)
+        c = torch.randn(48, N, device="cuda", dtype=torch.bfloat16) / 48 ** 0.5
+        wt = w.t().contiguous().t()  # the same values, column-major: the forward's W^T view
+        ct = c.t().contiguous().t()
+        ref = a.float() @ w.float() + s.float() @ c.float()
+        fns = {"cublas": lambda: torch.mm(a, w), "cublas_fwd_layout": lambda: torch.mm(a, wt),
+               "default": lambda: lg.lora_gemm(a, w, s, c, check=False),
+               "default_fwd_layout": lambda: lg.lora_gemm(a, wt, s, ct, check=False)}
+        for cfg in cands:
+            fns[cfg_name(cfg)] = (lambda cfg=cfg: lg.lora_gemm(a, w, s, c, impl="tma", config=cfg, check=False))
+        replays, row = {}, {"T": T, "K": K, "N": N, "R": 48, "errors": {}, "rel_err": {}}
+        for name, fn in fns.items():
+            try:
+                out = fn()
+                if not name.startswith("cublas"):
+                    row["rel_err"][name] = ((out.float() - ref).norm() / ref.norm()).item()
+                replays[name] = graphed(fn)
+            except Exception as e:  # a config that does not fit is recorded, not fatal
+                row["errors"][name] = f"{type(e).__name__}: {str(e)[:160]}"
+        times = {k: [] for k in replays}
+        for rnd in range(args.rounds):
+            for k in round_order(list(replays), rnd):
+                times[k].append(do_bench(replays[k], warmup=10, rep=60, return_mode="median") * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row["us"], row["us_rounds"] = med, times
+        base = med["cublas"]
+        row["ratio_to_cublas"] = {k: v / base for k, v in med.items()}
+        rows.append(row)
+        best = sorted((v, k) for k, v in med.items() if not k.startswith(("cublas", "default"))
+                      and row["rel_err"].get(k, 1) < 2e-2)[:4]
+        print(f"{shape}: cublas {base:.1f} us (fwd layout {med['cublas_fwd_layout']:.1f}), default "
+              f"{med['default'] / base:.3f}x (fwd layout {med['default_fwd_layout'] / base:.3f}x); best "
+              + ", ".join(f"{k} {v / base:.3f}x" for v, k in best), flush=True)
+        save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "gemm-layout-sweep")
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "gemm-layout-sweep"))
+
+
+if __name__ == "__main__":
+    main()
