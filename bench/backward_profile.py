@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import Case  # noqa: E402
-from common import env_info, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, save_json, warm_up  # noqa: E402
 
 
 def profile(fn, calls: int = 10) -> dict:
@@ -47,18 +47,10 @@ def profile(fn, calls: int = 10) -> dict:
 
 
 def graphed_fb(fn):
-    """fn() (a forward+backward) captured in a CUDA graph, or None where it cannot be."""
+    """fn() (a forward+backward) replayed from a CUDA graph (common.graphed), or None where it cannot be
+    captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
+        return graphed(fn)
     except Exception as e:  # e.g. a host synchronisation inside the backward
         print(f"   not capturable: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None
