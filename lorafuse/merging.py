@@ -51,7 +51,6 @@ def _truncate(delta: Tensor, rank: int):
     return vh[:rank].contiguous(), (u[:, :rank] * sv[:rank]).contiguous(), err
 
 
-@torch.no_grad()
 def _layer_stack(module: str) -> str:
     """The path of a module's layer stack: "transformer.h" for "transformer.h.3.attn.c_attn", "" for a
     module outside any numbered stack (lm_head)."""
@@ -62,6 +61,7 @@ def _layer_stack(module: str) -> str:
     return ""
 
 
+@torch.no_grad()
 def merge_adapters(
     adapters: Sequence[Any],
     method: str = "task_arithmetic",
