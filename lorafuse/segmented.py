@@ -513,6 +513,17 @@ class SegmentedLoraLinear(WrapsBaseLayer):
         w = self.base_layer.weight
         return lora_linear_segmented(x, w, self.base_layer.bias, self.library, self.ids.get())
 
+    def _apply(self, fn, recurse=True):
+        # The library is not a parameter or buffer (a serving library is not saved with the model's
+        # weights) but follows the layer's moves and casts (.to, .half, .cuda), as the base layer's
+        # weight does; ranks stay int32 and scales float32.
+        super()._apply(fn, recurse)
+        lib = self.library
+        lib.a, lib.b = fn(lib.a), fn(lib.b)
+        lib.ranks = fn(lib.ranks).to(torch.int32)
+        lib.scales = fn(lib.scales).to(torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.library!r}"
 

@@ -630,6 +630,26 @@ def test_attach_library_matches_peft_mixed_batch(seeded):
         assert rel_err(base(tokens).logits, plain) < 1e-6
 
 
+def test_attached_library_follows_the_model_casts_and_moves(seeded):
+    """model.double() (or .to / .half / .cuda) after attach_library also casts each layer's library,
+    which is not a parameter or buffer; ranks stay int32 and scales float32."""
+    from lorafuse.adapters import adapters_from_peft
+    from lorafuse.segmented import attach_library
+
+    base, peft_model = _tiny_llama_with_adapters()
+    handle = attach_library(base, adapters_from_peft(peft_model, ["a0", "a1", "a2"]))
+    tokens = torch.randint(0, 50, (3, 6))
+    handle.set_ids(["a1", "a2", None])
+    with torch.no_grad():
+        out = base(tokens).logits
+        base.double()
+        out64 = base(tokens).logits
+    assert out64.dtype == torch.float64 and rel_err(out64, out) < 1e-5
+    lib = base.model.layers[0].self_attn.q_proj.library
+    assert (lib.a.dtype, lib.b.dtype, lib.ranks.dtype, lib.scales.dtype) == (
+        torch.float64, torch.float64, torch.int32, torch.float32)
+
+
 def test_attach_library_errors():
     from lorafuse.adapters import adapters_from_peft
     from lorafuse.segmented import attach_library
