@@ -699,6 +699,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")  # their deprecations
+        # scipy's COBYLA (under nevergrad's LoraHub search) adjusting its own step sizes
+        warnings.filterwarnings("ignore", message=r"COBYLA: Invalid RHO")
     try:
         if getattr(a, "model", None):
             _check_model_name(a.model)
