@@ -106,10 +106,12 @@ def read_tsv(path: Path) -> List[Dict[str, str]]:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise DataFileError(f"{path}: no rows")
+    header = len(rows[0]) - (None in rows[0])
     for i, r in enumerate(rows):
-        if None in r.values() or None in r:  # a row with fewer or more fields than the header
-            raise DataFileError(f"{path}: row {i} has {len([v for v in r.values() if v is not None])} fields, "
-                                f"the header {len(r) - (None in r)}")
+        # csv marks a short row's missing fields None and collects a long row's extra ones under None.
+        if None in r.values() or None in r:
+            got = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or ())
+            raise DataFileError(f"{path}: row {i} has {got} fields, the header {header}")
     return rows
 
 
