@@ -891,7 +891,8 @@ def segmented_linear_decode(
     x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (zero-padded
     slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not
     range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K, and optionally TMA and
-    SWAP (the TMA kernel, where decode_uses_tma; for tuning), else decode_config's. Returns y (T, N)
+    SWAP (the TMA kernel, where decode_uses_tma) and CHUNK_T (rows per epilogue dot; for tuning),
+    else decode_config's. Returns y (T, N)
     in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable. check_ids: the row shrink
     asserts on the device (CUDA) that idx lies in [-1, num_slots).
     """
@@ -926,7 +927,8 @@ def segmented_linear_decode(
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-                  CHUNK_T=max(1, min(block_for(T), 256 // block_r)), PDL=pdl, num_warps=cfg.num_warps,
+                  CHUNK_T=cfg.kwargs.get("CHUNK_T", max(1, min(block_for(T), 256 // block_r))), PDL=pdl,
+                  num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
     if cfg.kwargs.get("TMA", False) and tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

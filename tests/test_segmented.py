@@ -650,6 +650,26 @@ def test_attached_library_follows_the_model_casts_and_moves(seeded):
         torch.float64, torch.float64, torch.int32, torch.float32)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="moves the model to a GPU")
+def test_attached_library_follows_cuda_and_half(seeded):
+    """model.cuda().half() after attach_library: the library moves and casts with the layers (the
+    decode kernels then read it on the GPU); the output matches the CPU float32 one to fp16 rounding."""
+    from lorafuse.adapters import adapters_from_peft
+    from lorafuse.segmented import attach_library
+
+    base, peft_model = _tiny_llama_with_adapters()
+    handle = attach_library(base, adapters_from_peft(peft_model, ["a0", "a1", "a2"]))
+    tokens = torch.randint(0, 50, (3, 6))
+    handle.set_ids(["a1", "a2", None])
+    with torch.no_grad():
+        out = base(tokens).logits
+        base.cuda().half()
+        out16 = base(tokens.cuda()).logits
+    lib = base.model.layers[0].self_attn.q_proj.library
+    assert lib.a.is_cuda and lib.a.dtype == torch.float16 and lib.ranks.dtype == torch.int32
+    assert out16.dtype == torch.float16 and rel_err(out16.float().cpu(), out) < 2e-2
+
+
 def test_attach_library_errors():
     from lorafuse.adapters import adapters_from_peft
     from lorafuse.segmented import attach_library
