@@ -2,7 +2,7 @@
 CUDA graphs (L2 flushed before each replay) with the rows' adapters varied, the epilogue's chunk and
 warps varied, and the row shrink timed alone.
 
-    python bench/decode_ablation.py [--dims 4096x4096 14336x4096] [--T 1 4 16 32] [--rounds 3]
+    python bench/decode_ablation.py [--dims 4096x4096 14336x4096] [--T 1 4 16 32 64] [--rounds 3]
 
 Variants per (shape, T), each checked against a float32 reference:
   base        F.linear (cuBLAS)
@@ -10,8 +10,9 @@ Variants per (shape, T), each checked against a float32 reference:
   same        every row on adapter 0 (one factor gather shared by all rows)
   none        every row id -1 (no adapter: the shrink skips its loop, the epilogue's loads are masked)
   nopdl       distinct, without programmatic dependent launch
-  chunk<C>    distinct, CHUNK_T = C rows per epilogue dot
-  warps8      distinct, 8 warps
+  epi<L>      distinct, the epilogue's chunk loop EPI_LOOP = L (1: not pipelined, 2: unrolled)
+  none_epi<L> none, EPI_LOOP = L
+  epi<L>_chunk<C>, chunk<C>: CHUNK_T = C rows per epilogue dot
   shrink      the gathered row shrink alone (distinct)
 Rounds run the variants in alternating order; the mean of the rounds' medians is reported.
 Writes decode-ablation-<commit>-<gpu>-<date>.json.
@@ -40,7 +41,7 @@ from lorafuse.segmented import LoraLibrary  # noqa: E402
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", nargs="*", default=["4096x4096", "14336x4096"])
-    p.add_argument("--T", type=int, nargs="*", default=[1, 4, 16, 32])
+    p.add_argument("--T", type=int, nargs="*", default=[1, 4, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
@@ -84,16 +85,19 @@ def main(argv=None) -> None:
                 c.update(kw)
                 return triton.Config(c, num_warps=warps, num_stages=heur.num_stages)
 
+            def dec(which, **kw):
+                cfg = with_cfg(**kw) if kw else None
+                return (lambda xx: S.segmented_linear_decode(xx, W, None, *lib_args, ids[which], config=cfg)), which
+
             variants = {"base": (lambda xx: F.linear(xx, W), None)}
             for k in ids:
-                variants[k] = (lambda xx, i=ids[k]: S.segmented_linear_decode(xx, W, None, *lib_args, i), k)
-            for c in (4, 8, 16):
-                cfg = with_cfg(CHUNK_T=c)
-                variants[f"chunk{c}"] = (lambda xx, cfg=cfg: S.segmented_linear_decode(
-                    xx, W, None, *lib_args, ids["distinct"], config=cfg), "distinct")
-            cfg8 = with_cfg(num_warps=8)
-            variants["warps8"] = (lambda xx: S.segmented_linear_decode(xx, W, None, *lib_args, ids["distinct"],
-                                                                        config=cfg8), "distinct")
+                variants[k] = dec(k)
+            for loop in (1, 2):
+                variants[f"epi{loop}"] = dec("distinct", EPI_LOOP=loop)
+                variants[f"none_epi{loop}"] = dec("none", EPI_LOOP=loop)
+                for c in (4, 8):
+                    variants[f"epi{loop}_chunk{c}"] = dec("distinct", EPI_LOOP=loop, CHUNK_T=c)
+            variants["chunk8"] = dec("distinct", CHUNK_T=8)
             variants["shrink"] = (lambda xx: S._gathered_shrink(xx, lib.a, lib.ranks, ids["distinct"]), None)
             row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": dict(heur.kwargs, num_warps=heur.num_warps,
                                                                            num_stages=heur.num_stages),

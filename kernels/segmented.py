@@ -202,6 +202,7 @@ def _decode_kernel(
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     CHUNK_T: tl.constexpr,
+    EPI_LOOP: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     PDL: tl.constexpr,
@@ -238,7 +239,7 @@ def _decode_kernel(
     _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
                      T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
+                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL, EPI_LOOP)
 
 
 @triton.jit
@@ -257,6 +258,7 @@ def _decode_tma_kernel(
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     CHUNK_T: tl.constexpr,
+    EPI_LOOP: tl.constexpr,
     SWAP: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -280,7 +282,35 @@ def _decode_tma_kernel(
     _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_n,
                      T, N, SPLITS, NUM_SLOTS, stride_ot, stride_on, stride_ps, stride_pt,
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
-                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL)
+                     HAS_BIAS, PREC, BLOCK_T, BLOCK_SPLITS, BLOCK_R, CHUNK_T, PDL, EPI_LOOP)
+
+
+@triton.jit
+def _epilogue_chunk(acc, c, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n, n_mask,
+                    T, SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
+                    PREC: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr):
+    """acc += rows c .. c + CHUNK_T's adapter terms, as one tensor-core dot: its K axis runs over
+    (row, rank column) pairs, the left operand is block-diagonal (row t's S' in its own columns), the
+    right one row t's factor rows gathered from its slot. All loads of a chunk are independent, so
+    the epilogue waits on memory once per chunk, not once per rank column."""
+    kk = tl.arange(0, CHUNK_T * BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    s_mask = offs_s < SPLITS
+    row = c + kk // BLOCK_R
+    col = kk % BLOCK_R
+    slot = tl.load(idx_ptr + row, mask=row < T, other=-1).to(tl.int64)
+    ok = (row < T) & (slot >= 0) & (slot < NUM_SLOTS)
+    slot = tl.where(ok, slot, 0)
+    ok = ok & (col < tl.load(ranks_ptr + slot))
+    parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + row[None, :] * stride_pt + col[None, :],
+                    mask=s_mask[:, None] & ok[None, :], other=0.0)
+    sc = tl.load(scales_ptr + slot * stride_sn + col * stride_sr, mask=ok, other=0.0).to(tl.float32)
+    # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
+    sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty)
+    sp_rows = tl.where(offs_t[:, None] == row[None, :], sp[None, :], 0.0).to(out_ptr.dtype.element_ty)
+    f = tl.load(fac_ptr + slot[:, None] * stride_fn + col[:, None] * stride_fr + offs_n[None, :] * stride_fd,
+                mask=ok[:, None] & n_mask[None, :], other=0.0)
+    return tl.dot(sp_rows, f, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -289,7 +319,7 @@ def _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scale
                      stride_fn, stride_fr, stride_fd, stride_sn, stride_sr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_T: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, EPI_LOOP: tl.constexpr):
     """acc (BLOCK_T, BLOCK_N) = x W[offs_n]^T in float32; adds the bias and each row's adapter term
     and stores the rows' outputs."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -299,29 +329,21 @@ def _decode_epilogue(acc, bias_ptr, out_ptr, part_ptr, fac_ptr, ranks_ptr, scale
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible after this
-    # The adapter term as tensor-core dots over chunks of CHUNK_T rows: the K axis of a chunk runs
-    # over (row, rank column) pairs, the left operand is block-diagonal (row t's S' in its own
-    # columns), the right one row t's factor rows gathered from its slot. All loads of a chunk are
-    # independent, so the epilogue waits on memory once per chunk, not once per rank column.
-    kk = tl.arange(0, CHUNK_T * BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    s_mask = offs_s < SPLITS
-    for c in range(0, T, CHUNK_T):
-        row = c + kk // BLOCK_R
-        col = kk % BLOCK_R
-        slot = tl.load(idx_ptr + row, mask=row < T, other=-1).to(tl.int64)
-        ok = (row < T) & (slot >= 0) & (slot < NUM_SLOTS)
-        slot = tl.where(ok, slot, 0)
-        ok = ok & (col < tl.load(ranks_ptr + slot))
-        parts = tl.load(part_ptr + offs_s[:, None] * stride_ps + row[None, :] * stride_pt + col[None, :],
-                        mask=s_mask[:, None] & ok[None, :], other=0.0)
-        sc = tl.load(scales_ptr + slot * stride_sn + col * stride_sr, mask=ok, other=0.0).to(tl.float32)
-        # S' is rounded to the compute dtype before the expand, as in lorafuse.lora_linear.
-        sp = (tl.sum(parts, axis=0) * sc).to(out_ptr.dtype.element_ty)
-        sp_rows = tl.where(offs_t[:, None] == row[None, :], sp[None, :], 0.0).to(out_ptr.dtype.element_ty)
-        f = tl.load(fac_ptr + slot[:, None] * stride_fn + col[:, None] * stride_fr + offs_n[None, :] * stride_fd,
-                    mask=ok[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(sp_rows, f, acc, input_precision=PREC)
+    if EPI_LOOP == 2:  # unrolled over BLOCK_T's chunks, rows past T masked
+        for c in tl.static_range(0, BLOCK_T, CHUNK_T):
+            acc = _epilogue_chunk(acc, c, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n,
+                                  n_mask, T, SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
+                                  stride_sn, stride_sr, PREC, BLOCK_SPLITS, BLOCK_R, CHUNK_T)
+    elif EPI_LOOP == 1:  # a loop over T's chunks that the compiler does not software-pipeline
+        for c in tl.range(0, T, CHUNK_T, num_stages=1):
+            acc = _epilogue_chunk(acc, c, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n,
+                                  n_mask, T, SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
+                                  stride_sn, stride_sr, PREC, BLOCK_SPLITS, BLOCK_R, CHUNK_T)
+    else:
+        for c in range(0, T, CHUNK_T):
+            acc = _epilogue_chunk(acc, c, out_ptr, part_ptr, fac_ptr, ranks_ptr, scales_ptr, idx_ptr, offs_t, offs_n,
+                                  n_mask, T, SPLITS, NUM_SLOTS, stride_ps, stride_pt, stride_fn, stride_fr, stride_fd,
+                                  stride_sn, stride_sr, PREC, BLOCK_SPLITS, BLOCK_R, CHUNK_T)
     tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
@@ -818,6 +840,9 @@ def segmented_lora_(
 # pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
 # 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
+# How the decode epilogue loops over its chunks of rows: 0 a plain loop over T, 1 the same loop
+# not software-pipelined, 2 unrolled over BLOCK_T.
+DECODE_EPI_LOOP = 0
 DECODE_MIN_WIDTH = 2
 
 
@@ -927,7 +952,8 @@ def segmented_linear_decode(
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-                  CHUNK_T=cfg.kwargs.get("CHUNK_T", max(1, min(block_for(T), 256 // block_r))), PDL=pdl,
+                  CHUNK_T=cfg.kwargs.get("CHUNK_T", max(1, min(block_for(T), 256 // block_r))),
+                  EPI_LOOP=cfg.kwargs.get("EPI_LOOP", DECODE_EPI_LOOP), PDL=pdl,
                   num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
     if cfg.kwargs.get("TMA", False) and tma:

@@ -365,6 +365,33 @@ def test_decode_any_tile(seeded, block_n, block_k):
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("epi_loop", [0, 1, 2])
+@pytest.mark.parametrize("T", [7, 37])
+def test_decode_epilogue_loops(seeded, T, epi_loop, chunk, tma):
+    """The decode epilogue's three loops over its chunks of rows (plain, not pipelined, unrolled over
+    BLOCK_T with rows past T masked), one chunk or several, in both decode kernels."""
+    import triton
+    if tma and not HOPPER:
+        pytest.skip("the tensor-memory-accelerator decode kernel needs a Hopper GPU")
+    dtype = torch.bfloat16 if tma else torch.float32
+    adapters = make_adapters(64, 72, [4, 9, 16], dtype)
+    lib, scales, _ = _library_tensors(adapters, 4, False)
+    w, b = make_layer(64, 72, dtype)
+    x = torch.randn(T, 64, device=DEVICE).to(dtype)
+    ids = random_ids(T, lib.num_slots, 3)
+    ids[1] = -1
+    kw = {"BLOCK_N": 64 if tma else 32, "BLOCK_K": 32, "EPI_LOOP": epi_loop}
+    if tma:
+        kw.update(TMA=True, SWAP=True)
+    if chunk is not None:
+        kw["CHUNK_T"] = chunk
+    cfg = triton.Config(kw, num_warps=4, num_stages=2)
+    y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
+    assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[dtype], f"seed {seeded}"
+
+
 @pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
 @pytest.mark.parametrize("swap,block_n,block_k,stages", [(False, 32, 64, 4), (False, 64, 128, 6),
                                                           (True, 64, 128, 4), (True, 128, 64, 6)])
