@@ -522,6 +522,10 @@ class SegmentedLoraLinear(WrapsBaseLayer):
         lib.a, lib.b = fn(lib.a), fn(lib.b)
         lib.ranks = fn(lib.ranks).to(torch.int32)
         lib.scales = fn(lib.scales).to(torch.float32)
+        # Ids set before a move go with it (every layer of the model shares them: the first layer's
+        # move takes them, the others find them already there).
+        if self.ids.value is not None:
+            self.ids.value = fn(self.ids.value).to(torch.int64)
         return self
 
     def extra_repr(self) -> str:

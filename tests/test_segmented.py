@@ -675,12 +675,13 @@ def test_attached_library_follows_the_model_casts_and_moves(seeded):
     lib = base.model.layers[0].self_attn.q_proj.library
     assert (lib.a.dtype, lib.b.dtype, lib.ranks.dtype, lib.scales.dtype) == (
         torch.float64, torch.float64, torch.int32, torch.float32)
+    assert base.model.layers[0].self_attn.q_proj.ids.value.dtype == torch.int64  # ids are not cast
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="moves the model to a GPU")
 def test_attached_library_follows_cuda_and_half(seeded):
-    """model.cuda().half() after attach_library: the library moves and casts with the layers (the
-    decode kernels then read it on the GPU); the output matches the CPU float32 one to fp16 rounding."""
+    """model.cuda().half() after attach_library and set_ids: the library and the ids move with the
+    layers; the output matches the CPU float32 one to fp16 rounding."""
     from lorafuse.adapters import adapters_from_peft
     from lorafuse.segmented import attach_library
 
@@ -692,9 +693,13 @@ def test_attached_library_follows_cuda_and_half(seeded):
         out = base(tokens).logits
         base.cuda().half()
         out16 = base(tokens.cuda()).logits
-    lib = base.model.layers[0].self_attn.q_proj.library
-    assert lib.a.is_cuda and lib.a.dtype == torch.float16 and lib.ranks.dtype == torch.int32
+    layer = base.model.layers[0].self_attn.q_proj
+    assert layer.library.a.is_cuda and layer.library.a.dtype == torch.float16
+    assert layer.library.ranks.dtype == torch.int32
+    assert layer.ids.value.is_cuda and layer.ids.value.dtype == torch.int64  # ids set before the move went too
     assert out16.dtype == torch.float16 and rel_err(out16.float().cpu(), out) < 2e-2
+    held = handle.set_ids(["a2", None, "a0"])
+    assert held.is_cuda and held.tolist() == [2, -1, 0]
 
 
 def test_attach_library_errors():
