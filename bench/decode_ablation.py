@@ -13,6 +13,7 @@ Variants per (shape, T), each checked against a float32 reference:
   epi<L>      distinct, the epilogue's chunk loop EPI_LOOP = L (1: not pipelined, 2: unrolled)
   none_epi<L> none, EPI_LOOP = L
   epi<L>_chunk<C>, chunk<C>: CHUNK_T = C rows per epilogue dot
+  previous    distinct, the epilogue's loop and chunk as before decode_epilogue_loop (1daeacc)
   shrink      the gathered row shrink alone (distinct)
 Rounds run the variants in alternating order; the mean of the rounds' medians is reported.
 Writes decode-ablation-<commit>-<gpu>-<date>.json.
@@ -34,7 +35,7 @@ from common import env_info, save_json, warm_up  # noqa: E402
 from routed_profile import kernel_table  # noqa: E402
 
 import lorafuse.kernels.segmented as S  # noqa: E402
-from lorafuse.kernels.utils import num_sms  # noqa: E402
+from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
 from lorafuse.segmented import LoraLibrary  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--dims", nargs="*", default=["4096x4096", "14336x4096"])
     p.add_argument("--T", type=int, nargs="*", default=[1, 4, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", nargs="*", help="time only these variants (and the base)")
     p.add_argument("--library", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -98,7 +100,11 @@ def main(argv=None) -> None:
                 for c in (4, 8):
                     variants[f"epi{loop}_chunk{c}"] = dec("distinct", EPI_LOOP=loop, CHUNK_T=c)
             variants["chunk8"] = dec("distinct", CHUNK_T=8)
+            # The epilogue as before decode_chunk_rows / decode_epilogue_loop (1daeacc).
+            variants["previous"] = dec("distinct", EPI_LOOP=0, CHUNK_T=min(block_for(T), 256 // block_for(args.r)))
             variants["shrink"] = (lambda xx: S._gathered_shrink(xx, lib.a, lib.ranks, ids["distinct"]), None)
+            if args.variants:
+                variants = {k: v for k, v in variants.items() if k in args.variants or k == "base"}
             row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": dict(heur.kwargs, num_warps=heur.num_warps,
                                                                            num_stages=heur.num_stages),
                    "variants": {}}
@@ -115,23 +121,25 @@ def main(argv=None) -> None:
                     except Exception as ex:  # a variant that does not compile or fit is recorded
                         e["error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
                     row["variants"][name] = e
-                pdl = S._pdl_supported
-                S._pdl_supported = lambda _i: False
-                try:
-                    e = {"us_rounds": []}
-                    g = _graphed(lambda xx: S.segmented_linear_decode(xx, W, None, *lib_args, ids["distinct"]), x)
-                    e["err"] = ((g().float() - refs["distinct"]).norm() / refs["distinct"].norm()).item()
-                    graphs.append((e, g))
-                    row["variants"]["nopdl"] = e
-                finally:
-                    S._pdl_supported = pdl
+                if not args.variants or "nopdl" in args.variants:
+                    pdl = S._pdl_supported
+                    S._pdl_supported = lambda _i: False
+                    try:
+                        e = {"us_rounds": []}
+                        g = _graphed(lambda xx: S.segmented_linear_decode(xx, W, None, *lib_args, ids["distinct"]), x)
+                        e["err"] = ((g().float() - refs["distinct"]).norm() / refs["distinct"].norm()).item()
+                        graphs.append((e, g))
+                        row["variants"]["nopdl"] = e
+                    finally:
+                        S._pdl_supported = pdl
                 for rnd in range(args.rounds):
                     for e, g in (graphs if rnd % 2 == 0 else graphs[::-1]):
                         e["us_rounds"].append(bench(g))
                 for e, g in graphs:
                     e["us"] = sum(e["us_rounds"]) / len(e["us_rounds"])
-                row["kernels_distinct"] = kernel_table(by_name["distinct"])
-                row["kernels_none"] = kernel_table(by_name["none"])
+                for k in ("distinct", "none"):
+                    if k in by_name:
+                        row[f"kernels_{k}"] = kernel_table(by_name[k])
                 del graphs, by_name
             doc["rows"].append(row)
             base = row["variants"]["base"]["us"]
@@ -142,7 +150,7 @@ def main(argv=None) -> None:
                    if "error" in v or v.get("err", 0) > 2e-2}
             if bad:
                 print("   failed or off:", bad, flush=True)
-            print("   kernels (distinct):", {k[:40]: v for k, v in row["kernels_distinct"].items()}, flush=True)
+            print("   kernels (distinct):", {k[:40]: v for k, v in row.get("kernels_distinct", {}).items()}, flush=True)
             save_json(doc, args.out, "decode-ablation")
     print("wrote", save_json(doc, args.out, "decode-ablation"))
 

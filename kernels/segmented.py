@@ -840,9 +840,23 @@ def segmented_lora_(
 # pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
 # 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
-# How the decode epilogue loops over its chunks of rows: 0 a plain loop over T, 1 the same loop
-# not software-pipelined, 2 unrolled over BLOCK_T.
-DECODE_EPI_LOOP = 0
+
+
+def decode_chunk_rows(T: int, block_r: int) -> int:
+    """Rows per dot of the decode epilogue (CHUNK_T): all T rows in one chunk up to 256 (row, rank
+    column) pairs, the chunk no wider than the rows (at T = 1 a 16-row chunk gathered 15 masked rows'
+    factors: 21.9 -> 21.3 us with 4-row chunks at 4096 x 4096, 47.3 -> 45.4 at 14336 x 4096, H200,
+    bench/results/decode-ablation-1daeacc-*.json)."""
+    return max(1, min(next_pow2(max(T, 1)), 256 // block_r))
+
+
+def decode_epilogue_loop(T: int, chunk_t: int) -> int:
+    """EPI_LOOP of the decode kernels: how the epilogue loops over its chunks of rows (0: a loop the
+    compiler software-pipelines, 1: the same loop not pipelined, 2: unrolled over BLOCK_T). With one
+    chunk the pipelined loop's prologue and waits cost 2-6 us for nothing (T = 4 / 16 at 4096 x 4096:
+    24.4 -> 22.1, 26.1 -> 24.8 us; 14336 x 4096: 55.8 -> 49.9, 56.4 -> 54.9 us); with four chunks
+    (T = 64) pipelining gains 2 us (39.9 against 42.5 at 4096 x 4096; decode-ablation-1daeacc-*.json)."""
+    return 1 if T <= chunk_t else 0
 DECODE_MIN_WIDTH = 2
 
 
@@ -950,10 +964,10 @@ def segmented_linear_decode(
     y = new_empty((T, N), x.dtype, x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
+    chunk_t = cfg.kwargs.get("CHUNK_T", decode_chunk_rows(T, block_r))
     common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
-                  CHUNK_T=cfg.kwargs.get("CHUNK_T", max(1, min(block_for(T), 256 // block_r))),
-                  EPI_LOOP=cfg.kwargs.get("EPI_LOOP", DECODE_EPI_LOOP), PDL=pdl,
+                  CHUNK_T=chunk_t, EPI_LOOP=cfg.kwargs.get("EPI_LOOP", decode_epilogue_loop(T, chunk_t)), PDL=pdl,
                   num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages, **pdl_opt)
     if cfg.kwargs.get("TMA", False) and tma:
