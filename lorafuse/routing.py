@@ -654,8 +654,8 @@ def init_route(layer: nn.Module, router: Optional[str], top_k: Optional[int], te
     layer.router_kind, layer.top_k, layer.temperature = kind, top_k, temperature
     layer.num_adapters = int(num_adapters) if num_adapters is not None else None
     for name in ("router_weight", "router_bias"):
-        if name in layer._parameters or name in layer._buffers:
-            delattr(layer, name)
+        if name in layer._parameters or name in layer._buffers or name in layer.__dict__:
+            delattr(layer, name)  # (a plain None left by "uniform" too: register_buffer refuses a taken name)
     dev, d_in = layer.a_cat.device, layer.a_cat.shape[1]
     if kind == "arrow":
         protos = arrow_prototypes(layer.a_cat, layer.b_cat, layer.ranks, layer.scale)

@@ -12,6 +12,8 @@ tensor. Elsewhere it runs in plain torch.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -164,9 +166,11 @@ class LoraLibrary:
         return self.a[slot, :r], self.b[slot, :r].t(), float(self.scales[slot])
 
     def to(self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "LoraLibrary":
-        """A copy on `device` with the factors in `dtype` (ranks and scales keep theirs)."""
-        return LoraLibrary(self.a.to(device=device, dtype=dtype), self.b.to(device=device, dtype=dtype),
-                           self.ranks.to(device), self.scales.to(device))
+        """A copy on `device` with the factors in `dtype` (ranks and scales keep theirs); never shares
+        memory with this library (set_adapter or clear on one leaves the other as it was)."""
+        return LoraLibrary(self.a.to(device=device, dtype=dtype, copy=True),
+                           self.b.to(device=device, dtype=dtype, copy=True),
+                           self.ranks.to(device, copy=True), self.scales.to(device, copy=True))
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -268,9 +272,7 @@ def _check_args(x, weight, bias, library) -> None:
         raise ValueError(f"library must hold adapters of d_in={d_in}, d_out={d_out} (the weight's), "
                          f"got d_in={library.d_in}, d_out={library.d_out}")
     if library.device != x.device or library.dtype != x.dtype:
-        why = (" (under torch.autocast x is cast to the autocast dtype first)"
-               if torch.is_autocast_enabled(x.device.type) else "")
-        raise ValueError(f"library must be {x.dtype} on {x.device} like x{why}, got {library.dtype} on "
+        raise ValueError(f"library must be {x.dtype} on {x.device} like x, got {library.dtype} on "
                          f"{library.device}: use library.to({x.device!r}, {x.dtype})")
 
 
@@ -416,6 +418,25 @@ class _SegmentedFunction(torch.autograd.Function):
         return dx, dw, db, None, da, dbb, None, dscales, None
 
 
+def _autocast_library(fn):
+    """Under torch.autocast the library's factors are cast to the autocast dtype with x, W and b
+    (differentiably: a trainable float32 library gets its gradients), as autocast casts weights."""
+
+    @functools.wraps(fn)
+    def wrapper(x, weight, bias, library, *args, **kwargs):
+        if (isinstance(x, Tensor) and isinstance(library, LoraLibrary) and torch.is_autocast_enabled(x.device.type)
+                and library.device == x.device and library.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            dt = torch.get_autocast_dtype(x.device.type)
+            if library.dtype != dt:
+                cast = copy.copy(library)  # (not through __init__: its checks read the device)
+                cast.a, cast.b = library.a.to(dt), library.b.to(dt)
+                library = cast
+        return fn(x, weight, bias, library, *args, **kwargs)
+
+    return wrapper
+
+
+@_autocast_library
 @autocast_inputs
 def lora_linear_segmented(
     x: Tensor,
@@ -516,16 +537,21 @@ class SegmentedLoraLinear(WrapsBaseLayer):
     def _apply(self, fn, recurse=True):
         # The library is not a parameter or buffer (a serving library is not saved with the model's
         # weights) but follows the layer's moves and casts (.to, .half, .cuda), as the base layer's
-        # weight does; ranks stay int32 and scales float32.
+        # weight does: the factors in place (a trainable library stays the leaf its optimizer holds);
+        # ranks and scales are only moved (a cast would round the float32 scales for good).
         super()._apply(fn, recurse)
         lib = self.library
-        lib.a, lib.b = fn(lib.a), fn(lib.b)
-        lib.ranks = fn(lib.ranks).to(torch.int32)
-        lib.scales = fn(lib.scales).to(torch.float32)
-        # Ids set before a move go with it (every layer of the model shares them: the first layer's
-        # move takes them, the others find them already there).
-        if self.ids.value is not None:
-            self.ids.value = fn(self.ids.value).to(torch.int64)
+        with torch.no_grad():
+            device = fn(lib.scales).device
+            for t in (lib.a, lib.b):
+                applied = fn(t)
+                if applied is not t:
+                    t.data = applied
+            lib.ranks, lib.scales = lib.ranks.to(device), lib.scales.to(device)
+            # Ids set before a move go with it (every layer of the model shares them: the first
+            # layer's move takes them, the others find them already there).
+            if self.ids.value is not None:
+                self.ids.value = self.ids.value.to(device)
         return self
 
     def extra_repr(self) -> str:
@@ -535,8 +561,9 @@ class SegmentedLoraLinear(WrapsBaseLayer):
 class LibraryHandle:
     """What attach_library returns: the adapter names in slot order, the layers, set_ids and detach."""
 
-    def __init__(self, model, root, names, layers, originals, ids) -> None:
+    def __init__(self, model, root, names, layers, originals, ids, conv1d=None) -> None:
         self.model = model
+        self._conv1d = conv1d or {}  # GPT-2 Conv1D behind a layer, by module name
         self.names: List[str] = names
         self.layers: Dict[str, SegmentedLoraLinear] = layers
         self._root = root
@@ -588,10 +615,19 @@ class LibraryHandle:
 
     def detach(self) -> nn.Module:
         """Put the original modules back; returns the model."""
-        from .compose import _set_module
+        from .compose import _follow_device, _set_module
 
         for key, original in self._originals.items():
+            layer = self.layers.get(key)
+            conv = self._conv1d.get(key)
+            if conv is not None and layer is not None:
+                # model.half() / .to() replaced the Linear view's weight, not the Conv1D's: copy it back.
+                lin_w = layer.base_layer.weight
+                if lin_w.data_ptr() != conv.weight.data_ptr() or lin_w.dtype != conv.weight.dtype:
+                    with torch.no_grad():
+                        conv.weight.data = lin_w.data.t()
             _set_module(self._root, key, original)
+            _follow_device(original)
         self.layers = {}
         return self.model
 
@@ -634,10 +670,10 @@ def attach_library(
     if not plan:
         raise ValueError("the adapters target no module of the model")
     ids = AdapterIds()
-    layers, originals = {}, {}
+    layers, originals, conv1d = {}, {}, {}
     for key, which in plan.items():
         original = root.get_submodule(key)
-        base, _ = _linear_for(key, original)
+        base, conv1d[key] = _linear_for(key, original)
         lib = LoraLibrary.empty(num_slots or len(loaded),
                                 r_max or max(loaded[i].layers[key][0].shape[0] for i in which),
                                 base.in_features, base.out_features, base.weight.dtype, base.weight.device)
@@ -647,4 +683,4 @@ def attach_library(
         originals[key] = original
     for key, layer in layers.items():
         _set_module(root, key, layer)
-    return LibraryHandle(model, root, names, layers, originals, ids)
+    return LibraryHandle(model, root, names, layers, originals, ids, conv1d)

@@ -651,6 +651,29 @@ def test_module_route(router, top_k, seeded):
         layer.delta_weight()
 
 
+def test_init_route_switches_between_every_router(seeded):
+    """init_route from each router kind to each other (uniform leaves None attributes behind, which
+    the next kind's buffer or parameters replace)."""
+    from lorafuse.routing import init_route
+
+    base = nn.Linear(16, 12).to(DEVICE)
+    adapters = _module_adapters(16, 12, [2, 3])
+    layer = MultiLoraLinear(base, adapters, method="route", router="uniform")
+    x = torch.randn(5, 16, device=DEVICE)
+    for kind, top_k in [("arrow", 1), ("uniform", None), ("linear", 1), ("uniform", None), ("linear", None),
+                        ("arrow", 2), ("linear", 2)]:
+        init_route(layer, kind, top_k, 1.0)
+        assert layer.router_kind == kind
+        if kind == "arrow":
+            assert "router_weight" in dict(layer.named_buffers()) and layer.router_bias is None
+        elif kind == "linear":
+            assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"router_weight", "router_bias"}
+        else:
+            assert layer.router_weight is None and layer.router_bias is None
+        with torch.no_grad():
+            assert torch.isfinite(layer(x)).all()
+
+
 def test_module_route_bad_arguments():
     base = nn.Linear(16, 8)
     adapters = _module_adapters(16, 8, [2, 2])

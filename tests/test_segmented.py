@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn as nn
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 
 import lorafuse
@@ -700,6 +701,84 @@ def test_attached_library_follows_cuda_and_half(seeded):
     assert out16.dtype == torch.float16 and rel_err(out16.float().cpu(), out) < 2e-2
     held = handle.set_ids(["a2", None, "a0"])
     assert held.is_cuda and held.tolist() == [2, -1, 0]
+
+
+def test_library_to_is_a_copy():
+    """LoraLibrary.to() never shares memory with the original, even where dtype and device are unchanged."""
+    lib = LoraLibrary.from_adapters([(torch.randn(4, 16) / 6, torch.randn(12, 4) / 6, 2.0),
+                                     (torch.randn(2, 16) / 6, torch.randn(12, 2) / 6, 0.5)])
+    for other in (lib.to(dtype=torch.float16), lib.to()):
+        other.clear(0)
+        other.a.zero_()
+        assert lib.ranks.tolist() == [4, 2] and lib.scales.tolist() == [2.0, 0.5] and lib.a.abs().sum() > 0
+
+
+def test_layer_casts_keep_the_library_exact_and_trainable():
+    """A cast of a SegmentedLoraLinear leaves the float32 scales unrounded, and a trainable library's
+    factors stay the leaves an optimizer holds, with gradients after the cast."""
+    from lorafuse.segmented import AdapterIds, SegmentedLoraLinear
+
+    lib = LoraLibrary.from_adapters([(torch.randn(4, 16), torch.randn(12, 4), 16 / 12)])
+    a = lib.a.requires_grad_()
+    ids = AdapterIds()
+    ids.value = torch.tensor([0, 0])
+    layer = SegmentedLoraLinear(nn.Linear(16, 12), lib, ids)
+    layer.to(torch.bfloat16)
+    layer.float()
+    assert layer.library.scales.item() == torch.tensor(16 / 12, dtype=torch.float32).item()
+    layer.double()
+    assert layer.library.a is a and a.is_leaf and a.dtype == torch.float64
+    opt = torch.optim.SGD([a], lr=0.1)
+    layer(torch.randn(2, 16, dtype=torch.float64)).sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float64 and a.grad.abs().sum() > 0
+    opt.step()
+
+
+def test_detach_after_a_cast_restores_a_working_gpt2(tmp_path, seeded):
+    """detach() after model.double(): the Conv1D put back carries the cast weight (its bias, shared
+    with the Linear view, was cast with the model), so the model runs as before attach_library."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorafuse.segmented import attach_library
+
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+                        adapter_name="a")
+    pm.save_pretrained(str(tmp_path))
+    tokens = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        before = base(tokens).logits
+        handle = attach_library(base, [str(tmp_path / "a")])
+        base.double()
+        handle.detach()
+        attn = base.transformer.h[0].attn.c_attn
+        assert type(attn).__name__ == "Conv1D" and attn.weight.dtype == attn.bias.dtype == torch.float64
+        assert rel_err(base(tokens).logits, before) < 1e-6
+
+
+def test_attached_library_under_autocast(seeded):
+    """Under torch.autocast the attached layers compute in the autocast dtype, as nn.Linear does
+    (the float32 library is cast with the weights), and a trainable library gets float32 gradients."""
+    from lorafuse.adapters import adapters_from_peft
+    from lorafuse.segmented import attach_library
+
+    base, peft_model = _tiny_llama_with_adapters()
+    handle = attach_library(base, adapters_from_peft(peft_model, ["a0", "a1", "a2"]))
+    tokens = torch.randint(0, 50, (3, 6))
+    handle.set_ids(["a1", "a2", None])
+    with torch.no_grad():
+        out = base(tokens).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = base(tokens).logits
+    assert out_bf16.dtype == torch.bfloat16 and rel_err(out_bf16.float(), out) < 5e-2
+    lib = base.model.layers[0].self_attn.q_proj.library
+    lib.b.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base(tokens).logits.float().square().mean().backward()
+    assert lib.b.grad is not None and lib.b.grad.dtype == torch.float32 and lib.b.grad.abs().sum() > 0
 
 
 def test_attach_library_errors():
