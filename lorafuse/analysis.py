@@ -26,12 +26,22 @@ def lowrank_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
     return torch.einsum("ij,ji->", b1.t() @ b2, a2 @ a1.t())
 
 
-def _orth(m: Tensor, rtol: float = 1e-10) -> Tensor:
-    """Orthonormal basis (d, k) of the column space of m (d, r), numerically rank-deficient columns dropped."""
+def _eps(dtype: torch.dtype) -> float:
+    """Relative precision that a factor of this dtype's products were computed in: float32's for
+    float32 and narrower factors, float64's for float64."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _orth(m: Tensor, eps: Optional[float] = None) -> Tensor:
+    """Orthonormal basis (d, k) of the column space of m (d, r), numerically rank-deficient columns
+    dropped: singular values below max(d, r) * eps * the largest (eps: _eps(m.dtype) by default), so
+    that the rounding left in factors made by products (a rank="full" merge's) is not counted as
+    directions."""
+    eps = _eps(m.dtype) if eps is None else eps
     u, sv, _ = torch.linalg.svd(m.double(), full_matrices=False)
     if sv.numel() == 0 or sv[0] == 0:
         return u[:, :0]
-    return u[:, sv > rtol * sv[0]]
+    return u[:, sv > max(m.shape) * eps * sv[0]]
 
 
 def subspace_cosines(m1: Tensor, m2: Tensor) -> Tensor:
@@ -46,15 +56,17 @@ def subspace_cosines(m1: Tensor, m2: Tensor) -> Tensor:
 
 
 def _delta_spaces(a: Tensor, b: Tensor):
-    """(d_out, r) and (d_in, r) matrices spanning the column and row spaces of B A, without forming B A.
+    """Orthonormal bases (d_out, k) and (d_in, k) of the column and row spaces of B A, without forming B A.
 
     With A^T = Q_a R_a and B = Q_b R_b: B A = (B R_a^T) Q_a^T, so col(B A) = col(B R_a^T), and
     row(B A) = col(A^T R_b^T). Exact even when A or B is rank-deficient.
     """
+    eps = _eps(a.dtype)
     a, b = a.detach().double(), b.detach().double()
     r_a = torch.linalg.qr(a.t(), mode="r")[1]
     r_b = torch.linalg.qr(b, mode="r")[1]
-    return b @ r_a.t(), a.t() @ r_b.t()
+    # Orthonormal bases here, at the factors' precision (in float64 their rounding looks like rank).
+    return _orth(b @ r_a.t(), eps), _orth(a.t() @ r_b.t(), eps)
 
 
 @dataclass

@@ -113,16 +113,17 @@ def merge_adapters(
 
     # A and B are stored in one orientation whatever fan_in_fan_out says, and peft rewrites the flag
     # per module (a GPT-2 adapter on c_attn and lm_head is saved with False, one on c_fc alone with
-    # True): differing flags are refused only when the two sides share neither a module nor a layer
-    # stack (the path before the layer number: "transformer.h" against "model.layers"), i.e. look like
-    # adapters of different kinds of models. Shapes are checked per module below.
+    # True): differing flags are refused only when both sides target layer stacks (the path before the
+    # layer number: "transformer.h" against "model.layers") and share neither a module nor a stack,
+    # i.e. look like adapters of different kinds of models; a side on modules outside any stack alone
+    # (lm_head) proves nothing either way. Shapes are checked per module below.
     fifo = [bool(getattr(ad.config, "fan_in_fan_out", False)) if ad.config is not None
             else bool(ad.info.get("fan_in_fan_out", False)) for ad in loaded]
     conv = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if f))
     lin = set().union(*(ad.layers for ad, f in zip(loaded, fifo) if not f))
     conv_stacks = {st for st in map(_layer_stack, conv) if st}
     lin_stacks = {st for st in map(_layer_stack, lin) if st}
-    if conv and lin and not conv & lin and not conv_stacks & lin_stacks:
+    if conv_stacks and lin_stacks and not conv & lin and not conv_stacks & lin_stacks:
         raise ValueError(f"the adapters disagree on fan_in_fan_out (GPT-2-style Conv1D layers or not) and share no "
                          f"module: {dict(zip([ad.name for ad in loaded], fifo))}; they look trained on different "
                          "kinds of models and cannot be merged")

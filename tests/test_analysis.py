@@ -108,6 +108,21 @@ def test_extremes_and_rank_deficient(seeded):
     assert subspace_cosines(b, b.double() @ a_def[:, :3].double()).numel() == 2
 
 
+def test_overlaps_of_a_full_rank_merge_equal_the_original(seeded):
+    """merge_adapters(rank="full") writes a rank-2 delta as float32 factors of rank 17 (B = U S with
+    S's tail at rounding level): the subspace overlaps are those of the original adapter, not 1."""
+    import lorafuse
+
+    x = _random_adapter("x", {"l0.q": 2})
+    y = _random_adapter("y", {"l0.q": 3})
+    x_full = lorafuse.merge_adapters([x], method="task_arithmetic", rank="full")
+    assert x_full.layers["l0.q"][0].shape[0] > 2
+    r, r_full = delta_cosine([x, y]), delta_cosine([x_full, y])
+    for field in ("cosine", "column_overlap", "row_overlap"):
+        want, got = getattr(r, field)["l0.q"][0, 1], getattr(r_full, field)["l0.q"][0, 1]
+        assert abs(got - want) < 1e-5 and want < 0.9, field
+
+
 def test_from_peft_dirs_matches_peft_delta(tmp_path, seeded):
     from test_compose import peft_with_adapters, save_adapters
 

@@ -175,6 +175,13 @@ def test_gpt2_adapters_with_differing_saved_flags_merge(tmp_path):
     pm.save_pretrained(str(tmp_path / "fc"))
     apart = merge_adapters([dirs[0], str(tmp_path / "fc")], method="task_arithmetic")
     assert any(k.endswith("c_fc") for k in apart.layers) and any(k.endswith("lm_head") for k in apart.layers)
+    # An adapter on lm_head alone (saved with False) beside one on c_attn alone (True): nothing shared,
+    # but the head is outside any layer stack, so nothing says another model either (compose takes them).
+    pm = get_peft_model(tiny_model("gpt2", seed=5), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
+    randomize_lora(pm)
+    pm.save_pretrained(str(tmp_path / "head"))
+    both = merge_adapters([dirs[1], str(tmp_path / "head")], method="task_arithmetic")
+    assert any(k.endswith("c_attn") for k in both.layers) and any(k.endswith("lm_head") for k in both.layers)
 
 
 def test_density_and_seed_types_are_named(saved):
