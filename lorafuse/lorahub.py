@@ -22,6 +22,7 @@ nevergrad is what LoraHub itself uses, which keeps results comparable with the p
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -134,6 +135,11 @@ def _common_rank(adapters) -> int:
     return ranks.pop()
 
 
+def _check_l1(l1: Any) -> None:
+    if isinstance(l1, bool) or not isinstance(l1, numbers.Real) or not math.isfinite(l1) or l1 < 0:
+        raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
+
+
 @torch.no_grad()
 def set_lorahub_weights(model: nn.Module, weights: Sequence[float]) -> None:
     """Write K global weights into every composed layer (each layer takes the entries of its adapters)."""
@@ -142,10 +148,19 @@ def set_lorahub_weights(model: nn.Module, weights: Sequence[float]) -> None:
     w = torch.as_tensor(given, dtype=torch.float32)
     if w.numel() != len(comp.adapters):
         raise ValueError(f"weights must have one entry per adapter ({len(comp.adapters)}), got {w.numel()}")
+    if not all(math.isfinite(x) for x in given):
+        raise ValueError(f"weights must be finite, got {given}")
     for slot in comp.slots.values():  # every layer checked before any is written
-        if slot.composed.method not in ("weighted", "loramap"):
-            raise ValueError(f"module {slot.key!r} is composed with method {slot.composed.method!r}; LoraHub weights "
+        layer = slot.composed
+        if layer.method not in ("weighted", "loramap"):
+            raise ValueError(f"module {slot.key!r} is composed with method {layer.method!r}; LoraHub weights "
                              f"apply to 'weighted' (exact) or 'loramap' (factorwise) compositions")
+        if layer.method == "loramap":
+            r, k = layer.ranks[0], len(slot.adapter_indices)
+            if any(ri != r for ri in layer.ranks) or tuple(layer.a_map.shape) != (r, k * r):
+                raise ValueError(f"module {slot.key!r}: LoraHub's factorwise weights need equal ranks and "
+                                 f"map_rank = the rank ({r}), got ranks {list(layer.ranks)} and a_map "
+                                 f"{tuple(layer.a_map.shape)}")
     for slot in comp.slots.values():
         layer = slot.composed
         w_layer = w[slot.adapter_indices].to(layer.adapter_scales.device)
@@ -239,8 +254,11 @@ def lorahub_search(
         raise ValueError(f"bounds must be (low, high), two numbers, got {bounds!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"bounds must be (low, high), finite with low < high, got {bounds!r}")
-    if not (isinstance(l1, (int, float)) and not isinstance(l1, bool) and math.isfinite(l1) and l1 >= 0):
-        raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
+    _check_l1(l1)
+    if not lo <= 0.0 <= hi:
+        raise ValueError(f"bounds must contain 0 (the search starts from all weights 0, as LoraHub's), got {bounds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if optimizer not in ng.optimizers.registry:
         raise ValueError(f"optimizer {optimizer!r} is not a nevergrad optimizer (e.g. 'NGOpt', 'CMA', 'OnePlusOne')")
     batches = _batches(examples)
@@ -320,6 +338,16 @@ def lorahub_train(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if per_layer and composition != "exact":
         raise ValueError("per_layer=True needs composition='exact'")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    _check_l1(l1)
+    if init is not None:
+        try:
+            init = [float(x) for x in init]
+        except (TypeError, ValueError):
+            raise ValueError(f"init must be a sequence of numbers, one per adapter, got {init!r}") from None
+        if not all(math.isfinite(x) for x in init):
+            raise ValueError(f"init must be finite, got {init}")
     batches = _batches(examples)
     loss_fn = loss or _default_loss
     composed_here = getattr(model, "_lorafuse_composition", None) is None

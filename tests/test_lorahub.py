@@ -238,6 +238,26 @@ def test_bad_input(setup, tmp_path):
         lorahub_search(copy.deepcopy(fresh), mixed, batches, composition="factorwise")
     with pytest.raises(ValueError, match=r"one entry per adapter \(3\)"):
         set_lorahub_weights(composed, [1.0])
+    # Every number named, checked before the model is touched.
+    for kw, match in ((dict(init=[float("nan"), 0.5, 0.5]), "init must be finite"), (dict(l1=None), "l1 must be"),
+                      (dict(lr=-0.1), "lr must be"), (dict(lr="0.1"), "lr must be")):
+        model = _fresh(base_sd)
+        with pytest.raises(ValueError, match=match):
+            lorahub_train(model, dirs, batches, steps=1, **kw)
+        assert getattr(model, "_lorafuse_composition", None) is None
+    for kw, match in ((dict(seed="1"), "seed must be an integer"), (dict(seed=-1), "seed must be an integer"),
+                      (dict(bounds=(0.2, 1.0)), "bounds must contain 0")):
+        with pytest.raises(ValueError, match=match):
+            lorahub_search(_fresh(base_sd), dirs, batches, budget=1, **kw)
+    weighted = compose(_fresh(base_sd), dirs, method="weighted")
+    with pytest.raises(ValueError, match="weights must be finite"):
+        set_lorahub_weights(weighted, [1.0, float("nan"), 0.0])
+    # A LoraMap of another map rank is not a factorwise LoraHub layout: refused before any layer is written.
+    mapped = compose(_fresh(base_sd), dirs, method="loramap", map_rank=3)
+    maps = {n: p.detach().clone() for n, p in mapped.named_parameters() if "map" in n}
+    with pytest.raises(ValueError, match="factorwise weights need equal ranks and map_rank"):
+        set_lorahub_weights(mapped, [1.0, 1.0, 1.0])
+    assert all(torch.equal(p, maps[n]) for n, p in mapped.named_parameters() if "map" in n)
 
 
 @pytest.mark.parametrize("run", ["search", "train"])
