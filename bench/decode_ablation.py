@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             for loop in (1, 2):
                 variants[f"epi{loop}"] = dec("distinct", EPI_LOOP=loop)
                 variants[f"none_epi{loop}"] = dec("none", EPI_LOOP=loop)
-                for c in (4, 8):
+                for c in (4, 8, 16):
                     variants[f"epi{loop}_chunk{c}"] = dec("distinct", EPI_LOOP=loop, CHUNK_T=c)
             variants["chunk8"] = dec("distinct", CHUNK_T=8)
             # The epilogue as before decode_chunk_rows / decode_epilogue_loop (1daeacc).
