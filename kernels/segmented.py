@@ -843,11 +843,14 @@ DECODE_MAX_T = 64
 
 
 def decode_chunk_rows(T: int, block_r: int) -> int:
-    """Rows per dot of the decode epilogue (CHUNK_T): all T rows in one chunk up to 256 (row, rank
-    column) pairs, the chunk no wider than the rows (at T = 1 a 16-row chunk gathered 15 masked rows'
-    factors: 21.9 -> 21.3 us with 4-row chunks at 4096 x 4096, 47.3 -> 45.4 at 14336 x 4096, H200,
-    bench/results/decode-ablation-1daeacc-*.json)."""
-    return max(1, min(next_pow2(max(T, 1)), 256 // block_r))
+    """Rows per dot of the decode epilogue (CHUNK_T): 256 (row, rank column) pairs, or as many rows
+    as there are up to T = 4. H200, bf16, r = 16 (bench/results/decode-ablation-*.json at 1daeacc,
+    2d13bef, 2df7794): at T = 1 a 16-row chunk gathered 15 masked rows' factors (4096 x 4096 21.7 ->
+    20.6 us with one row per chunk, 14336 x 4096 47.1 -> 45.2); at T = 8 an 8-row chunk slowed the
+    pointer kernel (4096 x 14336: 55.7 against 48.3 us with 16 rows) and left the TMA kernel as it was
+    (23.3 against 23.6 us at 4096 x 4096); 4-row chunks at T = 16 cost 6-15 us."""
+    full = max(1, 256 // block_r)
+    return max(1, min(next_pow2(max(T, 1)), full)) if T <= 4 else full
 
 
 def decode_epilogue_loop(T: int, chunk_t: int) -> int:
