@@ -45,19 +45,35 @@ def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tail_step(acc, r0, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+               stride_sm, stride_sr, stride_cr, stride_cn,
+               PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr):
+    offs_r = r0 + tl.arange(0, BLOCK_K)
+    r_mask = offs_r < R
+    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=S_CACHE)
+    c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    return tl.dot(s, c, acc, input_precision=PREC)
+
+
+@triton.jit
 def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                   stride_sm, stride_sr, stride_cr, stride_cn,
-                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, S_CACHE: tl.constexpr,
+                  PIPELINE: tl.constexpr = True):
     """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps. S_CACHE: the cache
-    modifier of s's loads ("" by default; ".cg" where another program of the same launch wrote s)."""
-    for r0 in range(0, R, BLOCK_K):
-        offs_r = r0 + tl.arange(0, BLOCK_K)
-        r_mask = offs_r < R
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=S_CACHE)
-        c = tl.load(c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(s, c, acc, input_precision=PREC)
+    modifier of s's loads ("" by default; ".cg" where another program of the same launch wrote s).
+    PIPELINE=False: a loop the compiler does not software-pipeline (its prologue is pure cost when
+    the tail is one or two steps)."""
+    if PIPELINE:
+        for r0 in range(0, R, BLOCK_K):
+            acc = _tail_step(acc, r0, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                             stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, S_CACHE)
+    else:
+        for r0 in tl.range(0, R, BLOCK_K, num_stages=1):
+            acc = _tail_step(acc, r0, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                             stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, S_CACHE)
     return acc
 
 
@@ -369,6 +385,7 @@ def _lora_gemm_tma_kernel(
     GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    TAIL_PIPE: tl.constexpr = True,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -394,7 +411,7 @@ def _lora_gemm_tma_kernel(
         m_mask = offs_m < T
         n_mask = offs_n < N
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "", TAIL_PIPE)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
