@@ -385,7 +385,7 @@ def _lora_gemm_tma_kernel(
     GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
-    TAIL_PIPE: tl.constexpr = True,  # False where the tail is one K-step (see lora_gemm)
+    TAIL_PIPE: tl.constexpr = True,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -623,9 +623,6 @@ def lora_gemm(
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
         out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
         sms = num_sms(a.device)
-        # A one-step tail's loop is left unpipelined: 0.1-1 point faster at R = 16 and 48 in 7 of 8
-        # cells, while at R = 128 (two steps) pipelining wins by 1.4-4.3 points (H200, T = 2048 and
-        # 8192, bench/results/tail-loop-ab-e0afd5c-*.json).
         if tuned:
             kernel = _lora_gemm_tma_tuned
             grid = lambda meta: (min(sms, cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
@@ -638,7 +635,7 @@ def lora_gemm(
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
-            **({} if tuned else {"TAIL_PIPE": R > bk, **launch_kwargs(cfg)}),
+            **({} if tuned else launch_kwargs(cfg)),
         )
         return out
 
