@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import _graphed  # noqa: E402
 from common import env_info, save_json, warm_up  # noqa: E402
 from routed_profile import kernel_table  # noqa: E402
+from segmented_decode import layer_and_library  # noqa: E402
 
 import lorafuse.kernels.segmented as S  # noqa: E402
 from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
-from lorafuse.segmented import LoraLibrary  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -56,12 +56,7 @@ def main(argv=None) -> None:
     warm_up()
     for dims in args.dims:
         d_in, d_out = map(int, dims.split("x"))
-        gen = torch.Generator(device=dev).manual_seed(d_in + d_out)
-        W = (torch.randn(d_out, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt)
-        ads = [((torch.randn(args.r, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt),
-                (torch.randn(d_out, args.r, device=dev, generator=gen) / args.r ** 0.5).to(dt), 2.0)
-               for _ in range(args.library)]
-        lib = LoraLibrary.from_adapters(ads)
+        gen, W, ads, lib = layer_and_library(d_in, d_out, args.library, args.r, dev, dt)
         lib_args = (lib.a, lib.b, lib.ranks, lib.scales)
         for T in args.T:
             x = torch.randn(T, d_in, device=dev, generator=gen).to(dt)

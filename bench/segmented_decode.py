@@ -55,6 +55,16 @@ def candidates(kind: str):
                                 num_stages=stages)
 
 
+def layer_and_library(d_in: int, d_out: int, n: int, r: int, dev: str, dt: torch.dtype):
+    """(generator, W (d_out, d_in), the n adapters (A, B, 2.0) of rank r, their LoraLibrary), seeded
+    by the shape, so that every decode benchmark times the same layer."""
+    gen = torch.Generator(device=dev).manual_seed(d_in + d_out)
+    W = (torch.randn(d_out, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt)
+    ads = [((torch.randn(r, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt),
+            (torch.randn(d_out, r, device=dev, generator=gen) / r ** 0.5).to(dt), 2.0) for _ in range(n)]
+    return gen, W, ads, LoraLibrary.from_adapters(ads)
+
+
 def cfg_dict(c: triton.Config) -> dict:
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -79,12 +89,7 @@ def main(argv=None) -> None:
     warm_up()
     for dims in args.dims:
         d_in, d_out = map(int, dims.split("x"))
-        gen = torch.Generator(device=dev).manual_seed(d_in + d_out)
-        W = (torch.randn(d_out, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt)
-        ads = [((torch.randn(args.r, d_in, device=dev, generator=gen) / d_in ** 0.5).to(dt),
-                (torch.randn(d_out, args.r, device=dev, generator=gen) / args.r ** 0.5).to(dt), 2.0)
-               for _ in range(args.library)]
-        lib = LoraLibrary.from_adapters(ads)
+        gen, W, ads, lib = layer_and_library(d_in, d_out, args.library, args.r, dev, dt)
         lib_args = (lib.a, lib.b, lib.ranks, lib.scales)
         for T in args.T:
             x = torch.randn(T, d_in, device=dev, generator=gen).to(dt)
