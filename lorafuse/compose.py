@@ -403,6 +403,14 @@ def _follow_device(module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _copy_back_conv1d(conv: nn.Module, linear_weight: torch.Tensor) -> None:
+    """model.to()/half() replace the data of a Conv1D's Linear view (_linear_for), not the Conv1D's:
+    copy it back before the Conv1D returns to the model."""
+    if linear_weight.data_ptr() != conv.weight.data_ptr() or linear_weight.dtype != conv.weight.dtype:
+        conv.weight.data = linear_weight.data.t()
+
+
+@torch.no_grad()
 def decompose(model: nn.Module) -> nn.Module:
     """Undo compose() (merged or not): the original modules, the same objects, and every parameter's
     requires_grad flag as before compose. Returns the model."""
@@ -410,10 +418,7 @@ def decompose(model: nn.Module) -> nn.Module:
     for key, slot in comp.slots.items():
         _follow_merged(slot)
         if slot.conv1d is not None:
-            # model.to()/half() replace the Linear view's data but not the Conv1D's: copy it back.
-            lin_w = slot.composed.base_layer.weight
-            if lin_w.data_ptr() != slot.conv1d.weight.data_ptr() or lin_w.dtype != slot.conv1d.weight.dtype:
-                slot.conv1d.weight.data = lin_w.data.t()
+            _copy_back_conv1d(slot.conv1d, slot.composed.base_layer.weight)
         _set_module(comp.root, key, slot.original)
         _follow_device(slot.original)
     for key, wrapper in comp.unwrapped.items():

@@ -615,17 +615,11 @@ class LibraryHandle:
 
     def detach(self) -> nn.Module:
         """Put the original modules back; returns the model."""
-        from .compose import _follow_device, _set_module
+        from .compose import _copy_back_conv1d, _follow_device, _set_module
 
         for key, original in self._originals.items():
-            layer = self.layers.get(key)
-            conv = self._conv1d.get(key)
-            if conv is not None and layer is not None:
-                # model.half() / .to() replaced the Linear view's weight, not the Conv1D's: copy it back.
-                lin_w = layer.base_layer.weight
-                if lin_w.data_ptr() != conv.weight.data_ptr() or lin_w.dtype != conv.weight.dtype:
-                    with torch.no_grad():
-                        conv.weight.data = lin_w.data.t()
+            if self._conv1d.get(key) is not None and key in self.layers:
+                _copy_back_conv1d(self._conv1d[key], self.layers[key].base_layer.weight)
             _set_module(self._root, key, original)
             _follow_device(original)
         self.layers = {}
