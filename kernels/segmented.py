@@ -968,6 +968,10 @@ def segmented_linear_decode(
     pdl_opt = {"launch_pdl": True} if pdl else {}
     scale_strides = (scales.stride(0), 0) if scales.dim() == 1 else scales.stride()
     chunk_t = cfg.kwargs.get("CHUNK_T", decode_chunk_rows(T, block_r))
+    if not (isinstance(chunk_t, int) and chunk_t >= 1 and chunk_t & (chunk_t - 1) == 0):
+        raise ValueError(f"config CHUNK_T must be a power of two >= 1, got {chunk_t!r}")
+    if cfg.kwargs.get("EPI_LOOP", 0) not in (0, 1, 2):
+        raise ValueError(f"config EPI_LOOP must be 0, 1 or 2, got {cfg.kwargs['EPI_LOOP']!r}")
     common = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), BLOCK_T=block_for(T), BLOCK_N=block_n,
                   BLOCK_K=block_k, BLOCK_SPLITS=max(2, next_pow2(splits)), BLOCK_R=block_r,
                   CHUNK_T=chunk_t, EPI_LOOP=cfg.kwargs.get("EPI_LOOP", decode_epilogue_loop(T, chunk_t)), PDL=pdl,

@@ -34,14 +34,14 @@ def _eps(dtype: torch.dtype) -> float:
 
 def _orth(m: Tensor, eps: Optional[float] = None) -> Tensor:
     """Orthonormal basis (d, k) of the column space of m (d, r), numerically rank-deficient columns
-    dropped: singular values below max(d, r) * eps * the largest (eps: _eps(m.dtype) by default), so
-    that the rounding left in factors made by products (a rank="full" merge's) is not counted as
-    directions."""
+    dropped: singular values below min(d, r) * eps * the largest (eps: _eps(m.dtype) by default), so
+    that the rounding left in factors made by products (a rank="full" merge's, near eps) is not
+    counted as directions, while weak but stored directions (a steep spectrum) are."""
     eps = _eps(m.dtype) if eps is None else eps
     u, sv, _ = torch.linalg.svd(m.double(), full_matrices=False)
     if sv.numel() == 0 or sv[0] == 0:
         return u[:, :0]
-    return u[:, sv > max(m.shape) * eps * sv[0]]
+    return u[:, sv > min(m.shape) * eps * sv[0]]
 
 
 def subspace_cosines(m1: Tensor, m2: Tensor) -> Tensor:

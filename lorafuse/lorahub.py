@@ -338,7 +338,9 @@ def lorahub_train(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if per_layer and composition != "exact":
         raise ValueError("per_layer=True needs composition='exact'")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
+    lr_value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr  # Adam takes a tensor lr too
+    if (isinstance(lr_value, bool) or not isinstance(lr_value, numbers.Real) or not math.isfinite(lr_value)
+            or lr_value < 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     _check_l1(l1)
     if init is not None:

@@ -424,8 +424,9 @@ def _autocast_library(fn):
 
     @functools.wraps(fn)
     def wrapper(x, weight, bias, library, *args, **kwargs):
+        lowp = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes autocast casts (not float64)
         if (isinstance(x, Tensor) and isinstance(library, LoraLibrary) and torch.is_autocast_enabled(x.device.type)
-                and library.device == x.device and library.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+                and x.dtype in lowp and library.device == x.device and library.dtype in lowp):
             dt = torch.get_autocast_dtype(x.device.type)
             if library.dtype != dt:
                 cast = copy.copy(library)  # (not through __init__: its checks read the device)
@@ -519,6 +520,25 @@ class AdapterIds:
         return self.value
 
 
+def _applied_in_place(t: Tensor, fn) -> Tensor:
+    """fn(t) as nn.Module._apply does it for a parameter: into t itself where the tensor types allow
+    (a trainable factor stays the leaf its optimizer holds), its gradient along with it; else (to or
+    from the meta device) the new tensor, with t's requires_grad."""
+    applied = fn(t)
+    if applied is t:
+        return t
+    if not torch._has_compatible_shallow_copy_type(t, applied):
+        return applied.requires_grad_(t.requires_grad) if applied.is_floating_point() else applied
+    t.data = applied
+    if t.grad is not None:
+        grad = fn(t.grad)
+        if torch._has_compatible_shallow_copy_type(t.grad, grad):
+            t.grad.data = grad
+        else:
+            t.grad = grad
+    return t
+
+
 class SegmentedLoraLinear(WrapsBaseLayer):
     """An nn.Linear serving a LoraLibrary: row t of the input uses adapter ids.get()[t] (or its sequence's)."""
 
@@ -543,10 +563,7 @@ class SegmentedLoraLinear(WrapsBaseLayer):
         lib = self.library
         with torch.no_grad():
             device = fn(lib.scales).device
-            for t in (lib.a, lib.b):
-                applied = fn(t)
-                if applied is not t:
-                    t.data = applied
+            lib.a, lib.b = _applied_in_place(lib.a, fn), _applied_in_place(lib.b, fn)
             lib.ranks, lib.scales = lib.ranks.to(device), lib.scales.to(device)
             # Ids set before a move go with it (every layer of the model shares them: the first
             # layer's move takes them, the others find them already there).

@@ -123,6 +123,18 @@ def test_overlaps_of_a_full_rank_merge_equal_the_original(seeded):
         assert abs(got - want) < 1e-5 and want < 0.9, field
 
 
+def test_weak_stored_directions_count(seeded):
+    """A steep but exactly stored spectrum (singular values 1 .. 1e-4 at d = 4096) keeps its weak
+    directions in the overlaps: only rounding-level ones are dropped."""
+    d, r = 4096, 8
+    q = torch.linalg.qr(torch.randn(d, 2 * r, dtype=torch.float64))[0]
+    sv = torch.logspace(0, -4, r, dtype=torch.float64)
+    bx = (q[:, :r] * sv).float()
+    by = torch.cat([q[:, r // 2:r], q[:, r:r + r // 2]], 1).float()  # x's four weakest directions + four new
+    cos = subspace_cosines(bx, by)
+    assert (cos > 0.99).sum() == r // 2 and cos.numel() == r
+
+
 def test_from_peft_dirs_matches_peft_delta(tmp_path, seeded):
     from test_compose import peft_with_adapters, save_adapters
 

@@ -366,6 +366,19 @@ def test_decode_any_tile(seeded, block_n, block_k):
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 
+def test_decode_config_overrides_are_checked():
+    import triton
+    adapters = make_adapters(64, 72, [4], torch.float32)
+    lib, scales, _ = _library_tensors(adapters, 1, False)
+    w, b = make_layer(64, 72, torch.float32)
+    x, ids = torch.randn(3, 64, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)
+    for kw, match in (({"CHUNK_T": 3}, "CHUNK_T must be a power of two"), ({"CHUNK_T": 0}, "CHUNK_T must be"),
+                      ({"EPI_LOOP": 5}, "EPI_LOOP must be 0, 1 or 2")):
+        cfg = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, **kw}, num_warps=4, num_stages=1)
+        with pytest.raises(ValueError, match=match):
+            segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids, config=cfg)
+
+
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("epi_loop", [0, 1, 2])
@@ -732,6 +745,11 @@ def test_layer_casts_keep_the_library_exact_and_trainable():
     layer(torch.randn(2, 16, dtype=torch.float64)).sum().backward()
     assert a.grad is not None and a.grad.dtype == torch.float64 and a.grad.abs().sum() > 0
     opt.step()
+    layer.float()  # the gradient is cast with its factor, as a parameter's is
+    assert a.dtype == a.grad.dtype == torch.float32
+    opt.step()  # (SGD: Adam's state would stay float64, as for any parameter cast after a step)
+    layer.to("meta")  # to and from the meta device: new tensors (no in-place move exists)
+    assert layer.library.a.is_meta and layer.library.a.requires_grad and layer.base_layer.weight.is_meta
 
 
 def test_detach_after_a_cast_restores_a_working_gpt2(tmp_path, seeded):
