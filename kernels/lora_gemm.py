@@ -64,8 +64,8 @@ def _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                   PIPELINE: tl.constexpr = True):
     """acc += s[offs_m, :R] @ c[:R, offs_n]: the expand as extra K-steps. S_CACHE: the cache
     modifier of s's loads ("" by default; ".cg" where another program of the same launch wrote s).
-    PIPELINE=False: a loop the compiler does not software-pipeline (its prologue is pure cost when
-    the tail is one or two steps)."""
+    PIPELINE=False: a loop the compiler does not software-pipeline (0.1-1 point faster for a one-step
+    tail, slower from two steps: bench/results/tail-loop-ab-*.json)."""
     if PIPELINE:
         for r0 in range(0, R, BLOCK_K):
             acc = _tail_step(acc, r0, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,

@@ -840,6 +840,7 @@ def segmented_lora_(
 # pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
 # 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
+DECODE_MIN_WIDTH = 2
 
 
 def decode_chunk_rows(T: int, block_r: int) -> int:
@@ -860,7 +861,6 @@ def decode_epilogue_loop(T: int, chunk_t: int) -> int:
     24.4 -> 22.1, 26.1 -> 24.8 us; 14336 x 4096: 55.8 -> 49.9, 56.4 -> 54.9 us); with four chunks
     (T = 64) pipelining gains 2 us (39.9 against 42.5 at 4096 x 4096; decode-ablation-1daeacc-*.json)."""
     return 1 if T <= chunk_t else 0
-DECODE_MIN_WIDTH = 2
 
 
 def decode_wins(T: int, N: int, D: int, tma: bool = False) -> bool:
@@ -933,8 +933,8 @@ def segmented_linear_decode(
     x: (T, D); weight: (N, D); bias: (N,) or None; the library as in segmented_lora_ (zero-padded
     slots; scales (num_slots,) or (num_slots, r_max)); idx (T,) int in [-1, num_slots) (not
     range-checked here). config: a triton.Config with BLOCK_N and BLOCK_K, and optionally TMA and
-    SWAP (the TMA kernel, where decode_uses_tma) and CHUNK_T (rows per epilogue dot; for tuning),
-    else decode_config's. Returns y (T, N)
+    SWAP (the TMA kernel, where decode_uses_tma), CHUNK_T and EPI_LOOP (the epilogue's chunks and
+    loop: decode_chunk_rows, decode_epilogue_loop; for tuning), else decode_config's. Returns y (T, N)
     in x's dtype. Fixed shapes, no host read-back: CUDA-graph capturable. check_ids: the row shrink
     asserts on the device (CUDA) that idx lies in [-1, num_slots).
     """
