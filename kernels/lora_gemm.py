@@ -422,7 +422,7 @@ def _lora_gemm_tma_kernel(
 def _lora_layer_tma_kernel(
     x_desc, w_desc, al_desc, out_desc, c_ptr, bias_ptr, scale_ptr, a_map_ptr, b_map_ptr,
     sp_ptr, s_ptr, u_ptr, flag_ptr, part_ptr,
-    T, N, K, R, MR, SPLITS,
+    T, N, K, R, MR, SPLITS, SHRINK_PROGS,
     stride_cr, stride_cn,
     stride_amm, stride_amr, stride_bmr, stride_bmm,
     stride_spm, stride_sm, stride_um,
@@ -440,42 +440,53 @@ def _lora_layer_tma_kernel(
     GROUP_M: tl.constexpr,
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    SHRINK_STAGES: tl.constexpr = None,
 ):
     """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
 
-    1. The shrink, as work items (row band, range of d_in) that programs take from a counter until
-       it runs past the last (kernels.shrink._shrink_block, the band's count at
-       flag_ptr[num_bands + band]); the program that finishes a band sets its flag to 1 (release).
-       Splitting d_in spreads one band's reading of x over several SMs: a whole band on one SM was
-       bound by that SM's share of the memory bandwidth.
-    2. The base GEMM's tiles, statically strided over the programs in grouped order, with the same
-       loop as lora_gemm's Hopper kernel; after its main loop a tile waits for its band's flag
-       (acquire) and adds S' b_cat^T as extra K-steps.
+    NUM_SMS is the launch's program count. Programs number themselves in order of arrival (a ticket
+    from a counter), not by program id.
 
-    A program reaches phase 2 only once the counter has passed every item, that is once every item
-    is held by a program that is running and waits for nothing: whoever waits on a flag waits for
-    running programs, even when not all programs of the launch are resident."""
-    start_pid = tl.program_id(0)
+    1. The shrink: the first SHRINK_PROGS programs to arrive take work items (row band, range of
+       d_in) from a counter until it runs past the last (kernels.shrink._shrink_block, the band's
+       count at flag_ptr[num_bands + band]); the program that finishes a band sets its flag to 1
+       (release). Splitting d_in spreads one band's reading of x over several SMs.
+    2. The base GEMM's tiles in grouped order, with the same loop as lora_gemm's Hopper kernel; after
+       its main loop a tile waits for its band's flag (acquire) and adds S' b_cat^T as extra K-steps.
+       Tiles are dealt in slots: slot v of program v % NUM_SMS is tile v - SHRINK_PROGS, and the
+       shrinking programs skip their first slot. So the shrink takes the place of one tile in each of
+       them, and where the tile count leaves the last wave short by at least SHRINK_PROGS tiles
+       the layer ends with the base GEMM's waves.
+
+    No program waits for a program that is not running: a program waits on a flag only in phase 2;
+    the shrinking programs leave phase 1 when the counter has passed every item, that is when every
+    item is held by a running program that waits for nothing; and a program with ticket q >= SHRINK_PROGS
+    arrived after all SHRINK_PROGS shrinking programs, which are therefore running and take every
+    item between them. This holds even when not all programs of the launch are resident."""
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     k_per = tl.cdiv(k_tiles, SPLITS)
-    item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
-    while item < num_pid_m * SPLITS:
-        band = item // SPLITS
-        split = item % SPLITS
-        k_lo = split * k_per * BLOCK_K
-        if _shrink_block(x_desc, al_desc, band * BLOCK_M, k_lo, tl.minimum(k_lo + k_per * BLOCK_K, K), split, SPLITS,
-                         part_ptr, num_pid_m * BLOCK_M, flag_ptr + num_pid_m + band, scale_ptr, a_map_ptr, b_map_ptr,
-                         sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                         stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
-                         BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR):
-            tl.debug_barrier()  # every thread's stores issued before the flag is released
-            tl.atomic_xchg(flag_ptr + band, 1, sem="release")
+    ticket = tl.atomic_add(flag_ptr + 2 * num_pid_m + 1, 1)
+    if ticket < SHRINK_PROGS:
         item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
+        while item < num_pid_m * SPLITS:
+            band = item // SPLITS
+            split = item % SPLITS
+            k_lo = split * k_per * BLOCK_K
+            if _shrink_block(x_desc, al_desc, band * BLOCK_M, k_lo, tl.minimum(k_lo + k_per * BLOCK_K, K), split,
+                             SPLITS, part_ptr, num_pid_m * BLOCK_M, flag_ptr + num_pid_m + band, scale_ptr,
+                             a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr,
+                             stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
+                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR, SHRINK_STAGES):
+                tl.debug_barrier()  # every thread's stores issued before the flag is released
+                tl.atomic_xchg(flag_ptr + band, 1, sem="release")
+            item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
 
     num_tiles = num_pid_m * num_pid_n
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    first = tl.where(ticket < SHRINK_PROGS, ticket + NUM_SMS, ticket)
+    for slot in tl.range(first, num_tiles + SHRINK_PROGS, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        tile_id = slot - SHRINK_PROGS
         pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -635,7 +646,9 @@ def lora_gemm(
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
-            **({} if tuned else launch_kwargs(cfg)),
+            # A one-step tail is not software-pipelined: its prologue cost more than it hid
+            # (tail-loop-ab-e0afd5c-*.json, bench/NOTES.md entry 22); from two steps it is.
+            **({} if tuned else {"TAIL_PIPE": R > bk, **launch_kwargs(cfg)}),
         )
         return out
 
@@ -851,6 +864,38 @@ def persistent_splits(bands: int, k_tiles: int, sms: int) -> int:
     return max(1, min((sms // 2) // bands, k_tiles // 4))
 
 
+# The shrink's time per row band in units of one GEMM tile's (both scale with d_in), for
+# persistent_plan; and the shrink loop's pipeline depth in the persistent layer.
+PERSISTENT_BAND_COST = 0.5
+PERSISTENT_SHRINK_STAGES = 6
+
+
+@functools.lru_cache(maxsize=256)
+def persistent_plan(bands: int, k_tiles: int, tiles: int, programs: int) -> Tuple[int, int, int]:
+    """(splits, shrink_programs, shrink_stages) of the persistent layer for `bands` row bands,
+    `k_tiles` steps of d_in, `tiles` GEMM tiles and `programs` programs.
+
+    Each shrinking program gives up one tile slot, so the layer's time in tile units is about
+    max(waves, shrink + slots) where waves = ceil(tiles / programs), shrink = the program's share of
+    the shrink (bands * splits items over shrink_programs programs, each PERSISTENT_BAND_COST / splits
+    of a tile) and slots = the tiles left to a shrinking program. Where the last wave is short
+    (slack = waves * programs - tiles), up to `slack` programs can shrink at no cost in waves; the plan
+    takes the split and program count with the least modelled time (fewer items on a tie)."""
+    waves = cdiv(tiles, programs)
+    best = None
+    for splits in (1, 2, 4, 8):
+        if splits > 1 and splits * 4 > k_tiles:
+            break
+        items = bands * splits
+        for p1 in range(1, min(programs, items) + 1):
+            shrink = cdiv(items, p1) * PERSISTENT_BAND_COST / splits
+            slots = cdiv(max(tiles + p1 - programs, 0), programs)
+            cost = (max(waves, shrink + slots), items)
+            if best is None or cost < best[0]:
+                best = (cost, splits, p1)
+    return best[1], best[2], PERSISTENT_SHRINK_STAGES
+
+
 def persistent_config(T: int, N: int, K: int) -> triton.Config:
     """The base GEMM's tuned loop for W^T (tma_config): 128 x 256 x 64 tiles, 8 warps, 3 stages,
     the tile loop flattened and warp-specialised."""
@@ -870,14 +915,18 @@ def lora_gemm_persistent(
     config: Optional[triton.Config] = None,
     check: bool = True,
     splits: Optional[int] = None,
+    shrink_programs: Optional[int] = None,
+    shrink_stages: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one persistent launch, the shrink as its first phase (Hopper, many tokens).
 
     Same arguments and returns as lora_gemm_fused: x (T, d_in); weight (d_out, d_in); a_cat (R, d_in);
     b_cat (d_out, R); scale (R,) float32. Returns (y, sp, s, u); sp = S' (T, R) always (the expand
     reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). config: a triton.Config
-    with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys), and splits: the
-    number of d_in ranges each row band's shrink is split into (default persistent_splits), for tuning.
+    with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys); splits: the
+    number of d_in ranges each row band's shrink is split into; shrink_programs: how many programs
+    run the shrink (each then one GEMM tile fewer); shrink_stages: the shrink loop's pipeline depth
+    (defaults: persistent_plan), for tuning.
     """
     if check:
         scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
@@ -902,11 +951,16 @@ def lora_gemm_persistent(
     s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     rows = cdiv(T, bm)
-    # Per row band a flag (1: S' ready) and a count of its finished items, then the item counter.
-    # Zeroed on every call (a memset: also inside a CUDA graph).
-    flags = torch.zeros(2 * rows + 1, dtype=torch.int32, device=x.device)
-    sms = num_sms(x.device)
-    splits = splits or persistent_splits(rows, cdiv(D, bk), sms)
+    # Per row band a flag (1: S' ready) and a count of its finished items, then the item counter and
+    # the arrival counter. Zeroed on every call (a memset: also inside a CUDA graph).
+    flags = torch.zeros(2 * rows + 2, dtype=torch.int32, device=x.device)
+    programs = min(num_sms(x.device), rows * cdiv(N, bn))
+    plan = persistent_plan(rows, cdiv(D, bk), rows * cdiv(N, bn), programs)
+    splits = splits or plan[0]
+    shrink_programs = shrink_programs or plan[1]
+    if not 1 <= shrink_programs <= programs or splits < 1:
+        raise ValueError(f"shrink_programs must be in 1..{programs} and splits >= 1, got {shrink_programs}, {splits}")
+    shrink_stages = shrink_stages or plan[2]
     # The shrink items' partial sums (unused with one split).
     part = torch.empty((splits, rows * bm, br) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
@@ -920,18 +974,18 @@ def lora_gemm_persistent(
     bmp = b_map if has_map else scale
     s_, u_ = (s if save else dummy), (u if u is not None else dummy)
     launch(
-        _lora_layer_tma_kernel, (min(sms, rows * cdiv(N, bn)),),
+        _lora_layer_tma_kernel, (programs,),
         TensorDescriptor(x, [T, D], [x.stride(0), 1], [bm, bk]),
         TensorDescriptor(weight, [N, D], [weight.stride(0), 1], [bn, bk]),
         TensorDescriptor(a_cat, [R, D], [a_cat.stride(0), 1], [br, bk]),
         TensorDescriptor(y, [T, N], [y.stride(0), 1], [bm, bn]),
         c, bias if bias is not None else dummy, scale, am, bmp, sp, s_, u_, flags, part,
-        T, N, D, R, MR, splits,
+        T, N, D, R, MR, splits, shrink_programs,
         c.stride(1), c.stride(0),
         am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
         bmp.stride(0) if has_map else 0, bmp.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_BIAS=bias is not None, HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype), MAP_PREC="ieee",
-        NUM_SMS=sms, BLOCK_R=br, BLOCK_MR=block_for(MR), **launch_kwargs(cfg),
+        NUM_SMS=programs, BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_STAGES=shrink_stages, **launch_kwargs(cfg),
     )
     return y, sp, s, u

@@ -463,15 +463,17 @@ def _shrink_block(a_desc, b_desc, off_t, k_lo, k_hi, split, SPLITS, part_ptr, pa
                   scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
                   T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
                   HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                  STAGES: tl.constexpr = None):
     """One work item of the copy-engine shrink: x a_cat^T for rows off_t .. off_t + BLOCK_T over columns
     k_lo .. k_hi of d_in (a_desc: x, b_desc: a_cat, both read by the copy engine; parts past T, d_in
     or R come back as zeros). With one split it finishes the rows itself (_band_finish). Else it
     stores its partial to part_ptr[split] (part_rows rows of BLOCK_R columns per split) and counts
     itself in at count_ptr; the last of the rows' SPLITS items sums the partials in split order
-    (deterministic) and finishes. Returns whether this program finished the rows."""
+    (deterministic) and finishes. Returns whether this program finished the rows. STAGES: the loop's
+    own pipeline depth (None: the launch's num_stages)."""
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         acc = tl.dot(a_desc.load([off_t, k0]), b_desc.load([0, k0]).T, acc, input_precision=PREC)
     done = SPLITS == 1
     if not done:

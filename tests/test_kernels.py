@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 import importlib
@@ -205,6 +206,31 @@ def test_lora_gemm(T, d_in, d_out, R, m, dtype, seeded):
     assert rel_err(lora_gemm(a, w.t()), a.double() @ w.double().t()) < TOL[dtype]
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the Hopper GEMM's tail forms are compiled for a GPU")
+@pytest.mark.parametrize("pipe", [True, False], ids=["pipelined", "flat"])
+@pytest.mark.parametrize("R", [1, 64, 65, 130])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_gemm_tail_loops(R, pipe, dtype, seeded):
+    """Both forms of the TMA GEMM's low-rank tail loop (TAIL_PIPE, chosen by the rank's step count):
+    one step, a full step, a partial second step, three steps; forward and backward layouts."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    if not lg._tma_available(torch.device(DEVICE)):
+        pytest.skip("no TMA on this GPU")
+    T, d_in, d_out = 300, 136, 264
+    a = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    s = torch.randn(T, R, device=DEVICE).to(dtype)
+    c = (torch.randn(d_out, R, device=DEVICE) / R ** 0.5).to(dtype)
+    base = lg.tma_config(T, d_out, d_in)
+    cfg = triton.Config(dict(base.kwargs, TAIL_PIPE=pipe), num_warps=base.num_warps, num_stages=base.num_stages)
+    for b in (w.t(), w.t().contiguous()):
+        out = lora_gemm(a, b, s, c.t(), impl="tma", config=cfg)
+        ref = a.double() @ b.double() + s.double() @ c.double().t()
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+        # The tail alone, about as large as the base product here: a dropped step would show.
+        assert rel_err(out - lora_gemm(a, b, impl="tma", config=cfg), ref - a.double() @ b.double()) < 4 * TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
@@ -319,6 +345,40 @@ def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, loop, seeded):
 
 
 @needs_hopper
+@pytest.mark.parametrize("plan", [(1, 1, None), (3, 2, 6), (None, 4, 3), ("all", 1, 8)],
+                         ids=["one-program", "three-split2", "split4", "all-programs"])
+def test_lora_gemm_persistent_plans(plan, seeded):
+    """Shrink plans beside the default: one program shrinking every band while the others wait, a few
+    programs on split bands, every program shrinking (each then a tile fewer); a partial last band."""
+    p1, splits, stages = plan
+    T, d_in, d_out, R, m, dtype = 4100, 1024, 2048, 48, 16, torch.bfloat16
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    y_ref, sp_ref, _, _ = _layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)
+    if p1 == "all":
+        p1 = min(torch.cuda.get_device_properties(DEVICE).multi_processor_count, -(-T // 128) * (d_out // 256))
+    y, sp, _, _ = lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, shrink_programs=p1,
+                                       splits=splits, shrink_stages=stages)
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(sp, sp_ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="shrink_programs must be"):
+        lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, shrink_programs=10 ** 6)
+
+
+def test_persistent_plan():
+    """The shrink plan's model: where the last wave leaves enough free slots the shrink takes them
+    (no extra wave); every plan within its bounds."""
+    from lorafuse.kernels.lora_gemm import PERSISTENT_BAND_COST, persistent_plan
+    # T = 8192, 4096 x 4096 on 132 SMs: 1024 tiles, 8 waves, 32 free slots in the last.
+    splits, p1, _ = persistent_plan(64, 64, 1024, 132)
+    assert p1 <= 32 and -(-64 * splits // p1) * PERSISTENT_BAND_COST / splits + 7 <= 8
+    for bands, k_tiles, tiles, programs in [(8, 16, 128, 128), (16, 64, 256, 132), (128, 224, 2048, 132),
+                                           (9, 2, 9, 9), (33, 64, 33 * 56, 132)]:
+        splits, p1, stages = persistent_plan(bands, k_tiles, tiles, programs)
+        assert 1 <= p1 <= min(programs, bands * splits) and stages >= 1
+        assert splits == 1 or 4 * splits <= k_tiles
+
+
+@needs_hopper
 def test_lora_gemm_persistent_reads_this_calls_bands(seeded):
     """Each GEMM tile must read its band's S' of this call, never a previous call's (the buffers of
     consecutive calls share addresses through torch's caching allocator, and a tile that did not wait
@@ -375,7 +435,7 @@ types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64
          "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32", "part_ptr": "*fp32"}
 consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee", "NUM_SMS": 132,
           "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
-          "FLATTEN": True, "WARP_SPECIALIZE": True}
+          "FLATTEN": True, "WARP_SPECIALIZE": True, "SHRINK_STAGES": 6}
 sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 8, "num_stages": 3})
