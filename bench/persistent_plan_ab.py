@@ -6,7 +6,8 @@ deep a pipeline) against the two-launch path, from CUDA graphs.
 
 For each shape T x d_in x d_out, bf16, LoraMap (R, m), every variant replayed from a CUDA graph (L2
 flushed before each replay by do_bench), once per round, the order reversed every other round:
-"cublas" (F.linear), "two_launch" (lorafuse.lora_linear through shrink + lora_gemm), "op_persistent"
+"cublas" (F.linear), "two_launch" (lorafuse.lora_linear through shrink + lora_gemm; also with its
+low-rank tail software-pipelined at every rank, "two_launch_pipelined_tail"), "op_persistent"
 (lorafuse.lora_linear through the persistent layer with its default plan), "plan" (the kernel alone,
 kernels.lora_gemm.persistent_plan), "all_programs" (every program may shrink, as before the plan:
 its tiles not reduced), and the --variants given (p1 = shrinking programs, splits, stages of the
@@ -90,7 +91,16 @@ def main() -> None:
             finally:
                 ops.PERSISTENT = old
 
+        def pipelined_tail():
+            old = lg.TAIL_PIPE_MIN_STEPS
+            lg.TAIL_PIPE_MIN_STEPS = 1
+            try:
+                return op(False)
+            finally:
+                lg.TAIL_PIPE_MIN_STEPS = old
+
         fns = {"cublas": lambda: F.linear(x, w), "two_launch": lambda: op(False), "op_persistent": lambda: op(True),
+               "two_launch_pipelined_tail": pipelined_tail,
                "plan": lambda: lg.lora_gemm_persistent(x, w, None, a, b, scale, am, bm)[0],
                "all_programs": lambda: lg.lora_gemm_persistent(
                    x, w, None, a, b, scale, am, bm, shrink_programs=programs,

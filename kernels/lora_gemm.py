@@ -646,9 +646,7 @@ def lora_gemm(
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
-            # A one-step tail is not software-pipelined: its prologue cost more than it hid
-            # (tail-loop-ab-e0afd5c-*.json, bench/NOTES.md entry 22); from two steps it is.
-            **({} if tuned else {"TAIL_PIPE": R > bk, **launch_kwargs(cfg)}),
+            **({} if tuned else {"TAIL_PIPE": cdiv(R, bk) >= TAIL_PIPE_MIN_STEPS, **launch_kwargs(cfg)}),
         )
         return out
 
@@ -674,6 +672,11 @@ def lora_gemm(
     )
     return out
 
+
+# The Hopper GEMM's low-rank tail is software-pipelined from this many BLOCK_K steps: a one-step
+# tail's pipeline prologue cost more than it hid (tail-loop-ab-e0afd5c-*.json, bench/NOTES.md
+# entries 22-23); from two steps pipelining wins.
+TAIL_PIPE_MIN_STEPS = 2
 
 # From this many rows on, s and c are re-laid out when their rank strides are not multiples of 16.
 ALIGN_MIN_T = 256
@@ -865,14 +868,16 @@ def persistent_splits(bands: int, k_tiles: int, sms: int) -> int:
 
 
 # The shrink's time per row band in units of one GEMM tile's (both scale with d_in), for
-# persistent_plan; and the shrink loop's pipeline depth in the persistent layer.
+# persistent_plan; and the shrink loop's pipeline depth in the persistent layer up to 64 rank
+# columns (persistent-plan-ab-*.json: 6 stages 0.01-0.26x faster than the launch's 3; at 128 columns
+# six stages do not fit in shared memory beside the GEMM's).
 PERSISTENT_BAND_COST = 0.5
 PERSISTENT_SHRINK_STAGES = 6
 
 
 @functools.lru_cache(maxsize=256)
-def persistent_plan(bands: int, k_tiles: int, tiles: int, programs: int) -> Tuple[int, int, int]:
-    """(splits, shrink_programs, shrink_stages) of the persistent layer for `bands` row bands,
+def persistent_plan(bands: int, k_tiles: int, tiles: int, programs: int) -> Tuple[int, int]:
+    """(splits, shrink_programs) of the persistent layer for `bands` row bands,
     `k_tiles` steps of d_in, `tiles` GEMM tiles and `programs` programs.
 
     Each shrinking program gives up one tile slot, so the layer's time in tile units is about
@@ -893,7 +898,7 @@ def persistent_plan(bands: int, k_tiles: int, tiles: int, programs: int) -> Tupl
             cost = (max(waves, shrink + slots), items)
             if best is None or cost < best[0]:
                 best = (cost, splits, p1)
-    return best[1], best[2], PERSISTENT_SHRINK_STAGES
+    return best[1], best[2]
 
 
 def persistent_config(T: int, N: int, K: int) -> triton.Config:
@@ -925,8 +930,8 @@ def lora_gemm_persistent(
     reads it), s and u only when save. Needs persistent_ok(x, weight, a_cat). config: a triton.Config
     with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys); splits: the
     number of d_in ranges each row band's shrink is split into; shrink_programs: how many programs
-    run the shrink (each then one GEMM tile fewer); shrink_stages: the shrink loop's pipeline depth
-    (defaults: persistent_plan), for tuning.
+    run the shrink (each then one GEMM tile fewer) (defaults: persistent_plan); shrink_stages: the
+    shrink loop's pipeline depth (default PERSISTENT_SHRINK_STAGES up to R = 64), for tuning.
     """
     if check:
         scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
@@ -960,7 +965,7 @@ def lora_gemm_persistent(
     shrink_programs = shrink_programs or plan[1]
     if not 1 <= shrink_programs <= programs or splits < 1:
         raise ValueError(f"shrink_programs must be in 1..{programs} and splits >= 1, got {shrink_programs}, {splits}")
-    shrink_stages = shrink_stages or plan[2]
+    shrink_stages = shrink_stages or (PERSISTENT_SHRINK_STAGES if br <= 64 else None)
     # The shrink items' partial sums (unused with one split).
     part = torch.empty((splits, rows * bm, br) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     # The expand reads b_cat^T (R, N) in (R-wide) rows of b_cat; keep them 16-element aligned (see
