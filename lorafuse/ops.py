@@ -39,8 +39,8 @@ FUSED_MAX_R = 128
 
 # Many tokens on Hopper: the whole layer in one persistent launch, the shrink as its first phase
 # (kernels.lora_gemm.persistent_ok says where it can run), instead of shrink + lora_gemm. Off unless
-# LORAFUSE_PERSISTENT=1: through the op it measured slower than the two launches at T = 8192 on all
-# three benchmark shapes and faster only at T = 2048, 4096 x 4096 (bench/NOTES.md, entry 8).
+# LORAFUSE_PERSISTENT=1: from CUDA graphs it measured 1.5-6 points slower than the two launches at
+# T = 2048-16384 on the three benchmark shapes (bench/NOTES.md, entries 8 and 23).
 PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
 # From EXPAND_CUBLAS_MIN_T to EXPAND_CUBLAS_MAX_T rows the expand of 16-bit inputs runs on cuBLAS:
