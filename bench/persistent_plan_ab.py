@@ -10,8 +10,9 @@ flushed before each replay by do_bench), once per round, the order reversed ever
 low-rank tail software-pipelined at every rank, "two_launch_pipelined_tail"), "op_persistent"
 (lorafuse.lora_linear through the persistent layer with its default plan), "plan" (the kernel alone,
 kernels.lora_gemm.persistent_plan), "all_programs" (every program may shrink, as before the plan:
-its tiles not reduced), and the --variants given (p1 = shrinking programs, splits, stages of the
-shrink loop; "p1=slack" takes the last wave's free slots). Medians over rounds, ratios to cublas,
+its tiles not reduced), and the --variants given (p1 = shrinking programs, "plan" by default and
+"slack" for the last wave's free slots; splits; stages of the shrink loop; wait_all=1: one wait for
+every band before the tuned loop). Medians over rounds, ratios to cublas,
 every output checked against float32. Also whether the compiled GEMM loop is warp-specialised.
 Writes persistent-plan-ab-<gpu>-<date>.json.
 """
@@ -36,16 +37,18 @@ from lorafuse.kernels.utils import cdiv, num_sms  # noqa: E402
 
 lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
-DEFAULT_VARIANTS = ["p1=slack,splits=1,stages=6", "p1=slack,splits=1,stages=3", "p1=slack,splits=2,stages=6",
-                    "p1=16,splits=1,stages=6", "p1=64,splits=1,stages=6", "p1=66,splits=2,stages=6"]
+DEFAULT_VARIANTS = ["wait_all=1", "p1=slack,wait_all=1", "p1=64,splits=1,wait_all=1"]
 
 
-def parse_variant(spec: str, slack: int, programs: int) -> dict:
+def parse_variant(spec: str, slack: int, programs: int, plan) -> dict:
     kv = dict(part.split("=") for part in spec.split(","))
-    p1 = kv.get("p1", "slack")
-    p1 = max(1, slack) if p1 == "slack" else int(p1)
+    p1 = kv.get("p1", "plan")
+    p1 = max(1, slack) if p1 == "slack" else plan[1] if p1 == "plan" else int(p1)
+    if "splits" not in kv and kv.get("p1", "plan") == "plan":
+        kv["splits"] = plan[0]
     return {"shrink_programs": min(p1, programs), "splits": int(kv.get("splits", 1)),
-            "shrink_stages": int(kv["stages"]) if "stages" in kv else None}
+            "shrink_stages": int(kv["stages"]) if "stages" in kv else None,
+            "wait_all": kv.get("wait_all", "0") == "1"}
 
 
 def warp_specialised() -> dict:
@@ -107,7 +110,7 @@ def main() -> None:
                    splits=lg.persistent_splits(bands, cdiv(d_in, 64), programs))[0]}
         specs = {}
         for spec in args.variants:
-            kw = parse_variant(spec, slack, programs)
+            kw = parse_variant(spec, slack, programs, plan)
             specs[spec] = kw
             fns[spec] = (lambda kw=kw: lg.lora_gemm_persistent(x, w, None, a, b, scale, am, bm, **kw)[0])
         errs = {}
