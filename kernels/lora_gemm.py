@@ -722,7 +722,8 @@ def lora_gemm(
 
 # The Hopper GEMM's low-rank tail is software-pipelined from this many BLOCK_K steps: a one-step
 # tail's pipeline prologue cost more than it hid (tail-loop-ab-e0afd5c-*.json, bench/NOTES.md
-# entries 22-23); from two steps pipelining wins.
+# entries 22-23); from two steps pipelining wins. (The autotuned launch, LORAFUSE_AUTOTUNE=1,
+# keeps the pipelined loop: its BLOCK_K is chosen after the launch arguments.)
 TAIL_PIPE_MIN_STEPS = 2
 
 # From this many rows on, s and c are re-laid out when their rank strides are not multiples of 16.
