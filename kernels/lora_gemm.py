@@ -262,6 +262,7 @@ def _lora_gemm_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     SHARED: tl.constexpr = False,
+    TAIL_PIPE: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -310,7 +311,7 @@ def _lora_gemm_kernel(
             ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
         tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
         acc = _lowrank_tail(acc, save_sp_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                            stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg")
+                            stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg", TAIL_PIPE)
     elif FUSE_SHRINK:
         u, v, sp = map_and_scale(acc_s, offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, MR,
                                  stride_amm, stride_amr, stride_bmr, stride_bmm,
@@ -330,7 +331,7 @@ def _lora_gemm_kernel(
                              mask=m_mask[:, None] & (offs_mr[None, :] < MR))
     else:
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "")
+                            stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "", TAIL_PIPE)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -715,12 +716,12 @@ def lora_gemm(
         0, 0, 0, 0, 0, 0, 0, 0, 0,
         HAS_BIAS=bias is not None, FUSE_SHRINK=False, HAS_MAP=False, SAVE=False,
         PREC=dot_precision(a.dtype), MAP_PREC="ieee", BLOCK_R=16, BLOCK_MR=16,
-        EVEN_K=_even_k(K, cfg), **cfg,
+        EVEN_K=_even_k(K, cfg), **_tail_pipe(R, cfg), **cfg,
     )
     return out
 
 
-# The Hopper GEMM's low-rank tail is software-pipelined from this many BLOCK_K steps: a one-step
+# The GEMMs' low-rank tail is software-pipelined from this many BLOCK_K steps: a one-step
 # tail's pipeline prologue cost more than it hid (tail-loop-ab-e0afd5c-*.json, bench/NOTES.md
 # entries 22-23); from two steps pipelining wins. (The autotuned launch, LORAFUSE_AUTOTUNE=1,
 # keeps the pipelined loop: its BLOCK_K is chosen after the launch arguments.)
@@ -755,6 +756,14 @@ def _rank_aligned(s: torch.Tensor, c: torch.Tensor):
             buf.copy_(c)
             c = buf
     return s, c
+
+
+def _tail_pipe(R: int, cfg: dict) -> dict:
+    """The pointer kernel's TAIL_PIPE for R rank columns (TAIL_PIPE_MIN_STEPS); under autotuning
+    BLOCK_K is unknown here: the kernel's default (pipelined)."""
+    if "BLOCK_K" not in cfg or "TAIL_PIPE" in cfg:  # tuned, or given in an explicit config
+        return {}
+    return {"TAIL_PIPE": cdiv(R, cfg["BLOCK_K"]) >= TAIL_PIPE_MIN_STEPS}
 
 
 def _even_k(K: int, cfg: dict) -> bool:
@@ -866,7 +875,8 @@ def lora_gemm_fused(
         s_.stride(0), u_.stride(0), sp_.stride(0),
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
-        BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **cfg,
+        BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **_tail_pipe(R, cfg),
+        **cfg,
     )
     return y, (sp if save else None), s, u
 
