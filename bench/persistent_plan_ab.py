@@ -11,9 +11,10 @@ low-rank tail software-pipelined at every rank, "two_launch_pipelined_tail"), "o
 (lorafuse.lora_linear through the persistent layer with its default plan), "plan" (the kernel alone,
 kernels.lora_gemm.persistent_plan), "all_programs" (every program may shrink, as before the plan:
 its tiles not reduced), and the --variants given (p1 = shrinking programs, "plan" by default and
-"slack" for the last wave's free slots; splits; stages of the shrink loop; wait_all=1: one wait for
-every band before the tuned loop). Medians over rounds, ratios to cublas,
-every output checked against float32. Also whether the compiled GEMM loop is warp-specialised.
+"slack" for the last wave's free slots; splits; stages of the shrink loop). (At da9cb8d a variant
+key wait_all=1 chose one wait for every band before the tuned loop; measured and removed.) Medians
+over rounds, ratios to cublas, every output checked against float32. Also whether the compiled GEMM
+loop is warp-specialised.
 Writes persistent-plan-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lorafuse.kernels.utils import cdiv, num_sms  # noqa: E402
 
 lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
-DEFAULT_VARIANTS = ["wait_all=1", "p1=slack,wait_all=1", "p1=64,splits=1,wait_all=1"]
+DEFAULT_VARIANTS = ["p1=slack,splits=1,stages=6", "p1=slack,splits=1,stages=3", "p1=64,splits=1,stages=6"]
 
 
 def parse_variant(spec: str, slack: int, programs: int, plan) -> dict:
@@ -47,8 +48,7 @@ def parse_variant(spec: str, slack: int, programs: int, plan) -> dict:
     if "splits" not in kv and kv.get("p1", "plan") == "plan":
         kv["splits"] = plan[0]
     return {"shrink_programs": min(p1, programs), "splits": int(kv.get("splits", 1)),
-            "shrink_stages": int(kv["stages"]) if "stages" in kv else None,
-            "wait_all": kv.get("wait_all", "0") == "1"}
+            "shrink_stages": int(kv["stages"]) if "stages" in kv else None}
 
 
 def warp_specialised() -> dict:

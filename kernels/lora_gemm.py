@@ -441,7 +441,6 @@ def _lora_layer_tma_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     SHRINK_STAGES: tl.constexpr = None,
-    WAIT_ALL: tl.constexpr = False,
     TAIL_PIPE: tl.constexpr = True,
 ):
     """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
@@ -455,8 +454,6 @@ def _lora_layer_tma_kernel(
        (release). Splitting d_in spreads one band's reading of x over several SMs.
     2. The base GEMM's tiles in grouped order, with the same loop as lora_gemm's Hopper kernel; after
        its main loop a tile waits for its band's flag (acquire) and adds S' b_cat^T as extra K-steps.
-       WAIT_ALL: instead, every program waits once for all bands (a count of finished bands) before
-       the tuned loop; one that does not shrink computes its first tile's product before that wait.
        Tiles are dealt in slots: slot v of the program with ticket v % P is tile v - SHRINK_PROGS,
        and the shrinking programs skip their first slot. So with SHRINK_PROGS < P the shrink takes
        the place of one tile in each shrinking program, and where the tile count leaves the last
@@ -487,78 +484,36 @@ def _lora_layer_tma_kernel(
                              BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR, SHRINK_STAGES):
                 tl.debug_barrier()  # every thread's stores issued before the flag is released
                 tl.atomic_xchg(flag_ptr + band, 1, sem="release")
-                tl.atomic_add(flag_ptr + 2 * num_pid_m + 2, 1, sem="release")  # bands done
             item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
 
     num_tiles = num_pid_m * num_pid_n
     first = tl.where(ticket < SHRINK_PROGS, ticket + programs, ticket)
-    if WAIT_ALL:
-        # Every band's S' before the tuned loop, so that the loop holds no waits (a wait inside it
-        # kept Triton from warp-specialising it). A program that does not shrink computes its first
-        # tile's product meanwhile, in a plain loop.
-        if ticket >= SHRINK_PROGS:
-            pid_m, pid_n = _tile_ids(ticket - SHRINK_PROGS, num_pid_m, num_pid_n, GROUP_M)
-            acc = _layer_tile_product(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_tiles, PREC,
-                                      BLOCK_M, BLOCK_N, BLOCK_K)
-            _wait_count(flag_ptr + 2 * num_pid_m + 2, num_pid_m)
-            _layer_tile_finish(acc, out_desc, sp_ptr, c_ptr, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, T, N, R,
-                               stride_spm, stride_cr, stride_cn, HAS_BIAS, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
-                               TAIL_PIPE)
-            first += programs
-        else:
-            _wait_count(flag_ptr + 2 * num_pid_m + 2, num_pid_m)
     for slot in tl.range(first, num_tiles + SHRINK_PROGS, programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         tile_id = slot - SHRINK_PROGS
         pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = _layer_tile_product(x_desc, w_desc, off_m, off_n, k_tiles, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        if not WAIT_ALL:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            b = w_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, input_precision=PREC)
+        ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
+        while ready != 1:
             ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
-            while ready != 1:
-                ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
-            tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
-        _layer_tile_finish(acc, out_desc, sp_ptr, c_ptr, bias_ptr, off_m, off_n, T, N, R,
-                           stride_spm, stride_cr, stride_cn, HAS_BIAS, PREC, BLOCK_M, BLOCK_N, BLOCK_K, TAIL_PIPE)
-
-
-@triton.jit
-def _layer_tile_product(x_desc, w_desc, off_m, off_n, k_tiles, PREC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ki in range(k_tiles):
-        a = x_desc.load([off_m, ki * BLOCK_K])
-        b = w_desc.load([off_n, ki * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _layer_tile_finish(acc, out_desc, sp_ptr, c_ptr, bias_ptr, off_m, off_n, T, N, R,
-                       stride_spm, stride_cr, stride_cn, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_PIPE: tl.constexpr):
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < T
-    n_mask = offs_n < N
-    # S' was written by another program of this launch: read it from L2 (".cg"), never from this
-    # SM's L1, which may hold a stale line shared with the band above.
-    acc = _lowrank_tail(acc, sp_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
-                        stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg", TAIL_PIPE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
-
-
-@triton.jit
-def _wait_count(ptr, target):
-    """Spin until the counter at ptr reaches target (acquire), then a barrier, so that every thread's
-    later loads see what the counted programs released."""
-    seen = tl.atomic_add(ptr, 0, sem="acquire")
-    while seen < target:
-        seen = tl.atomic_add(ptr, 0, sem="acquire")
-    tl.debug_barrier()
+        tl.debug_barrier()  # S' read only after the flag (thread 0's acquire) is seen by all
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < T
+        n_mask = offs_n < N
+        # S' was written by another program of this launch: read it from L2 (".cg"), never from this
+        # SM's L1, which may hold a stale line shared with the band above.
+        acc = _lowrank_tail(acc, sp_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
+                            stride_spm, 1, stride_cr, stride_cn, PREC, BLOCK_K, ".cg", TAIL_PIPE)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 _lora_gemm_tuned = triton.autotune(
@@ -694,7 +649,7 @@ def lora_gemm(
             T, N, K, R, t_bucket(T),
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
-            **({} if tuned else {"TAIL_PIPE": cdiv(R, bk) >= TAIL_PIPE_MIN_STEPS, **launch_kwargs(cfg)}),
+            **({} if tuned else {**_tail_pipe(R, cfg.kwargs), **launch_kwargs(cfg)}),
         )
         return out
 
@@ -759,8 +714,9 @@ def _rank_aligned(s: torch.Tensor, c: torch.Tensor):
 
 
 def _tail_pipe(R: int, cfg: dict) -> dict:
-    """The pointer kernel's TAIL_PIPE for R rank columns (TAIL_PIPE_MIN_STEPS); under autotuning
-    BLOCK_K is unknown here: the kernel's default (pipelined)."""
+    """TAIL_PIPE for R rank columns and a config's BLOCK_K (TAIL_PIPE_MIN_STEPS), as launch keywords;
+    none where the config sets it or, under autotuning, has no BLOCK_K yet (the kernels' default,
+    pipelined)."""
     if "BLOCK_K" not in cfg or "TAIL_PIPE" in cfg:  # tuned, or given in an explicit config
         return {}
     return {"TAIL_PIPE": cdiv(R, cfg["BLOCK_K"]) >= TAIL_PIPE_MIN_STEPS}
@@ -931,9 +887,6 @@ def persistent_splits(bands: int, k_tiles: int, sms: int) -> int:
 # six stages do not fit in shared memory beside the GEMM's).
 PERSISTENT_BAND_COST = 0.5
 PERSISTENT_SHRINK_STAGES = 6
-# Whether the persistent layer's programs wait once for every band before the tuned tile loop
-# (a loop without waits, which Triton can warp-specialise) rather than per tile.
-PERSISTENT_WAIT_ALL = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -984,7 +937,6 @@ def lora_gemm_persistent(
     splits: Optional[int] = None,
     shrink_programs: Optional[int] = None,
     shrink_stages: Optional[int] = None,
-    wait_all: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The whole layer in one persistent launch, the shrink as its first phase (Hopper, many tokens).
 
@@ -994,10 +946,8 @@ def lora_gemm_persistent(
     with BLOCK_M/N/K, GROUP_M, FLATTEN, WARP_SPECIALIZE (persistent_config's keys); splits: the
     number of d_in ranges each row band's shrink is split into; shrink_programs: how many programs
     run the shrink (each then one GEMM tile fewer when fewer than all) (defaults: persistent_plan);
-    shrink_stages: the
-    shrink loop's pipeline depth (default PERSISTENT_SHRINK_STAGES up to R = 64); wait_all: every
-    program waits once for all bands before its tuned tile loop (default PERSISTENT_WAIT_ALL), for
-    tuning.
+    shrink_stages: the shrink loop's pipeline depth (default PERSISTENT_SHRINK_STAGES up to R = 64);
+    for tuning.
     """
     if check:
         scale, bias = _check_layer_operands(x, weight, bias, a_cat, b_cat, scale, a_map, b_map)
@@ -1022,10 +972,9 @@ def lora_gemm_persistent(
     s = new_empty((T, R), torch.float32, x.device) if save else None
     u = new_empty((T, MR), torch.float32, x.device) if (save and has_map) else None
     rows = cdiv(T, bm)
-    # Per row band a flag (1: S' ready) and a count of its finished items, then the item counter, the
-    # arrival counter and the count of finished bands. Zeroed on every call (a memset: also inside a
-    # CUDA graph).
-    flags = torch.zeros(2 * rows + 3, dtype=torch.int32, device=x.device)
+    # Per row band a flag (1: S' ready) and a count of its finished items, then the item counter and
+    # the arrival counter. Zeroed on every call (a memset: also inside a CUDA graph).
+    flags = torch.zeros(2 * rows + 2, dtype=torch.int32, device=x.device)
     programs = min(num_sms(x.device), rows * cdiv(N, bn))
     k_tiles = cdiv(D, bk)
     plan = persistent_plan(rows, k_tiles, rows * cdiv(N, bn), programs)
@@ -1064,8 +1013,7 @@ def lora_gemm_persistent(
         bmp.stride(0) if has_map else 0, bmp.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_BIAS=bias is not None, HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype), MAP_PREC="ieee",
-        BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_STAGES=shrink_stages,
-        WAIT_ALL=PERSISTENT_WAIT_ALL if wait_all is None else bool(wait_all),
-        TAIL_PIPE=cdiv(R, bk) >= TAIL_PIPE_MIN_STEPS, **launch_kwargs(cfg),
+        BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_STAGES=shrink_stages, **_tail_pipe(R, cfg.kwargs),
+        **launch_kwargs(cfg),
     )
     return y, sp, s, u

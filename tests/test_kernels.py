@@ -347,15 +347,13 @@ def test_lora_gemm_persistent(T, d_in, d_out, R, m, dtype, loop, seeded):
 
 
 @needs_hopper
-@pytest.mark.parametrize("wait_all", [False, True], ids=["per-tile-wait", "wait-all"])
 @pytest.mark.parametrize("plan", [(1, 1, None, 4100), (3, 2, 6, 4100), (None, 4, 3, 4100), ("all", 1, 8, 4100),
                                   (5, 1, None, 1030), (None, None, None, 1030)],
                          ids=["one-program", "three-split2", "split4", "all-programs", "few-tiles-5", "few-tiles"])
-def test_lora_gemm_persistent_plans(plan, wait_all, seeded):
+def test_lora_gemm_persistent_plans(plan, seeded):
     """Shrink plans beside the default: one program shrinking every band while the others wait, a few
     programs on split bands, every program shrinking (the tiles then dealt as without a plan); at
-    T = 1030 fewer tiles (72) than SMs, so fewer programs; partial last bands. Per-tile waits on the
-    bands, or one wait for all bands before the tuned loop."""
+    T = 1030 fewer tiles (72) than SMs, so fewer programs; partial last bands."""
     p1, splits, stages, T = plan
     d_in, d_out, R, m, dtype = 1024, 2048, 48, 16, torch.bfloat16
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
@@ -364,7 +362,7 @@ def test_lora_gemm_persistent_plans(plan, wait_all, seeded):
     if p1 == "all":
         p1 = min(torch.cuda.get_device_properties(DEVICE).multi_processor_count, -(-T // 128) * (d_out // 256))
     y, sp, _, _ = lora_gemm_persistent(x, w, None, a_cat, b_cat, scale, a_map, b_map, shrink_programs=p1,
-                                       splits=splits, shrink_stages=stages, wait_all=wait_all)
+                                       splits=splits, shrink_stages=stages)
     assert rel_err(y, y_ref) < TOL[dtype] and rel_err(sp, sp_ref) < TOL[dtype]
     for bad in (0, 10 ** 6):
         with pytest.raises(ValueError, match="shrink_programs must be"):
@@ -443,17 +441,16 @@ types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64
          "al_desc": "tensordesc<bf16[64,64]>", "out_desc": "tensordesc<bf16[128,256]>", "c_ptr": "*bf16",
          "bias_ptr": "*bf16", "scale_ptr": "*fp32", "a_map_ptr": "*fp32", "b_map_ptr": "*fp32", "sp_ptr": "*bf16",
          "s_ptr": "*fp32", "u_ptr": "*fp32", "flag_ptr": "*i32", "part_ptr": "*fp32"}
-for wait_all in (False, True):
+for tail_pipe in (False, True):
     consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee",
               "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
-              "FLATTEN": True, "WARP_SPECIALIZE": True, "SHRINK_STAGES": 6, "WAIT_ALL": wait_all,
-              "TAIL_PIPE": not wait_all}
+              "FLATTEN": True, "WARP_SPECIALIZE": True, "SHRINK_STAGES": 6, "TAIL_PIPE": tail_pipe}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 8, "num_stages": 3})
     ptx = k.asm["ptx"]
-    # One thread releases each band's flag, and waits for it (or for the count of bands) with
-    # acquire loads; the expand reads S' from L2, not L1.
+    # One thread releases each band's flag, and waits for it with acquire loads; the expand reads S'
+    # from L2, not L1.
     assert "atom.global.gpu.release.exch.b32" in ptx and "ld.global.gpu.acquire.b32" in ptx
     assert "ld.global.cg" in ptx
 S = importlib.import_module("lorafuse.kernels.shrink")
