@@ -1,6 +1,8 @@
 """What every benchmark result file records, and how it is written."""
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import json
 import os
@@ -116,6 +118,17 @@ def round_order(names: list, round_index: int) -> list:
     fixed order, two identical variants timed one after the other read 3-13 % apart on an H200 (the
     second faster; bench/NOTES.md, entry 15)."""
     return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """Within the block, obj.name is value (a module switch such as ops.PERSISTENT); restored after."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 def graphed(fn):

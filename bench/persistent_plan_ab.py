@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, layer_inputs, patched, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 import lorafuse.ops as ops  # noqa: E402
@@ -87,20 +87,12 @@ def main() -> None:
         plan = lg.persistent_plan(bands, cdiv(d_in, 64), tiles, programs)
 
         def op(persistent):
-            old = ops.PERSISTENT
-            ops.PERSISTENT = persistent
-            try:
+            with patched(ops, "PERSISTENT", persistent):
                 return lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
-            finally:
-                ops.PERSISTENT = old
 
         def pipelined_tail():
-            old = lg.TAIL_PIPE_MIN_STEPS
-            lg.TAIL_PIPE_MIN_STEPS = 1
-            try:
+            with patched(lg, "TAIL_PIPE_MIN_STEPS", 1):
                 return op(False)
-            finally:
-                lg.TAIL_PIPE_MIN_STEPS = old
 
         fns = {"cublas": lambda: F.linear(x, w), "two_launch": lambda: op(False), "op_persistent": lambda: op(True),
                "two_launch_pipelined_tail": pipelined_tail,

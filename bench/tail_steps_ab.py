@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, layer_inputs, patched, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -50,12 +50,8 @@ def main() -> None:
             ref = lorafuse.lora_linear_reference(x.float(), w.float(), None, a.float(), b.float(), scale, am, bm)
 
             def op(steps):
-                old = lg.TAIL_PIPE_MIN_STEPS
-                lg.TAIL_PIPE_MIN_STEPS = steps
-                try:
+                with patched(lg, "TAIL_PIPE_MIN_STEPS", steps):
                     return lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
-                finally:
-                    lg.TAIL_PIPE_MIN_STEPS = old
 
             fns = {"cublas": lambda: F.linear(x, w), "pipelined": lambda: op(1), "flat_one_step": lambda: op(2)}
             err = {k: ((fns[k]().float() - ref).abs().max() / ref.abs().max()).item()

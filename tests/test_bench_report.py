@@ -109,3 +109,30 @@ def test_save_json_keeps_an_earlier_runs_file(tmp_path, monkeypatch):
     again = common.save_json({"rows": [2, 3]}, str(tmp_path), "kernels")
     assert first != second == again and second.endswith("-2.json")
     assert json.load(open(first)) == {"rows": [1]} and json.load(open(second)) == {"rows": [2, 3]}
+
+
+def test_patched_switch_is_restored_even_on_error():
+    """The A/B scripts flip module switches (ops.PERSISTENT, TAIL_PIPE_MIN_STEPS) per variant: the
+    next variant must see the original value, also after a variant raised."""
+    import types
+
+    import common
+
+    mod = types.SimpleNamespace(SWITCH=2)
+    with common.patched(mod, "SWITCH", 1):
+        assert mod.SWITCH == 1
+    assert mod.SWITCH == 2
+    with pytest.raises(RuntimeError):
+        with common.patched(mod, "SWITCH", 1):
+            raise RuntimeError("a variant that does not compile")
+    assert mod.SWITCH == 2
+
+
+def test_bench_scripts_compile():
+    """Every benchmark script is valid Python (most need a GPU to run)."""
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+    scripts = sorted(f for f in os.listdir(bench) if f.endswith(".py"))
+    assert "persistent_plan_ab.py" in scripts and "tail_steps_ab.py" in scripts
+    for name in scripts:
+        with open(os.path.join(bench, name)) as f:
+            compile(f.read(), name, "exec")  # a SyntaxError names the script
