@@ -39,7 +39,7 @@ FUSED_MAX_R = 128
 
 # Many tokens on Hopper: the whole layer in one persistent launch, the shrink as its first phase
 # (kernels.lora_gemm.persistent_ok says where it can run), instead of shrink + lora_gemm. Off unless
-# LORAFUSE_PERSISTENT=1: from CUDA graphs it measured 1.5-6 points slower than the two launches at
+# LORAFUSE_PERSISTENT=1: from CUDA graphs it measured 1-6 points slower than the two launches at
 # T = 2048-16384 on the three benchmark shapes (bench/NOTES.md, entries 8 and 23).
 PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 
