@@ -41,6 +41,12 @@ lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 DEFAULT_VARIANTS = ["p1=slack,splits=1,stages=6", "p1=slack,splits=1,stages=3", "p1=64,splits=1,stages=6"]
 
 
+def splits_before_plan(bands: int, k_tiles: int, sms: int) -> int:
+    """The persistent layer's shrink items per row band before persistent_plan (every program could
+    shrink): items for about half the SMs, each at least 4 steps of d_in (bench/NOTES.md, entry 8)."""
+    return max(1, min((sms // 2) // bands, k_tiles // 4))
+
+
 def parse_variant(spec: str, slack: int, programs: int, plan) -> dict:
     kv = dict(part.split("=") for part in spec.split(","))
     p1 = kv.get("p1", "plan")
@@ -99,7 +105,7 @@ def main() -> None:
                "plan": lambda: lg.lora_gemm_persistent(x, w, None, a, b, scale, am, bm)[0],
                "all_programs": lambda: lg.lora_gemm_persistent(
                    x, w, None, a, b, scale, am, bm, shrink_programs=programs,
-                   splits=lg.persistent_splits(bands, cdiv(d_in, 64), programs))[0]}
+                   splits=splits_before_plan(bands, cdiv(d_in, 64), programs))[0]}
         specs = {}
         for spec in args.variants:
             kw = parse_variant(spec, slack, programs, plan)

@@ -871,16 +871,6 @@ def persistent_ok(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) ->
             and (weight.shape[0] * x.element_size()) % 16 == 0 and _tma_compatible(x, weight, a_cat))
 
 
-def persistent_splits(bands: int, k_tiles: int, sms: int) -> int:
-    """Shrink items per row band. persistent-ab-*.json (H100, R = 48): one item per band (a whole
-    band's x on one SM, bound by that SM's share of the bandwidth) cost T = 2048 1.64x / 1.16x /
-    1.36x the base GEMM (4096 x 4096 / 4096 x 14336 / 14336 x 4096); about one item per SM, 1.44x /
-    1.08x / 1.18x at T = 2048 but worse at T = 8192 (14336 x 4096: 1.11x -> 1.17x), where every
-    program then reads its share of x before any GEMM tile starts. So: items for about half the
-    SMs, the other half starting on GEMM tiles at once; each item at least 4 steps of d_in."""
-    return max(1, min((sms // 2) // bands, k_tiles // 4))
-
-
 # The shrink's time per row band in units of one GEMM tile's (both scale with d_in), for
 # persistent_plan; and the shrink loop's pipeline depth in the persistent layer up to 64 rank
 # columns (persistent-plan-ab-*.json: 6 stages 0.01-0.26x faster than the launch's 3; at 128 columns
