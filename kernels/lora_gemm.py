@@ -237,7 +237,9 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
         item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
 
 
-@triton.jit
+# T is a run-time argument even when it is 1: Triton would compile T == 1 as a constant, and that
+# build of the decode layer measured slower than the general one (bench/NOTES.md, entry 24).
+@triton.jit(do_not_specialize=["T"])
 def _lora_gemm_kernel(
     a_ptr, b_ptr, s_ptr, c_ptr, bias_ptr, out_ptr,
     al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr, flag_ptr, part_ptr,
