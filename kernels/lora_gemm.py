@@ -179,13 +179,26 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _load_rows(ptrs, row_mask, k_mask, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_K) tile of x whose rows past T point at row 0 (clamped). MASK_ROWS: those rows
+    are masked (read as zeros, no memory request) instead of loading row 0 again."""
+    if MASK_ROWS:
+        if EVEN_K:
+            return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, u_ptr, sp_ptr, flag_ptr, part_ptr,
                          T, K, R, MR, SPLITS, K_PER, num_pid_m,
                          stride_am, stride_ak, stride_alr, stride_alk,
                          stride_amm, stride_amr, stride_bmr, stride_bmm, stride_sm, stride_um, stride_spm,
                          HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr):
     """The decode layer's shrink computed once per launch instead of in every column block: work
     items (row block, range of K_PER columns of d_in), taken from the counter at
     flag_ptr[2 * num_pid_m] until it runs past the last. An item stores its float32 partial to
@@ -211,10 +224,7 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             a_ptrs = a_ptr + offs_t_c[:, None] * stride_am + offs_k[None, :] * stride_ak
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            a = _load_rows(a_ptrs, t_mask, k_mask, EVEN_K, MASK_ROWS)
             al = tl.load(al_ptr + offs_r[None, :] * stride_alr + offs_k[:, None] * stride_alk,
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             acc = tl.dot(a, al, acc, input_precision=PREC)
@@ -237,9 +247,7 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
         item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
 
 
-# T is a run-time argument even when it is 1: Triton would compile T == 1 as a constant, and that
-# build of the decode layer measured slower than the general one (bench/NOTES.md, entry 24).
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def _lora_gemm_kernel(
     a_ptr, b_ptr, s_ptr, c_ptr, bias_ptr, out_ptr,
     al_ptr, scale_ptr, a_map_ptr, b_map_ptr, save_s_ptr, save_u_ptr, save_sp_ptr, flag_ptr, part_ptr,
@@ -265,6 +273,7 @@ def _lora_gemm_kernel(
     EVEN_K: tl.constexpr,
     SHARED: tl.constexpr = False,
     TAIL_PIPE: tl.constexpr = True,
+    MASK_ROWS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -274,7 +283,7 @@ def _lora_gemm_kernel(
                              flag_ptr, part_ptr, T, K, R, MR, SPLITS, K_PER, num_pid_m,
                              stride_am, stride_ak, stride_alr, stride_alk,
                              stride_amm, stride_amr, stride_bmr, stride_bmm, stride_ssm, stride_sum, stride_spm,
-                             HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_R, BLOCK_MR, BLOCK_M, BLOCK_K, EVEN_K)
+                             HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_R, BLOCK_MR, BLOCK_M, BLOCK_K, EVEN_K, MASK_ROWS)
     pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -295,11 +304,10 @@ def _lora_gemm_kernel(
         k_mask = offs_k < K
         a_ptrs = a_ptr + offs_m_c[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n_c[None, :] * stride_bn
+        a = _load_rows(a_ptrs, m_mask, k_mask, EVEN_K, MASK_ROWS)
         if EVEN_K:
-            a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         if FUSE_SHRINK and not SHARED:
@@ -834,9 +842,15 @@ def lora_gemm_fused(
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **_tail_pipe(R, cfg),
-        **cfg,
+        MASK_ROWS=DECODE_MASK_ROWS and T % cfg["BLOCK_M"] != 0, **cfg,
     )
     return y, (sp if save else None), s, u
+
+
+# The decode layer's x rows past T (a row block taller than the batch): masked instead of clamped
+# to row 0 (candidate: at T = 1 the layer measured 26.0 us against 22.6 us at T = 16 with the same
+# config, bench/NOTES.md entry 24).
+DECODE_MASK_ROWS = True
 
 
 def decode_shares_shrink(T: int, col_blocks: int, d_in: int, d_out: int) -> bool:
