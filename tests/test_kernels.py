@@ -261,6 +261,32 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("mask_rows", [True, False])
+@pytest.mark.parametrize("shrink_mode", ["recompute", "shared"])
+def test_lora_gemm_fused_rows_past_T(mask_rows, shrink_mode, monkeypatch, seeded):
+    """The decode layer's x rows past T (a 16-row block over 3 rows) are masked by default
+    (DECODE_MASK_ROWS; clamped to row 0 they made T = 1 slower than T = 16): both forms give the
+    layer, and the launcher masks only a partial row block."""
+    lg = sys.modules["lorafuse.kernels.lora_gemm"]
+    monkeypatch.setattr(lg, "DECODE_MASK_ROWS", mask_rows)
+    seen = []
+    real_launch = lg.launch
+
+    def spy(kernel, grid, *args, **const):
+        seen.append(const["MASK_ROWS"])
+        return real_launch(kernel, grid, *args, **const)
+
+    monkeypatch.setattr(lg, "launch", spy)
+    kw = dict(shared=shrink_mode == "shared", config=_cfg(16, 16, 32, 4, 1))
+    for T, partial in ((3, True), (16, False)):
+        x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 40, 24, 5, 4, torch.float32)
+        w = torch.randn(24, 40, device=DEVICE) / 40 ** 0.5
+        y_ref = _layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0]
+        y = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, **kw)[0]
+        assert rel_err(y, y_ref) < TOL[torch.float32]
+        assert seen.pop() == (mask_rows and partial)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="programs wait on each other only on a GPU")
 @pytest.mark.parametrize("T,d_in,d_out", [(16, 4096, 4096), (64, 14336, 4096), (5, 1000, 3000)])
 def test_lora_gemm_fused_shared_shrink_reads_this_calls_rows(T, d_in, d_out, seeded):
