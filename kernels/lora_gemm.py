@@ -732,6 +732,12 @@ def _tail_pipe(R: int, cfg: dict) -> dict:
     return {"TAIL_PIPE": cdiv(R, cfg["BLOCK_K"]) >= TAIL_PIPE_MIN_STEPS}
 
 
+def _mask_rows(T: int, cfg: dict) -> bool:
+    """MASK_ROWS for the decode layer: where T leaves its row block partly empty (DECODE_MASK_ROWS);
+    under autotuning the block height is unknown here, so always (a full block's mask is all true)."""
+    return DECODE_MASK_ROWS and ("BLOCK_M" not in cfg or T % cfg["BLOCK_M"] != 0)
+
+
 def _even_k(K: int, cfg: dict) -> bool:
     # Under autotuning BLOCK_K is unknown here: keep the masks.
     return "BLOCK_K" in cfg and K % cfg["BLOCK_K"] == 0
@@ -842,7 +848,7 @@ def lora_gemm_fused(
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **_tail_pipe(R, cfg),
-        MASK_ROWS=DECODE_MASK_ROWS and T % cfg["BLOCK_M"] != 0, **cfg,
+        MASK_ROWS=_mask_rows(T, cfg), **cfg,
     )
     return y, (sp if save else None), s, u
 

@@ -569,6 +569,18 @@ def test_shared_shrink_needs_a_config_under_autotuning(monkeypatch):
         lora_gemm_fused(x, w, None, a_cat, b_cat, scale, shared=True)
 
 
+@pytest.mark.parametrize("T", [5, 16])
+def test_lora_gemm_fused_under_autotuning(T, monkeypatch, seeded):
+    """LORAFUSE_AUTOTUNE=1: the decode layer's launch arguments that depend on the config (the row
+    mask, the tail's loop, EVEN_K) are chosen without it, and the layer is still right."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    monkeypatch.setattr(lg, "AUTOTUNE", True)
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 24, 40, 5, 4, torch.float32)
+    w = torch.randn(40, 24, device=DEVICE) / 24 ** 0.5
+    y = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0]
+    assert rel_err(y, _layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0]) < TOL[torch.float32]
+
+
 def test_launchers_check_their_operands():
     # The launchers are public: they name a wrong operand instead of reading out of bounds.
     x = torch.randn(5, 32, device=DEVICE)
