@@ -98,7 +98,7 @@ def main() -> None:
              y.stride(0), y.stride(1), a_cat.stride(0), a_cat.stride(1), 0, 0, 0, 0, x.stride(0), x.stride(0),
              x.stride(0))
     const = dict(HAS_BIAS=False, FUSE_SHRINK=True, HAS_MAP=False, SAVE=False, PREC="tf32", MAP_PREC="ieee",
-                 BLOCK_R=64, BLOCK_MR=16, EVEN_K=D % cfg["BLOCK_K"] == 0, **cfg)
+                 BLOCK_R=64, BLOCK_MR=16, EVEN_K=D % cfg["BLOCK_K"] == 0, MASK_ROWS=lg._mask_rows(T, cfg), **cfg)
     grid = (utils.cdiv(T, cfg["BLOCK_M"]) * utils.cdiv(N, cfg["BLOCK_N"]), 1, 1)
     compiled = lg._lora_gemm_kernel[grid](*jargs, **const)
 

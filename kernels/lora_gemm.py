@@ -299,8 +299,8 @@ def _lora_gemm_kernel(
         acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        # Out-of-range rows/columns are clamped rather than masked (their results are never stored);
-        # only a ragged K needs masking, since it feeds the sum.
+        # Out-of-range columns (and rows, unless MASK_ROWS) are clamped rather than masked (their
+        # results are never stored); a ragged K needs masking, since it feeds the sum.
         k_mask = offs_k < K
         a_ptrs = a_ptr + offs_m_c[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n_c[None, :] * stride_bn

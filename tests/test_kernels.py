@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from conftest import ACC_TOL, DEVICE, HAS_CUDA, KERNEL_DTYPES, TOL, compile_in_subprocess, rel_err
 import importlib
 
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, lora_gemm_persistent, shrink, shrink_backward
-from lorafuse.kernels.lora_gemm import _cfg, persistent_ok
+from lorafuse.kernels.lora_gemm import _cfg, _load_rows, persistent_ok
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 
@@ -261,9 +262,33 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
+@triton.jit
+def _load_rows_probe(x_ptr, out_ptr, T, K, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past T not clamped here: they point at rows of NaN, which a masked load must not read.
+    tile = _load_rows(x_ptr + offs_m[:, None] * K + offs_k[None, :], offs_m < T, offs_k < K, EVEN_K, MASK_ROWS)
+    tl.store(out_ptr + offs_m[:, None] * BLOCK_K + offs_k[None, :], tile)
+
+
+@pytest.mark.parametrize("K", [32, 20])
+def test_load_rows_masks_rows_past_T(K):
+    """_load_rows with MASK_ROWS reads zeros, not memory, for rows past T (both K forms): a kernel that
+    dropped the mask would give the same layer (those rows are never stored) and go unseen otherwise."""
+    T = 3
+    x = torch.full((16, K), float("nan"), device=DEVICE)
+    x[:T] = torch.randn(T, K, device=DEVICE)
+    out = torch.full((16, 32), 7.0, device=DEVICE)
+    _load_rows_probe[(1,)](x, out, T, K, EVEN_K=K == 32, MASK_ROWS=True, BLOCK_M=16, BLOCK_K=32)
+    assert torch.equal(out[:T, :K], x[:T])
+    assert torch.equal(out[T:], torch.zeros_like(out[T:])) and torch.equal(out[:T, K:], torch.zeros_like(out[:T, K:]))
+
+
 @pytest.mark.parametrize("mask_rows", [True, False])
 @pytest.mark.parametrize("shrink_mode", ["recompute", "shared"])
-def test_lora_gemm_fused_rows_past_T(mask_rows, shrink_mode, monkeypatch, seeded):
+@pytest.mark.parametrize("d_in", [40, 64])
+def test_lora_gemm_fused_rows_past_T(mask_rows, shrink_mode, d_in, monkeypatch, seeded):
     """The decode layer's x rows past T (a 16-row block over 3 rows) are masked by default
     (DECODE_MASK_ROWS; clamped to row 0 they made T = 1 slower than T = 16): both forms give the
     layer, and the launcher masks only a partial row block."""
@@ -279,8 +304,8 @@ def test_lora_gemm_fused_rows_past_T(mask_rows, shrink_mode, monkeypatch, seeded
     monkeypatch.setattr(lg, "launch", spy)
     kw = dict(shared=shrink_mode == "shared", config=_cfg(16, 16, 32, 4, 1))
     for T, partial in ((3, True), (16, False)):
-        x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 40, 24, 5, 4, torch.float32)
-        w = torch.randn(24, 40, device=DEVICE) / 40 ** 0.5
+        x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, 24, 5, 4, torch.float32)
+        w = torch.randn(24, d_in, device=DEVICE) / d_in ** 0.5
         y_ref = _layer_ref(x, w, None, a_cat, b_cat, scale, a_map, b_map)[0]
         y = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, **kw)[0]
         assert rel_err(y, y_ref) < TOL[torch.float32]
