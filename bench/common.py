@@ -131,6 +131,21 @@ def patched(obj, name: str, value):
         setattr(obj, name, old)
 
 
+def graph_rounds(fns: dict, rounds: int):
+    """Each fn replayed from its own CUDA graph, timed by do_bench (L2 flushed before each replay) once
+    per round in round_order. Returns ({name: median over rounds}, {name: [per-round medians]})."""
+    import statistics
+
+    from triton.testing import do_bench
+
+    replays = {k: graphed(f) for k, f in fns.items()}
+    times = {k: [] for k in replays}
+    for rnd in range(rounds):
+        for k in round_order(list(replays), rnd):
+            times[k].append(do_bench(replays[k], warmup=25, rep=100, return_mode="median"))
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
 def graphed(fn):
     """fn() captured once in a CUDA graph (run once first on a side stream, to compile); the result
     replays it."""

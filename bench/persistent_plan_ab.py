@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, patched, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, layer_inputs, patched, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 import lorafuse.ops as ops  # noqa: E402
@@ -120,12 +118,7 @@ def main() -> None:
             except Exception as ex:  # a variant that does not compile or fit is recorded
                 errs[k] = f"{type(ex).__name__}: {str(ex)[:200]}"
                 del fns[k]
-        replays = {k: graphed(f) for k, f in fns.items()}
-        times = {k: [] for k in replays}
-        for rnd in range(args.rounds):
-            for k in round_order(list(replays), rnd):
-                times[k].append(do_bench(replays[k], warmup=25, rep=100, return_mode="median"))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med, times = graph_rounds(fns, args.rounds)
         base = med["cublas"]
         print(f"T={T} {d_in}x{d_out} tiles={tiles} programs={programs} slack={slack} plan={plan}: cublas "
               f"{base * 1e3:.1f} us | " + " | ".join(f"{k} {v / base:.3f}x" for k, v in med.items() if k != "cublas"),

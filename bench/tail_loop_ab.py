@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, save_json, warm_up  # noqa: E402
 
 from lorafuse.kernels.shrink import alloc_rows  # noqa: E402
 
@@ -67,12 +65,7 @@ def main() -> None:
                         continue
                     errs[f"{name}_r{R}"] = ((out - ref).abs().max() / ref.abs().max()).item()
                     fns[f"{name}_r{R}"] = fn
-            replays = {k: graphed(f) for k, f in fns.items()}
-            times = {k: [] for k in replays}
-            for rnd in range(args.rounds):
-                for k in round_order(list(replays), rnd):
-                    times[k].append(do_bench(replays[k], warmup=25, rep=100, return_mode="median"))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med, times = graph_rounds(fns, args.rounds)
             line = f"T={T} {d_in}x{d_out}: cublas {med['cublas'] * 1e3:.1f} us"
             for R in args.R:
                 line += " | R=%d" % R + "".join(

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, patched, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, layer_inputs, patched, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -56,12 +54,7 @@ def main() -> None:
             fns = {"cublas": lambda: F.linear(x, w), "pipelined": lambda: op(1), "flat_one_step": lambda: op(2)}
             err = {k: ((fns[k]().float() - ref).abs().max() / ref.abs().max()).item()
                    for k in ("pipelined", "flat_one_step")}
-            replays = {k: graphed(f) for k, f in fns.items()}
-            times = {k: [] for k in replays}
-            for rnd in range(args.rounds):
-                for k in round_order(list(replays), rnd):
-                    times[k].append(do_bench(replays[k], warmup=25, rep=100, return_mode="median"))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med, times = graph_rounds(fns, args.rounds)
             print(f"T={T} {d_in}x{d_out}: cublas {med['cublas'] * 1e3:.1f} us | pipelined "
                   f"{med['pipelined'] * 1e3:.1f} us ({med['pipelined'] / med['cublas']:.3f}x) | flat_one_step "
                   f"{med['flat_one_step'] * 1e3:.1f} us ({med['flat_one_step'] / med['cublas']:.3f}x) | err {err}",
