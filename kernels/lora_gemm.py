@@ -854,8 +854,8 @@ def lora_gemm_fused(
 
 
 # The decode layer's x rows past T (a row block taller than the batch): masked instead of clamped
-# to row 0 (candidate: at T = 1 the layer measured 26.0 us against 22.6 us at T = 16 with the same
-# config, bench/NOTES.md entry 24).
+# to row 0, which had every program reload one row sixteen times (bench/NOTES.md entry 24, H200:
+# T = 1 LoraMap on 4096 x 4096 25.8 -> 22.8 us, against 22.4 us at T = 16 on the same config).
 DECODE_MASK_ROWS = True
 
 
