@@ -397,7 +397,10 @@ def _lora_gemm_tma_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     TAIL_PIPE: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
+    """PDL: launched as a programmatic dependent of the shrink that writes s: the main loop (x and W
+    only) runs while the shrink may still run; each tile waits for the shrink's grid before its tail."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -421,6 +424,8 @@ def _lora_gemm_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_mask = offs_m < T
         n_mask = offs_n < N
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # s complete and visible: the shrink's grid has finished
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                             stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "", TAIL_PIPE)
         if HAS_BIAS:
@@ -608,13 +613,16 @@ def lora_gemm(
     impl: Optional[str] = None,
     config: Optional[triton.Config] = None,
     check: bool = True,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """out = a @ b + s @ c + bias.  a: (T, K), b: (K, N), s: (T, R), c: (R, N), bias: (N,).
 
     Any strides (b is typically a transposed weight view). Accumulates in float32; returns (T, N)
     in a's dtype. impl: "auto" / "tma" / "portable" (default: module-level GEMM_IMPL); config: an
     explicit launch config (for tuning), else the heuristic table. check=False skips the operand
-    checks (callers that guarantee them: a contiguous bias among them).
+    checks (callers that guarantee them: a contiguous bias among them). pdl: the kernel just
+    launched writes s and triggered its dependents (shrink(..., config with PDL)): the Hopper kernel
+    starts its main loop before that one ends and waits for it before reading s.
     """
     if check:
         T, K, N = _check_gemm_args(a, b, s, c, bias)
@@ -626,7 +634,9 @@ def lora_gemm(
         return out
     R = s.shape[1] if s is not None else 0
     if R and T >= ALIGN_MIN_T:
+        s_in = s
         s, c = _rank_aligned(s, c)
+        pdl = pdl and s is s_in  # a copy of s ran since the shrink: it is the kernel before this one
     s_ = s if s is not None else a
     c_ = c if c is not None else b
     bias_ = bias if bias is not None else a
@@ -653,6 +663,7 @@ def lora_gemm(
         else:
             kernel = _lora_gemm_tma_kernel
             grid = (min(sms, cdiv(T, bm) * cdiv(N, bn)),)
+        pdl = pdl and R > 0 and not tuned and "PDL" not in cfg.kwargs
         launch(
             kernel, grid,
             a_desc, b_desc, out_desc, s_, c_, bias_,
@@ -660,6 +671,7 @@ def lora_gemm(
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
             **({} if tuned else {**_tail_pipe(R, cfg.kwargs), **launch_kwargs(cfg)}),
+            **({"PDL": True, "launch_pdl": True} if pdl else {}),
         )
         return out
 
