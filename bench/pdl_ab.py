@@ -4,15 +4,17 @@ the shrink, against the op's default and cuBLAS, from CUDA graphs.
     python bench/pdl_ab.py [--T 2048 8192 16384] [--shapes 4096x4096 4096x14336 14336x4096]
                            [--programs all plan 8 16 32 64] [--R 48] [--m 16] [--rounds 4] [--out bench/results]
 
-Variants: "op" is lorafuse.lora_linear (LoraMap) as it stands; "pdl_<p>" runs the copy-engine shrink
-with the PDL trigger on p programs (row blocks dealt in strides; "all": one per row block, the
-default's grid; "plan": kernels.shrink.pdl_shrink_programs) and lora_gemm launched as its dependent,
-whose tiles wait for the shrink only before their low-rank tail. With fewer shrink programs than
-SMs the GEMM's first programs start on the free SMs at once, and the last ones (one tile fewer
-where the tiles do not fill the last round) on the shrink's SMs when it ends. Every variant
-replayed from a CUDA graph (L2 flushed before each replay), once per round, the order reversed
-every other round; medians over rounds; outputs checked against float32. Also reports whether the
-compiled GEMM kept its warp specialisation with the wait (TTGIR) and holds griddepcontrol (PTX).
+Variants: "op" is lorafuse.lora_linear (LoraMap) with ops.FORWARD_PDL as set, "op_pdl" with it on
+(at T = 2048 on d_in = 4096 the op's shrink is the pointer kernel, without the dependent launch);
+"pdl_<p>" runs the copy-engine shrink with the PDL trigger on p programs (row blocks dealt in
+strides; "all": one per row block, the default's grid; "plan": kernels.shrink.pdl_shrink_programs)
+and lora_gemm launched as its dependent, whose tiles wait for the shrink only before their low-rank
+tail. With fewer shrink programs than SMs the GEMM's first programs start on the free SMs at once,
+and the last ones (one tile fewer where the tiles do not fill the last round) on the shrink's SMs
+when it ends. Every variant replayed from a CUDA graph (L2 flushed before each replay), once per
+round, the order reversed every other round; medians over rounds; outputs checked against float32.
+Also reports whether the compiled GEMM kept its warp specialisation with the wait (TTGIR) and holds
+griddepcontrol (PTX).
 Writes pdl-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graph_rounds, layer_inputs, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, layer_inputs, patched, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
+from lorafuse import ops  # noqa: E402
 
 lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 sk = importlib.import_module("lorafuse.kernels.shrink")
@@ -76,8 +79,12 @@ def main() -> None:
                 sp, _, _ = sk.shrink(x, a, scale, am, bm, config=cfg, check=False)
                 return lg.lora_gemm(x, w.t(), sp, b.t(), None, check=False, pdl=True)
 
+            def op_pdl():
+                with patched(ops, "FORWARD_PDL", True):
+                    return lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
+
             fns = {"cublas": lambda: F.linear(x, w),
-                   "op": lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)}
+                   "op": lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm), "op_pdl": op_pdl}
             plan = {}
             for prog in args.programs:
                 n = (blocks if prog == "all" else sk.pdl_shrink_programs(tiles, sms, blocks) if prog == "plan"

@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import _band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
+from .shrink import (_band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink,
+                     shrink_uses_cublas, shrink_uses_tma, t_bucket)
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
+                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, pdl_supported, split_range,
+                    unit_vector)
 
 
 @triton.jit
@@ -573,6 +575,21 @@ def _tma_compatible(*ts: torch.Tensor) -> bool:
 # is large enough to fill its tiles; "portable": always the pointer kernel; "tma": Hopper whenever
 # the operands allow it.
 GEMM_IMPL = "auto"
+
+
+def pdl_tiles(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) -> Optional[int]:
+    """The forward of x (T, d_in), weight (d_out, d_in), a_cat (R, d_in) as the copy-engine shrink
+    followed by the Hopper GEMM launched as its programmatic dependent: that GEMM's output tiles, or
+    None where the two kernels do not run so (then the usual two launches)."""
+    T, K = x.shape
+    N = weight.shape[0]
+    if not (x.is_cuda and T >= 128 and x.dtype != torch.float32 and GEMM_IMPL in ("auto", "tma") and not AUTOTUNE
+            and shrink_uses_tma(x, a_cat) and not shrink_uses_cublas(x, a_cat)
+            and pdl_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            and weight.stride(1) == 1 and _tma_compatible(x, weight)):
+        return None
+    cfg = tma_config(T, N, K).kwargs
+    return cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
 
 
 def _check_gemm_args(a, b, s, c, bias):

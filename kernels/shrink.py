@@ -862,6 +862,7 @@ def shrink(
     save: bool = False,
     config: Optional[dict] = None,
     check: bool = True,
+    dependent_tiles: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
 
@@ -869,6 +870,9 @@ def shrink(
     float32 (u is None without a mapping), else both None. config: the partial kernel's launch
     shape (split_config's keys), for tuning. check=False skips the operand checks, for callers
     that have made them already (lorafuse.lora_linear: a few microseconds per small call).
+    dependent_tiles: the GEMM launched next reads S' as a programmatic dependent
+    (lora_gemm(..., pdl=True)) over this many output tiles; the copy-engine kernel then lets it start
+    at once and takes pdl_shrink_programs' count of programs (other paths ignore it).
     """
     if check:
         scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
@@ -891,7 +895,10 @@ def shrink(
         if config is not None:
             cfg = config
         elif shrink_uses_tma(x, a_cat):
-            cfg = tma_shrink_config(T, D, R, num_sms(x.device))
+            sms = num_sms(x.device)
+            cfg = tma_shrink_config(T, D, R, sms)
+            if dependent_tiles is not None:
+                cfg.update(PDL=True, PROGRAMS=pdl_shrink_programs(dependent_tiles, sms, cdiv(T, cfg["BLOCK_T"])))
         else:
             cfg = split_config(T, D, R, x.dtype, x.device)
         if cfg.get("TMA"):
