@@ -41,11 +41,14 @@ ut = importlib.import_module("lorafuse.kernels.utils")
 def compiled_variants(kernel) -> list:
     """(warp_specialize in TTGIR, griddepcontrol.wait in PTX) for every compiled specialisation."""
     found = []
-    for caches in getattr(kernel, "device_caches", {}).values():
-        for compiled in caches[0].values():
-            asm = getattr(compiled, "asm", {})
-            found.append({"warp_specialize": "ttg.warp_specialize" in asm.get("ttgir", ""),
-                          "gdc_wait": "griddepcontrol.wait" in asm.get("ptx", "")})
+    try:
+        for caches in getattr(kernel, "device_caches", {}).values():
+            for compiled in caches[0].values():
+                asm = getattr(compiled, "asm", {})
+                found.append({"warp_specialize": "ttg.warp_specialize" in asm.get("ttgir", ""),
+                              "gdc_wait": "griddepcontrol.wait" in asm.get("ptx", "")})
+    except (AttributeError, IndexError, TypeError) as e:  # another Triton's cache layout
+        found.append({"error": repr(e)})
     return found
 
 
