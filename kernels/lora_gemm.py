@@ -27,11 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import (_band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink,
-                     shrink_uses_cublas, shrink_uses_tma, t_bucket)
+from .shrink import _band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
-                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, pdl_supported, split_range,
-                    unit_vector)
+                    launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
 
 @triton.jit
@@ -399,10 +397,7 @@ def _lora_gemm_tma_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     TAIL_PIPE: tl.constexpr = True,
-    PDL: tl.constexpr = False,
 ):
-    """PDL: launched as a programmatic dependent of the shrink that writes s: the main loop (x and W
-    only) runs while the shrink may still run; each tile waits for the shrink's grid before its tail."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -426,8 +421,6 @@ def _lora_gemm_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_mask = offs_m < T
         n_mask = offs_n < N
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # s complete and visible: the shrink's grid has finished
         acc = _lowrank_tail(acc, s_ptr, c_ptr, offs_m, offs_n, m_mask, n_mask, R,
                             stride_sm, stride_sr, stride_cr, stride_cn, PREC, BLOCK_K, "", TAIL_PIPE)
         if HAS_BIAS:
@@ -577,21 +570,6 @@ def _tma_compatible(*ts: torch.Tensor) -> bool:
 GEMM_IMPL = "auto"
 
 
-def pdl_tiles(x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor) -> Optional[int]:
-    """The forward of x (T, d_in), weight (d_out, d_in), a_cat (R, d_in) as the copy-engine shrink
-    followed by the Hopper GEMM launched as its programmatic dependent: that GEMM's output tiles, or
-    None where the two kernels do not run so (then the usual two launches)."""
-    T, K = x.shape
-    N = weight.shape[0]
-    if not (x.is_cuda and T >= 128 and x.dtype != torch.float32 and GEMM_IMPL in ("auto", "tma") and not AUTOTUNE
-            and shrink_uses_tma(x, a_cat) and not shrink_uses_cublas(x, a_cat)
-            and pdl_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
-            and weight.stride(1) == 1 and _tma_compatible(x, weight)):
-        return None
-    cfg = tma_config(T, N, K).kwargs
-    return cdiv(T, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-
-
 def _check_gemm_args(a, b, s, c, bias):
     check_runnable("a", a)
     for name, t in (("b", b), ("s", s), ("c", c), ("bias", bias)):
@@ -630,16 +608,13 @@ def lora_gemm(
     impl: Optional[str] = None,
     config: Optional[triton.Config] = None,
     check: bool = True,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """out = a @ b + s @ c + bias.  a: (T, K), b: (K, N), s: (T, R), c: (R, N), bias: (N,).
 
     Any strides (b is typically a transposed weight view). Accumulates in float32; returns (T, N)
     in a's dtype. impl: "auto" / "tma" / "portable" (default: module-level GEMM_IMPL); config: an
     explicit launch config (for tuning), else the heuristic table. check=False skips the operand
-    checks (callers that guarantee them: a contiguous bias among them). pdl: the kernel just
-    launched writes s and triggered its dependents (shrink(..., config with PDL)): the Hopper kernel
-    starts its main loop before that one ends and waits for it before reading s.
+    checks (callers that guarantee them: a contiguous bias among them).
     """
     if check:
         T, K, N = _check_gemm_args(a, b, s, c, bias)
@@ -651,9 +626,7 @@ def lora_gemm(
         return out
     R = s.shape[1] if s is not None else 0
     if R and T >= ALIGN_MIN_T:
-        s_in = s
         s, c = _rank_aligned(s, c)
-        pdl = pdl and s is s_in  # a copy of s ran since the shrink: it is the kernel before this one
     s_ = s if s is not None else a
     c_ = c if c is not None else b
     bias_ = bias if bias is not None else a
@@ -680,7 +653,6 @@ def lora_gemm(
         else:
             kernel = _lora_gemm_tma_kernel
             grid = (min(sms, cdiv(T, bm) * cdiv(N, bn)),)
-        pdl = pdl and R > 0 and not tuned and "PDL" not in cfg.kwargs
         launch(
             kernel, grid,
             a_desc, b_desc, out_desc, s_, c_, bias_,
@@ -688,7 +660,6 @@ def lora_gemm(
             s_.stride(0), s_.stride(1), c_.stride(0), c_.stride(1),
             B_NK=b_nk, HAS_BIAS=bias is not None, PREC=dot_precision(a.dtype), NUM_SMS=sms,
             **({} if tuned else {**_tail_pipe(R, cfg.kwargs), **launch_kwargs(cfg)}),
-            **({"PDL": True, "launch_pdl": True} if pdl else {}),
         )
         return out
 

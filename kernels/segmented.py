@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .utils import (block_for, can_run, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch,
-                    new_empty, next_pow2, num_sms, onchip_rank_limit, pdl_supported, split_range, unit_vector)
+                    new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -869,7 +869,16 @@ def decode_wins(T: int, N: int, D: int, tma: bool = False) -> bool:
     return 0 < T <= DECODE_MAX_T and (tma or N >= DECODE_MIN_WIDTH * D)
 
 
-_pdl_supported = pdl_supported  # a module name the decode benchmarks swap to time without it
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that exposes it."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return (torch.cuda.get_device_capability(device_index)[0] >= 9
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
 def decode_uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:

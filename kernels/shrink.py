@@ -505,24 +505,17 @@ def _shrink_tma_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    """The whole forward shrink in one launch (Hopper): grid (splits of K, programs), each program
-    one _shrink_block per row block it takes (row blocks dealt in strides of the grid's second
-    size; a row block's count at count_ptr[block]); the program that finishes a row block writes S'
-    (and S, U when SAVE). PDL: the GEMM that reads S' may start at once (programmatic dependent
-    launch); it waits for this grid before reading S'."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks), each program
+    one _shrink_block (its row block's count at count_ptr[block]); the program that finishes a row
+    block writes S' (and S, U when SAVE)."""
     pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
     k_start = pid_s * K_PER_SPLIT
-    blocks = tl.cdiv(T, BLOCK_T)
-    for pid_t in range(tl.program_id(1), blocks, tl.num_programs(1)):
-        _shrink_block(a_desc, b_desc, pid_t * BLOCK_T, k_start, tl.minimum(k_start + K_PER_SPLIT, K), pid_s,
-                      SPLITS, part_ptr, blocks * BLOCK_T, count_ptr + pid_t, scale_ptr, a_map_ptr, b_map_ptr,
-                      sp_ptr, s_ptr, u_ptr, T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                      stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R,
-                      BLOCK_M)
+    _shrink_block(a_desc, b_desc, pid_t * BLOCK_T, k_start, tl.minimum(k_start + K_PER_SPLIT, K), pid_s, SPLITS,
+                  part_ptr, tl.num_programs(1) * BLOCK_T, count_ptr + pid_t, scale_ptr, a_map_ptr, b_map_ptr,
+                  sp_ptr, s_ptr, u_ptr, T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M)
 
 
 @triton.jit
@@ -764,19 +757,6 @@ def tma_shrink_config(T: int, K: int, R: int, sms: int) -> dict:
             "num_stages": 4, "TMA": True}
 
 
-# Fewest programs the copy-engine shrink is given ahead of a dependent GEMM (pdl_shrink_programs).
-PDL_MIN_PROGRAMS = 8
-
-
-def pdl_shrink_programs(tiles: int, sms: int, blocks: int) -> int:
-    """Programs for the copy-engine shrink ahead of a GEMM of `tiles` output tiles on `sms` persistent
-    programs launched as its programmatic dependent: the slots the GEMM's last round leaves free
-    (programs 0 .. tiles % sms - 1 take one tile more than the rest, and start first, on the SMs the
-    shrink does not hold), at least PDL_MIN_PROGRAMS; at most `blocks` (the shrink's row blocks)."""
-    free = -tiles % sms
-    return max(1, min(blocks, free if free >= PDL_MIN_PROGRAMS else blocks))
-
-
 def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
     """The forward shrink in one launch (_shrink_tma_kernel) into sp (and s, u when given)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -798,9 +778,8 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
     bm = b_map if has_map else scale
     s_ = s if s is not None else sp
     u_ = u if u is not None else sp
-    programs = min(blocks, cfg.get("PROGRAMS") or blocks)
     launch(
-        _shrink_tma_kernel, (splits, programs),
+        _shrink_tma_kernel, (splits, blocks),
         TensorDescriptor(x, [T, K], [x.stride(0), 1], [bt, bk]),
         TensorDescriptor(a_cat, [R, K], [a_cat.stride(0), 1], [br, bk]),
         part, count, scale, am, bm, sp, s_, u_,
@@ -809,8 +788,7 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_MAP=has_map, SAVE=s is not None, PREC=dot_precision(x.dtype), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br,
-        BLOCK_M=block_for(M), PDL=bool(cfg.get("PDL", False)), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BLOCK_M=block_for(M), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -862,7 +840,6 @@ def shrink(
     save: bool = False,
     config: Optional[dict] = None,
     check: bool = True,
-    dependent_tiles: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x: (T, d_in), a_cat: (R, d_in) in x's dtype, scale: (R,), a_map: (m, R), b_map: (R, m).
 
@@ -870,9 +847,6 @@ def shrink(
     float32 (u is None without a mapping), else both None. config: the partial kernel's launch
     shape (split_config's keys), for tuning. check=False skips the operand checks, for callers
     that have made them already (lorafuse.lora_linear: a few microseconds per small call).
-    dependent_tiles: the GEMM launched next reads S' as a programmatic dependent
-    (lora_gemm(..., pdl=True)) over this many output tiles; the copy-engine kernel then lets it start
-    at once and takes pdl_shrink_programs' count of programs (other paths ignore it).
     """
     if check:
         scale = check_shrink_operands(x, a_cat, scale, a_map, b_map)
@@ -895,10 +869,7 @@ def shrink(
         if config is not None:
             cfg = config
         elif shrink_uses_tma(x, a_cat):
-            sms = num_sms(x.device)
-            cfg = tma_shrink_config(T, D, R, sms)
-            if dependent_tiles is not None:
-                cfg.update(PDL=True, PROGRAMS=pdl_shrink_programs(dependent_tiles, sms, cdiv(T, cfg["BLOCK_T"])))
+            cfg = tma_shrink_config(T, D, R, num_sms(x.device))
         else:
             cfg = split_config(T, D, R, x.dtype, x.device)
         if cfg.get("TMA"):

@@ -44,19 +44,6 @@ def can_run(t: torch.Tensor) -> bool:
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@functools.lru_cache(maxsize=None)
-def pdl_supported(device_index: int) -> bool:
-    """Programmatic dependent launch (a kernel starting while the one before it still runs, and
-    waiting for it with gdc_wait): Hopper or newer, and a Triton that exposes it."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return (torch.cuda.get_device_capability(device_index)[0] >= 9
-            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-            and hasattr(tl.extra.cuda, "gdc_wait"))
-
-
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch arithmetic on the host. (triton.cdiv is a constexpr function whose
     host-side call costs microseconds: a visible share of a small layer's launch.)"""

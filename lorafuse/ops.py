@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorafuse.kernels import lora_gemm, lora_gemm_fused, shrink, shrink_backward
-from lorafuse.kernels.lora_gemm import lora_gemm_persistent, pdl_tiles, persistent_ok
+from lorafuse.kernels.lora_gemm import lora_gemm_persistent, persistent_ok
 from lorafuse.kernels.shrink import alloc_rows
 from lorafuse.kernels.utils import can_run, unit_vector
 
@@ -63,11 +63,6 @@ try:
 except ValueError:
     raise ValueError("LORAFUSE_EXPAND_CUBLAS_MAX_T must be an integer row count (0 turns it off), got "
                      f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MAX_T']!r}") from None
-
-# Many tokens on Hopper: the GEMM launched as a programmatic dependent of the copy-engine shrink
-# (kernels.lora_gemm.pdl_tiles says where), its main loop running while the shrink ends, and the
-# shrink on the SMs the GEMM's last round leaves free. LORAFUSE_FORWARD_PDL=0 turns it off.
-FORWARD_PDL = os.environ.get("LORAFUSE_FORWARD_PDL", "0") == "1"
 
 
 @contextlib.contextmanager
@@ -264,9 +259,8 @@ def _forward_impl(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save: bool
         y, sp, s, u = lora_gemm_persistent(x, weight, bias, a_cat, b_cat, scale, a_map, b_map, save=save,
                                            check=False)
         return y, (sp if save else None), s, u
-    tiles = pdl_tiles(x, weight, a_cat) if FORWARD_PDL else None
-    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False, dependent_tiles=tiles)
-    y = expand(x, weight, bias, sp, b_cat, pdl=tiles is not None)
+    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=save, check=False)
+    y = expand(x, weight, bias, sp, b_cat)
     return y, (sp if save else None), s, u
 
 
@@ -276,16 +270,15 @@ def expand_uses_cublas(x: Tensor) -> bool:
     return EXPAND_CUBLAS_MIN_T <= x.shape[0] <= EXPAND_CUBLAS_MAX_T and x.is_cuda and x.dtype != torch.float32
 
 
-def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor, pdl: bool = False) -> Tensor:
+def expand(x: Tensor, weight: Tensor, bias: Optional[Tensor], sp: Tensor, b_cat: Tensor) -> Tensor:
     """y = x W^T + bias + S' b_cat^T.  x: (T, d_in), weight: (d_out, d_in), bias: (d_out,) or None,
     sp: (T, R) in x's dtype, b_cat: (d_out, R); any strides. The backward's dx = dy W + dS a_cat is the
     same product: expand(dy, W^T, None, dS, a_cat^T). The operands have been checked (lora_linear and
-    the routed op check them): no second round of checks. pdl: sp comes from shrink(...,
-    dependent_tiles=...) launched just before (lora_gemm's pdl)."""
+    the routed op check them): no second round of checks."""
     if expand_uses_cublas(x):
         y = torch.mm(sp, b_cat.t()) if bias is None else torch.addmm(bias, sp, b_cat.t())
         return y.addmm_(x, weight.t())
-    return lora_gemm(x, weight.t(), sp, b_cat.t(), bias, check=False, pdl=pdl)
+    return lora_gemm(x, weight.t(), sp, b_cat.t(), bias, check=False)
 
 
 def _backward_impl(dy, x, weight, a_cat, b_cat, scale, a_map, b_map, sp, s, u, needs):

@@ -18,7 +18,6 @@ from lorafuse.kernels import lora_gemm, lora_gemm_fused, lora_gemm_persistent, s
 from lorafuse.kernels.lora_gemm import _cfg, _load_rows, persistent_ok
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
-lora_gemm_module = importlib.import_module("lorafuse.kernels.lora_gemm")
 
 
 @pytest.fixture(params=["split", "single"] + (["split-pointer"] if HAS_CUDA else []))
@@ -148,56 +147,6 @@ def test_shrink_tma_launch_shapes(table_T, R, seeded):
             assert rel_err(sp, sp_ref) < TOL[dtype], cfg
             if save:
                 assert s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype] and rel_err(u, u_ref) < ACC_TOL[dtype], cfg
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU")
-@pytest.mark.parametrize("T,d_in,d_out,R,m", [(300, 2048, 1000, 48, 16), (2048, 4096, 4096, 48, 16),
-                                              (4099, 1024, 3000, 5, None)])
-def test_forward_as_dependent_launch(T, d_in, d_out, R, m, seeded, monkeypatch):
-    """The copy-engine shrink with its row blocks dealt over fewer programs than blocks (one, three,
-    the plan's count, all) and the PDL trigger, then lora_gemm launched as its dependent (each tile
-    waits for the shrink before its tail): the layer as in float64; also through the op with
-    FORWARD_PDL, forward and gradients, and its launcher asked for the dependent launch."""
-    import lorafuse
-    from lorafuse import ops
-    from lorafuse.kernels.lora_gemm import _tma_available, pdl_tiles
-    from lorafuse.kernels.utils import num_sms, pdl_supported
-
-    dev = torch.device(DEVICE)
-    if not (_tma_available(dev) and pdl_supported(dev.index or 0)):
-        pytest.skip("needs Hopper's copy engine and programmatic dependent launch")
-    monkeypatch.setattr(shrink_module, "TMA_MIN_T", 1)
-    dtype = torch.bfloat16
-    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
-    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    ref = lorafuse.lora_linear_reference(d(x), d(w), None, d(a_cat), d(b_cat), d(scale), d(a_map), d(b_map))
-    sms = num_sms(dev)
-    tiles = pdl_tiles(x, w, a_cat)
-    assert tiles is not None
-    cfg = shrink_module.tma_shrink_config(T, d_in, R, sms)
-    blocks = -(-T // cfg["BLOCK_T"])
-    for programs in sorted({1, 3, shrink_module.pdl_shrink_programs(tiles, sms, blocks), blocks}):
-        for _ in range(3):  # back to back: a tile reading S' before the shrink ends would show as noise
-            sp, _, _ = shrink(x, a_cat, scale, a_map, b_map, config=dict(cfg, PDL=True, PROGRAMS=programs))
-            y = lora_gemm(x, w.t(), sp, b_cat.t(), pdl=True)
-            assert rel_err(y, ref) < TOL[dtype], programs
-    calls = []
-    real = lora_gemm_module.lora_gemm
-    monkeypatch.setattr(ops, "lora_gemm", lambda *a, **k: calls.append(k.get("pdl")) or real(*a, **k))
-    monkeypatch.setattr(ops, "FORWARD_PDL", True)
-    leaves = [t.clone().requires_grad_(t.is_floating_point() and t is not w) if t is not None else None
-              for t in (x, a_cat, b_cat, a_map, b_map)]
-    xs, ac, bc, am, bm = leaves
-    y = lorafuse.lora_linear(xs, w, None, ac, bc, scale, am, bm)
-    assert calls[0] is True and rel_err(y, ref) < TOL[dtype]
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
-    refs = [d(t).requires_grad_() if t is not None else None for t in (x, a_cat, b_cat, a_map, b_map)]
-    y_ref = lorafuse.lora_linear_reference(refs[0], d(w), None, refs[1], refs[2], d(scale), refs[3], refs[4])
-    want = torch.autograd.grad(y_ref, [t for t in refs if t is not None], d(dy))
-    for g, g_ref in zip(got, want):
-        assert rel_err(g, g_ref) < 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -572,23 +521,6 @@ for splits in (1, 3):
     assert "cp.async.bulk.tensor" in k.asm["ptx"]
     # Several splits: the last program of a row block sums the others' partials from L2.
     assert ("ld.global.cg" in k.asm["ptx"]) == (splits > 1)
-# As a programmatic dependent's primary the shrink triggers it; the GEMM waits before its tail.
-consts = {"HAS_MAP": True, "SAVE": False, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64,
-          "BLOCK_M": 16, "PDL": True}
-sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4, "num_stages": 4})
-assert "griddepcontrol.launch_dependents" in k.asm["ptx"]
-fn = G._lora_gemm_tma_kernel
-types = {"a_desc": "tensordesc<bf16[128,64]>", "b_desc": "tensordesc<bf16[256,64]>",
-         "out_desc": "tensordesc<bf16[128,256]>", "s_ptr": "*bf16", "c_ptr": "*bf16", "bias_ptr": "*bf16"}
-for pdl in (False, True):
-    consts = {"B_NK": True, "HAS_BIAS": True, "PREC": "tf32", "NUM_SMS": 132, "BLOCK_M": 128, "BLOCK_N": 256,
-              "BLOCK_K": 64, "GROUP_M": 8, "FLATTEN": True, "WARP_SPECIALIZE": True, "TAIL_PIPE": False, "PDL": pdl}
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8, "num_stages": 3})
-    assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
 print("compiled")
 """
 
