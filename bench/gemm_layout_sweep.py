@@ -3,12 +3,13 @@ against cuBLAS, beside the forward's layout (y = x W^T + S' b_cat^T) with its de
 
     python bench/gemm_layout_sweep.py [--shapes 8192x4096x4096 ...] [--rounds 2] [--out bench/results]
 
-A shape T x K x N is a GEMM of T rows over K into N columns: for the backward of a (d_in -> d_out)
-layer, K = d_out and N = d_in. R = 48 low-rank columns. Every variant replayed from a CUDA graph,
-L2 flushed before each replay (do_bench), once per round, the order reversed every other round;
-medians over rounds. Variants: "cublas" (torch.mm of the same operands, no low-rank term),
-"default" (lora_gemm's own tma_config for the layout) and every candidate config
-(tma_candidates() and warp-specialised variants), each checked against float32.
+--layout fwd runs the candidates on the forward's layout instead. A shape T x K x N is a GEMM of T
+rows over K into N columns: for the backward of a (d_in -> d_out) layer, K = d_out and N = d_in. R =
+48 low-rank columns. Every variant replayed from a CUDA graph, L2 flushed before each replay
+(do_bench), once per round, the order reversed every other round; medians over rounds. Variants:
+"cublas" (torch.mm of the same operands, no low-rank term), "default" (lora_gemm's own tma_config
+for the layout) and every candidate config (tma_candidates() and warp-specialised variants), each
+checked against float32.
 Writes gemm-layout-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["8192x4096x4096", "8192x14336x4096", "8192x4096x14336",
                                                    "2048x4096x4096"], help="T x K x N")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--layout", choices=["bwd", "fwd"], default="bwd",
+                   help="the layout the candidate configs run on: the backward's row-major W (default) or "
+                        "the forward's W^T view")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "gemm_layout_sweep.py needs a GPU"
@@ -61,8 +65,9 @@ def main() -> None:
         fns = {"cublas": lambda: torch.mm(a, w), "cublas_fwd_layout": lambda: torch.mm(a, wt),
                "default": lambda: lg.lora_gemm(a, w, s, c, check=False),
                "default_fwd_layout": lambda: lg.lora_gemm(a, wt, s, ct, check=False)}
+        wl, cl = (wt, ct) if args.layout == "fwd" else (w, c)
         for cfg in cands:
-            fns[cfg_name(cfg)] = (lambda cfg=cfg: lg.lora_gemm(a, w, s, c, impl="tma", config=cfg, check=False))
+            fns[cfg_name(cfg)] = (lambda cfg=cfg: lg.lora_gemm(a, wl, s, cl, impl="tma", config=cfg, check=False))
         replays, row = {}, {"T": T, "K": K, "N": N, "R": 48, "errors": {}, "rel_err": {}}
         for name, fn in fns.items():
             try:
@@ -87,7 +92,20 @@ def main() -> None:
               f"{med['default'] / base:.3f}x (fwd layout {med['default_fwd_layout'] / base:.3f}x); best "
               + ", ".join(f"{k} {v / base:.3f}x" for v, k in best), flush=True)
         save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "gemm-layout-sweep")
-    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "gemm-layout-sweep"))
+    compiled = []  # which compiled forms hold a warp-specialised loop (TTGIR), by their cache key
+    for caches in getattr(lg._lora_gemm_tma_kernel, "device_caches", {}).values():
+        try:
+            for key, kern in caches[0].items():
+                asm = getattr(kern, "asm", {})
+                compiled.append({"key": str(key)[-400:],
+                                 "warp_specialize": "ttg.warp_specialize" in asm.get("ttgir", ""),
+                                 "num_warps": getattr(kern.metadata, "num_warps", None)})
+        except (AttributeError, IndexError, TypeError) as e:
+            compiled.append({"error": repr(e)})
+    print("warp-specialised compiled forms:", sum(c.get("warp_specialize", False) for c in compiled), "of",
+          len(compiled))
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows, "compiled": compiled}, args.out,
+                             "gemm-layout-sweep"))
 
 
 if __name__ == "__main__":
