@@ -368,7 +368,10 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True) -> triton.Config:
     """From bench/results/tune-nvidia-h100-*.json: 128 x 256 x 64 tiles for T >= 1024, with the
     tile loop flattened (up to 11% faster for the backward's row-major weight) and, for the
     forward's W^T layout, warp specialisation (13% faster at d_in = 14336, within 0.2% elsewhere);
-    128 x 128 x 128 below."""
+    128 x 128 x 128 below. On the GPU machine's Triton 3.6 no compiled form of the kernel holds a
+    warp-specialised loop (gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21, the flag set or not), and
+    the four flatten / warp-specialise choices run within the rounds' spread of each other on the
+    forward's layout (H200): the flag stays for a Triton that applies it."""
     if T >= 1024:
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
