@@ -32,7 +32,9 @@ sk = importlib.import_module("lorafuse.kernels.shrink")
 
 
 def merged_weight(w, a, b, scale, am, bm):
-    """W + b diag(scale) b_map a_map a in w's dtype: one addmm, float32 accumulation, one rounding."""
+    """W + b diag(scale) b_map a_map a in w's dtype: one addmm, float32 accumulation, one rounding.
+    (The op-level operands' form of MultiLoraLinear.lowrank_factors; lorafuse.merge adds the
+    module's float32 delta_weight instead, once, not per call.)"""
     p = b.float() * scale
     if am is not None:
         p = p @ bm @ am
