@@ -27,3 +27,31 @@ def test_no_top_level_kernels_package_is_installed():
     top = importlib.metadata.distribution("lorafuse").read_text("top_level.txt").split()
     assert top == ["lorafuse"]
     assert lorafuse.kernels.__name__ == "lorafuse.kernels"
+
+
+def _run_from_root(code: str):
+    import subprocess
+    import sys
+
+    # `python -c` puts the current folder first on the path: the repository's root, with its kernels/
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_kernels_folder_does_not_shadow_the_kernels_package_from_the_root():
+    """Run from the repository's root, `import kernels` (transformers does, when Hugging Face's kernels
+    package is installed) must not get lorafuse's kernel folder: it gets that package, or, where none is
+    installed, an ImportError naming lorafuse.kernels; peft and transformers import either way."""
+    import importlib.util
+
+    r = _run_from_root("import kernels, os; print(os.path.dirname(os.path.abspath(kernels.__file__)))")
+    other = [p for p in map(pathlib.Path, __import__("sys").path) if p.resolve() != ROOT]
+    installed = any((p / "kernels" / "__init__.py").exists() for p in other)
+    if installed:
+        assert r.returncode == 0, r.stderr
+        assert pathlib.Path(r.stdout.strip()).resolve() != ROOT / "kernels"
+    else:
+        assert r.returncode != 0 and "lorafuse.kernels" in r.stderr
+    if importlib.util.find_spec("peft") is not None:
+        r = _run_from_root("import peft, transformers, lorafuse.kernels as k; print(k.__name__)")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "lorafuse.kernels"
