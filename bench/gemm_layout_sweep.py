@@ -8,8 +8,9 @@ rows over K into N columns: for the backward of a (d_in -> d_out) layer, K = d_o
 48 low-rank columns. Every variant replayed from a CUDA graph, L2 flushed before each replay
 (do_bench), once per round, the order reversed every other round; medians over rounds. Variants:
 "cublas" (torch.mm of the same operands, no low-rank term), "default" (lora_gemm's own tma_config
-for the layout) and every candidate config (tma_candidates() and warp-specialised variants), each
-checked against float32.
+for the layout) and every candidate config (tma_candidates(), warp-specialised variants and the
+large tiles with a two-part epilogue store, EPI_SUBTILE = 2), each checked against float32.
+--subtile-only times only the latter beside cuBLAS and the default.
 Writes gemm-layout-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -32,7 +33,15 @@ lg = importlib.import_module("lorafuse.kernels.lora_gemm")  # the module, not th
 def cfg_name(cfg) -> str:
     k = cfg.kwargs
     return (f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages} "
-            f"{'F' if k.get('FLATTEN') else '-'}{'W' if k.get('WARP_SPECIALIZE') else '-'}")
+            f"{'F' if k.get('FLATTEN') else '-'}{'W' if k.get('WARP_SPECIALIZE') else '-'}"
+            + (f" E{k['EPI_SUBTILE']}" if k.get("EPI_SUBTILE", 1) != 1 else ""))
+
+
+def subtile_candidates() -> list:
+    """The large tiles with the epilogue stored in two column halves (EPI_SUBTILE = 2), whose smaller
+    store buffer leaves shared memory for a fourth stage."""
+    return [lg._cfg(bm, bn, 64, 8, st, FLATTEN=f, WARP_SPECIALIZE=False, EPI_SUBTILE=2)
+            for bm, bn in ((128, 256), (256, 128)) for st in (3, 4) for f in (True, False)]
 
 
 def main() -> None:
@@ -43,6 +52,8 @@ def main() -> None:
     p.add_argument("--layout", choices=["bwd", "fwd"], default="bwd",
                    help="the layout the candidate configs run on: the backward's row-major W (default) or "
                         "the forward's W^T view")
+    p.add_argument("--subtile-only", action="store_true",
+                   help="time only the default config and the EPI_SUBTILE = 2 candidates (with cuBLAS)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "gemm_layout_sweep.py needs a GPU"
@@ -51,6 +62,7 @@ def main() -> None:
                                    lg._cfg(128, 256, 64, 8, 3, FLATTEN=False, WARP_SPECIALIZE=True),
                                    lg._cfg(128, 128, 64, 8, 4, FLATTEN=True, WARP_SPECIALIZE=True),
                                    lg._cfg(256, 128, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=True)]
+    cands = subtile_candidates() if args.subtile_only else cands + subtile_candidates()
     rows = []
     for shape in args.shapes:
         T, K, N = (int(v) for v in shape.split("x"))

@@ -381,7 +381,7 @@ def _set_block_shapes(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
-    nargs["out_desc"].block_shape = [bm, bn]
+    nargs["out_desc"].block_shape = [bm, bn // nargs.get("EPI_SUBTILE", 1)]
 
 
 @triton.jit
@@ -400,7 +400,11 @@ def _lora_gemm_tma_kernel(
     FLATTEN: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     TAIL_PIPE: tl.constexpr = True,
+    EPI_SUBTILE: tl.constexpr = 1,
 ):
+    """Persistent Hopper GEMM: out = a @ b + s @ c + bias, a and b (W or W^T) and out by tensor
+    descriptors. EPI_SUBTILE = 2 stores each output tile as two column halves (out_desc's block
+    BLOCK_M x BLOCK_N / 2): half the epilogue's shared-memory buffer, room for one more stage."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -429,7 +433,13 @@ def _lora_gemm_tma_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += bias[None, :]
-        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+        if EPI_SUBTILE == 2:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            lo, hi = tl.split(halves)
+            out_desc.store([off_m, off_n], lo.to(out_desc.dtype))
+            out_desc.store([off_m, off_n + BLOCK_N // 2], hi.to(out_desc.dtype))
+        else:
+            out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 @triton.jit
@@ -648,7 +658,8 @@ def lora_gemm(
         bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
-        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
+        out_block = [bm, bn // cfg.kwargs.get("EPI_SUBTILE", 1)]
+        out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), out_block)
         sms = num_sms(a.device)
         if tuned:
             kernel = _lora_gemm_tma_tuned

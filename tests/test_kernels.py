@@ -234,6 +234,30 @@ def test_lora_gemm_tail_loops(R, pipe, dtype, seeded):
         assert rel_err(out - lora_gemm(a, b, impl="tma", config=cfg), ref - a.double() @ b.double()) < 4 * TOL[dtype]
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the Hopper GEMM is compiled for a GPU")
+@pytest.mark.parametrize("tile", [(128, 256, 3), (128, 256, 4), (256, 128, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
+    """The TMA GEMM's output stored in two column halves (EPI_SUBTILE = 2): d_out = 264 leaves the
+    last tile's second half wholly and its first half partly past the edge; T = 300 a partial row
+    block; both layouts, with a bias."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    if not lg._tma_available(torch.device(DEVICE)):
+        pytest.skip("no TMA on this GPU")
+    bm, bn, stages = tile
+    T, d_in, d_out, R = 300, 136, 264, 48
+    a = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    s = torch.randn(T, R, device=DEVICE).to(dtype)
+    c = (torch.randn(d_out, R, device=DEVICE) / R ** 0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE).to(dtype)
+    cfg = lg._cfg(bm, bn, 64, 8, stages, FLATTEN=True, WARP_SPECIALIZE=False, EPI_SUBTILE=2)
+    for b in (w.t(), w.t().contiguous()):
+        out = lora_gemm(a, b, s, c.t(), bias, impl="tma", config=cfg)
+        ref = a.double() @ b.double() + s.double() @ c.double().t() + bias.double()
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
