@@ -4,6 +4,7 @@
 #   tune    bench/tune.py, the launch-config sweep
 #   bench   bench/bench_kernels.py, the full kernel benchmark grid
 #   smoke   bench/bench_kernels.py --smoke --quick
+#   model   bench/bench_model.py, a decoder stack with K adapters: lorafuse against peft and the base
 #   launch  bench/launch_cost.py, host time of one small layer call, level by level
 #   extra:<cmd>  any other command (e.g. "extra:python3 bench/bench_routing.py")
 # Logs and JSON go to $OUT (default ./gpu-out). Example:
@@ -52,6 +53,9 @@ for step in "$@"; do
     smoke)
       $PY bench/bench_kernels.py --smoke --quick --out "$OUT" --prefix smoke >"$OUT/smoke.log" 2>&1
       rc=$?; tail -n 12 "$OUT/smoke.log"; [ $rc -eq 0 ] || status=$rc ;;
+    model)
+      timeout "${MODEL_TIMEOUT:-500}" $PY bench/bench_model.py --out "$OUT" ${MODEL_ARGS:-} >"$OUT/model.log" 2>&1
+      rc=$?; grep -E "ms |wrote|Error" "$OUT/model.log" | tail -n 30; [ $rc -eq 0 ] || status=$rc ;;
     launch)
       $PY bench/launch_cost.py --out "$OUT" >"$OUT/launch.log" 2>&1
       rc=$?; tail -n 40 "$OUT/launch.log"; [ $rc -eq 0 ] || status=$rc ;;

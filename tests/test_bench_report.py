@@ -136,3 +136,28 @@ def test_bench_scripts_compile():
     for name in scripts:
         with open(os.path.join(bench, name)) as f:
             compile(f.read(), name, "exec")  # a SyntaxError names the script
+
+
+def test_model_benchmark_runs_tiny(tmp_path):
+    """bench/bench_model.py end to end on a tiny CPU model: every row timed, the composed sum and
+    concat equal to peft with all adapters active, the trainable sets counted, the file written."""
+    import bench_model
+
+    doc = bench_model.main(["--tiny", "--out", str(tmp_path)])
+    rows = {(r["kind"], r["variant"]): r for r in doc["rows"]}
+    assert set(rows) == {("forward", v) for v in ("base", "peft", "lorafuse_sum", "lorafuse_concat",
+                                                   "lorafuse_loramap")} | {
+        ("train_step", v) for v in ("base", "peft_frozen", "peft", "lorafuse_sum", "lorafuse_concat",
+                                    "lorafuse_loramap")}
+    for r in doc["rows"]:
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["ratio_to_base"] > 0
+    assert rows[("forward", "base")]["ratio_to_base"] == pytest.approx(1.0)
+    for v in ("lorafuse_sum", "lorafuse_concat"):
+        assert rows[("forward", v)]["rel_err_vs_peft"] < 1e-4
+    tp = {v: rows[("train_step", v)]["trainable_params"] for v in ("peft", "peft_frozen", "lorafuse_sum",
+                                                                   "lorafuse_concat", "lorafuse_loramap")}
+    # 2 layers x 7 projections, K = 3 adapters of rank 4; LoraMap: (m x R) + (R x m) per layer, m = 4, R = 12
+    assert tp["peft"] == tp["lorafuse_concat"] > 0 and tp["peft_frozen"] == tp["lorafuse_sum"] == 0
+    assert tp["lorafuse_loramap"] == 2 * 7 * 2 * 4 * 12
+    saved = json.loads(open(os.path.join(tmp_path, os.listdir(tmp_path)[0])).read())
+    assert saved["config"]["adapters"] == 3 and len(saved["rows"]) == 11

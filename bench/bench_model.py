@@ -1,0 +1,239 @@
+"""A whole decoder stack with K LoRA adapters on every linear layer: lorafuse's composed layers
+against peft with all K adapters active and against the base model alone, in one run.
+
+    python bench/bench_model.py                              # Llama-8B-like layers, 4 of them
+    python bench/bench_model.py --hidden 2048 --intermediate 8192 --kv-heads 8
+    python bench/bench_model.py --tiny                       # a CPU-sized check of the script
+
+The model is a randomly initialised transformers Llama (the layers' shapes are what matters for
+speed); timed is its decoder stack (`model.model`: attention, MLP, norms; not the LM head, which no
+adapter touches) on `--batch` x `--seq` tokens given as embeddings. K peft LoRA adapters of rank
+`--rank` on q, k, v, o, gate, up and down projections (their B drawn at random, so that the
+composition is not zero).
+
+Rows (each timed by do_bench, L2 flushed, the order reversed every other round, medians over rounds;
+the base timed in every round):
+  forward: "base", "peft" (all K adapters active: peft's loop over adapters), "lorafuse_<method>"
+      (lorafuse.compose on the same PeftModel, every targeted layer one fused MultiLoraLinear).
+  train step (forward + backward of a mean-square loss, the embeddings requiring grad): "base" (the
+      input gradient only), "peft_frozen" (adapters frozen), "peft" (all K adapters trainable, the
+      same parameters as lorafuse concat), "lorafuse_sum" (nothing trains), "lorafuse_concat",
+      "lorafuse_loramap" (the maps train).
+Ratios are to the base of the same run; tokens/s and peak memory per row; the composed sum's and
+concat's outputs checked against peft's. Writes bench/results/model-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, round_order, save_json, warm_up  # noqa: E402
+
+import lorafuse  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(args, dtype, device):
+    """(PeftModel with K adapters, the decoder stack inside it, adapter names)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 128))
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [f"a{i}" for i in range(args.adapters)]
+    lcfg = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0)
+    pm = get_peft_model(model, LoraConfig(**lcfg), adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, LoraConfig(**lcfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".lora_B." in n:  # peft starts B at zero; a random B makes every adapter count
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    pm.base_model.set_adapter(names)  # all K active (and trainable): peft's multi-adapter forward
+    return pm, pm.base_model.model.model, names
+
+
+@contextlib.contextmanager
+def unwrapped(pm):
+    """Every peft LoRA layer of pm replaced by its base layer while inside (no wrapper's host time in
+    the base's rows), put back on leaving."""
+    from peft.tuners.lora import LoraLayer
+
+    swaps = [(parent, attr, child) for parent in pm.modules() for attr, child in parent.named_children()
+             if isinstance(child, LoraLayer)]
+    for parent, attr, child in swaps:
+        setattr(parent, attr, child.get_base_layer())
+    try:
+        yield
+    finally:
+        for parent, attr, child in swaps:
+            setattr(parent, attr, child)
+
+
+def set_peft_trainable(pm, trainable: bool) -> None:
+    for n, p in pm.named_parameters():
+        p.requires_grad_(trainable and ".lora_" in n)
+
+
+def trainable_params(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def timer(fn, device, reps: int):
+    """Median milliseconds of fn(): do_bench on a GPU, wall time on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=3, rep=reps * 25, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def peak_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=1024, help="embedding rows (unused by the timed stack)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--adapters", type=int, default=3, help="K")
+    p.add_argument("--rank", type=int, default=16, help="r of every adapter")
+    p.add_argument("--map-rank", type=int, default=16, help="m of the LoraMap rows")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--reps", type=int, default=12, help="about this many timed calls per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU: checks the script")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 128, 2, 4, 2
+        args.batch, args.seq, args.rank, args.map_rank, args.rounds, args.reps = 2, 16, 4, 4, 1, 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        warm_up()
+    pm, body, names = build(args, dtype, device)
+    T = args.batch * args.seq
+    torch.manual_seed(args.seed + 1)
+    emb = torch.randn(args.batch, args.seq, args.hidden, device=device, dtype=dtype)
+    emb_grad = emb.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return body(inputs_embeds=emb, use_cache=False).last_hidden_state
+
+    def step():
+        emb_grad.grad = None
+        for q in body.parameters():
+            q.grad = None
+        h = body(inputs_embeds=emb_grad, use_cache=False).last_hidden_state
+        h.float().square().mean().backward()
+
+    def base_ctx():  # the frozen base model's own layers, peft's wrappers taken out for the timing
+        return unwrapped(pm)
+
+    # Each variant: (enter, leave) around its timing; the model ends every variant as a PeftModel.
+    def peft_setup(trainable):
+        return lambda: set_peft_trainable(pm, trainable), lambda: None
+
+    def composed(method):
+        kw = {"map_rank": args.map_rank} if method == "loramap" else {}
+        return (lambda: lorafuse.compose(pm, method=method, adapter_names=names, **kw),
+                lambda: lorafuse.decompose(pm))
+
+    methods = ["sum", "concat", "loramap"]
+    fwd_variants = {"peft": peft_setup(False), **{f"lorafuse_{m}": composed(m) for m in methods}}
+    train_variants = {"peft_frozen": peft_setup(False), "peft": peft_setup(True),
+                      **{f"lorafuse_{m}": composed(m) for m in methods}}
+
+    def run(kind, variants, fn):
+        times = {k: [] for k in ["base", *variants]}
+        info = {k: {} for k in times}
+        for rnd in range(args.rounds):
+            for name in round_order(list(times), rnd):
+                if name == "base":
+                    set_peft_trainable(pm, False)
+                    with base_ctx():
+                        times[name].append(timer(fn, device, args.reps))
+                        if rnd == 0:
+                            info[name]["peak_mb"] = peak_mb(fn, device)
+                            info[name]["trainable_params"] = 0
+                    continue
+                enter, leave = variants[name]
+                enter()
+                try:
+                    times[name].append(timer(fn, device, args.reps))
+                    if rnd == 0:
+                        info[name]["peak_mb"] = peak_mb(fn, device)
+                        info[name]["trainable_params"] = trainable_params(body)
+                        if kind == "forward" and name in ("lorafuse_sum", "lorafuse_concat"):
+                            out = fwd().float()
+                            info[name]["composed"] = True
+                            info[name]["_out"] = out
+                finally:
+                    leave()
+        base = statistics.mean(times["base"])
+        rows = []
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            row = {"kind": kind, "variant": name, "ms": ms, "ms_rounds": ts, "ratio_to_base": ms / base,
+                   "tokens_per_s": T / (ms / 1e3), **{k: v for k, v in info[name].items() if not k.startswith("_")}}
+            rows.append(row)
+        return rows, info
+
+    set_peft_trainable(pm, False)
+    peft_out = fwd().float()
+    fwd_rows, fwd_info = run("forward", fwd_variants, fwd)
+    for row in fwd_rows:
+        out = fwd_info[row["variant"]].get("_out")
+        if out is not None:  # sum and concat compute what peft does with all K adapters active
+            row["rel_err_vs_peft"] = ((out - peft_out).norm() / peft_out.norm()).item()
+    train_rows, _ = run("train_step", train_variants, step)
+    rows = fwd_rows + train_rows
+    for row in rows:
+        print(f"{row['kind']:>10} {row['variant']:>17}: {row['ms']:9.3f} ms  {row['ratio_to_base']:6.3f}x base  "
+              f"{row['tokens_per_s'] / 1e3:9.1f} k tok/s  peak {row.get('peak_mb') or float('nan'):8.1f} MB"
+              + (f"  rel err {row['rel_err_vs_peft']:.1e}" if "rel_err_vs_peft" in row else ""), flush=True)
+    doc = {"env": env_info(sys.argv if argv is None else ["bench/bench_model.py", *argv]),
+           "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "batch",
+                                                    "seq", "adapters", "rank", "map_rank", "rounds", "reps")},
+           "tokens": T, "dtype": str(dtype), "device": str(device), "rows": rows}
+    path = save_json(doc, args.out, "model")
+    print("wrote", path)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
