@@ -8,24 +8,27 @@ lora_gemm_persistent: the whole layer in one persistent launch, the shrink as it
 
 Run from the repository's root (`python -m pytest`, `python -c`, a notebook), this folder also lies on
 the path as a top-level `kernels`, a name that belongs to another package (Hugging Face's `kernels`,
-which transformers imports). Imported under that name, it hands the name over to that package when it
-is installed, and otherwise refuses: lorafuse's kernels are only ever `lorafuse.kernels`.
+which transformers imports). Imported under that name it hands the name over to that package where it
+is installed, and is otherwise an empty module without a file, which transformers takes for a folder
+shadowing an absent package (its kernel hub stays off).
 """
 if __name__ == "kernels":
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
     import sys as _sys
+    import types as _types
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _spec = _machinery.PathFinder.find_spec(
+    _other = _machinery.PathFinder.find_spec(
         "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
-    if _spec is None:
-        raise ImportError("no package named 'kernels' is installed; the 'kernels' folder here holds lorafuse's "
-                          "Triton kernels: import them as lorafuse.kernels", name="kernels")
-    _module = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
-    _spec.loader.exec_module(_module)
+    if _other is not None:
+        _module = _util.module_from_spec(_other)
+        _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
+        _other.loader.exec_module(_module)
+    else:
+        _sys.modules["kernels"] = _types.ModuleType(
+            "kernels", "Not lorafuse's kernels (import those as lorafuse.kernels); no package 'kernels' is installed.")
 else:
     from .lora_gemm import lora_gemm, lora_gemm_fused, lora_gemm_persistent
     from .shrink import shrink, shrink_backward
