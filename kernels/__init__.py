@@ -17,7 +17,6 @@ if __name__ == "kernels":
     import importlib.util as _util
     import os as _os
     import sys as _sys
-    import types as _types
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _other = _machinery.PathFinder.find_spec(
@@ -27,8 +26,10 @@ if __name__ == "kernels":
         _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this runs
         _other.loader.exec_module(_module)
     else:
-        _sys.modules["kernels"] = _types.ModuleType(
-            "kernels", "Not lorafuse's kernels (import those as lorafuse.kernels); no package 'kernels' is installed.")
+        # a spec without a file: find_spec("kernels") keeps working once the name is imported
+        _stub = _util.module_from_spec(_machinery.ModuleSpec("kernels", None))
+        _stub.__doc__ = "Not lorafuse's kernels (import those as lorafuse.kernels); no package 'kernels' is installed."
+        _sys.modules["kernels"] = _stub
 else:
     from .lora_gemm import lora_gemm, lora_gemm_fused, lora_gemm_persistent
     from .shrink import shrink, shrink_backward
