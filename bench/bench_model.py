@@ -8,8 +8,8 @@ against peft with all K adapters active and against the base model alone, in one
 The model is a randomly initialised transformers Llama (the layers' shapes are what matters for
 speed); timed is its decoder stack (`model.model`: attention, MLP, norms; not the LM head, which no
 adapter touches) on `--batch` x `--seq` tokens given as embeddings. K peft LoRA adapters of rank
-`--rank` on q, k, v, o, gate, up and down projections (their B drawn at random, so that the
-composition is not zero).
+`--rank` on q, k, v, o, gate, up and down projections (their B drawn at random with `--b-std`, so
+that the composition is not zero).
 
 Rows (each timed by do_bench, L2 flushed, the order reversed every other round, medians over rounds;
 the base timed in every round):
@@ -19,8 +19,9 @@ the base timed in every round):
       input gradient only), "peft_frozen" (adapters frozen), "peft" (all K adapters trainable, the
       same parameters as lorafuse concat), "lorafuse_sum" (nothing trains), "lorafuse_concat",
       "lorafuse_loramap" (the maps train).
-Ratios are to the base of the same run; tokens/s and peak memory per row; the composed sum's and
-concat's outputs checked against peft's. Writes bench/results/model-<gpu>-<date>.json.
+Ratios are to the base of the same run; tokens/s and peak memory (above the model's own) per row;
+peft's and the composed sum's and concat's outputs compared with the same model run in float32.
+Writes bench/results/model-<gpu>-<date>.json.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def build(args, dtype, device):
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if ".lora_B." in n:  # peft starts B at zero; a random B makes every adapter count
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+                p.normal_(0.0, args.b_std)
     pm.base_model.set_adapter(names)  # all K active (and trainable): peft's multi-adapter forward
     return pm, pm.base_model.model.model, names
 
@@ -131,6 +132,9 @@ def main(argv=None) -> dict:
     p.add_argument("--adapters", type=int, default=3, help="K")
     p.add_argument("--rank", type=int, default=16, help="r of every adapter")
     p.add_argument("--map-rank", type=int, default=16, help="m of the LoraMap rows")
+    p.add_argument("--b-std", type=float, default=0.02,
+                   help="std of the adapters' random B (default 0.02, the base weights' own init: each adapter "
+                        "then changes a projection's output by a few percent)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=12, help="about this many timed calls per cell")
     p.add_argument("--seed", type=int, default=0)
@@ -215,17 +219,29 @@ def main(argv=None) -> dict:
 
     set_peft_trainable(pm, False)
     peft_out = fwd().float()
+    # The reference: the same model and adapters in float32 (peft's path; casts there and back are exact).
+    pm.float()
+    with torch.no_grad():
+        ref = body(inputs_embeds=emb.float(), use_cache=False).last_hidden_state.float()
+    pm.to(dtype)
+
+    def rel(a):
+        return ((a - ref).norm() / ref.norm()).item()
+
     fwd_rows, fwd_info = run("forward", fwd_variants, fwd)
     for row in fwd_rows:
         out = fwd_info[row["variant"]].get("_out")
+        if row["variant"] == "peft":
+            row["rel_err_vs_fp32"] = rel(peft_out)
         if out is not None:  # sum and concat compute what peft does with all K adapters active
+            row["rel_err_vs_fp32"] = rel(out)
             row["rel_err_vs_peft"] = ((out - peft_out).norm() / peft_out.norm()).item()
     train_rows, _ = run("train_step", train_variants, step)
     rows = fwd_rows + train_rows
     for row in rows:
         print(f"{row['kind']:>10} {row['variant']:>17}: {row['ms']:9.3f} ms  {row['ratio_to_base']:6.3f}x base  "
               f"{row['tokens_per_s'] / 1e3:9.1f} k tok/s  peak {row.get('peak_mb') or float('nan'):8.1f} MB"
-              + (f"  rel err {row['rel_err_vs_peft']:.1e}" if "rel_err_vs_peft" in row else ""), flush=True)
+              + (f"  err vs fp32 {row['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in row else ""), flush=True)
     doc = {"env": env_info(sys.argv if argv is None else ["bench/bench_model.py", *argv]),
            "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "batch",
                                                     "seq", "adapters", "rank", "map_rank", "rounds", "reps")},

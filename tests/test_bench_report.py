@@ -152,8 +152,10 @@ def test_model_benchmark_runs_tiny(tmp_path):
     for r in doc["rows"]:
         assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["ratio_to_base"] > 0
     assert rows[("forward", "base")]["ratio_to_base"] == pytest.approx(1.0)
-    for v in ("lorafuse_sum", "lorafuse_concat"):
-        assert rows[("forward", v)]["rel_err_vs_peft"] < 1e-4
+    for v in ("lorafuse_sum", "lorafuse_concat"):  # float32 on the CPU: the same sums, rounding apart
+        assert rows[("forward", v)]["rel_err_vs_peft"] < 1e-4 and rows[("forward", v)]["rel_err_vs_fp32"] < 1e-4
+    assert rows[("forward", "peft")]["rel_err_vs_fp32"] < 1e-5
+    assert "rel_err_vs_fp32" not in rows[("forward", "lorafuse_loramap")]
     tp = {v: rows[("train_step", v)]["trainable_params"] for v in ("peft", "peft_frozen", "lorafuse_sum",
                                                                    "lorafuse_concat", "lorafuse_loramap")}
     # 2 layers x 7 projections, K = 3 adapters of rank 4; LoraMap: (m x R) + (R x m) per layer, m = 4, R = 12
