@@ -13,12 +13,15 @@ that the composition is not zero).
 
 Rows (each timed by do_bench, L2 flushed, the order reversed every other round, medians over rounds;
 the base timed in every round):
-  forward: "base", "peft" (all K adapters active: peft's loop over adapters), "lorafuse_<method>"
-      (lorafuse.compose on the same PeftModel, every targeted layer one fused MultiLoraLinear).
+  forward: "base", "peft" (all K adapters active: peft's loop over adapters, its weights in the
+      model's dtype), "peft_f32" (the same with the adapters' weights in float32, peft's default for a
+      16-bit model: autocast_adapter_dtype=True), "lorafuse_<method>" (lorafuse.compose on the same
+      PeftModel, every targeted layer one fused MultiLoraLinear). With --graph each forward is also
+      replayed from a CUDA graph: the GPU's time without the host's.
   train step (forward + backward of a mean-square loss, the embeddings requiring grad): "base" (the
-      input gradient only), "peft_frozen" (adapters frozen), "peft" (all K adapters trainable, the
-      same parameters as lorafuse concat), "lorafuse_sum" (nothing trains), "lorafuse_concat",
-      "lorafuse_loramap" (the maps train).
+      input gradient only), "peft_frozen" (adapters frozen), "peft" and "peft_f32" (all K adapters
+      trainable, the same parameters as lorafuse concat), "lorafuse_sum" (nothing trains),
+      "lorafuse_concat", "lorafuse_loramap" (the maps train).
 Ratios are to the base of the same run; tokens/s and peak memory (above the model's own) per row;
 peft's and the composed sum's and concat's outputs compared with the same model run in float32.
 Writes bench/results/model-<gpu>-<date>.json.
@@ -35,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graphed, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -82,6 +85,14 @@ def unwrapped(pm):
     finally:
         for parent, attr, child in swaps:
             setattr(parent, attr, child)
+
+
+def cast_adapters(pm, dtype) -> None:
+    """peft's LoRA weights to dtype in place (float32 is peft's default for a 16-bit base,
+    autocast_adapter_dtype=True; bf16 -> float32 -> bf16 is exact)."""
+    for n, p in pm.named_parameters():
+        if ".lora_" in n:
+            p.data = p.data.to(dtype)
 
 
 def set_peft_trainable(pm, trainable: bool) -> None:
@@ -138,6 +149,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=12, help="about this many timed calls per cell")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph", action="store_true",
+                   help="also time each forward replayed from a CUDA graph (GPU time without the host's)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU: checks the script")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
@@ -165,12 +178,19 @@ def main(argv=None) -> dict:
         h = body(inputs_embeds=emb_grad, use_cache=False).last_hidden_state
         h.float().square().mean().backward()
 
-    def base_ctx():  # the frozen base model's own layers, peft's wrappers taken out for the timing
-        return unwrapped(pm)
+    # Each variant: (enter, leave) around its timing; the model leaves every variant as a PeftModel.
+    stack = contextlib.ExitStack()
 
-    # Each variant: (enter, leave) around its timing; the model ends every variant as a PeftModel.
-    def peft_setup(trainable):
-        return lambda: set_peft_trainable(pm, trainable), lambda: None
+    def base_setup():  # the frozen base model's own layers, peft's wrappers taken out for the timing
+        return (lambda: (set_peft_trainable(pm, False), stack.enter_context(unwrapped(pm))), stack.close)
+
+    def peft_setup(trainable, f32=False):
+        def enter():
+            set_peft_trainable(pm, trainable)
+            if f32:
+                cast_adapters(pm, torch.float32)
+
+        return enter, (lambda: cast_adapters(pm, dtype)) if f32 else (lambda: None)
 
     def composed(method):
         kw = {"map_rank": args.map_rank} if method == "loramap" else {}
@@ -178,34 +198,35 @@ def main(argv=None) -> dict:
                 lambda: lorafuse.decompose(pm))
 
     methods = ["sum", "concat", "loramap"]
-    fwd_variants = {"peft": peft_setup(False), **{f"lorafuse_{m}": composed(m) for m in methods}}
-    train_variants = {"peft_frozen": peft_setup(False), "peft": peft_setup(True),
+    f32 = {"peft_f32": peft_setup(False, f32=True)} if dtype != torch.float32 else {}
+    fwd_variants = {"base": base_setup(), "peft": peft_setup(False), **f32,
+                    **{f"lorafuse_{m}": composed(m) for m in methods}}
+    f32 = {"peft_f32": peft_setup(True, f32=True)} if dtype != torch.float32 else {}
+    train_variants = {"base": base_setup(), "peft_frozen": peft_setup(False), "peft": peft_setup(True), **f32,
                       **{f"lorafuse_{m}": composed(m) for m in methods}}
 
     def run(kind, variants, fn):
-        times = {k: [] for k in ["base", *variants]}
+        times = {k: [] for k in variants}
+        graph_times = {k: [] for k in variants}
         info = {k: {} for k in times}
         for rnd in range(args.rounds):
             for name in round_order(list(times), rnd):
-                if name == "base":
-                    set_peft_trainable(pm, False)
-                    with base_ctx():
-                        times[name].append(timer(fn, device, args.reps))
-                        if rnd == 0:
-                            info[name]["peak_mb"] = peak_mb(fn, device)
-                            info[name]["trainable_params"] = 0
-                    continue
                 enter, leave = variants[name]
                 enter()
                 try:
                     times[name].append(timer(fn, device, args.reps))
+                    if args.graph and kind == "forward":
+                        try:
+                            replay = graphed(fn)
+                            graph_times[name].append(timer(replay, device, args.reps))
+                            del replay
+                        except Exception as e:  # recorded, not fatal: the eager rows stand
+                            info[name]["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     if rnd == 0:
                         info[name]["peak_mb"] = peak_mb(fn, device)
                         info[name]["trainable_params"] = trainable_params(body)
                         if kind == "forward" and name in ("lorafuse_sum", "lorafuse_concat"):
-                            out = fwd().float()
-                            info[name]["composed"] = True
-                            info[name]["_out"] = out
+                            info[name]["_out"] = fwd().float()
                 finally:
                     leave()
         base = statistics.mean(times["base"])
@@ -214,6 +235,10 @@ def main(argv=None) -> dict:
             ms = statistics.median(ts)
             row = {"kind": kind, "variant": name, "ms": ms, "ms_rounds": ts, "ratio_to_base": ms / base,
                    "tokens_per_s": T / (ms / 1e3), **{k: v for k, v in info[name].items() if not k.startswith("_")}}
+            if graph_times[name] and graph_times["base"]:
+                row["graph_ms"] = statistics.median(graph_times[name])
+                row["graph_ms_rounds"] = graph_times[name]
+                row["graph_ratio_to_base"] = row["graph_ms"] / statistics.mean(graph_times["base"])
             rows.append(row)
         return rows, info
 
@@ -241,6 +266,7 @@ def main(argv=None) -> dict:
     for row in rows:
         print(f"{row['kind']:>10} {row['variant']:>17}: {row['ms']:9.3f} ms  {row['ratio_to_base']:6.3f}x base  "
               f"{row['tokens_per_s'] / 1e3:9.1f} k tok/s  peak {row.get('peak_mb') or float('nan'):8.1f} MB"
+              + (f"  graph {row['graph_ratio_to_base']:.3f}x" if "graph_ratio_to_base" in row else "")
               + (f"  err vs fp32 {row['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in row else ""), flush=True)
     doc = {"env": env_info(sys.argv if argv is None else ["bench/bench_model.py", *argv]),
            "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "batch",
