@@ -4,6 +4,7 @@ against peft with all K adapters active and against the base model alone, in one
     python bench/bench_model.py                              # Llama-8B-like layers, 4 of them
     python bench/bench_model.py --hidden 2048 --intermediate 8192 --kv-heads 8
     python bench/bench_model.py --tiny                       # a CPU-sized check of the script
+    python bench/bench_model.py --plot a.json b.json --png bench/results/model.png
 
 The model is a randomly initialised transformers Llama (the layers' shapes are what matters for
 speed); timed is its decoder stack (`model.model`: attention, MLP, norms; not the LM head, which no
@@ -130,6 +131,43 @@ def peak_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
+VARIANT_ORDER = ["peft_f32", "peft", "peft_frozen", "lorafuse_sum", "lorafuse_concat", "lorafuse_loramap"]
+
+
+def plot(paths, out: str) -> str:
+    """One panel per result file: each variant's forward and train-step time over the base's."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorafuse.export import atomic_write
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
+    for ax, doc in zip(axes[0], docs):
+        rows = {(r["kind"], r["variant"]): r["ratio_to_base"] for r in doc["rows"]}
+        names = [v for v in VARIANT_ORDER if ("train_step", v) in rows]
+        for j, kind in enumerate(("forward", "train_step")):
+            ys = [rows.get((kind, v), float("nan")) for v in names]
+            ax.bar([i + 0.4 * j - 0.2 for i in range(len(names))], ys, width=0.4, label=kind.replace("_", " "))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), [n.replace("lorafuse_", "lorafuse\n") for n in names], fontsize=7)
+        c = doc["config"]
+        ax.set_title(f"{c['layers']} layers, hidden {c['hidden']}/{c['intermediate']}, K = {c['adapters']}, "
+                     f"r = {c['rank']}, {doc['tokens']} tokens", fontsize=8)
+        ax.set_ylabel("time / base model's")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{docs[0]['env']['gpu']}, {docs[0]['dtype']}, eager, commit {docs[0]['env']['commit']}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -153,7 +191,12 @@ def main(argv=None) -> dict:
                    help="also time each forward replayed from a CUDA graph (GPU time without the host's)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU: checks the script")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="plot these result files (no run) into --png")
+    p.add_argument("--png", default="bench/results/model.png")
     args = p.parse_args(argv)
+    if args.plot:
+        print("wrote", plot(args.plot, args.png))
+        return {}
     if args.tiny:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 128, 2, 4, 2
         args.batch, args.seq, args.rank, args.map_rank, args.rounds, args.reps = 2, 16, 4, 4, 1, 2

@@ -161,5 +161,9 @@ def test_model_benchmark_runs_tiny(tmp_path):
     # 2 layers x 7 projections, K = 3 adapters of rank 4; LoraMap: (m x R) + (R x m) per layer, m = 4, R = 12
     assert tp["peft"] == tp["lorafuse_concat"] > 0 and tp["peft_frozen"] == tp["lorafuse_sum"] == 0
     assert tp["lorafuse_loramap"] == 2 * 7 * 2 * 4 * 12
-    saved = json.loads(open(os.path.join(tmp_path, os.listdir(tmp_path)[0])).read())
+    path = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    saved = json.loads(open(path).read())
     assert saved["config"]["adapters"] == 3 and len(saved["rows"]) == 11
+    png = tmp_path / "model.png"
+    bench_model.main(["--plot", path, path, "--png", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
