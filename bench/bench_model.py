@@ -168,6 +168,47 @@ def plot(paths, out: str) -> str:
     return out
 
 
+def profile(args, variants: dict, fwd, device) -> dict:
+    """GPU time by kernel of `--calls` eager forwards and as many CUDA-graph replays, per variant
+    (torch.profiler; kernels inside a graph are traced one by one). Writes model-profile-*.json."""
+    if device.type != "cuda":
+        raise SystemExit("--profile needs a GPU (it replays the forward from a CUDA graph)")
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for name, (enter, leave) in variants.items():
+        enter()
+        try:
+            replay = graphed(fwd)
+            for mode, fn in (("eager", fwd), ("graph", replay)):
+                fn()
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.calls):
+                        fn()
+                    torch.cuda.synchronize()
+                kernels: dict = {}
+                for ev in prof.events():
+                    if ev.device_type == torch.autograd.DeviceType.CUDA:
+                        k = kernels.setdefault(ev.name, [0, 0.0])
+                        k[0] += 1
+                        k[1] += ev.device_time_total / 1e3 / args.calls  # ms per forward
+                top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+                out[f"{name}/{mode}"] = {
+                    "kernel_ms_per_forward": sum(v[1] for v in kernels.values()),
+                    "kernels": [{"name": n[:160], "calls_per_forward": c / args.calls, "ms_per_forward": t}
+                                for n, (c, t) in top[:25]]}
+                print(f"{name:>14} {mode}: {out[f'{name}/{mode}']['kernel_ms_per_forward']:.2f} ms of kernels per "
+                      f"forward; top: " + "; ".join(f"{n[:60]} {t:.2f}" for n, (c, t) in top[:6]), flush=True)
+            del replay
+        finally:
+            leave()
+    doc = {"env": env_info(sys.argv), "config": vars(args), "profile": out}
+    print("wrote", save_json(doc, args.out, "model-profile"))
+    return doc
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -191,6 +232,10 @@ def main(argv=None) -> dict:
                    help="also time each forward replayed from a CUDA graph (GPU time without the host's)")
     p.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU: checks the script")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: the forward's GPU time by kernel, eager and from a CUDA graph, for the "
+                        "base and lorafuse sum (torch.profiler, --calls forwards each)")
+    p.add_argument("--calls", type=int, default=3, help="forwards per profile (--profile)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="plot these result files (no run) into --png")
     p.add_argument("--png", default="bench/results/model.png")
     args = p.parse_args(argv)
@@ -285,6 +330,8 @@ def main(argv=None) -> dict:
             rows.append(row)
         return rows, info
 
+    if args.profile:
+        return profile(args, {k: fwd_variants[k] for k in ("base", "lorafuse_sum")}, fwd, device)
     set_peft_trainable(pm, False)
     peft_out = fwd().float()
     # The reference: the same model and adapters in float32 (peft's path; casts there and back are exact).
