@@ -371,7 +371,10 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True) -> triton.Config:
     128 x 128 x 128 below. On the GPU machine's Triton 3.6 no compiled form of the kernel holds a
     warp-specialised loop (gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21, the flag set or not), and
     the four flatten / warp-specialise choices run within the rounds' spread of each other on the
-    forward's layout (H200): the flag stays for a Triton that applies it."""
+    forward's layout (H200): the flag stays for a Triton that applies it. Storing the tile in two
+    halves (EPI_SUBTILE = 2, which leaves room for a fourth stage) was within the rounds' spread of
+    this config at T = 4096-8192 and 1.7 points faster only at T = 2048 on 4096 x 4096
+    (gemm-layout-sweep-subtile-*.json): not used by default."""
     if T >= 1024:
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
