@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -301,7 +302,11 @@ def _search(model, comp, batches, loss_fn, budget, l1, seed, lo, hi, composition
     param.random_state = np.random.RandomState(seed)
     opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
     try:
-        recommendation = opt.minimize(objective)
+        with warnings.catch_warnings():
+            # For a few weights NGOpt runs nevergrad's COBYLA, which hands scipy a stopping radius that
+            # scipy replaces with a valid one and warns about on every search: nothing a caller can fix.
+            warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND", category=UserWarning)
+            recommendation = opt.minimize(objective)
         best = [float(x) for x in recommendation.value]
         set_lorahub_weights(model, best)
         with torch.no_grad():

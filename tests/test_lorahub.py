@@ -71,6 +71,18 @@ def test_search_deterministic_and_improves(setup):
     assert r1.loss == pytest.approx(_loss_at(base_sd, dirs, batches, r1.weights), rel=1e-6)
 
 
+def test_search_with_two_adapters_warns_nothing(setup):
+    """NGOpt on two weights runs nevergrad's COBYLA, whose stopping radius scipy corrects with a
+    warning on every search (lorafuse demo's LoraHub row): the search silences that one warning."""
+    import warnings
+
+    base_sd, _, _, dirs, batches = setup
+    with warnings.catch_warnings(record=True) as caught, use_backend("torch"):
+        warnings.simplefilter("always")
+        lorahub_search(_fresh(base_sd), dirs[:2], batches, budget=12, seed=0)
+    assert not [w for w in caught if "RHOEND" in str(w.message)]
+
+
 def test_search_seed_matters_for_stochastic_optimizers(setup):
     base_sd, _, _, dirs, batches = setup
     with use_backend("torch"):
