@@ -120,7 +120,7 @@ def timer(fn, device, reps: int):
     return statistics.median(ts)
 
 
-def peak_mb(fn, device) -> float:
+def peak_mb(fn, device) -> "float | None":
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()

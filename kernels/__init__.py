@@ -9,8 +9,9 @@ lora_gemm_persistent: the whole layer in one persistent launch, the shrink as it
 Run from the repository's root (`python -m pytest`, `python -c`, a notebook), this folder also lies on
 the path as a top-level `kernels`, a name that belongs to another package (Hugging Face's `kernels`,
 which transformers imports). Imported under that name it hands the name over to that package where it
-is installed, and is otherwise an empty module without a file, which transformers takes for a folder
-shadowing an absent package (its kernel hub stays off).
+is installed, and otherwise stands in as an empty module without a file, so that no second copy of
+lorafuse's kernels loads under a name that is not theirs (transformers 5.17 probes the name by
+importing it, and imports fine with the stand-in).
 """
 if __name__ == "kernels":
     import importlib.machinery as _machinery
