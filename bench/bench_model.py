@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, graphed, round_order, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
+from lorafuse.cli import POSITIVE, POSITIVE_INT  # noqa: E402  (argparse types that name the bad value)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -211,22 +212,22 @@ def profile(args, variants: dict, fwd, device) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=1024, help="embedding rows (unused by the timed stack)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--adapters", type=int, default=3, help="K")
-    p.add_argument("--rank", type=int, default=16, help="r of every adapter")
-    p.add_argument("--map-rank", type=int, default=16, help="m of the LoraMap rows")
-    p.add_argument("--b-std", type=float, default=0.02,
+    p.add_argument("--hidden", type=POSITIVE_INT, default=4096)
+    p.add_argument("--intermediate", type=POSITIVE_INT, default=14336)
+    p.add_argument("--layers", type=POSITIVE_INT, default=4)
+    p.add_argument("--heads", type=POSITIVE_INT, default=32)
+    p.add_argument("--kv-heads", type=POSITIVE_INT, default=8)
+    p.add_argument("--vocab", type=POSITIVE_INT, default=1024, help="embedding rows (unused by the timed stack)")
+    p.add_argument("--batch", type=POSITIVE_INT, default=4)
+    p.add_argument("--seq", type=POSITIVE_INT, default=2048)
+    p.add_argument("--adapters", type=POSITIVE_INT, default=3, help="K")
+    p.add_argument("--rank", type=POSITIVE_INT, default=16, help="r of every adapter")
+    p.add_argument("--map-rank", type=POSITIVE_INT, default=16, help="m of the LoraMap rows")
+    p.add_argument("--b-std", type=POSITIVE, default=0.02,
                    help="std of the adapters' random B (default 0.02, the base weights' own init: each adapter "
                         "then changes a projection's output by a few percent)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--reps", type=int, default=12, help="about this many timed calls per cell")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=2)
+    p.add_argument("--reps", type=POSITIVE_INT, default=12, help="about this many timed calls per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graph", action="store_true",
                    help="also time each forward replayed from a CUDA graph (GPU time without the host's)")
@@ -235,7 +236,7 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: the forward's GPU time by kernel, eager and from a CUDA graph, for the "
                         "base and lorafuse sum (torch.profiler, --calls forwards each)")
-    p.add_argument("--calls", type=int, default=3, help="forwards per profile (--profile)")
+    p.add_argument("--calls", type=POSITIVE_INT, default=3, help="forwards per profile (--profile)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="plot these result files (no run) into --png")
     p.add_argument("--png", default="bench/results/model.png")
     args = p.parse_args(argv)

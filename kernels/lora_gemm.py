@@ -658,6 +658,9 @@ def lora_gemm(
     if use_tma and a.is_cuda and _tma_available(a.device) and _tma_compatible(a, bt, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
         cfg = config or tma_config(T, N, K, b_nk)
+        if cfg.kwargs.get("EPI_SUBTILE", 1) not in (1, 2):
+            raise ValueError(f"config: EPI_SUBTILE must be 1 or 2 (the output tile stored whole or in two column "
+                             f"halves), got {cfg.kwargs['EPI_SUBTILE']!r}")
         bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
