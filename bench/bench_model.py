@@ -169,9 +169,37 @@ def plot(paths, out: str) -> str:
     return out
 
 
-def profile(args, variants: dict, fwd, device) -> dict:
+@contextlib.contextmanager
+def projection_ranges(model):
+    """Each targeted projection's forward inside a profiler range named "proj:<name>" while inside, so
+    that the kernels it launches are counted per projection (eager calls only)."""
+    handles, ranges = [], {}
+
+    def pre(mod, _inputs):
+        rf = torch.profiler.record_function("proj:" + mod._bench_proj)
+        rf.__enter__()
+        ranges[id(mod)] = rf
+
+    def post(mod, _inputs, _output):
+        ranges.pop(id(mod)).__exit__(None, None, None)
+
+    for name, mod in model.named_modules():
+        attr = name.rsplit(".", 1)[-1]
+        if attr in TARGETS:
+            mod._bench_proj = attr
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def profile(args, variants: dict, fwd, device, body=None) -> dict:
     """GPU time by kernel of `--calls` eager forwards and as many CUDA-graph replays, per variant
-    (torch.profiler; kernels inside a graph are traced one by one). Writes model-profile-*.json."""
+    (torch.profiler; kernels inside a graph are traced one by one), and for the eager forwards the
+    GPU time of each projection (q, k, v, o, gate, up, down; summed over layers). Writes
+    model-profile-*.json."""
     if device.type != "cuda":
         raise SystemExit("--profile needs a GPU (it replays the forward from a CUDA graph)")
     from torch.profiler import ProfilerActivity
@@ -185,10 +213,15 @@ def profile(args, variants: dict, fwd, device) -> dict:
             for mode, fn in (("eager", fwd), ("graph", replay)):
                 fn()
                 torch.cuda.synchronize()
-                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.calls):
-                        fn()
-                    torch.cuda.synchronize()
+                eager = mode == "eager" and body is not None
+                acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if eager else [ProfilerActivity.CUDA]
+                with contextlib.ExitStack() as ranges:
+                    if eager:
+                        ranges.enter_context(projection_ranges(body))
+                    with torch_profile(activities=acts) as prof:
+                        for _ in range(args.calls):
+                            fn()
+                        torch.cuda.synchronize()
                 kernels: dict = {}
                 for ev in prof.events():
                     if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -200,6 +233,12 @@ def profile(args, variants: dict, fwd, device) -> dict:
                     "kernel_ms_per_forward": sum(v[1] for v in kernels.values()),
                     "kernels": [{"name": n[:160], "calls_per_forward": c / args.calls, "ms_per_forward": t}
                                 for n, (c, t) in top[:25]]}
+                if eager:  # the kernels launched inside each projection's range, ms per forward
+                    out[f"{name}/{mode}"]["projections_ms_per_forward"] = {
+                        ev.key[5:]: ev.device_time_total / 1e3 / args.calls
+                        for ev in prof.key_averages() if ev.key.startswith("proj:")}
+                    print(f"{name:>14} projections: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in out[f"{name}/{mode}"]["projections_ms_per_forward"].items()))
                 print(f"{name:>14} {mode}: {out[f'{name}/{mode}']['kernel_ms_per_forward']:.2f} ms of kernels per "
                       f"forward; top: " + "; ".join(f"{n[:60]} {t:.2f}" for n, (c, t) in top[:6]), flush=True)
             del replay
@@ -332,7 +371,7 @@ def main(argv=None) -> dict:
         return rows, info
 
     if args.profile:
-        return profile(args, {k: fwd_variants[k] for k in ("base", "lorafuse_sum")}, fwd, device)
+        return profile(args, {k: fwd_variants[k] for k in ("base", "lorafuse_sum")}, fwd, device, body=body)
     set_peft_trainable(pm, False)
     peft_out = fwd().float()
     # The reference: the same model and adapters in float32 (peft's path; casts there and back are exact).
