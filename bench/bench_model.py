@@ -195,6 +195,25 @@ def projection_ranges(model):
             h.remove()
 
 
+def projection_kernels(prof, calls: int) -> dict:
+    """{projection: {kernel name: [launches, ms] per forward}} from the ranges of projection_ranges."""
+    def under(ev):
+        for k in ev.kernels:
+            yield k.name, k.duration
+        for ch in ev.cpu_children:
+            yield from under(ch)
+
+    out: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("proj:"):
+            per = out.setdefault(ev.name[5:], {})
+            for kname, us in under(ev):
+                k = per.setdefault(kname[:120], [0.0, 0.0])
+                k[0] += 1 / calls
+                k[1] += us / 1e3 / calls
+    return out
+
+
 def profile(args, variants: dict, fwd, device, body=None) -> dict:
     """GPU time by kernel of `--calls` eager forwards and as many CUDA-graph replays, per variant
     (torch.profiler; kernels inside a graph are traced one by one), and for the eager forwards the
@@ -224,7 +243,8 @@ def profile(args, variants: dict, fwd, device, body=None) -> dict:
                         torch.cuda.synchronize()
                 kernels: dict = {}
                 for ev in prof.events():
-                    if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    # (the projection ranges also appear on the GPU's timeline as annotations: not kernels)
+                    if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("proj:"):
                         k = kernels.setdefault(ev.name, [0, 0.0])
                         k[0] += 1
                         k[1] += ev.device_time_total / 1e3 / args.calls  # ms per forward
@@ -237,6 +257,7 @@ def profile(args, variants: dict, fwd, device, body=None) -> dict:
                     out[f"{name}/{mode}"]["projections_ms_per_forward"] = {
                         ev.key[5:]: ev.device_time_total / 1e3 / args.calls
                         for ev in prof.key_averages() if ev.key.startswith("proj:")}
+                    out[f"{name}/{mode}"]["projection_kernels"] = projection_kernels(prof, args.calls)
                     print(f"{name:>14} projections: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in out[f"{name}/{mode}"]["projections_ms_per_forward"].items()))
                 print(f"{name:>14} {mode}: {out[f'{name}/{mode}']['kernel_ms_per_forward']:.2f} ms of kernels per "
