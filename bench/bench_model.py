@@ -196,21 +196,29 @@ def projection_ranges(model):
 
 
 def projection_kernels(prof, calls: int) -> dict:
-    """{projection: {kernel name: [launches, ms] per forward}} from the ranges of projection_ranges."""
-    def under(ev):
-        for k in ev.kernels:
-            yield k.name, k.duration
-        for ch in ev.cpu_children:
-            yield from under(ch)
-
+    """Per projection, per forward: "span_ms" (the GPU-side range of its calls, first kernel's start to
+    last kernel's end, idle time included), "kernel_ms" (the kernels that started inside it) and
+    "kernels" ({name: [launches, ms]}). Kernels are matched by time on the GPU's timeline: Triton's
+    launches are not linked to the host ranges that made them."""
+    cuda = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    spans = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in cuda]
+    ranges = sorted((a, b, n[5:]) for a, b, n in spans if n.startswith("proj:"))
+    kernels = sorted((a, b, n) for a, b, n in spans if not n.startswith("proj:"))
     out: dict = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("proj:"):
-            per = out.setdefault(ev.name[5:], {})
-            for kname, us in under(ev):
-                k = per.setdefault(kname[:120], [0.0, 0.0])
-                k[0] += 1 / calls
-                k[1] += us / 1e3 / calls
+    i = 0
+    for start, end, proj in ranges:
+        per = out.setdefault(proj, {"span_ms": 0.0, "kernel_ms": 0.0, "kernels": {}})
+        per["span_ms"] += (end - start) / 1e3 / calls
+        while i < len(kernels) and kernels[i][0] < start:
+            i += 1
+        j = i
+        while j < len(kernels) and kernels[j][0] <= end:
+            ks, ke, name = kernels[j]
+            k = per["kernels"].setdefault(name[:120], [0.0, 0.0])
+            k[0] += 1 / calls
+            k[1] += (ke - ks) / 1e3 / calls
+            per["kernel_ms"] += (ke - ks) / 1e3 / calls
+            j += 1
     return out
 
 
@@ -253,13 +261,10 @@ def profile(args, variants: dict, fwd, device, body=None) -> dict:
                     "kernel_ms_per_forward": sum(v[1] for v in kernels.values()),
                     "kernels": [{"name": n[:160], "calls_per_forward": c / args.calls, "ms_per_forward": t}
                                 for n, (c, t) in top[:25]]}
-                if eager:  # the kernels launched inside each projection's range, ms per forward
-                    out[f"{name}/{mode}"]["projections_ms_per_forward"] = {
-                        ev.key[5:]: ev.device_time_total / 1e3 / args.calls
-                        for ev in prof.key_averages() if ev.key.startswith("proj:")}
-                    out[f"{name}/{mode}"]["projection_kernels"] = projection_kernels(prof, args.calls)
-                    print(f"{name:>14} projections: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in out[f"{name}/{mode}"]["projections_ms_per_forward"].items()))
+                if eager:  # each projection's kernels and GPU-side span, ms per forward
+                    per = out[f"{name}/{mode}"]["projections"] = projection_kernels(prof, args.calls)
+                    print(f"{name:>14} projections, kernels / span ms: " + ", ".join(
+                        f"{k} {v['kernel_ms']:.2f} / {v['span_ms']:.2f}" for k, v in per.items()))
                 print(f"{name:>14} {mode}: {out[f'{name}/{mode}']['kernel_ms_per_forward']:.2f} ms of kernels per "
                       f"forward; top: " + "; ".join(f"{n[:60]} {t:.2f}" for n, (c, t) in top[:6]), flush=True)
             del replay

@@ -364,7 +364,7 @@ def tma_candidates() -> List[triton.Config]:
     ]
 
 
-def tma_config(T: int, N: int, K: int, b_nk: bool = True) -> triton.Config:
+def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> triton.Config:
     """From bench/results/tune-nvidia-h100-*.json: 128 x 256 x 64 tiles for T >= 1024, with the
     tile loop flattened (up to 11% faster for the backward's row-major weight) and, for the
     forward's W^T layout, warp specialisation (13% faster at d_in = 14336, within 0.2% elsewhere);
@@ -374,8 +374,14 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True) -> triton.Config:
     forward's layout (H200): the flag stays for a Triton that applies it. Storing the tile in two
     halves (EPI_SUBTILE = 2, which leaves room for a fourth stage) was within the rounds' spread of
     this config at T = 4096-8192 and 1.7 points faster only at T = 2048 on 4096 x 4096
-    (gemm-layout-sweep-subtile-*.json): not used by default."""
+    (gemm-layout-sweep-subtile-*.json): not used by default.
+    A narrow output with few rows (T = 2048, N = 1024: a k or v projection of one 2048-token
+    sequence) makes 64 such tiles for `sms` = 132 SMs, half of them idle: where the 128 x 256 grid
+    fills less than three quarters of the SMs, 128 x 128 x 64 tiles with 4 warps and 4 stages
+    (1.71x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024, gemm-layout-sweep-kv-*.json)."""
     if T >= 1024:
+        if 4 * cdiv(T, 128) * cdiv(N, 256) < 3 * sms:
+            return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
 
@@ -657,7 +663,8 @@ def lora_gemm(
     bt = b.t() if b_nk else b
     if use_tma and a.is_cuda and _tma_available(a.device) and _tma_compatible(a, bt, out):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        cfg = config or tma_config(T, N, K, b_nk)
+        sms = num_sms(a.device)
+        cfg = config or tma_config(T, N, K, b_nk, sms)
         if cfg.kwargs.get("EPI_SUBTILE", 1) not in (1, 2):
             raise ValueError(f"config: EPI_SUBTILE must be 1 or 2 (the output tile stored whole or in two column "
                              f"halves), got {cfg.kwargs['EPI_SUBTILE']!r}")
@@ -666,7 +673,6 @@ def lora_gemm(
         b_desc = TensorDescriptor(bt, list(bt.shape), list(bt.stride()), [bn, bk] if b_nk else [bk, bn])
         out_block = [bm, bn // cfg.kwargs.get("EPI_SUBTILE", 1)]
         out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), out_block)
-        sms = num_sms(a.device)
         if tuned:
             kernel = _lora_gemm_tma_tuned
             grid = lambda meta: (min(sms, cdiv(T, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)

@@ -258,6 +258,39 @@ def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
         assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
 
 
+def test_tma_config_fills_the_machine():
+    """The large tile where its grid fills the SMs; smaller tiles where it would leave a quarter or
+    more of them idle (a 1024-wide output of 2048 rows: 64 large tiles on 132 SMs)."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    big = lambda T, N, sms=132: lg.tma_config(T, N, 4096, True, sms).kwargs["BLOCK_N"] == 256  # noqa: E731
+    assert big(8192, 4096) and big(8192, 1024) and big(1024, 4096) and big(2048, 14336)
+    assert not big(2048, 1024) and not big(1024, 2048) and not big(1024, 256)
+    assert big(2048, 1024, sms=78) and not big(8192, 1024, sms=400)  # by the GPU's own SM count
+    cfg = lg.tma_config(2048, 1024, 4096)
+    assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == (128, 128, 4, 4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the Hopper GEMM is compiled for a GPU")
+@pytest.mark.parametrize("T,d_in,d_out", [(2048, 4096, 1024), (1100, 520, 328)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_gemm_narrow_default_config(T, d_in, d_out, dtype, seeded):
+    """lora_gemm's own config on shapes whose large-tile grid leaves SMs idle (the small-tile branch
+    of tma_config; 1100 x 328: partial row and column blocks), both layouts, against float64."""
+    lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+    if not lg._tma_available(torch.device(DEVICE)):
+        pytest.skip("no TMA on this GPU")
+    assert lg.tma_config(T, d_out, d_in, True, lg.num_sms(torch.device(DEVICE))).kwargs["BLOCK_N"] == 128
+    R = 48
+    a = torch.randn(T, d_in, device=DEVICE).to(dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    s = torch.randn(T, R, device=DEVICE).to(dtype)
+    c = (torch.randn(d_out, R, device=DEVICE) / R ** 0.5).to(dtype)
+    for b in (w.t(), w.t().contiguous()):
+        out = lora_gemm(a, b, s, c.t(), impl="tma")
+        ref = a.double() @ b.double() + s.double() @ c.double().t()
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,R,m", [c for c in CASES if c[0] <= 64 and c[3] <= 128],
                          ids=[i for c, i in zip(CASES, IDS) if c[0] <= 64 and c[3] <= 128])
