@@ -10,7 +10,8 @@ rows over K into N columns: for the backward of a (d_in -> d_out) layer, K = d_o
 "cublas" (torch.mm of the same operands, no low-rank term), "default" (lora_gemm's own tma_config
 for the layout) and every candidate config (tma_candidates(), warp-specialised variants and the
 large tiles with a two-part epilogue store, EPI_SUBTILE = 2), each checked against float32.
---subtile-only times only the latter beside cuBLAS and the default.
+--subtile-only times only the latter beside cuBLAS and the default. --sustained N replays N calls
+back to back per graph (a model's forward keeps the GPU busy; clocks and L2 differ from isolated calls).
 Writes gemm-layout-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -54,8 +55,13 @@ def main() -> None:
                         "the forward's W^T view")
     p.add_argument("--subtile-only", action="store_true",
                    help="time only the default config and the EPI_SUBTILE = 2 candidates (with cuBLAS)")
+    p.add_argument("--sustained", type=int, default=1, metavar="N",
+                   help="replay N back-to-back calls per graph (L2 flushed only before the first) and report the "
+                        "time per call: the GPU busy as in a model's forward rather than between flushes")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    if args.sustained < 1:
+        p.error(f"--sustained must be a positive number of calls, got {args.sustained}")
     assert torch.cuda.is_available(), "gemm_layout_sweep.py needs a GPU"
     warm_up()
     cands = lg.tma_candidates() + [lg._cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=True),
@@ -80,19 +86,20 @@ def main() -> None:
         wl, cl = (wt, ct) if args.layout == "fwd" else (w, c)
         for cfg in cands:
             fns[cfg_name(cfg)] = (lambda cfg=cfg: lg.lora_gemm(a, wl, s, cl, impl="tma", config=cfg, check=False))
-        replays, row = {}, {"T": T, "K": K, "N": N, "R": 48, "errors": {}, "rel_err": {}}
+        replays, row = {}, {"T": T, "K": K, "N": N, "R": 48, "sustained": args.sustained, "errors": {}, "rel_err": {}}
         for name, fn in fns.items():
             try:
                 out = fn()
                 if not name.startswith("cublas"):
                     row["rel_err"][name] = ((out.float() - ref).norm() / ref.norm()).item()
-                replays[name] = graphed(fn)
+                replays[name] = graphed(fn if args.sustained == 1 else
+                                        (lambda fn=fn: [fn() for _ in range(args.sustained)]))
             except Exception as e:  # a config that does not fit is recorded, not fatal
                 row["errors"][name] = f"{type(e).__name__}: {str(e)[:160]}"
         times = {k: [] for k in replays}
         for rnd in range(args.rounds):
             for k in round_order(list(replays), rnd):
-                times[k].append(do_bench(replays[k], warmup=10, rep=60, return_mode="median") * 1e3)
+                times[k].append(do_bench(replays[k], warmup=10, rep=60, return_mode="median") * 1e3 / args.sustained)
         med = {k: statistics.median(v) for k, v in times.items()}
         row["us"], row["us_rounds"] = med, times
         base = med["cublas"]
