@@ -4,7 +4,8 @@
 
 A bare GEMM (host tensor descriptors, out = a @ w^T, no low-rank tail, no bias) in the two forms
 Triton's warp specialisation takes: persistent ("P", the tile loop `tl.range(..., warp_specialize=WS)`,
-not flattened) and one program per tile ("tile", the K loop carries the flag). For each config and
+not flattened), the same with the descriptors made on the device ("D"), and one program per tile
+("tile", the K loop carries the flag). For each config and
 WS in (False, True): whether the compiled TTGIR holds `ttg.warp_specialize`, the error if it does
 not compile, and the time over cuBLAS (CUDA graphs, L2 flushed, rounds in alternating order).
 lora_gemm's default (R = 0) is timed beside it. Writes ws-probe-<gpu>-<date>.json.
@@ -60,6 +61,44 @@ def _gemm_ws_inner_probe(a_desc, w_desc, out_desc, M, N, K,
     out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype))
 
 
+@triton.jit
+def _gemm_ws_devdesc_probe(a_ptr, w_ptr, out_ptr, M, N, K,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WS: tl.constexpr):
+    """Persistent, with the descriptors made on the device (the form Triton's own persistent matmul
+    tutorial warp-specialises)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, warp_specialize=WS):
+        pid_m, pid_n = lg._tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype))
+
+
+def probe_devdesc(a, w, cfg, ws: bool, sms: int):
+    bm, bn, bk, warps, stages = cfg
+    M, K = a.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    kern = _gemm_ws_devdesc_probe[grid](a, w, out, M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                        NUM_SMS=sms, WS=ws, num_warps=warps, num_stages=stages)
+    return out, kern
+
+
+def ws_markers(kern) -> dict:
+    ttgir = kern.asm.get("ttgir", "")
+    return {m: m in ttgir for m in ("ttg.warp_specialize", "async_task_id", "warp_specialize")}
+
+
 def probe_gemm(a, w, cfg, ws: bool, sms: int, persistent: bool = True):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -78,7 +117,7 @@ def probe_gemm(a, w, cfg, ws: bool, sms: int, persistent: bool = True):
     return out, kern
 
 
-CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]
+CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)]
 
 
 def main() -> None:
@@ -90,6 +129,8 @@ def main() -> None:
     assert torch.cuda.is_available(), "ws_probe.py needs a GPU"
     warm_up()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # Device-made descriptors live in a scratch buffer the runtime asks for.
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     rows = []
     for shape in args.shapes:
         T, K, N = (int(v) for v in shape.split("x"))
@@ -98,16 +139,18 @@ def main() -> None:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         ref = a.float() @ w.float().t()
         fns = {"cublas": lambda: torch.mm(a, w.t()), "lora_gemm_default": lambda: lg.lora_gemm(a, w.t(), check=False)}
-        row = {"T": T, "K": K, "N": N, "ttgir_warp_specialize": {}, "errors": {}, "rel_err": {}}
+        row = {"T": T, "K": K, "N": N, "ttgir_warp_specialize": {}, "ttgir_markers": {}, "errors": {}, "rel_err": {}}
         for cfg in CONFIGS:
-            for ws, pers in ((False, True), (True, True), (False, False), (True, False)):
-                name = (f"{'P' if pers else 'tile'} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]} "
-                        f"{'WS' if ws else '--'}")
+            for ws, form in ((False, "P"), (True, "P"), (False, "tile"), (True, "tile"), (False, "D"), (True, "D")):
+                name = f"{form} {cfg[0]}x{cfg[1]}x{cfg[2]} w{cfg[3]} s{cfg[4]} {'WS' if ws else '--'}"
+                call = ((lambda cfg=cfg, ws=ws: probe_devdesc(a, w, cfg, ws, sms)) if form == "D" else
+                        (lambda cfg=cfg, ws=ws, pers=form == "P": probe_gemm(a, w, cfg, ws, sms, pers)))
                 try:
-                    out, kern = probe_gemm(a, w, cfg, ws, sms, pers)
-                    row["ttgir_warp_specialize"][name] = "ttg.warp_specialize" in kern.asm.get("ttgir", "")
+                    out, kern = call()
+                    row["ttgir_markers"][name] = ws_markers(kern)
+                    row["ttgir_warp_specialize"][name] = row["ttgir_markers"][name]["ttg.warp_specialize"]
                     row["rel_err"][name] = ((out.float() - ref).norm() / ref.norm()).item()
-                    fns[name] = (lambda cfg=cfg, ws=ws, pers=pers: probe_gemm(a, w, cfg, ws, sms, pers)[0])
+                    fns[name] = (lambda call=call: call()[0])
                 except Exception as e:  # recorded, not fatal
                     row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
         replays = {}
@@ -127,6 +170,8 @@ def main() -> None:
         print(f"{shape}: cublas {med['cublas']:.1f} us; " + ", ".join(
             f"{k} {v:.3f}x" + ("[ws]" if row["ttgir_warp_specialize"].get(k) else "")
             for k, v in sorted(row["ratio_to_cublas"].items(), key=lambda kv: kv[1])), flush=True)
+        print("   ttgir markers:", {k: [m for m, v in ms.items() if v] for k, ms in row["ttgir_markers"].items()
+                                    if any(ms.values())}, flush=True)
         for k, e in row["errors"].items():
             print("   error", k, e[:200], flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "configs": CONFIGS, "rows": rows}, args.out, "ws-probe"))
