@@ -167,3 +167,43 @@ def test_model_benchmark_runs_tiny(tmp_path):
     png = tmp_path / "model.png"
     bench_model.main(["--plot", path, path, "--png", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_profile_attributes_kernels_to_projections():
+    """bench_model's per-projection profile: the host ranges open and close around each targeted
+    projection (and are gone afterwards), and kernels are counted in the projection whose GPU-side
+    range they start in, nowhere else."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.other = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            return self.other(self.k_proj(self.q_proj(x)))
+
+    m = Block()
+    with bench_model.projection_ranges(m):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(torch.randn(4, 8))
+    names = [e.name for e in prof.events() if e.name.startswith("proj:")]
+    assert sorted(names) == ["proj:k_proj", "proj:q_proj"]
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+
+    cuda = torch.autograd.DeviceType.CUDA
+    ev = lambda name, a, b: SimpleNamespace(name=name, device_type=cuda,  # noqa: E731
+                                            time_range=SimpleNamespace(start=a, end=b))
+    fake = SimpleNamespace(events=lambda: [
+        ev("proj:q_proj", 0, 100), ev("gemm", 10, 60), ev("shrink", 0, 8), ev("norm", 120, 150),
+        ev("proj:k_proj", 200, 300), ev("gemm", 210, 290), ev("proj:q_proj", 400, 500), ev("gemm", 400, 480)])
+    per = bench_model.projection_kernels(fake, calls=2)
+    assert set(per) == {"q_proj", "k_proj"}
+    assert per["q_proj"]["kernels"] == {"gemm": [1.0, pytest.approx(0.065)], "shrink": [0.5, pytest.approx(0.004)]}
+    assert per["q_proj"]["kernel_ms"] == pytest.approx(0.069) and per["q_proj"]["span_ms"] == pytest.approx(0.1)
+    assert per["k_proj"]["kernel_ms"] == pytest.approx(0.04) and per["k_proj"]["span_ms"] == pytest.approx(0.05)
