@@ -381,6 +381,8 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     (1.71x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024, gemm-layout-sweep-kv-*.json)."""
     if T >= 1024:
         if 4 * cdiv(T, 128) * cdiv(N, 256) < 3 * sms:
+            if 4 * cdiv(T, 128) * cdiv(N, 128) < 3 * sms:  # narrower still: 128 x 64 tiles
+                return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
             return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
