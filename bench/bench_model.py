@@ -169,41 +169,58 @@ def plot(paths, out: str) -> str:
     return out
 
 
+PROJ = "proj:"  # the prefix of the profiler ranges around each projection
+
+
+def is_kernel(ev) -> bool:
+    """A GPU event of the profile that is a kernel (or copy, memset), not a range annotation: the host
+    ranges, ours and any library's, are mirrored on the GPU's timeline."""
+    return (ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith(PROJ)
+            and not getattr(ev, "is_user_annotation", False))
+
+
 @contextlib.contextmanager
-def projection_ranges(model):
-    """Each targeted projection's forward inside a profiler range named "proj:<name>" while inside, so
-    that the kernels it launches are counted per projection (eager calls only)."""
-    handles, ranges = [], {}
+def projection_ranges(model: torch.nn.Module):
+    """Each targeted projection's forward inside a profiler range named PROJ + its name ("proj:q_proj")
+    while inside, so that its kernels can be found per projection (eager calls only). The hooks are
+    removed on leaving, and a range left open by a forward that raised is closed."""
+    handles, names, open_ranges = [], {}, {}
 
     def pre(mod, _inputs):
-        rf = torch.profiler.record_function("proj:" + mod._bench_proj)
+        rf = torch.profiler.record_function(PROJ + names[id(mod)])
         rf.__enter__()
-        ranges[id(mod)] = rf
+        open_ranges[id(mod)] = rf
 
     def post(mod, _inputs, _output):
-        ranges.pop(id(mod)).__exit__(None, None, None)
+        rf = open_ranges.pop(id(mod), None)
+        if rf is not None:
+            rf.__exit__(None, None, None)
 
     for name, mod in model.named_modules():
         attr = name.rsplit(".", 1)[-1]
         if attr in TARGETS:
-            mod._bench_proj = attr
-            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+            names[id(mod)] = attr
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post, always_call=True)]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for rf in reversed(list(open_ranges.values())):
+            rf.__exit__(None, None, None)
 
 
 def projection_kernels(prof, calls: int) -> dict:
     """Per projection, per forward: "span_ms" (the GPU-side range of its calls, first kernel's start to
     last kernel's end, idle time included), "kernel_ms" (the kernels that started inside it) and
-    "kernels" ({name: [launches, ms]}). Kernels are matched by time on the GPU's timeline: Triton's
-    launches are not linked to the host ranges that made them."""
+    "kernels" ({name: [launches, ms]}). Kernels are matched to the ranges by time on the GPU's
+    timeline, a kernel to the range it starts in (a range ends where its last kernel ends, so a
+    kernel starting there belongs to the next): in prof.events() Triton's kernels are not attached
+    to the host ranges they were launched from."""
     cuda = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
-    spans = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in cuda]
-    ranges = sorted((a, b, n[5:]) for a, b, n in spans if n.startswith("proj:"))
-    kernels = sorted((a, b, n) for a, b, n in spans if not n.startswith("proj:"))
+    ranges = sorted((ev.time_range.start, ev.time_range.end, ev.name[len(PROJ):]) for ev in cuda
+                    if ev.name.startswith(PROJ))
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in cuda if is_kernel(ev))
     out: dict = {}
     i = 0
     for start, end, proj in ranges:
@@ -212,9 +229,9 @@ def projection_kernels(prof, calls: int) -> dict:
         while i < len(kernels) and kernels[i][0] < start:
             i += 1
         j = i
-        while j < len(kernels) and kernels[j][0] <= end:
+        while j < len(kernels) and kernels[j][0] < end:
             ks, ke, name = kernels[j]
-            k = per["kernels"].setdefault(name[:120], [0.0, 0.0])
+            k = per["kernels"].setdefault(name[:160], [0.0, 0.0])
             k[0] += 1 / calls
             k[1] += (ke - ks) / 1e3 / calls
             per["kernel_ms"] += (ke - ks) / 1e3 / calls
@@ -225,8 +242,8 @@ def projection_kernels(prof, calls: int) -> dict:
 def profile(args, variants: dict, fwd, device, body=None) -> dict:
     """GPU time by kernel of `--calls` eager forwards and as many CUDA-graph replays, per variant
     (torch.profiler; kernels inside a graph are traced one by one), and for the eager forwards the
-    GPU time of each projection (q, k, v, o, gate, up, down; summed over layers). Writes
-    model-profile-*.json."""
+    GPU time of each projection (q, k, v, o, gate, up, down; summed over layers; the host is traced
+    too there, which adds host time to those calls). Writes model-profile-*.json."""
     if device.type != "cuda":
         raise SystemExit("--profile needs a GPU (it replays the forward from a CUDA graph)")
     from torch.profiler import ProfilerActivity
@@ -240,19 +257,18 @@ def profile(args, variants: dict, fwd, device, body=None) -> dict:
             for mode, fn in (("eager", fwd), ("graph", replay)):
                 fn()
                 torch.cuda.synchronize()
-                eager = mode == "eager" and body is not None
-                acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if eager else [ProfilerActivity.CUDA]
-                with contextlib.ExitStack() as ranges:
-                    if eager:
-                        ranges.enter_context(projection_ranges(body))
+                per_projection = mode == "eager" and body is not None
+                acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if per_projection else [ProfilerActivity.CUDA]
+                with contextlib.ExitStack() as hooks:
+                    if per_projection:
+                        hooks.enter_context(projection_ranges(body))
                     with torch_profile(activities=acts) as prof:
                         for _ in range(args.calls):
                             fn()
                         torch.cuda.synchronize()
                 kernels: dict = {}
                 for ev in prof.events():
-                    # (the projection ranges also appear on the GPU's timeline as annotations: not kernels)
-                    if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("proj:"):
+                    if is_kernel(ev):
                         k = kernels.setdefault(ev.name, [0, 0.0])
                         k[0] += 1
                         k[1] += ev.device_time_total / 1e3 / args.calls  # ms per forward
@@ -261,10 +277,10 @@ def profile(args, variants: dict, fwd, device, body=None) -> dict:
                     "kernel_ms_per_forward": sum(v[1] for v in kernels.values()),
                     "kernels": [{"name": n[:160], "calls_per_forward": c / args.calls, "ms_per_forward": t}
                                 for n, (c, t) in top[:25]]}
-                if eager:  # each projection's kernels and GPU-side span, ms per forward
+                if per_projection:  # each projection's kernels and GPU-side span, ms per forward
                     per = out[f"{name}/{mode}"]["projections"] = projection_kernels(prof, args.calls)
                     print(f"{name:>14} projections, kernels / span ms: " + ", ".join(
-                        f"{k} {v['kernel_ms']:.2f} / {v['span_ms']:.2f}" for k, v in per.items()))
+                        f"{k} {v['kernel_ms']:.2f} / {v['span_ms']:.2f}" for k, v in per.items()), flush=True)
                 print(f"{name:>14} {mode}: {out[f'{name}/{mode}']['kernel_ms_per_forward']:.2f} ms of kernels per "
                       f"forward; top: " + "; ".join(f"{n[:60]} {t:.2f}" for n, (c, t) in top[:6]), flush=True)
             del replay

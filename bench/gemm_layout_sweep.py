@@ -11,7 +11,8 @@ rows over K into N columns: for the backward of a (d_in -> d_out) layer, K = d_o
 for the layout) and every candidate config (tma_candidates(), warp-specialised variants and the
 large tiles with a two-part epilogue store, EPI_SUBTILE = 2), each checked against float32.
 --subtile-only times only the latter beside cuBLAS and the default. --sustained N replays N calls
-back to back per graph (a model's forward keeps the GPU busy; clocks and L2 differ from isolated calls).
+back to back per graph (the GPU kept busy as in a model's forward, where clocks and L2 differ from
+isolated calls; the same operands every call, where a model's layers read different weights).
 Writes gemm-layout-sweep-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
                    help="time only the default config and the EPI_SUBTILE = 2 candidates (with cuBLAS)")
     p.add_argument("--sustained", type=int, default=1, metavar="N",
                    help="replay N back-to-back calls per graph (L2 flushed only before the first) and report the "
-                        "time per call: the GPU busy as in a model's forward rather than between flushes")
+                        "time per call: the GPU kept busy as in a model's forward, but on the same operands every "
+                        "call where a model's layers read different weights")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if args.sustained < 1:

@@ -83,7 +83,9 @@ def _gemm_ws_devdesc_probe(a_ptr, w_ptr, out_ptr, M, N, K,
         out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype))
 
 
-def probe_devdesc(a, w, cfg, ws: bool, sms: int):
+def probe_devdesc(a: torch.Tensor, w: torch.Tensor, cfg: tuple, ws: bool, sms: int):
+    """(a @ w^T, the compiled kernel) by the device-descriptor form; a (M, K), w (N, K), cfg
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
     bm, bn, bk, warps, stages = cfg
     M, K = a.shape
     N = w.shape[0]
@@ -95,11 +97,16 @@ def probe_devdesc(a, w, cfg, ws: bool, sms: int):
 
 
 def ws_markers(kern) -> dict:
+    """Which marks of warp specialisation the compiled TTGIR holds: "ttg.warp_specialize" (the op of
+    a loop split into warp groups: applied), "async_task_id" (tasks assigned by the Hopper pass) and
+    "warp_specialize" (any mention, the requested loop attribute included: asked for, not applied)."""
     ttgir = kern.asm.get("ttgir", "")
     return {m: m in ttgir for m in ("ttg.warp_specialize", "async_task_id", "warp_specialize")}
 
 
-def probe_gemm(a, w, cfg, ws: bool, sms: int, persistent: bool = True):
+def probe_gemm(a: torch.Tensor, w: torch.Tensor, cfg: tuple, ws: bool, sms: int, persistent: bool = True):
+    """(a @ w^T, the compiled kernel) with host descriptors, persistent or one program per tile; a
+    (M, K), w (N, K), cfg (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, warps, stages = cfg

@@ -378,9 +378,9 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     A narrow output with few rows (T = 2048, N = 1024: a k or v projection of one 2048-token
     sequence) makes 64 such tiles for `sms` = 132 SMs, half of them idle: where the 128 x 256 grid
     fills less than three quarters of the SMs, 128 x 128 x 64 tiles with 4 warps and 4 stages
-    (1.73x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024, forward's layout, gemm-layout-sweep-kv-*.json),
-    and 128 x 64 x 64 where the 128 x 128 grid would too (1.56x -> 1.45x at T = 2048, 2048 -> 512,
-    gemm-layout-sweep-narrow-*.json)."""
+    (1.73x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024 in the forward's layout, 1.71x -> 1.18x in the
+    backward's, gemm-layout-sweep-kv-*.json), and 128 x 64 x 64 where the 128 x 128 grid would too
+    (1.56x -> 1.45x at T = 2048, 2048 -> 512, forward's layout, gemm-layout-sweep-narrow-*.json)."""
     if T >= 1024:
         if 4 * cdiv(T, 128) * cdiv(N, 256) < 3 * sms:
             if 4 * cdiv(T, 128) * cdiv(N, 128) < 3 * sms:  # narrower still: 128 x 64 tiles

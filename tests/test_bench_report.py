@@ -195,6 +195,11 @@ def test_model_profile_attributes_kernels_to_projections():
     names = [e.name for e in prof.events() if e.name.startswith("proj:")]
     assert sorted(names) == ["proj:k_proj", "proj:q_proj"]
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    assert m.q_proj.__dict__.keys() == torch.nn.Linear(8, 8).__dict__.keys()  # nothing left on the modules
+    with pytest.raises(RuntimeError):  # a forward that raises inside a range: closed, hooks removed
+        with bench_model.projection_ranges(m):
+            m(torch.randn(4, 7))
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
 
     cuda = torch.autograd.DeviceType.CUDA
     ev = lambda name, a, b: SimpleNamespace(name=name, device_type=cuda,  # noqa: E731
@@ -204,6 +209,10 @@ def test_model_profile_attributes_kernels_to_projections():
         ev("proj:k_proj", 200, 300), ev("gemm", 210, 290), ev("proj:q_proj", 400, 500), ev("gemm", 400, 480)])
     per = bench_model.projection_kernels(fake, calls=2)
     assert set(per) == {"q_proj", "k_proj"}
+    adjacent = SimpleNamespace(events=lambda: [  # a range ends where its last kernel ends: no kernel twice
+        ev("proj:q_proj", 0, 100), ev("g1", 0, 100), ev("proj:k_proj", 100, 200), ev("g2", 100, 200)])
+    two = bench_model.projection_kernels(adjacent, calls=1)
+    assert two["q_proj"]["kernels"].keys() == {"g1"} and two["k_proj"]["kernels"].keys() == {"g2"}
     assert per["q_proj"]["kernels"] == {"gemm": [1.0, pytest.approx(0.065)], "shrink": [0.5, pytest.approx(0.004)]}
     assert per["q_proj"]["kernel_ms"] == pytest.approx(0.069) and per["q_proj"]["span_ms"] == pytest.approx(0.1)
     assert per["k_proj"]["kernel_ms"] == pytest.approx(0.04) and per["k_proj"]["span_ms"] == pytest.approx(0.05)

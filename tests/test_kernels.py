@@ -259,38 +259,49 @@ def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
 
 
 def test_tma_config_fills_the_machine():
-    """The large tile where its grid fills the SMs; smaller tiles where it would leave a quarter or
-    more of them idle (a 1024-wide output of 2048 rows: 64 large tiles on 132 SMs)."""
+    """The large tile where its grid fills three quarters of the SMs or more; 128 x 128 tiles where
+    it would not, and 128 x 64 where those would not either (a 1024-wide output of 2048 rows: 64
+    large tiles on 132 SMs); below 1024 rows the 128 x 128 x 128 tile as before."""
     lg = importlib.import_module("lorafuse.kernels.lora_gemm")
-    big = lambda T, N, sms=132: lg.tma_config(T, N, 4096, True, sms).kwargs["BLOCK_N"] == 256  # noqa: E731
-    assert big(8192, 4096) and big(8192, 1024) and big(1024, 4096) and big(2048, 14336)
-    assert not big(2048, 1024) and not big(1024, 2048) and not big(1024, 256)
-    assert big(2048, 1024, sms=78) and not big(8192, 1024, sms=400)  # by the GPU's own SM count
-    tile = lambda T, N: (lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))(  # noqa: E731
-        lg.tma_config(T, N, 4096))
-    assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == (128, 128, 4, 4)
-    assert tile(2048, 512) == tile(1024, 1024) == (128, 64, 4, 4)  # 64 tiles of 128 x 128: narrower
+
+    def tile(T, N, sms=132, b_nk=True):
+        c = lg.tma_config(T, N, 4096, b_nk, sms)
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+    big = (128, 256, 64, 8, 3)
+    for T, N in [(8192, 4096), (8192, 1024), (1024, 4096), (2048, 14336), (1152, 2816)]:  # 1152 x 2816: 99 tiles
+        assert tile(T, N) == tile(T, N, b_nk=False) == big, (T, N)
+    assert tile(1792, 1792) == (128, 128, 64, 4, 4)  # 98 large tiles: under three quarters of 132
+    assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == (128, 128, 64, 4, 4)
+    assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == (128, 64, 64, 4, 4)
+    assert tile(1023, 1024) == (128, 128, 128, 8, 3)
+    assert tile(2048, 1024, sms=78) == big and tile(8192, 1024, sms=400) != big  # by the GPU's own SM count
+    for T, N in [(2048, 1024), (2048, 512)]:  # the small tiles: flattened loop, no warp specialisation
+        kw = lg.tma_config(T, N, 4096, True, 132).kwargs
+        assert kw["FLATTEN"] and not kw["WARP_SPECIALIZE"]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the Hopper GEMM is compiled for a GPU")
 @pytest.mark.parametrize("T,d_in,d_out", [(2048, 4096, 1024), (2048, 2048, 512), (1100, 520, 328)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_lora_gemm_narrow_default_config(T, d_in, d_out, dtype, seeded):
-    """lora_gemm's own config on shapes whose large-tile grid leaves SMs idle (the small-tile branch
-    of tma_config; 1100 x 328: partial row and column blocks), both layouts, against float64."""
+    """The small-tile configs of tma_config (as chosen for a 132-SM GPU, whatever this one has) on
+    shapes whose large-tile grid leaves SMs idle (1100 x 328: partial row and column blocks), both
+    layouts, against float64; and lora_gemm's own choice on this GPU."""
     lg = importlib.import_module("lorafuse.kernels.lora_gemm")
     if not lg._tma_available(torch.device(DEVICE)):
         pytest.skip("no TMA on this GPU")
-    assert lg.tma_config(T, d_out, d_in, True, lg.num_sms(torch.device(DEVICE))).kwargs["BLOCK_N"] < 256
     R = 48
     a = torch.randn(T, d_in, device=DEVICE).to(dtype)
     w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
     s = torch.randn(T, R, device=DEVICE).to(dtype)
     c = (torch.randn(d_out, R, device=DEVICE) / R ** 0.5).to(dtype)
-    for b in (w.t(), w.t().contiguous()):
-        out = lora_gemm(a, b, s, c.t(), impl="tma")
+    for b, b_nk in ((w.t(), True), (w.t().contiguous(), False)):
+        cfg = lg.tma_config(T, d_out, d_in, b_nk, 132)
+        assert cfg.kwargs["BLOCK_N"] < 256
         ref = a.double() @ b.double() + s.double() @ c.double().t()
-        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+        for out in (lora_gemm(a, b, s, c.t(), impl="tma", config=cfg), lora_gemm(a, b, s, c.t(), impl="tma")):
+            assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
