@@ -66,7 +66,8 @@ def _gemm_ws_devdesc_probe(a_ptr, w_ptr, out_ptr, M, N, K,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WS: tl.constexpr):
     """Persistent, with the descriptors made on the device (the form Triton's own persistent matmul
-    tutorial warp-specialises)."""
+    tutorial warp-specialises). The tile loop is _gemm_ws_probe's, written out in each form as it
+    was compiled and timed (ws-probe-*.json)."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
