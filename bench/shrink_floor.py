@@ -1,0 +1,124 @@
+"""Where the forward shrink's time goes at few rows: the shrink against a bare read of x timed the
+same way, the measurement's own floor, and the op's parts.
+
+    python bench/shrink_floor.py [--T 2048 4096 8192] [--d 4096] [--rounds 4] [--out bench/results]
+
+Every variant is replayed from its own CUDA graph with the L2 flushed before each replay (do_bench,
+median), once per round, the order reversed every other round; medians over rounds. Variants, per
+(T, d_in), bf16, R = 48, m = 16, d_out = d_in:
+  noop        one kernel on a one-element tensor: what a replay costs with no work
+  read_best   the fastest of a few configs of a kernel that only reads x (one load of every element,
+              one float per program stored): the byte floor as this method measures it
+  shrink      shrink() as the op calls it (its default path for the shape), and its partial kernel
+              alone where it has one
+  shrink_tma  the one-launch copy-engine shrink at a few split counts (Hopper)
+  cublas_xa   torch.mm(x, a_cat^T, out_dtype=float32)
+  gemm        lora_gemm(x, W^T, sp, b_cat^T) alone (the GEMM with its low-rank tail)
+  base        cuBLAS x W^T
+  op          lorafuse.lora_linear forward (no grad), LoraMap
+Writes shrink-floor-<gpu>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import env_info, graph_rounds, layer_inputs, save_json, warm_up  # noqa: E402
+
+import lorafuse  # noqa: E402
+from lorafuse.kernels import lora_gemm, shrink  # noqa: E402
+from lorafuse.kernels.shrink import _rows_partial, split_config, tma_shrink_config  # noqa: E402
+from lorafuse.kernels.lora_gemm import _tma_available  # noqa: E402
+from lorafuse.kernels.utils import num_sms  # noqa: E402
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, T, D, D_PER, stride_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Reads rows pid_t * BLOCK_T .. of x over columns pid_s * D_PER .. and stores one float: every
+    element loaded once, nothing else done with it."""
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for d0 in range(pid_s * D_PER, tl.minimum(pid_s * D_PER + D_PER, D), BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        acc += tl.load(x_ptr + offs_t[:, None] * stride_t + offs_d[None, :]).to(tl.float32)
+    tl.store(out_ptr + pid_t * tl.num_programs(0) + pid_s, tl.sum(acc))
+
+
+def read_x(x, out, bt, bd, splits, warps, stages):
+    T, D = x.shape
+    per = triton.cdiv(triton.cdiv(D, splits), bd) * bd
+    _read_kernel[(triton.cdiv(D, per), triton.cdiv(T, bt))](x, out, T, D, per, x.stride(0), BLOCK_T=bt,
+                                                            BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--d", type=int, nargs="+", default=[4096])
+    p.add_argument("--R", type=int, default=48)
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
+    dev = torch.device("cuda")
+    sms = num_sms(dev)
+    warm_up()
+    tiny = torch.zeros(1, device=dev)
+    rows = []
+    for d in args.d:
+        for T in args.T:
+            x, w, a, b, scale, am, bm = layer_inputs(T, d, d, args.R, args.m)
+            assert x.shape[0] % 64 == 0 and d % 512 == 0, "the read kernel takes whole blocks only"
+            out = torch.empty(4 * sms * 64, device=dev)
+            fns = {"noop": lambda: tiny.add_(1)}
+            reads = {}
+            for bt, bd, w_, st in ((64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)):
+                for per_sm in (1, 2, 4):
+                    splits = max(1, min(round(per_sm * sms / (T // bt)), d // bd))
+                    if (T // bt) * splits > out.numel():
+                        continue
+                    name = f"read_t{bt}_d{bd}_w{w_}_s{st}_x{splits}"
+                    reads[name] = (bt, bd, splits, w_, st)
+                    fns[name] = (lambda c=(bt, bd, splits, w_, st): read_x(x, out, *c))
+            fns["shrink"] = lambda: shrink(x, a, scale, am, bm, check=False)
+            cfg = split_config(T, d, args.R, x.dtype, dev)
+            fns["shrink_partial"] = lambda: _rows_partial(x, a.t(), T, d, args.R, cfg)
+            if _tma_available(dev):
+                base_cfg = tma_shrink_config(T, d, args.R, sms)
+                for splits in sorted({base_cfg["SPLITS"], 2, 4, 8}):
+                    c = dict(base_cfg, SPLITS=splits)
+                    fns[f"shrink_tma_x{splits}"] = (lambda c=c: shrink(x, a, scale, am, bm, config=c, check=False))
+            fns["cublas_xa"] = lambda: torch.mm(x, a.t(), out_dtype=torch.float32)
+            sp = shrink(x, a, scale, am, bm)[0]
+            fns["gemm"] = lambda: lora_gemm(x, w.t(), sp, b.t())
+            fns["base"] = lambda: torch.mm(x, w.t())
+            fns["op"] = lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
+            with torch.no_grad():
+                med, per_round = graph_rounds(fns, args.rounds)
+            us = {k: v * 1e3 for k, v in med.items()}
+            best_read = min(reads, key=lambda k: us[k])
+            row = {"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,
+                   "rounds_us": {k: [t * 1e3 for t in v] for k, v in per_round.items()},
+                   "read_best": best_read, "x_mb": T * d * 2 / 1e6,
+                   "shrink_config": {k: v for k, v in cfg.items()},
+                   "timing": "cuda graph replay, L2 flushed, median over rounds"}
+            rows.append(row)
+            tmas = {k: round(v, 1) for k, v in us.items() if k.startswith("shrink_tma")}
+            print(f"T={T} d={d}: noop {us['noop']:.1f} us | read {us[best_read]:.1f} ({best_read}) | shrink "
+                  f"{us['shrink']:.1f} (partial {us['shrink_partial']:.1f}) | tma {tmas} | cuBLAS x a^T "
+                  f"{us['cublas_xa']:.1f} | gemm {us['gemm']:.1f} | base {us['base']:.1f} | op {us['op']:.1f} "
+                  f"({us['op'] / us['base']:.3f}x)", flush=True)
+    print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
+
+
+if __name__ == "__main__":
+    main()
