@@ -1,15 +1,18 @@
-"""The op with the copy-engine shrink from 2048 rows on wide layers against from 8192 rows everywhere.
+"""The op with the copy-engine shrink's row thresholds as they are against earlier ones.
 
-    python bench/shrink_table_ab.py [--T 2048 4096 8192 16384] [--rounds 6] [--out bench/results]
+    python bench/shrink_table_ab.py [--T 2048 4096 8192 16384] [--rounds 6] [--previous-min-t 8192]
+        [--previous-min-t-wide 2048] [--out bench/results]
 
 For each shape (T, d_in, d_out), K = 3 adapters of rank 16 (R = 48) with LoraMap rank 16, bf16:
 cuBLAS's base layer (F.linear), lorafuse.lora_linear as it is (kernels.shrink: the copy-engine
 shrink from TMA_MIN_T rows, and from TMA_MIN_T_WIDE where d_in >= TMA_WIDE_D_IN) and with the
-copy engine from TMA_MIN_T rows everywhere ("previous"), each replayed from a CUDA graph (GPU time) and
+thresholds --previous-min-t and --previous-min-t-wide ("previous"; the defaults are the thresholds before
+the copy engine ran from 4096 rows at d_in = 4096), each replayed from a CUDA graph (GPU time) and
 called directly (what an eager caller sees, host time included). L2 flushed before each call; every
 variant timed once per round, the order reversed every other round; the table gives medians over rounds and the ratio
 to the base timed the same way. (shrink-table-ab-b480b50-*.json compared the H200 sweep's fastest
-launch shapes, copy engine from 2048 rows, against the H100 table.) Writes
+launch shapes, copy engine from 2048 rows, against the H100 table; shrink-table-ab-a5b1094-*.json
+the wide layers from 2048 rows against from 8192, as --previous-min-t-wide 8192 does.) Writes
 shrink-table-ab-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -30,11 +33,12 @@ from common import env_info, graphed, layer_inputs, round_order, save_json, warm
 import lorafuse  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
-CURRENT_WIDE = shrink_module.TMA_MIN_T_WIDE
+CURRENT = (shrink_module.TMA_MIN_T, shrink_module.TMA_MIN_T_WIDE)
+PREVIOUS = [8192, 2048]
 
 
 def use_table(name: str) -> None:
-    shrink_module.TMA_MIN_T_WIDE = CURRENT_WIDE if name == "current" else shrink_module.TMA_MIN_T
+    shrink_module.TMA_MIN_T, shrink_module.TMA_MIN_T_WIDE = CURRENT if name == "current" else PREVIOUS
 
 
 def main() -> None:
@@ -42,8 +46,11 @@ def main() -> None:
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--dims", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"])
     p.add_argument("--rounds", type=int, default=6, help="an even count (the order reverses every other round)")
+    p.add_argument("--previous-min-t", type=int, default=PREVIOUS[0])
+    p.add_argument("--previous-min-t-wide", type=int, default=PREVIOUS[1])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    PREVIOUS[:] = [args.previous_min_t, args.previous_min_t_wide]
     assert torch.cuda.is_available(), "shrink_table_ab.py needs a GPU"
     warm_up()
     rows = []
@@ -74,6 +81,7 @@ def main() -> None:
                         times[k].append(do_bench(variants[k], warmup=10, rep=60, return_mode="median"))
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"T": T, "d_in": d_in, "d_out": d_out, "ms": med, "ms_rounds": times,
+                   "current_min_t": list(CURRENT), "previous_min_t": list(PREVIOUS),
                    "current_vs_previous_rel_diff": err}
             for mode in ("eager", "graph"):
                 for k in ("current", "previous"):

@@ -380,11 +380,13 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     fills less than three quarters of the SMs, 128 x 128 x 64 tiles with 4 warps and 4 stages
     (1.73x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024 in the forward's layout, 1.71x -> 1.18x in the
     backward's, gemm-layout-sweep-kv-*.json), and 128 x 64 x 64 where the 128 x 128 grid would too
-    (1.56x -> 1.45x at T = 2048, 2048 -> 512, forward's layout, gemm-layout-sweep-narrow-*.json)."""
+    (1.56x -> 1.45x at T = 2048, 2048 -> 512, forward's layout, gemm-layout-sweep-narrow-*.json).
+    From 512 rows the 128 x 64 rule holds too (forward's layout, 4096 -> 1024, gemm-layout-sweep-t512-t1024-*.json:
+    T = 768 1.53x -> 1.36x cuBLAS, T = 512 2.28x -> 1.98x against 128 x 128 x 128 tiles)."""
+    if T >= 512 and 4 * cdiv(T, 128) * cdiv(N, 128) < 3 * sms:
+        return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
     if T >= 1024:
         if 4 * cdiv(T, 128) * cdiv(N, 256) < 3 * sms:
-            if 4 * cdiv(T, 128) * cdiv(N, 128) < 3 * sms:  # narrower still: 128 x 64 tiles
-                return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
             return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)

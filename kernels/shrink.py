@@ -680,9 +680,12 @@ FINISH_BLOCK_T = 32
 # (14336 x 4096 from a graph: 1.150x -> 1.128x at T = 2048, 1.166x -> 1.124x at 4096); at
 # d_in = 4096 the cells moved within the run's noise, and eagerly the copy-engine path's extra host
 # work (descriptors, the counters' memset) cost up to 0.1x at T = 2048.
+# Timed again beside a bare read of x (shrink-floor-fe577d9-*.json, 4 interleaved rounds, d_in = 4096):
+# at T = 4096 the copy engine took 25.4 us against 31.9 us for the pointer kernels (whose finishing
+# launch is 7 us of it), at T = 2048 20.4 against 20.5: TMA_MIN_T 8192 -> 4096.
 # LORAFUSE_SHRINK_TMA=0 keeps the pointer kernels everywhere.
 SHRINK_TMA = os.environ.get("LORAFUSE_SHRINK_TMA", "1") == "1"
-TMA_MIN_T = 8192
+TMA_MIN_T = 4096
 TMA_MIN_T_WIDE = 2048
 TMA_WIDE_D_IN = 8192
 TMA_MAX_R = 128

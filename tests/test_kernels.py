@@ -261,7 +261,8 @@ def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
 def test_tma_config_fills_the_machine():
     """The large tile where its grid fills three quarters of the SMs or more; 128 x 128 tiles where
     it would not, and 128 x 64 where those would not either (a 1024-wide output of 2048 rows: 64
-    large tiles on 132 SMs); below 1024 rows the 128 x 128 x 128 tile as before."""
+    large tiles on 132 SMs); below 1024 rows the 128 x 128 x 128 tile, but from 512 rows the 128 x 64 tile
+    where the 128 x 128 grid would leave SMs idle."""
     lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
     def tile(T, N, sms=132, b_nk=True):
@@ -274,7 +275,8 @@ def test_tma_config_fills_the_machine():
     assert tile(1792, 1792) == (128, 128, 64, 4, 4)  # 98 large tiles: under three quarters of 132
     assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == (128, 128, 64, 4, 4)
     assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == (128, 64, 64, 4, 4)
-    assert tile(1023, 1024) == (128, 128, 128, 8, 3)
+    assert tile(1023, 1024) == tile(512, 1024) == tile(768, 2048) == (128, 64, 64, 4, 4)  # from 512 rows
+    assert tile(1023, 4096) == tile(511, 1024) == tile(768, 14336) == (128, 128, 128, 8, 3)
     assert tile(2048, 1024, sms=78) == big and tile(8192, 1024, sms=400) != big  # by the GPU's own SM count
     for T, N in [(2048, 1024), (2048, 512)]:  # the small tiles: flattened loop, no warp specialisation
         kw = lg.tma_config(T, N, 4096, True, 132).kwargs
@@ -282,7 +284,8 @@ def test_tma_config_fills_the_machine():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the Hopper GEMM is compiled for a GPU")
-@pytest.mark.parametrize("T,d_in,d_out", [(2048, 4096, 1024), (2048, 2048, 512), (1100, 520, 328)], ids=str)
+@pytest.mark.parametrize("T,d_in,d_out", [(2048, 4096, 1024), (2048, 2048, 512), (1100, 520, 328), (700, 1000, 1000)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_lora_gemm_narrow_default_config(T, d_in, d_out, dtype, seeded):
     """The small-tile configs of tma_config (as chosen for a 132-SM GPU, whatever this one has) on
