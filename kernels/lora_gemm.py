@@ -375,18 +375,24 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     halves (EPI_SUBTILE = 2, which leaves room for a fourth stage) was within the rounds' spread of
     this config at T = 4096-8192 and 1.7 points faster only at T = 2048 on 4096 x 4096
     (gemm-layout-sweep-subtile-*.json): not used by default.
-    A narrow output with few rows (T = 2048, N = 1024: a k or v projection of one 2048-token
-    sequence) makes 64 such tiles for `sms` = 132 SMs, half of them idle: where the 128 x 256 grid
-    fills less than three quarters of the SMs, 128 x 128 x 64 tiles with 4 warps and 4 stages
-    (1.73x -> 1.25x cuBLAS at T = 2048, 4096 -> 1024 in the forward's layout, 1.71x -> 1.18x in the
-    backward's, gemm-layout-sweep-kv-*.json), and 128 x 64 x 64 where the 128 x 128 grid would too
-    (1.56x -> 1.45x at T = 2048, 2048 -> 512, forward's layout, gemm-layout-sweep-narrow-*.json).
-    From 512 rows the 128 x 64 rule holds too (forward's layout, 4096 -> 1024, gemm-layout-sweep-t512-t1024-*.json:
-    T = 768 1.53x -> 1.36x cuBLAS, T = 512 2.28x -> 1.98x against 128 x 128 x 128 tiles)."""
-    if T >= 512 and 4 * cdiv(T, 128) * cdiv(N, 128) < 3 * sms:
-        return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
-    if T >= 1024:
-        if 4 * cdiv(T, 128) * cdiv(N, 256) < 3 * sms:
+    With few tiles per SM the tile size matters more than the loop's config: from 512 rows the tile is
+    picked by a wave model, waves x tile area / efficiency, over 128 x 256 (efficiency 1), 128 x 128
+    (0.8) and 128 x 64 (0.5), where waves = ceil(tiles / sms) and the efficiencies are fitted to the
+    H200's sweeps (forward's layout over cuBLAS): T = 2048, 4096 -> 1024 (a k or v projection of
+    one 2048-token sequence, 64 large tiles for 132 SMs) 1.73x -> 1.25x with 128 x 128 x 64 tiles,
+    4 warps, 4 stages (1.71x -> 1.18x in the backward's layout, gemm-layout-sweep-kv-*.json); 2048 -> 512
+    1.56x -> 1.45x with 128 x 64 x 64 (gemm-layout-sweep-narrow-*.json); T = 768
+    (gemm-layout-sweep-t768-f8136a6-*.json) 4096 -> 4096 1.64x -> 1.35x with 128 x 256 (one wave of 96
+    tiles, where 128 x 128 makes 192: two waves), 4096 -> 2048 1.30x -> 1.26x with 128 x 128 x 64 (the
+    128 x 64 grid takes two waves: 1.96x), 4096 -> 1024 1.53x -> 1.36x with 128 x 64
+    (gemm-layout-sweep-t512-t1024-fe577d9-*.json; T = 512 there 2.28x -> 1.98x)."""
+    if T >= 512:
+        cost = {bn: cdiv(cdiv(T, 128) * cdiv(N, bn), sms) * (bn / 256) / eff
+                for bn, eff in ((256, 1.0), (128, 0.8), (64, 0.5))}
+        bn = min(cost, key=lambda k: (cost[k], -k))  # ties: the larger tile
+        if bn == 64:
+            return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
+        if bn == 128:
             return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)

@@ -259,25 +259,24 @@ def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
 
 
 def test_tma_config_fills_the_machine():
-    """The large tile where its grid fills three quarters of the SMs or more; 128 x 128 tiles where
-    it would not, and 128 x 64 where those would not either (a 1024-wide output of 2048 rows: 64
-    large tiles on 132 SMs); below 1024 rows the 128 x 128 x 128 tile, but from 512 rows the 128 x 64 tile
-    where the 128 x 128 grid would leave SMs idle."""
+    """From 512 rows the tile with the fewest waves x tile area / efficiency: the large tile where
+    its grid is not beaten by smaller tiles in fewer or equal waves, 128 x 128 where that grid fits
+    in fewer waves (a 1024-wide output of 2048 rows: 64 large tiles on 132 SMs, 128 in one wave),
+    128 x 64 where its grid fits in one wave; below 512 rows the 128 x 128 x 128 tile."""
     lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
     def tile(T, N, sms=132, b_nk=True):
         c = lg.tma_config(T, N, 4096, b_nk, sms)
         return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
 
-    big = (128, 256, 64, 8, 3)
-    for T, N in [(8192, 4096), (8192, 1024), (1024, 4096), (2048, 14336), (1152, 2816)]:  # 1152 x 2816: 99 tiles
-        assert tile(T, N) == tile(T, N, b_nk=False) == big, (T, N)
-    assert tile(1792, 1792) == (128, 128, 64, 4, 4)  # 98 large tiles: under three quarters of 132
-    assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == (128, 128, 64, 4, 4)
-    assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == (128, 64, 64, 4, 4)
-    assert tile(1023, 1024) == tile(512, 1024) == tile(768, 2048) == (128, 64, 64, 4, 4)  # from 512 rows
-    assert tile(1023, 4096) == tile(511, 1024) == tile(768, 14336) == (128, 128, 128, 8, 3)
-    assert tile(2048, 1024, sms=78) == big and tile(8192, 1024, sms=400) != big  # by the GPU's own SM count
+    big, mid, small = (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)
+    for T, N in [(8192, 4096), (8192, 1024), (1024, 4096), (2048, 14336), (1152, 2816), (768, 4096), (1792, 1792)]:
+        assert tile(T, N) == tile(T, N, b_nk=False) == big, (T, N)  # 1152 x 2816: 99 tiles, one wave
+    assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == tile(768, 2048) == mid
+    assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == tile(768, 1024) == tile(512, 1024) == small
+    assert tile(511, 1024) == tile(511, 4096) == (128, 128, 128, 8, 3)
+    # By the GPU's own SM count: 128 tiles of 128 x 128 take two waves on 78 SMs, 512 one on 600.
+    assert tile(2048, 1024, sms=78) == big and tile(8192, 1024, sms=600) == mid
     for T, N in [(2048, 1024), (2048, 512)]:  # the small tiles: flattened loop, no warp specialisation
         kw = lg.tma_config(T, N, 4096, True, 132).kwargs
         assert kw["FLATTEN"] and not kw["WARP_SPECIALIZE"]
