@@ -385,7 +385,11 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     (gemm-layout-sweep-t768-f8136a6-*.json) 4096 -> 4096 1.64x -> 1.35x with 128 x 256 (one wave of 96
     tiles, where 128 x 128 makes 192: two waves), 4096 -> 2048 1.30x -> 1.26x with 128 x 128 x 64 (the
     128 x 64 grid takes two waves: 1.96x), 4096 -> 1024 1.53x -> 1.36x with 128 x 64
-    (gemm-layout-sweep-t512-t1024-fe577d9-*.json; T = 512 there 2.28x -> 1.98x)."""
+    (gemm-layout-sweep-t512-t1024-fe577d9-*.json; T = 512 there 2.28x -> 1.98x).
+    Below 4096 rows the forward's layout stores the large tile in two halves with a fourth stage:
+    over cuBLAS, three stages / this (gemm-layout-sweep-t640-t2048-f7b29c6-*.json, forward's layout)
+    T = 640 1.57x / 1.47x, 1024 1.10x / 1.05x, 1792 x 1792 1.09x / 1.03x, 768 -> 14336 1.06x / 1.05x,
+    and T = 768 1.35x / 1.27x, T = 2048 1.074x / 1.057x in earlier sweeps (gemm-layout-sweep-subtile-*.json)."""
     if T >= 512:
         cost = {bn: cdiv(cdiv(T, 128) * cdiv(N, bn), sms) * (bn / 256) / eff
                 for bn, eff in ((256, 1.0), (128, 0.8), (64, 0.5))}
@@ -394,6 +398,8 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
             return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         if bn == 128:
             return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
+        if b_nk and T < 4096:
+            return _cfg(128, 256, 64, 8, 4, FLATTEN=True, WARP_SPECIALIZE=False, EPI_SUBTILE=2)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)
 

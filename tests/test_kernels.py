@@ -270,13 +270,16 @@ def test_tma_config_fills_the_machine():
         return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
 
     big, mid, small = (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)
+    big_halves = (128, 256, 64, 8, 4)  # the forward's layout below 4096 rows: stored in halves, four stages
     for T, N in [(8192, 4096), (8192, 1024), (1024, 4096), (2048, 14336), (1152, 2816), (768, 4096), (1792, 1792)]:
-        assert tile(T, N) == tile(T, N, b_nk=False) == big, (T, N)  # 1152 x 2816: 99 tiles, one wave
+        assert tile(T, N, b_nk=False) == big, (T, N)  # 1152 x 2816: 99 tiles, one wave
+        assert tile(T, N) == (big if T >= 4096 else big_halves), (T, N)
+        assert lg.tma_config(T, N, 4096, True, 132).kwargs.get("EPI_SUBTILE", 1) == (1 if T >= 4096 else 2)
     assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == tile(768, 2048) == mid
     assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == tile(768, 1024) == tile(512, 1024) == small
     assert tile(511, 1024) == tile(511, 4096) == (128, 128, 128, 8, 3)
     # By the GPU's own SM count: 128 tiles of 128 x 128 take two waves on 78 SMs, 512 one on 600.
-    assert tile(2048, 1024, sms=78) == big and tile(8192, 1024, sms=600) == mid
+    assert tile(2048, 1024, sms=78, b_nk=False) == big and tile(8192, 1024, sms=600) == mid
     for T, N in [(2048, 1024), (2048, 512)]:  # the small tiles: flattened loop, no warp specialisation
         kw = lg.tma_config(T, N, 4096, True, 132).kwargs
         assert kw["FLATTEN"] and not kw["WARP_SPECIALIZE"]
