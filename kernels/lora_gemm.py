@@ -365,16 +365,13 @@ def tma_candidates() -> List[triton.Config]:
 
 
 def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> triton.Config:
-    """From bench/results/tune-nvidia-h100-*.json: 128 x 256 x 64 tiles for T >= 1024, with the
-    tile loop flattened (up to 11% faster for the backward's row-major weight) and, for the
-    forward's W^T layout, warp specialisation (13% faster at d_in = 14336, within 0.2% elsewhere);
-    128 x 128 x 128 below. On the GPU machine's Triton 3.6 no compiled form of the kernel holds a
-    warp-specialised loop (gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21, the flag set or not), and
-    the four flatten / warp-specialise choices run within the rounds' spread of each other on the
-    forward's layout (H200): the flag stays for a Triton that applies it. Storing the tile in two
-    halves (EPI_SUBTILE = 2, which leaves room for a fourth stage) was within the rounds' spread of
-    this config at T = 4096-8192 and 1.7 points faster only at T = 2048 on 4096 x 4096
-    (gemm-layout-sweep-subtile-*.json): not used by default.
+    """Launch config of the Hopper GEMM for T rows into N columns over K. The large tile, 128 x 256 x 64
+    with 8 warps and 3 stages and the tile loop flattened, comes from the H100 tuning
+    (bench/results/tune-nvidia-h100-*.json: flattening up to 11 % faster for the backward's row-major
+    weight; warp specialisation asked for the forward's W^T layout, which Triton 3.6 on the GPU machine
+    does not apply to this kernel, gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21 compiled forms, the
+    flag set or not, all within the rounds' spread on the H200; it stays for a Triton that applies it).
+    Below 512 rows: 128 x 128 x 128 tiles.
     With few tiles per SM the tile size matters more than the loop's config: from 512 rows the tile is
     picked by a wave model, waves x tile area / efficiency, over 128 x 256 (efficiency 1), 128 x 128
     (0.8) and 128 x 64 (0.5), where waves = ceil(tiles / sms) and the efficiencies are fitted to the
