@@ -368,7 +368,8 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     """Launch config of the Hopper GEMM for T rows into N columns over K. The large tile, 128 x 256 x 64
     with 8 warps and 3 stages and the tile loop flattened, comes from the H100 tuning
     (bench/results/tune-nvidia-h100-*.json: flattening up to 11 % faster for the backward's row-major
-    weight; warp specialisation asked for the forward's W^T layout, which Triton 3.6 on the GPU machine
+    weight; warp specialisation asked for the forward's W^T layout (where the tile is stored whole),
+    which Triton 3.6 on the GPU machine
     does not apply to this kernel, gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21 compiled forms, the
     flag set or not, all within the rounds' spread on the H200; it stays for a Triton that applies it).
     Below 512 rows: 128 x 128 x 128 tiles.
@@ -383,10 +384,14 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     tiles, where 128 x 128 makes 192: two waves), 4096 -> 2048 1.30x -> 1.26x with 128 x 128 x 64 (the
     128 x 64 grid takes two waves: 1.96x), 4096 -> 1024 1.53x -> 1.36x with 128 x 64
     (gemm-layout-sweep-t512-t1024-fe577d9-*.json; T = 512 there 2.28x -> 1.98x).
-    Below 4096 rows the forward's layout stores the large tile in two halves with a fourth stage:
-    over cuBLAS, three stages / this (gemm-layout-sweep-t640-t2048-f7b29c6-*.json, forward's layout)
-    T = 640 1.57x / 1.47x, 1024 1.10x / 1.05x, 1792 x 1792 1.09x / 1.03x, 768 -> 14336 1.06x / 1.05x,
-    and T = 768 1.35x / 1.27x, T = 2048 1.074x / 1.057x in earlier sweeps (gemm-layout-sweep-subtile-*.json)."""
+    Where the large tiles make at most two waves, the forward's layout stores the tile in two halves
+    with a fourth stage (no warp-specialise flag there). Over cuBLAS, three stages / this: one wave
+    (gemm-layout-sweep-t640-t2048-f7b29c6-*.json) T = 640 on 4096 x 4096 1.57x / 1.47x, T = 1024
+    1.10x / 1.05x, 1792 x 1792 1.09x / 1.03x, and T = 768 1.35x / 1.26x (gemm-layout-sweep-t768-f8136a6-*.json);
+    two waves, T = 2048 (gemm-layout-sweep-subtile-*.json, entry 28 of bench/NOTES.md) 1.074x / 1.057x
+    on 4096 x 4096, 1.035x / 1.036x for 14336 -> 4096. With more waves the two were within 2 points
+    either way (T = 2048, 4096 -> 14336: 1.037x / 1.046x; T = 768, 4096 -> 14336: 1.06x / 1.05x),
+    and the three-stage tile stays. Ties between tile widths go to the larger tile."""
     if T >= 512:
         cost = {bn: cdiv(cdiv(T, 128) * cdiv(N, bn), sms) * (bn / 256) / eff
                 for bn, eff in ((256, 1.0), (128, 0.8), (64, 0.5))}
@@ -395,7 +400,7 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
             return _cfg(128, 64, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
         if bn == 128:
             return _cfg(128, 128, 64, 4, 4, FLATTEN=True, WARP_SPECIALIZE=False)
-        if b_nk and T < 4096:
+        if b_nk and cdiv(T, 128) * cdiv(N, 256) <= 2 * sms:
             return _cfg(128, 256, 64, 8, 4, FLATTEN=True, WARP_SPECIALIZE=False, EPI_SUBTILE=2)
         return _cfg(128, 256, 64, 8, 3, FLATTEN=True, WARP_SPECIALIZE=b_nk)
     return _cfg(128, 128, 128, 8, 3, FLATTEN=False, WARP_SPECIALIZE=False)

@@ -259,10 +259,12 @@ def test_lora_gemm_epilogue_subtile(tile, dtype, seeded):
 
 
 def test_tma_config_fills_the_machine():
-    """From 512 rows the tile with the fewest waves x tile area / efficiency: the large tile where
-    its grid is not beaten by smaller tiles in fewer or equal waves, 128 x 128 where that grid fits
-    in fewer waves (a 1024-wide output of 2048 rows: 64 large tiles on 132 SMs, 128 in one wave),
-    128 x 64 where its grid fits in one wave; below 512 rows the 128 x 128 x 128 tile."""
+    """From 512 rows the tile width with the lowest waves x tile area / efficiency (128 x 256: 1,
+    128 x 128: 0.8, 128 x 64: 0.5): 128 x 64 where its grid fits in one wave, 128 x 128 where its
+    waves x 0.625 are fewer than the large tile's (a 1024-wide output of 2048 rows: 64 large tiles
+    on 132 SMs, 128 of 128 x 128 in one wave), else the large tile, stored in two halves with four
+    stages in the forward's layout where it makes at most two waves; below 512 rows the
+    128 x 128 x 128 tile."""
     lg = importlib.import_module("lorafuse.kernels.lora_gemm")
 
     def tile(T, N, sms=132, b_nk=True):
@@ -270,11 +272,12 @@ def test_tma_config_fills_the_machine():
         return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
 
     big, mid, small = (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)
-    big_halves = (128, 256, 64, 8, 4)  # the forward's layout below 4096 rows: stored in halves, four stages
-    for T, N in [(8192, 4096), (8192, 1024), (1024, 4096), (2048, 14336), (1152, 2816), (768, 4096), (1792, 1792)]:
+    big_halves = (128, 256, 64, 8, 4)  # the forward's layout, at most two waves: stored in halves, four stages
+    for T, N, waves in [(8192, 4096, 8), (8192, 1024, 2), (1024, 4096, 1), (2048, 14336, 7), (1152, 2816, 1),
+                        (768, 4096, 1), (1792, 1792, 1), (2048, 4096, 2), (768, 14336, 3)]:
         assert tile(T, N, b_nk=False) == big, (T, N)  # 1152 x 2816: 99 tiles, one wave
-        assert tile(T, N) == (big if T >= 4096 else big_halves), (T, N)
-        assert lg.tma_config(T, N, 4096, True, 132).kwargs.get("EPI_SUBTILE", 1) == (1 if T >= 4096 else 2)
+        assert tile(T, N) == (big if waves > 2 else big_halves), (T, N)
+        assert lg.tma_config(T, N, 4096, True, 132).kwargs.get("EPI_SUBTILE", 1) == (1 if waves > 2 else 2)
     assert tile(2048, 1024) == tile(1024, 2048) == tile(4096, 512) == tile(768, 2048) == mid
     assert tile(2048, 512) == tile(1024, 1024) == tile(1024, 256) == tile(768, 1024) == tile(512, 1024) == small
     assert tile(511, 1024) == tile(511, 4096) == (128, 128, 128, 8, 3)
