@@ -131,9 +131,10 @@ def patched(obj, name: str, value):
         setattr(obj, name, old)
 
 
-def graph_rounds(fns: dict, rounds: int):
-    """Each fn replayed from its own CUDA graph, timed by do_bench (L2 flushed before each replay) once
-    per round in round_order. Returns ({name: median over rounds}, {name: [per-round medians]})."""
+def graph_rounds(fns: dict, rounds: int, warmup: int = 25, rep: int = 100):
+    """Each fn replayed from its own CUDA graph, timed by do_bench (L2 flushed before each replay;
+    warmup and rep in ms) once per round in round_order. Returns ({name: median over rounds} in ms,
+    {name: [per-round medians]})."""
     import statistics
 
     from triton.testing import do_bench
@@ -142,7 +143,7 @@ def graph_rounds(fns: dict, rounds: int):
     times = {k: [] for k in replays}
     for rnd in range(rounds):
         for k in round_order(list(replays), rnd):
-            times[k].append(do_bench(replays[k], warmup=25, rep=100, return_mode="median"))
+            times[k].append(do_bench(replays[k], warmup=warmup, rep=rep, return_mode="median"))
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 

@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graphed, layer_inputs, round_order, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, layer_inputs, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 
@@ -151,13 +149,9 @@ def main() -> None:
                     fns[name] = (lambda mode=mode, cfg=cfg: run_probe(x, w, a, mode, cfg, sms, part))
                 except Exception as e:  # a config the GPU cannot run: recorded
                     row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
-        replays = {k: graphed(f) for k, f in fns.items()}
-        times = {k: [] for k in replays}
-        for rnd in range(args.rounds):
-            for k in round_order(list(replays), rnd):
-                times[k].append(do_bench(replays[k], warmup=10, rep=60, return_mode="median") * 1e3)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        row["us"], row["us_rounds"] = med, times
+        med, times = graph_rounds(fns, args.rounds, warmup=10, rep=60)
+        med = {k: v * 1e3 for k, v in med.items()}
+        row["us"], row["us_rounds"] = med, {k: [t * 1e3 for t in v] for k, v in times.items()}
         rows.append(row)
         print(f"{shape}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(med.items(), key=lambda kv: kv[1])),
               flush=True)

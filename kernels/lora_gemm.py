@@ -368,10 +368,10 @@ def tma_config(T: int, N: int, K: int, b_nk: bool = True, sms: int = 132) -> tri
     """Launch config of the Hopper GEMM for T rows into N columns over K. The large tile, 128 x 256 x 64
     with 8 warps and 3 stages and the tile loop flattened, comes from the H100 tuning
     (bench/results/tune-nvidia-h100-*.json: flattening up to 11 % faster for the backward's row-major
-    weight; warp specialisation asked for the forward's W^T layout (where the tile is stored whole),
-    which Triton 3.6 on the GPU machine
-    does not apply to this kernel, gemm-layout-sweep-fwd-39b924f-*.json: 0 of 21 compiled forms, the
-    flag set or not, all within the rounds' spread on the H200; it stays for a Triton that applies it).
+    weight; warp specialisation asked for the forward's W^T layout where the tile is stored whole,
+    which Triton 3.6 on the GPU machine does not apply to this kernel, gemm-layout-sweep-fwd-39b924f-*.json:
+    0 of 21 compiled forms, the flag set or not, all within the rounds' spread on the H200; it stays
+    for a Triton that applies it).
     Below 512 rows: 128 x 128 x 128 tiles.
     With few tiles per SM the tile size matters more than the loop's config: from 512 rows the tile is
     picked by a wave model, waves x tile area / efficiency, over 128 x 256 (efficiency 1), 128 x 128
