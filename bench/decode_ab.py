@@ -1,5 +1,5 @@
-"""The one-launch decode layer (lorafuse.lora_linear at T <= 64) under module switches, against
-cuBLAS, from CUDA graphs.
+"""lorafuse.lora_linear under module switches, against cuBLAS, from CUDA graphs: at T <= 64 the
+one-launch decode layer, at any other --T the op's own path for those rows.
 
     python bench/decode_ab.py [--variants rows_clamped rows_masked] [--T 1 2 4 16 32 64]
                               [--shapes 4096x4096 4096x14336 14336x4096] [--methods loramap sum]
@@ -7,7 +7,9 @@ cuBLAS, from CUDA graphs.
 
 Variants (VARIANTS): rows_clamped / rows_masked set kernels.lora_gemm.DECODE_MASK_ROWS (x's rows
 past T clamped to row 0 or masked); T_specialised / T_runtime swap in the pointer kernel decorated
-as Triton does by default (T == 1 compiled as a constant) or with T as a run-time argument. Every
+as Triton does by default (T == 1 compiled as a constant) or with T as a run-time argument;
+split_group_1 / split_group_8 set kernels.shrink.SPLIT_GROUP (the split partials summed one load per
+step, or eight loads in flight: the shrink's finishing steps and the decode layer's shared shrink). Every
 variant replayed from a CUDA graph (L2 flushed before each replay by do_bench), once per round, the
 order reversed every other round, beside cuBLAS's F.linear; medians over rounds, outputs checked
 against float32. Writes decode-ab-<gpu>-<date>.json.
@@ -29,6 +31,7 @@ from common import env_info, graph_rounds, layer_inputs, patched, save_json, war
 import lorafuse  # noqa: E402
 
 lg = importlib.import_module("lorafuse.kernels.lora_gemm")
+sh = importlib.import_module("lorafuse.kernels.shrink")
 _KERNEL = lg._lora_gemm_kernel
 
 # name -> (module, attribute, value factory)
@@ -37,6 +40,8 @@ VARIANTS = {
     "rows_masked": (lg, "DECODE_MASK_ROWS", lambda: True),
     "T_specialised": (lg, "_lora_gemm_kernel", lambda: triton.jit(_KERNEL.fn)),
     "T_runtime": (lg, "_lora_gemm_kernel", lambda: triton.jit(_KERNEL.fn, do_not_specialize=["T"])),
+    "split_group_1": (sh, "SPLIT_GROUP", lambda: 1),
+    "split_group_8": (sh, "SPLIT_GROUP", lambda: 8),
 }
 
 

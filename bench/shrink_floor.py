@@ -1,7 +1,8 @@
 """Where the forward shrink's time goes at few rows: the shrink against a bare read of x timed the
 same way, the measurement's own floor, and the op's parts.
 
-    python bench/shrink_floor.py [--T 2048 4096 8192] [--d 4096] [--rounds 4] [--out bench/results]
+    python bench/shrink_floor.py [--T 2048 4096 8192] [--d 4096] [--rounds 4] [--split-group-ab]
+                                 [--out bench/results]
 
 Every variant is replayed from its own CUDA graph with the L2 flushed before each replay (do_bench,
 median), once per round, the order reversed every other round; medians over rounds. Variants, per
@@ -16,6 +17,8 @@ median), once per round, the order reversed every other round; medians over roun
   gemm        lora_gemm(x, W^T, sp, b_cat^T) alone (the GEMM with its low-rank tail)
   base        cuBLAS x W^T
   op          lorafuse.lora_linear forward (no grad), LoraMap
+  shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
+              split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -29,10 +32,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import env_info, graph_rounds, layer_inputs, save_json, warm_up  # noqa: E402
+from common import env_info, graph_rounds, layer_inputs, patched, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
 from lorafuse.kernels import lora_gemm, shrink  # noqa: E402
+import importlib  # noqa: E402
+
+shrink_module = importlib.import_module("lorafuse.kernels.shrink")
 from lorafuse.kernels.shrink import _rows_partial, split_config, tma_shrink_config  # noqa: E402
 from lorafuse.kernels.lora_gemm import _tma_available  # noqa: E402
 from lorafuse.kernels.utils import num_sms  # noqa: E402
@@ -66,6 +72,7 @@ def main() -> None:
     p.add_argument("--R", type=int, default=48)
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--split-group-ab", action="store_true", help="also time shrink and op with SPLIT_GROUP = 1")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -102,6 +109,14 @@ def main() -> None:
             fns["gemm"] = lambda: lora_gemm(x, w.t(), sp, b.t())
             fns["base"] = lambda: torch.mm(x, w.t())
             fns["op"] = lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
+            if args.split_group_ab:
+                def one_load(fn):
+                    def run():
+                        with patched(shrink_module, "SPLIT_GROUP", 1):
+                            return fn()
+                    return run
+                fns["shrink_g1"] = one_load(fns["shrink"])
+                fns["op_g1"] = one_load(fns["op"])
             with torch.no_grad():
                 med, per_round = graph_rounds(fns, args.rounds)
             us = {k: v * 1e3 for k, v in med.items()}
@@ -116,7 +131,8 @@ def main() -> None:
             print(f"T={T} d={d}: noop {us['noop']:.1f} us | read {us[best_read]:.1f} ({best_read}) | shrink "
                   f"{us['shrink']:.1f} (partial {us['shrink_partial']:.1f}) | tma {tmas} | cuBLAS x a^T "
                   f"{us['cublas_xa']:.1f} | gemm {us['gemm']:.1f} | base {us['base']:.1f} | op {us['op']:.1f} "
-                  f"({us['op'] / us['base']:.3f}x)", flush=True)
+                  f"({us['op'] / us['base']:.3f}x)" + (f" | one load per step: shrink {us['shrink_g1']:.1f}, op "
+                  f"{us['op_g1']:.1f} ({us['op_g1'] / us['base']:.3f}x)" if args.split_group_ab else ""), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 
 

@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import _band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink, t_bucket
+from . import shrink as _shrink
+from .shrink import (_band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink,
+                     sum_partials, t_bucket)
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
@@ -198,7 +200,8 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
                          stride_amm, stride_amr, stride_bmr, stride_bmm, stride_sm, stride_um, stride_spm,
                          HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_MR: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr,
+                         SPLIT_GROUP: tl.constexpr):
     """The decode layer's shrink computed once per launch instead of in every column block: work
     items (row block, range of K_PER columns of d_in), taken from the counter at
     flag_ptr[2 * num_pid_m] until it runs past the last. An item stores its float32 partial to
@@ -235,9 +238,8 @@ def _shared_shrink_items(a_ptr, al_ptr, scale_ptr, a_map_ptr, b_map_ptr, s_ptr, 
             tl.debug_barrier()  # every thread's partial stored before this program counts itself in
             done = tl.atomic_add(flag_ptr + num_pid_m + band, 1, sem="acq_rel") == SPLITS - 1
             if done:
-                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for j in range(SPLITS):  # ".cg": other programs' partials, from L2
-                    acc += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
+                # ".cg": other programs' partials, from L2
+                acc = sum_partials(part, SPLITS, part_rows * BLOCK_R, None, SPLIT_GROUP, ".cg")
         if done:
             _band_finish(acc, band * BLOCK_M, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
                          T, R, MR, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um,
@@ -274,6 +276,7 @@ def _lora_gemm_kernel(
     SHARED: tl.constexpr = False,
     TAIL_PIPE: tl.constexpr = True,
     MASK_ROWS: tl.constexpr = False,
+    SPLIT_GROUP: tl.constexpr = 8,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -283,7 +286,8 @@ def _lora_gemm_kernel(
                              flag_ptr, part_ptr, T, K, R, MR, SPLITS, K_PER, num_pid_m,
                              stride_am, stride_ak, stride_alr, stride_alk,
                              stride_amm, stride_amr, stride_bmr, stride_bmm, stride_ssm, stride_sum, stride_spm,
-                             HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_R, BLOCK_MR, BLOCK_M, BLOCK_K, EVEN_K, MASK_ROWS)
+                             HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_R, BLOCK_MR, BLOCK_M, BLOCK_K, EVEN_K, MASK_ROWS,
+                             SPLIT_GROUP)
     pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -894,7 +898,7 @@ def lora_gemm_fused(
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **_tail_pipe(R, cfg),
-        MASK_ROWS=_mask_rows(T, cfg), **cfg,
+        MASK_ROWS=_mask_rows(T, cfg), SPLIT_GROUP=_shrink.SPLIT_GROUP, **cfg,
     )
     return y, (sp if save else None), s, u
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import shrink as _shrink
 from .shrink import FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config
 from .utils import (block_for, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch, new_empty,
                     split_range, unit_vector)
@@ -149,13 +150,12 @@ def _routed_partial(x, a_cat, router, config):
 
 @triton.jit
 def _routing_logits(part_ptr, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, k_mask, inv_temp,
-                    ABS_LOGITS: tl.constexpr, HAS_RBIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    ABS_LOGITS: tl.constexpr, HAS_RBIAS: tl.constexpr, SPLIT_GROUP: tl.constexpr):
     """(z, logits) of a row block: z the summed partials (+ router_bias), logits = (|z| or z) / the
     temperature, -inf past K. A NaN logit (a diverged learned router) counts as +inf, the largest, as
     torch.sort and torch.topk take it: top-k then selects it and the softmax turns the row's output
     to NaN on every path, where a max that skips NaN would route around it and hide the fault."""
-    z = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, BLOCK_T, BLOCK_K)
+    z = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask, SPLIT_GROUP)
     if HAS_RBIAS:
         z += tl.load(rbias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
     if ABS_LOGITS:
@@ -189,6 +189,7 @@ def _routed_finish_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     """Sum the partials of [S | Z]; gates from Z (top-k, softmax); S' = S * scale * g[:, block].
     TOP_K = 0 means dense (softmax over all K). Grid (row blocks, R chunks of BLOCK_R): every
@@ -205,7 +206,7 @@ def _routed_finish_kernel(
 
     # The router logits are columns R .. R+K-1 of the partial sums.
     z, logits = _routing_logits(part_ptr + R, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k, tk_mask,
-                                k_mask, inv_temp, ABS_LOGITS, HAS_RBIAS, BLOCK_T, BLOCK_K)
+                                k_mask, inv_temp, ABS_LOGITS, HAS_RBIAS, SPLIT_GROUP)
     neg_inf = float("-inf")
     if TOP_K > 0:
         # Iterative max: each step keeps the largest remaining logit (the lowest index among equals).
@@ -228,7 +229,7 @@ def _routed_finish_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     tr_mask = t_mask[:, None] & r_mask[None, :]
-    s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+    s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
     if SAVE_S:
         tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
     # Each rank column takes its adapter's gate: g (T, K) times the one-hot (K, R) of the block ids
@@ -355,7 +356,7 @@ def routed_shrink(
         z.stride(0) if save else 0, g.stride(0) if save else 0,
         ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k or 0), HAS_RBIAS=router_bias is not None,
         SAVE_S=save and not direct, SAVE_GATES=save,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), num_warps=4,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), SPLIT_GROUP=_shrink.SPLIT_GROUP, num_warps=4,
     )
     return sp, s, z, g
 
@@ -370,6 +371,7 @@ def _route_select_kernel(
     HAS_RBIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     """From the partial sums of the logits x router^T (splits, T, K): each row's TOP_K adapters and
     their gates (the softmax over the kept logits), written as ids (TOP_K, T) int32 and gates
@@ -382,7 +384,7 @@ def _route_select_kernel(
     k_mask = offs_k < K
     _, work = _routing_logits(part_ptr, rbias_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_k,
                               t_mask[:, None] & k_mask[None, :], k_mask, inv_temp, ABS_LOGITS, HAS_RBIAS,
-                              BLOCK_T, BLOCK_K)
+                              SPLIT_GROUP)
     # Choice 0 holds the row's largest logit: every gate is exp(l_j - l_0) / sum (1 for top-1, NaN
     # where l_0 is inf, as the softmax gives). Two passes of the (cheap) selection: the first sums
     # the kept exponentials, the second writes; nothing is read back from memory.
@@ -437,5 +439,5 @@ def route_select(
            T, K, splits, 1.0 / float(temperature),
            part.stride(0), part.stride(1),
            ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k), HAS_RBIAS=router_bias is not None,
-           BLOCK_T=block_t, BLOCK_K=block_k, num_warps=4)
+           BLOCK_T=block_t, BLOCK_K=block_k, SPLIT_GROUP=_shrink.SPLIT_GROUP, num_warps=4)
     return ids, gates

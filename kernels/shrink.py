@@ -21,6 +21,27 @@ from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, ex
                     launch_kwargs, new_empty, next_pow2, num_sms, split_range, unit_vector)
 
 
+# The finishing steps sum their rows' split partials (float32, in split order: deterministic) with
+# SPLIT_GROUP loads in flight per step. One load per step (1) waits an L2 round trip per split:
+# 5-8 splits in the pointer shrink's finish below 4096 rows, up to 16 in the decode layer's band.
+# A module setting so that bench/shrink_floor.py can time the two side by side.
+SPLIT_GROUP = 8
+
+
+@triton.jit
+def sum_partials(ptrs, n, stride, mask, GROUP: tl.constexpr, CACHE: tl.constexpr = ""):
+    """sum over i < n of the float32 block at ptrs + i * stride (masked by mask, None: all of it), in
+    order of i; GROUP loads issued per step (the additions keep their order: the same bits)."""
+    acc = tl.zeros(ptrs.shape, dtype=tl.float32)
+    for i0 in range(0, n, GROUP):
+        for j in tl.static_range(GROUP):
+            live = (tl.zeros(ptrs.shape, dtype=tl.int32) + (i0 + j)) < n
+            if mask is not None:
+                live = live & mask
+            acc += tl.load(ptrs + (i0 + j) * stride, mask=live, other=0.0, cache_modifier=CACHE)
+    return acc
+
+
 @triton.jit
 def map_and_scale(
     s,
@@ -464,14 +485,14 @@ def _shrink_block(a_desc, b_desc, off_t, k_lo, k_hi, split, SPLITS, part_ptr, pa
                   T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
                   HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                  STAGES: tl.constexpr = None):
+                  STAGES: tl.constexpr = None, SPLIT_GROUP: tl.constexpr = 8):
     """One work item of the copy-engine shrink: x a_cat^T for rows off_t .. off_t + BLOCK_T over columns
     k_lo .. k_hi of d_in (a_desc: x, b_desc: a_cat, both read by the copy engine; parts past T, d_in
     or R come back as zeros). With one split it finishes the rows itself (_band_finish). Else it
     stores its partial to part_ptr[split] (part_rows rows of BLOCK_R columns per split) and counts
     itself in at count_ptr; the last of the rows' SPLITS items sums the partials in split order
     (deterministic) and finishes. Returns whether this program finished the rows. STAGES: the loop's
-    own pipeline depth (None: the launch's num_stages)."""
+    own pipeline depth (None: the launch's num_stages); SPLIT_GROUP: partials loaded per step (sum_partials)."""
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         acc = tl.dot(a_desc.load([off_t, k0]), b_desc.load([0, k0]).T, acc, input_precision=PREC)
@@ -482,9 +503,8 @@ def _shrink_block(a_desc, b_desc, off_t, k_lo, k_hi, split, SPLITS, part_ptr, pa
         tl.debug_barrier()  # every thread's partial stored before this program counts itself in
         done = tl.atomic_add(count_ptr, 1, sem="acq_rel") == SPLITS - 1
         if done:
-            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-            for j in range(SPLITS):  # ".cg": other programs' partials, from L2
-                acc += tl.load(part + j * part_rows * BLOCK_R, cache_modifier=".cg")
+            # ".cg": other programs' partials, from L2
+            acc = sum_partials(part, SPLITS, part_rows * BLOCK_R, None, SPLIT_GROUP, ".cg")
     if done:
         _band_finish(acc, off_t, scale_ptr, a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr,
                      T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
@@ -505,6 +525,7 @@ def _shrink_tma_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks), each program
     one _shrink_block (its row block's count at count_ptr[block]); the program that finishes a row
@@ -515,17 +536,14 @@ def _shrink_tma_kernel(
     _shrink_block(a_desc, b_desc, pid_t * BLOCK_T, k_start, tl.minimum(k_start + K_PER_SPLIT, K), pid_s, SPLITS,
                   part_ptr, tl.num_programs(1) * BLOCK_T, count_ptr + pid_t, scale_ptr, a_map_ptr, b_map_ptr,
                   sp_ptr, s_ptr, u_ptr, T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M)
+                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M,
+                  None, SPLIT_GROUP)
 
 
 @triton.jit
-def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask,
-                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for i in range(n_splits):
-        acc += tl.load(part_ptr + i * stride_ps + offs_t[:, None] * stride_pt + offs_r[None, :], mask=mask,
-                       other=0.0)
-    return acc
+def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask, GROUP: tl.constexpr):
+    """Rows offs_t, columns offs_r of the sum of part_ptr's n_splits partials (stride_ps apart)."""
+    return sum_partials(part_ptr + offs_t[:, None] * stride_pt + offs_r[None, :], n_splits, stride_ps, mask, GROUP)
 
 
 @triton.jit
@@ -541,6 +559,7 @@ def _shrink_finish_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks."""
     pid = tl.program_id(0)
@@ -553,7 +572,7 @@ def _shrink_finish_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         tr_mask = t_mask[:, None] & r_mask[None, :]
-        s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+        s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
         if SAVE_S:
             tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
         if HAS_MAP:
@@ -593,6 +612,7 @@ def _shrink_bwd_finish_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     """From dS' (the summed partials of dY b_cat): dV = dS' * scale; [dB_map = dV^T U; dU = dV b_map;
     dA_map = dU^T S; dS = dU a_map | dS = dV]; dscale = sum_t dS' * V. The reductions over T are
@@ -610,7 +630,7 @@ def _shrink_bwd_finish_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         tr_mask = t_mask[:, None] & r_mask[None, :]
-        dsp = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, BLOCK_T, BLOCK_R)
+        dsp = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
         scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
         dv = dsp * scale[None, :]
         if HAS_MAP:
@@ -791,7 +811,7 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_MAP=has_map, SAVE=s is not None, PREC=dot_precision(x.dtype), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br,
-        BLOCK_M=block_for(M), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=block_for(M), SPLIT_GROUP=SPLIT_GROUP, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -893,7 +913,8 @@ def shrink(
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s.stride(0) if save else 0, u.stride(0) if u is not None else 0,
         HAS_MAP=has_map, SAVE_S=save and part is not s, SAVE_U=u is not None,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
+        SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
     )
     return sp, s, u
 
@@ -987,6 +1008,7 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         s.stride(0) if s is not None else 0, u.stride(0) if u is not None else 0,
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M), num_warps=4,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
+        SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
     )
     return (ds, *_program_totals(dscale_p, da_p, db_p))

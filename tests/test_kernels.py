@@ -340,6 +340,37 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_sums_grouped(dtype, monkeypatch, seeded):
+    """The finishing steps sum 5 split partials SPLIT_GROUP at a time (1: one per step, 3: two groups,
+    with a short last one, 8: all in one): the same bits whatever the group, since the additions keep
+    their order, and the reference's values: forward shrink, backward shrink, the decode layer's
+    shared shrink."""
+    T, d_in, d_out, R, m = 37, 1000, 300, 48, 4
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) / d_in ** 0.5).to(dtype)
+    dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    y_ref = x.double() @ w.double().t() + sp_ref @ b_cat.double().t()
+    ds_ref = ((dy.double() @ b_cat.double()) * scale.double()) @ b_map.double() @ a_map.double()
+    cfg = {"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_R": 64, "SPLITS": 5, "num_warps": 4, "num_stages": 1}
+    assert shrink_module.split_range(d_in, 5, 32)[1] == 5
+    outs = []
+    for group in (1, 3, 8):
+        monkeypatch.setattr(shrink_module, "SPLIT_GROUP", group)
+        sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=True, config=cfg)
+        ds = shrink_backward(dy, b_cat, scale, s, u, a_map, b_map, config=cfg)[0]
+        y = lora_gemm_fused(x, w, None, a_cat, b_cat, scale, a_map, b_map, shared=True, splits=5,
+                            config=_cfg(16, 16, 32, 4, 1))[0]
+        assert rel_err(sp, sp_ref) < TOL[dtype] and s_err(s, s_ref, x, a_cat) < ACC_TOL[dtype]
+        assert rel_err(u, u_ref) < ACC_TOL[dtype]
+        assert rel_err(ds, ds_ref) < TOL[dtype] and rel_err(y, y_ref) < TOL[dtype], f"group {group}"
+        outs.append((sp, s, u, ds, y))
+    for group_out in outs[1:]:
+        for a, b in zip(outs[0], group_out):
+            assert torch.equal(a, b)
+
+
 @triton.jit
 def _load_rows_probe(x_ptr, out_ptr, T, K, EVEN_K: tl.constexpr, MASK_ROWS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
