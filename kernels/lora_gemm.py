@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import shrink as _shrink
 from .shrink import (_band_finish, _shrink_block, alloc_rows, check_shrink_operands, map_and_scale, shrink,
-                     sum_partials, t_bucket)
+                     split_group, sum_partials, t_bucket)
 from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, expect, is_interpreting, launch,
                     launch_kwargs, new_empty, next_pow2, num_sms, onchip_rank_limit, split_range, unit_vector)
 
@@ -498,6 +497,7 @@ def _lora_layer_tma_kernel(
     WARP_SPECIALIZE: tl.constexpr,
     SHRINK_STAGES: tl.constexpr = None,
     TAIL_PIPE: tl.constexpr = True,
+    SPLIT_GROUP: tl.constexpr = 8,
 ):
     """The whole layer in one persistent launch (Hopper, many tokens), in two phases.
 
@@ -537,7 +537,7 @@ def _lora_layer_tma_kernel(
                              SPLITS, part_ptr, num_pid_m * BLOCK_M, flag_ptr + num_pid_m + band, scale_ptr,
                              a_map_ptr, b_map_ptr, sp_ptr, s_ptr, u_ptr, T, R, MR, stride_amm, stride_amr,
                              stride_bmr, stride_bmm, stride_spm, stride_sm, stride_um, HAS_MAP, SAVE, PREC, MAP_PREC,
-                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR, SHRINK_STAGES):
+                             BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_MR, SHRINK_STAGES, SPLIT_GROUP):
                 tl.debug_barrier()  # every thread's stores issued before the flag is released
                 tl.atomic_xchg(flag_ptr + band, 1, sem="release")
             item = tl.atomic_add(flag_ptr + 2 * num_pid_m, 1)
@@ -898,7 +898,7 @@ def lora_gemm_fused(
         HAS_BIAS=bias is not None, FUSE_SHRINK=True, HAS_MAP=has_map, SAVE=save,
         PREC=dot_precision(x.dtype), MAP_PREC=MAP_PRECISION,
         BLOCK_R=br, BLOCK_MR=block_for(MR), EVEN_K=_even_k(D, cfg), SHARED=bool(shared), **_tail_pipe(R, cfg),
-        MASK_ROWS=_mask_rows(T, cfg), SPLIT_GROUP=_shrink.SPLIT_GROUP, **cfg,
+        MASK_ROWS=_mask_rows(T, cfg), SPLIT_GROUP=split_group(), **cfg,
     )
     return y, (sp if save else None), s, u
 
@@ -1076,6 +1076,6 @@ def lora_gemm_persistent(
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_BIAS=bias is not None, HAS_MAP=has_map, SAVE=save, PREC=dot_precision(x.dtype), MAP_PREC="ieee",
         BLOCK_R=br, BLOCK_MR=block_for(MR), SHRINK_STAGES=shrink_stages, **_tail_pipe(R, cfg.kwargs),
-        **launch_kwargs(cfg),
+        SPLIT_GROUP=split_group(), **launch_kwargs(cfg),
     )
     return y, sp, s, u

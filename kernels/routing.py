@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import shrink as _shrink
-from .shrink import FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config
+from .shrink import (FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config,
+                     split_group)
 from .utils import (block_for, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch, new_empty,
                     split_range, unit_vector)
 
@@ -356,7 +356,7 @@ def routed_shrink(
         z.stride(0) if save else 0, g.stride(0) if save else 0,
         ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k or 0), HAS_RBIAS=router_bias is not None,
         SAVE_S=save and not direct, SAVE_GATES=save,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), SPLIT_GROUP=_shrink.SPLIT_GROUP, num_warps=4,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), SPLIT_GROUP=split_group(), num_warps=4,
     )
     return sp, s, z, g
 
@@ -439,5 +439,5 @@ def route_select(
            T, K, splits, 1.0 / float(temperature),
            part.stride(0), part.stride(1),
            ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k), HAS_RBIAS=router_bias is not None,
-           BLOCK_T=block_t, BLOCK_K=block_k, SPLIT_GROUP=_shrink.SPLIT_GROUP, num_warps=4)
+           BLOCK_T=block_t, BLOCK_K=block_k, SPLIT_GROUP=split_group(), num_warps=4)
     return ids, gates

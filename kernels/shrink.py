@@ -28,10 +28,16 @@ from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, ex
 SPLIT_GROUP = 8
 
 
+def split_group() -> int:
+    """SPLIT_GROUP as set now (the kernels of other modules read it at launch)."""
+    return SPLIT_GROUP
+
+
 @triton.jit
-def sum_partials(ptrs, n, stride, mask, GROUP: tl.constexpr, CACHE: tl.constexpr = ""):
+def sum_partials(ptrs, n, stride, mask, GROUP: tl.constexpr, CACHE: tl.constexpr):
     """sum over i < n of the float32 block at ptrs + i * stride (masked by mask, None: all of it), in
-    order of i; GROUP loads issued per step (the additions keep their order: the same bits)."""
+    order of i; GROUP loads issued per step (the additions keep their order: the same bits). CACHE:
+    the loads' cache modifier ("" or ".cg")."""
     acc = tl.zeros(ptrs.shape, dtype=tl.float32)
     for i0 in range(0, n, GROUP):
         for j in tl.static_range(GROUP):
@@ -485,7 +491,7 @@ def _shrink_block(a_desc, b_desc, off_t, k_lo, k_hi, split, SPLITS, part_ptr, pa
                   T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm, stride_spt, stride_st, stride_ut,
                   HAS_MAP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, MAP_PREC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                  STAGES: tl.constexpr = None, SPLIT_GROUP: tl.constexpr = 8):
+                  STAGES: tl.constexpr, SPLIT_GROUP: tl.constexpr):
     """One work item of the copy-engine shrink: x a_cat^T for rows off_t .. off_t + BLOCK_T over columns
     k_lo .. k_hi of d_in (a_desc: x, b_desc: a_cat, both read by the copy engine; parts past T, d_in
     or R come back as zeros). With one split it finishes the rows itself (_band_finish). Else it
@@ -543,7 +549,7 @@ def _shrink_tma_kernel(
 @triton.jit
 def _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, mask, GROUP: tl.constexpr):
     """Rows offs_t, columns offs_r of the sum of part_ptr's n_splits partials (stride_ps apart)."""
-    return sum_partials(part_ptr + offs_t[:, None] * stride_pt + offs_r[None, :], n_splits, stride_ps, mask, GROUP)
+    return sum_partials(part_ptr + offs_t[:, None] * stride_pt + offs_r[None, :], n_splits, stride_ps, mask, GROUP, "")
 
 
 @triton.jit

@@ -604,7 +604,8 @@ types = {"x_desc": "tensordesc<bf16[128,64]>", "w_desc": "tensordesc<bf16[256,64
 for tail_pipe in (False, True):
     consts = {"HAS_BIAS": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32", "MAP_PREC": "ieee",
               "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_R": 64, "BLOCK_MR": 16, "GROUP_M": 8,
-              "FLATTEN": True, "WARP_SPECIALIZE": True, "SHRINK_STAGES": 6, "TAIL_PIPE": tail_pipe}
+              "FLATTEN": True, "WARP_SPECIALIZE": True, "SHRINK_STAGES": 6, "TAIL_PIPE": tail_pipe,
+              "SPLIT_GROUP": 8}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 8, "num_stages": 3})
@@ -620,7 +621,7 @@ types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": "tensordesc<bf16[64,128
          "s_ptr": "*fp32", "u_ptr": "*fp32"}
 for splits in (1, 3):
     consts = {"HAS_MAP": True, "SAVE": True, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64,
-              "BLOCK_M": 16}
+              "BLOCK_M": 16, "SPLIT_GROUP": 8}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     if splits == 1:
         consts["SPLITS"] = 1
@@ -630,6 +631,31 @@ for splits in (1, 3):
     assert "cp.async.bulk.tensor" in k.asm["ptx"]
     # Several splits: the last program of a row block sums the others' partials from L2.
     assert ("ld.global.cg" in k.asm["ptx"]) == (splits > 1)
+
+
+def compile_for_sm90(fn, types, consts, warps=4):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": 3})
+
+
+# The finishing kernels (their split sums in groups), forward and backward, and the decode layer
+# with its shared shrink: each group size the module may take.
+f32 = {n: "*fp32" for n in ("part_ptr", "scale_ptr", "a_map_ptr", "b_map_ptr", "s_ptr", "u_ptr", "ds_ptr",
+                            "dscale_ptr", "da_map_ptr", "db_map_ptr")}
+for group in (1, 8):
+    compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
+                     {"HAS_MAP": True, "SAVE_S": True, "SAVE_U": True, "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_M": 16,
+                      "SPLIT_GROUP": group})
+    compile_for_sm90(S._shrink_bwd_finish_kernel, dict(f32, ds_ptr="*bf16"),
+                     {"HAS_MAP": True, "NEED_DS": True, "NEED_DMAP": True, "NEED_DSCALE": True, "BLOCK_T": 32,
+                      "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group})
+    bf16 = {n: "*bf16" for n in ("a_ptr", "b_ptr", "s_ptr", "c_ptr", "bias_ptr", "out_ptr", "al_ptr", "save_sp_ptr")}
+    compile_for_sm90(G._lora_gemm_kernel, dict(bf16, scale_ptr="*fp32", a_map_ptr="*fp32", b_map_ptr="*fp32",
+                     save_s_ptr="*fp32", save_u_ptr="*fp32", flag_ptr="*i32", part_ptr="*fp32"),
+                     {"HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_MAP": True, "SAVE": True, "PREC": "tf32",
+                      "MAP_PREC": "tf32x3", "BLOCK_R": 64, "BLOCK_MR": 16, "BLOCK_M": 16, "BLOCK_N": 64,
+                      "BLOCK_K": 128, "GROUP_M": 8, "EVEN_K": True, "SHARED": True, "SPLIT_GROUP": group})
 print("compiled")
 """
 
@@ -637,8 +663,8 @@ print("compiled")
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the persistent-layer tests compile and run the kernel")
 def test_hopper_only_kernels_compile_without_a_gpu():
     """The interpreter cannot run the persistent layer (its programs wait on each other) nor the
-    copy-engine partial shrink: build them for sm_90 so that a compile error, or the loss of the
-    flag protocol's instructions, shows in CI."""
+    copy-engine partial shrink, and compiles nothing: build them, the finishing kernels and the decode
+    layer for sm_90 so that a compile error, or the loss of the flag protocol's instructions, shows in CI."""
     compile_in_subprocess(_COMPILE_PERSISTENT_FOR_HOPPER)
 
 

@@ -882,7 +882,10 @@ compile_for_sm90(rk._routed_finish_kernel, {"part_ptr": "*fp32", "scale_ptr": "*
                  "rbias_ptr": "*fp32", "sp_ptr": "*bf16", "s_ptr": "*fp32", "z_ptr": "*fp32", "g_ptr": "*fp32",
                  "inv_temp": "fp32"},
                  {"ABS_LOGITS": True, "TOP_K": 2, "HAS_RBIAS": False, "SAVE_S": True, "SAVE_GATES": True,
-                  "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_K": 16})
+                  "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_K": 16, "SPLIT_GROUP": 8})
+compile_for_sm90(rk._route_select_kernel, {"part_ptr": "*fp32", "rbias_ptr": "*fp32", "ids_ptr": "*i32",
+                 "gates_ptr": "*fp32", "inv_temp": "fp32"},
+                 {"ABS_LOGITS": True, "TOP_K": 2, "HAS_RBIAS": False, "BLOCK_T": 16, "BLOCK_K": 64, "SPLIT_GROUP": 8})
 print("compiled")
 """
 
