@@ -55,11 +55,13 @@ PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 # to +0.04x (beta = 1 costs cuBLAS 3-6 %, and Z is written once more). The routed layer (K = 16, top-1,
 # T = 512): 2.16 / 1.61x -> 2.06 / 1.41x. Below 65 rows the Triton GEMM's few-row tiles win
 # (routing-expand-6b519c3-*.json: the routed layer at T = 16, K = 4 / 16 / 64, from a graph 1.62 / 1.61 /
-# 1.96x -> 1.78 / 1.84 / 2.19x on cuBLAS; LoraMap R = 512 at T = 16 mixed). EXPAND_CUBLAS_MAX_T = 0 turns
-# it off.
+# 1.96x -> 1.78 / 1.84 / 2.19x on cuBLAS; LoraMap R = 512 at T = 16 mixed). With the GEMM's tiles chosen
+# by waves from 512 rows, expand-cublas-ab-t640-t1024-42c1bd4-*.json (same method): T = 640 1.88 / 1.44 /
+# 1.63x -> 1.63 / 1.23 / 1.26x; T = 768 1.63 / 1.27 / 1.37x -> 1.56 / 1.23 / 1.23x; T = 1024 still mixed
+# (1.36 / 1.29 / 1.13x -> 1.46 / 1.19 / 1.18x): up to 768 rows. EXPAND_CUBLAS_MAX_T = 0 turns it off.
 EXPAND_CUBLAS_MIN_T = 65
 try:
-    EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "512"))
+    EXPAND_CUBLAS_MAX_T = int(os.environ.get("LORAFUSE_EXPAND_CUBLAS_MAX_T", "768"))
 except ValueError:
     raise ValueError("LORAFUSE_EXPAND_CUBLAS_MAX_T must be an integer row count (0 turns it off), got "
                      f"{os.environ['LORAFUSE_EXPAND_CUBLAS_MAX_T']!r}") from None
