@@ -8,15 +8,19 @@ Every variant is replayed from its own CUDA graph with the L2 flushed before eac
 median), once per round, the order reversed every other round; medians over rounds. Variants, per
 (T, d_in), bf16, R = 48, m = 16, d_out = d_in:
   noop        one kernel on a one-element tensor: what a replay costs with no work
+  noop2       two such kernels, the second after the first: what a second launch adds
   read_best   the fastest of a few configs of a kernel that only reads x (one load of every element,
               one float per program stored): the byte floor as this method measures it
   shrink      shrink() as the op calls it (its default path for the shape), and its partial kernel
-              alone where it has one
+              alone where it has one ("shrink_partial"), and its finishing kernel alone on those
+              partials ("shrink_finish")
   shrink_tma  the one-launch copy-engine shrink at a few split counts (Hopper)
   cublas_xa   torch.mm(x, a_cat^T, out_dtype=float32)
   gemm        lora_gemm(x, W^T, sp, b_cat^T) alone (the GEMM with its low-rank tail)
   base        cuBLAS x W^T
   op          lorafuse.lora_linear forward (no grad), LoraMap
+  shrink_bt<n>, shrink_finish_bt<n>, op_bt<n>   with --finish-rows n: the finishing kernel's row block
+              (kernels.shrink.FINISH_BLOCK_T) at n
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
@@ -39,7 +43,7 @@ from lorafuse.kernels import lora_gemm, shrink  # noqa: E402
 import importlib  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
-from lorafuse.kernels.shrink import _rows_partial, split_config, tma_shrink_config  # noqa: E402
+from lorafuse.kernels.shrink import _rows_partial, finish, split_config, tma_shrink_config  # noqa: E402
 from lorafuse.kernels.lora_gemm import _tma_available  # noqa: E402
 from lorafuse.kernels.utils import num_sms  # noqa: E402
 
@@ -73,6 +77,7 @@ def main() -> None:
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--split-group-ab", action="store_true", help="also time shrink and op with SPLIT_GROUP = 1")
+    p.add_argument("--finish-rows", type=int, nargs="*", default=[], help="also time FINISH_BLOCK_T at these")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -86,7 +91,7 @@ def main() -> None:
             x, w, a, b, scale, am, bm = layer_inputs(T, d, d, args.R, args.m)
             assert x.shape[0] % 64 == 0 and d % 512 == 0, "the read kernel takes whole blocks only"
             out = torch.empty(4 * sms * 64, device=dev)
-            fns = {"noop": lambda: tiny.add_(1)}
+            fns = {"noop": lambda: tiny.add_(1), "noop2": lambda: (tiny.add_(1), tiny.add_(1))}
             reads = {}
             for bt, bd, w_, st in ((64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)):
                 for per_sm in (1, 2, 4):
@@ -99,6 +104,9 @@ def main() -> None:
             fns["shrink"] = lambda: shrink(x, a, scale, am, bm, check=False)
             cfg = split_config(T, d, args.R, x.dtype, dev)
             fns["shrink_partial"] = lambda: _rows_partial(x, a.t(), T, d, args.R, cfg)
+            part, n_splits = _rows_partial(x, a.t(), T, d, args.R, cfg)
+            sp_out = torch.empty(T, args.R, device=dev, dtype=x.dtype)
+            fns["shrink_finish"] = lambda: finish(part, n_splits, scale, am, bm, sp_out, None, None)
             if _tma_available(dev):
                 base_cfg = tma_shrink_config(T, d, args.R, sms)
                 for splits in sorted({base_cfg["SPLITS"], 2, 4, 8}):
@@ -117,6 +125,14 @@ def main() -> None:
                     return run
                 fns["shrink_g1"] = one_load(fns["shrink"])
                 fns["op_g1"] = one_load(fns["op"])
+            for bt in args.finish_rows:
+                def rows_of(fn, bt=bt):
+                    def run():
+                        with patched(shrink_module, "FINISH_BLOCK_T", bt):
+                            return fn()
+                    return run
+                for name in ("shrink", "shrink_finish", "op"):
+                    fns[f"{name}_bt{bt}"] = rows_of(fns[name])
             with torch.no_grad():
                 med, per_round = graph_rounds(fns, args.rounds)
             us = {k: v * 1e3 for k, v in med.items()}
@@ -128,11 +144,15 @@ def main() -> None:
                    "timing": "cuda graph replay, L2 flushed, median over rounds"}
             rows.append(row)
             tmas = {k: round(v, 1) for k, v in us.items() if k.startswith("shrink_tma")}
-            print(f"T={T} d={d}: noop {us['noop']:.1f} us | read {us[best_read]:.1f} ({best_read}) | shrink "
-                  f"{us['shrink']:.1f} (partial {us['shrink_partial']:.1f}) | tma {tmas} | cuBLAS x a^T "
+            print(f"T={T} d={d}: noop {us['noop']:.1f} us, two {us['noop2']:.1f} | read {us[best_read]:.1f} "
+                  f"({best_read}) | shrink {us['shrink']:.1f} (partial {us['shrink_partial']:.1f}, finish "
+                  f"{us['shrink_finish']:.1f}) | tma {tmas} | cuBLAS x a^T "
                   f"{us['cublas_xa']:.1f} | gemm {us['gemm']:.1f} | base {us['base']:.1f} | op {us['op']:.1f} "
                   f"({us['op'] / us['base']:.3f}x)" + (f" | one load per step: shrink {us['shrink_g1']:.1f}, op "
-                  f"{us['op_g1']:.1f} ({us['op_g1'] / us['base']:.3f}x)" if args.split_group_ab else ""), flush=True)
+                  f"{us['op_g1']:.1f} ({us['op_g1'] / us['base']:.3f}x)" if args.split_group_ab else "")
+                  + "".join(f" | finish rows {bt}: shrink {us[f'shrink_bt{bt}']:.1f}, finish "
+                            f"{us[f'shrink_finish_bt{bt}']:.1f}, op {us[f'op_bt{bt}'] / us['base']:.3f}x"
+                            for bt in args.finish_rows), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 
 

@@ -907,6 +907,20 @@ def shrink(
         # With one split the partial sums are S itself: write them straight into the saved buffer.
         part, splits = _rows_partial(x, a_cat.t(), T, D, R, cfg,
                                      part=s if (save and cfg["SPLITS"] == 1) else None)
+    finish(part, splits, scale, a_map, b_map, sp, s, u)
+    return sp, s, u
+
+
+def finish(part: torch.Tensor, splits: int, scale: torch.Tensor, a_map: Optional[torch.Tensor],
+           b_map: Optional[torch.Tensor], sp: torch.Tensor, s: Optional[torch.Tensor],
+           u: Optional[torch.Tensor]) -> None:
+    """The shrink's finishing kernel: from part, (splits, T, R) float32 partials of x a_cat^T (or (T, R)
+    with one split), S' into sp (T, R), and S into s (T, R) float32 unless s is part itself or None, U
+    into u (T, m) float32 when given."""
+    T, R = sp.shape
+    has_map = a_map is not None
+    M = a_map.shape[0] if has_map else 1
+    save = s is not None
     dummy = part
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
@@ -922,7 +936,6 @@ def shrink(
         BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
         SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
     )
-    return sp, s, u
 
 
 def shrink_backward(
