@@ -21,6 +21,9 @@ median), once per round, the order reversed every other round; medians over roun
   op          lorafuse.lora_linear forward (no grad), LoraMap
   shrink_bt<n>, shrink_finish_bt<n>, op_bt<n>   with --finish-rows n: the finishing kernel's row block
               (kernels.shrink.FINISH_BLOCK_T) at n
+  shrink_chunked, op_chunked   with --finish-ab: the finishing kernel in its chunked form
+              (kernels.shrink.FINISH_ONE_PASS off); shrink_tf32x3, op_tf32x3: its mapping's products
+              in tf32x3 (FINISH_MAP_PREC)
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
@@ -78,6 +81,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--split-group-ab", action="store_true", help="also time shrink and op with SPLIT_GROUP = 1")
     p.add_argument("--finish-rows", type=int, nargs="*", default=[], help="also time FINISH_BLOCK_T at these")
+    p.add_argument("--finish-ab", action="store_true", help="also time the finishing kernel's other forms")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -125,6 +129,15 @@ def main() -> None:
                     return run
                 fns["shrink_g1"] = one_load(fns["shrink"])
                 fns["op_g1"] = one_load(fns["op"])
+            if args.finish_ab:
+                def setting(fn, attr, value):
+                    def run():
+                        with patched(shrink_module, attr, value):
+                            return fn()
+                    return run
+                for name in ("shrink", "shrink_finish", "op"):
+                    fns[f"{name}_chunked"] = setting(fns[name], "FINISH_ONE_PASS", False)
+                    fns[f"{name}_tf32x3"] = setting(fns[name], "FINISH_MAP_PREC", "tf32x3")
             for bt in args.finish_rows:
                 def rows_of(fn, bt=bt):
                     def run():
@@ -152,7 +165,10 @@ def main() -> None:
                   f"{us['op_g1']:.1f} ({us['op_g1'] / us['base']:.3f}x)" if args.split_group_ab else "")
                   + "".join(f" | finish rows {bt}: shrink {us[f'shrink_bt{bt}']:.1f}, finish "
                             f"{us[f'shrink_finish_bt{bt}']:.1f}, op {us[f'op_bt{bt}'] / us['base']:.3f}x"
-                            for bt in args.finish_rows), flush=True)
+                            for bt in args.finish_rows)
+                  + "".join(f" | {v}: shrink {us[f'shrink_{v}']:.1f}, finish {us[f'shrink_finish_{v}']:.1f}, op "
+                            f"{us[f'op_{v}'] / us['base']:.3f}x" for v in (("chunked", "tf32x3") if args.finish_ab
+                                                                             else ())), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 
 

@@ -49,6 +49,40 @@ def sum_partials(ptrs, n, stride, mask, GROUP: tl.constexpr, CACHE: tl.constexpr
 
 
 @triton.jit
+def map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
+                 HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For rank columns offs_r, in float32: (a_map^T (BLOCK_R, BLOCK_M), b_map^T (BLOCK_M, BLOCK_R),
+    scale (BLOCK_R,)); without a mapping the first two are scale as well (unused)."""
+    r_mask = offs_r < R
+    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    if HAS_MAP:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        # a_map is (m, R) and b_map (R, m): both read transposed.
+        am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+                       mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
+        bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+                       mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        am_t = scale
+        bm_t = scale
+    return am_t, bm_t, scale
+
+
+@triton.jit
+def apply_map(s, am_t, bm_t, scale, HAS_MAP: tl.constexpr, PREC: tl.constexpr):
+    """s: (BLOCK_T, BLOCK_R) float32 rows of x a_cat^T, and map_operands' tensors. Returns (u, v, s')
+    where u = s a_map^T (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping), s' = v * scale."""
+    if HAS_MAP:
+        u = tl.dot(s, am_t, input_precision=PREC)
+        v = tl.dot(u, bm_t, input_precision=PREC)
+    else:
+        u = s
+        v = s
+    return u, v, v * scale[None, :]
+
+
+@triton.jit
 def map_and_scale(
     s,
     offs_r,
@@ -69,32 +103,12 @@ def map_and_scale(
     (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale.
 
     PREC is "ieee" or "tf32x3", never "tf32": tf32 would round the float32 rows to 10 mantissa
-    bits (~1e-3 error). The shrink kernels use "ieee" (one epilogue per row block, too small to
-    matter for speed), as do the small products of the backward; the decode layer, which runs
-    this in every column block, uses "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
-    r_mask = offs_r < R
-    if HAS_MAP:
-        offs_m = tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        # a_map is (m, R): read it transposed, (BLOCK_R, BLOCK_M).
-        am_t = tl.load(
-            a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
-            mask=m_mask[None, :] & r_mask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        u = tl.dot(s, am_t, input_precision=PREC)
-        # b_map is (R, m): read it transposed, (BLOCK_M, BLOCK_R).
-        bm_t = tl.load(
-            b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
-            mask=r_mask[None, :] & m_mask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        v = tl.dot(u, bm_t, input_precision=PREC)
-    else:
-        u = s
-        v = s
-    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    return u, v, v * scale[None, :]
+    bits (~1e-3 error). The shrink kernels use "ieee" (one epilogue per row block), as do the small
+    products of the backward; the decode layer, which runs this in every column block, uses
+    "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
+    am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
+                                     stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
+    return apply_map(s, am_t, bm_t, scale, HAS_MAP, PREC)
 
 
 def _row_configs(inner: str):
@@ -566,41 +580,59 @@ def _shrink_finish_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
+    ONE_PASS: tl.constexpr = False,
+    MAP_PREC: tl.constexpr = "ieee",
 ):
-    """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks."""
+    """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks.
+    ONE_PASS (R <= BLOCK_R): the mapping's and the scale's loads issued before the partials' sum, one
+    chain of round trips instead of one per phase."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    u = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        tr_mask = t_mask[:, None] & r_mask[None, :]
+    if ONE_PASS:
+        offs_r = tl.arange(0, BLOCK_R)
+        tr_mask = t_mask[:, None] & (offs_r < R)[None, :]
+        am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
+                                         stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
         s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
         if SAVE_S:
             tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
-        if HAS_MAP:
-            am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
-                           mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
-            u = tl.dot(s, am_t, u, input_precision="ieee")
-        else:
-            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
-                     (s * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=tr_mask)
-    if HAS_MAP:
+        u, _, sp = apply_map(s, am_t, bm_t, scale, HAS_MAP, MAP_PREC)
         if SAVE_U:
             tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u, mask=t_mask[:, None] & m_mask[None, :])
+        tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty), mask=tr_mask)
+    else:
+        u = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
-                           mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
-            v = tl.dot(u, bm_t, input_precision="ieee")
-            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
-                     (v * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+            tr_mask = t_mask[:, None] & r_mask[None, :]
+            s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
+            if SAVE_S:
+                tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
+            if HAS_MAP:
+                am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+                               mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
+                u = tl.dot(s, am_t, u, input_precision=MAP_PREC)
+            else:
+                scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+                tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                         (s * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=tr_mask)
+        if HAS_MAP:
+            if SAVE_U:
+                tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u,
+                         mask=t_mask[:, None] & m_mask[None, :])
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < R
+                bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+                               mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
+                v = tl.dot(u, bm_t, input_precision=MAP_PREC)
+                scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+                tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                         (v * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -693,6 +725,11 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 
 
 FINISH_BLOCK_T = 32
+# The finishing kernel in one pass where R fits one chunk of columns, and the precision of its
+# mapping's two small products ("ieee" or "tf32x3": never "tf32", see map_and_scale). Module
+# settings so that bench/shrink_floor.py can time them against the chunked pass and "ieee".
+FINISH_ONE_PASS = True
+FINISH_MAP_PREC = "ieee"
 
 
 # The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) where the operands
@@ -924,6 +961,7 @@ def finish(part: torch.Tensor, splits: int, scale: torch.Tensor, a_map: Optional
     dummy = part
     am = a_map if has_map else scale
     bm = b_map if has_map else scale
+    block_r = min(block_for(R), 64)
     launch(
         _shrink_finish_kernel, (cdiv(T, FINISH_BLOCK_T),),
         part, scale, am, bm, sp, s if save else dummy, u if u is not None else dummy,
@@ -933,8 +971,8 @@ def finish(part: torch.Tensor, splits: int, scale: torch.Tensor, a_map: Optional
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s.stride(0) if save else 0, u.stride(0) if u is not None else 0,
         HAS_MAP=has_map, SAVE_S=save and part is not s, SAVE_U=u is not None,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
-        SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
+        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_M=block_for(M), SPLIT_GROUP=SPLIT_GROUP,
+        ONE_PASS=FINISH_ONE_PASS and R <= block_r, MAP_PREC=FINISH_MAP_PREC, num_warps=4,
     )
 
 

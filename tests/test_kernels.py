@@ -340,6 +340,21 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("R,m", [(48, 16), (100, 7), (5, None)])
+def test_shrink_finish_forms(R, m, one_pass, prec, monkeypatch, seeded):
+    """The forward finishing kernel in one pass (R within one chunk of columns) and in chunks, its
+    mapping's products in "ieee" and "tf32x3": each against the float64 reference, float32 inputs."""
+    monkeypatch.setattr(shrink_module, "FINISH_ONE_PASS", one_pass)
+    monkeypatch.setattr(shrink_module, "FINISH_MAP_PREC", prec)
+    x, a_cat, _, scale, a_map, b_map = _inputs(37, 200, 8, R, m, torch.float32)
+    s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=True)
+    assert rel_err(sp, sp_ref) < TOL[torch.float32] and s_err(s, s_ref, x, a_cat) < ACC_TOL[torch.float32]
+    assert (u is None) if m is None else rel_err(u, u_ref) < ACC_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_sums_grouped(dtype, monkeypatch, seeded):
     """The finishing steps sum 5 split partials SPLIT_GROUP at a time (1: one per step, 3: two groups,
@@ -644,9 +659,11 @@ def compile_for_sm90(fn, types, consts, warps=4):
 f32 = {n: "*fp32" for n in ("part_ptr", "scale_ptr", "a_map_ptr", "b_map_ptr", "s_ptr", "u_ptr", "ds_ptr",
                             "dscale_ptr", "da_map_ptr", "db_map_ptr")}
 for group in (1, 8):
-    compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
-                     {"HAS_MAP": True, "SAVE_S": True, "SAVE_U": True, "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_M": 16,
-                      "SPLIT_GROUP": group})
+    for one_pass in (False, True):
+        compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
+                         {"HAS_MAP": True, "SAVE_S": True, "SAVE_U": True, "BLOCK_T": 32, "BLOCK_R": 64,
+                          "BLOCK_M": 16, "SPLIT_GROUP": group, "ONE_PASS": one_pass,
+                          "MAP_PREC": "tf32x3" if one_pass else "ieee"})
     compile_for_sm90(S._shrink_bwd_finish_kernel, dict(f32, ds_ptr="*bf16"),
                      {"HAS_MAP": True, "NEED_DS": True, "NEED_DMAP": True, "NEED_DSCALE": True, "BLOCK_T": 32,
                       "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group})
