@@ -22,8 +22,8 @@ median), once per round, the order reversed every other round; medians over roun
   shrink_bt<n>, shrink_finish_bt<n>, op_bt<n>   with --finish-rows n: the finishing kernel's row block
               (kernels.shrink.FINISH_BLOCK_T) at n
   shrink_chunked, op_chunked   with --finish-ab: the finishing kernel in its chunked form
-              (kernels.shrink.FINISH_ONE_PASS off); shrink_tf32x3, op_tf32x3: its mapping's products
-              in tf32x3 (FINISH_MAP_PREC)
+              (kernels.shrink.FINISH_ONE_PASS off); shrink_<prec>, op_<prec>: the forward finishing
+              step's mapping products in the precision FINISH_MAP_PREC is not ("ieee" or "tf32x3")
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
+    other_prec = "ieee" if shrink_module.FINISH_MAP_PREC == "tf32x3" else "tf32x3"
     dev = torch.device("cuda")
     sms = num_sms(dev)
     warm_up()
@@ -137,7 +138,7 @@ def main() -> None:
                     return run
                 for name in ("shrink", "shrink_finish", "op"):
                     fns[f"{name}_chunked"] = setting(fns[name], "FINISH_ONE_PASS", False)
-                    fns[f"{name}_tf32x3"] = setting(fns[name], "FINISH_MAP_PREC", "tf32x3")
+                    fns[f"{name}_{other_prec}"] = setting(fns[name], "FINISH_MAP_PREC", other_prec)
             for bt in args.finish_rows:
                 def rows_of(fn, bt=bt):
                     def run():
@@ -167,7 +168,7 @@ def main() -> None:
                             f"{us[f'shrink_finish_bt{bt}']:.1f}, op {us[f'op_bt{bt}'] / us['base']:.3f}x"
                             for bt in args.finish_rows)
                   + "".join(f" | {v}: shrink {us[f'shrink_{v}']:.1f}, finish {us[f'shrink_finish_{v}']:.1f}, op "
-                            f"{us[f'op_{v}'] / us['base']:.3f}x" for v in (("chunked", "tf32x3") if args.finish_ab
+                            f"{us[f'op_{v}'] / us['base']:.3f}x" for v in (("chunked", other_prec) if args.finish_ab
                                                                              else ())), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 

@@ -103,9 +103,8 @@ def map_and_scale(
     (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping) and s' = v * scale.
 
     PREC is "ieee" or "tf32x3", never "tf32": tf32 would round the float32 rows to 10 mantissa
-    bits (~1e-3 error). The shrink kernels use "ieee" (one epilogue per row block), as do the small
-    products of the backward; the decode layer, which runs this in every column block, uses
-    "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
+    bits (~1e-3 error). The forward shrink's finishing steps take FINISH_MAP_PREC, the small products
+    of the backward "ieee", the decode layer "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
     am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
                                      stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
     return apply_map(s, am_t, bm_t, scale, HAS_MAP, PREC)
@@ -546,6 +545,7 @@ def _shrink_tma_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
+    MAP_PREC: tl.constexpr = "ieee",
 ):
     """The whole forward shrink in one launch (Hopper): grid (splits of K, row blocks), each program
     one _shrink_block (its row block's count at count_ptr[block]); the program that finishes a row
@@ -556,7 +556,7 @@ def _shrink_tma_kernel(
     _shrink_block(a_desc, b_desc, pid_t * BLOCK_T, k_start, tl.minimum(k_start + K_PER_SPLIT, K), pid_s, SPLITS,
                   part_ptr, tl.num_programs(1) * BLOCK_T, count_ptr + pid_t, scale_ptr, a_map_ptr, b_map_ptr,
                   sp_ptr, s_ptr, u_ptr, T, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, "ieee", BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M,
+                  stride_spt, stride_st, stride_ut, HAS_MAP, SAVE, PREC, MAP_PREC, BLOCK_T, BLOCK_K, BLOCK_R, BLOCK_M,
                   None, SPLIT_GROUP)
 
 
@@ -725,11 +725,16 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 
 
 FINISH_BLOCK_T = 32
-# The finishing kernel in one pass where R fits one chunk of columns, and the precision of its
-# mapping's two small products ("ieee" or "tf32x3": never "tf32", see map_and_scale). Module
-# settings so that bench/shrink_floor.py can time them against the chunked pass and "ieee".
+# The finishing kernel in one pass where R fits one chunk of columns, and the precision of the forward
+# finishing step's two small mapping products, in the finishing kernel and in the copy-engine shrink's
+# last program per row block ("ieee" or "tf32x3": never "tf32", see map_and_scale). Module settings so
+# that bench/shrink_floor.py can time the other forms. shrink-floor-finish-73c344e-*.json (H200, bf16,
+# d = 4096, R = 48, m = 16, from graphs, 4 rounds): the finishing kernel alone took 12.2 us at T = 1024
+# with "ieee" products (float32 on the CUDA cores) and 9.8 us with tf32x3 (three tensor-core products,
+# the decode layer's choice; error near float32's); the op 1.353x -> 1.316x the base GEMM, T = 2048
+# 1.212x -> 1.188x. The one pass against the chunks: within 0.3 us.
 FINISH_ONE_PASS = True
-FINISH_MAP_PREC = "ieee"
+FINISH_MAP_PREC = "tf32x3"
 
 
 # The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) where the operands
@@ -854,7 +859,8 @@ def _shrink_tma(x, a_cat, scale, a_map, b_map, sp, s, u, cfg) -> None:
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         sp.stride(0), s_.stride(0), u_.stride(0),
         HAS_MAP=has_map, SAVE=s is not None, PREC=dot_precision(x.dtype), BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=br,
-        BLOCK_M=block_for(M), SPLIT_GROUP=SPLIT_GROUP, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=block_for(M), SPLIT_GROUP=SPLIT_GROUP, MAP_PREC=FINISH_MAP_PREC, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 

@@ -636,7 +636,7 @@ types = {"a_desc": "tensordesc<bf16[64,128]>", "b_desc": "tensordesc<bf16[64,128
          "s_ptr": "*fp32", "u_ptr": "*fp32"}
 for splits in (1, 3):
     consts = {"HAS_MAP": True, "SAVE": True, "PREC": "tf32", "BLOCK_T": 64, "BLOCK_K": 128, "BLOCK_R": 64,
-              "BLOCK_M": 16, "SPLIT_GROUP": 8}
+              "BLOCK_M": 16, "SPLIT_GROUP": 8, "MAP_PREC": "tf32x3"}
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     if splits == 1:
         consts["SPLITS"] = 1
