@@ -24,7 +24,9 @@ from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, ex
 # The finishing steps sum their rows' split partials (float32, in split order: deterministic) with
 # SPLIT_GROUP loads in flight per step. One load per step (1) waits an L2 round trip per split:
 # 5-8 splits in the pointer shrink's finish below 4096 rows, up to 16 in the decode layer's band.
-# A module setting so that bench/shrink_floor.py can time the two side by side.
+# shrink-floor-group-42c1bd4-*.json (H200): the shrink 0.3-0.7 us faster at T = 1024-4096, the op at
+# T = 256 0.026x lower (split-group-ab-42c1bd4-*.json), the decode layer unchanged. A module setting so
+# that bench/shrink_floor.py and bench/decode_ab.py can time the two side by side.
 SPLIT_GROUP = 8
 
 
@@ -732,7 +734,9 @@ FINISH_BLOCK_T = 32
 # d = 4096, R = 48, m = 16, from graphs, 4 rounds): the finishing kernel alone took 12.2 us at T = 1024
 # with "ieee" products (float32 on the CUDA cores) and 9.8 us with tf32x3 (three tensor-core products,
 # the decode layer's choice; error near float32's); the op 1.353x -> 1.316x the base GEMM, T = 2048
-# 1.212x -> 1.188x. The one pass against the chunks: within 0.3 us.
+# 1.212x -> 1.188x. The one pass against the chunks: within 0.3 us with "ieee"; with tf32x3 the chunks
+# read about 1 us faster in one run (shrink-floor-finish-0282d26-*.json), not yet GPU-tested as the
+# default for R <= 64 (bench/NOTES.md, entry 31).
 FINISH_ONE_PASS = True
 FINISH_MAP_PREC = "tf32x3"
 
