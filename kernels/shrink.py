@@ -23,9 +23,10 @@ from .utils import (AUTOTUNE, block_for, cdiv, check_runnable, dot_precision, ex
 
 # The finishing steps sum their rows' split partials (float32, in split order: deterministic) with
 # SPLIT_GROUP loads in flight per step. One load per step (1) waits an L2 round trip per split:
-# 5-8 splits in the pointer shrink's finish below 4096 rows, up to 16 in the decode layer's band.
+# 5-8 splits in the pointer shrink's finish below 4096 rows at d_in = 4096 (more at a wider d_in),
+# up to 16 in the decode layer's shared band.
 # shrink-floor-group-42c1bd4-*.json (H200): the shrink 0.3-0.7 us faster at T = 1024-4096, the op at
-# T = 256 0.026x lower (split-group-ab-42c1bd4-*.json), the decode layer unchanged. A module setting so
+# T = 256 0.026x lower (split-group-ab-42c1bd4-*.json); the decode layer's shared band not timed. A module setting so
 # that bench/shrink_floor.py and bench/decode_ab.py can time the two side by side.
 SPLIT_GROUP = 8
 
@@ -106,7 +107,8 @@ def map_and_scale(
 
     PREC is "ieee" or "tf32x3", never "tf32": tf32 would round the float32 rows to 10 mantissa
     bits (~1e-3 error). The forward shrink's finishing steps take FINISH_MAP_PREC, the small products
-    of the backward "ieee", the decode layer "tf32x3" (kernels.lora_gemm.MAP_PRECISION)."""
+    of the backward and the opt-in persistent layer "ieee", the decode layer "tf32x3"
+    (kernels.lora_gemm.MAP_PRECISION)."""
     am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
                                      stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
     return apply_map(s, am_t, bm_t, scale, HAS_MAP, PREC)
@@ -736,7 +738,8 @@ FINISH_BLOCK_T = 32
 # the decode layer's choice; error near float32's); the op 1.353x -> 1.316x the base GEMM, T = 2048
 # 1.212x -> 1.188x. The one pass against the chunks: within 0.3 us with "ieee"; with tf32x3 the chunks
 # read about 1 us faster in one run (shrink-floor-finish-0282d26-*.json), not yet GPU-tested as the
-# default for R <= 64 (bench/NOTES.md, entry 31).
+# default for R <= 64. tf32x3 in the chunked form (64 < R <= 128) and in the copy-engine shrink has run
+# on the GPU in timings only (bench/NOTES.md, entry 31).
 FINISH_ONE_PASS = True
 FINISH_MAP_PREC = "tf32x3"
 
