@@ -72,6 +72,14 @@ def read_x(x, out, bt, bd, splits, warps, stages):
                                                             BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
+def with_setting(fn, attr: str, value):
+    """fn run with kernels.shrink.<attr> set to value (read when its graph is captured)."""
+    def run():
+        with patched(shrink_module, attr, value):
+            return fn()
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -123,30 +131,14 @@ def main() -> None:
             fns["base"] = lambda: torch.mm(x, w.t())
             fns["op"] = lambda: lorafuse.lora_linear(x, w, None, a, b, scale, am, bm)
             if args.split_group_ab:
-                def one_load(fn):
-                    def run():
-                        with patched(shrink_module, "SPLIT_GROUP", 1):
-                            return fn()
-                    return run
-                fns["shrink_g1"] = one_load(fns["shrink"])
-                fns["op_g1"] = one_load(fns["op"])
-            if args.finish_ab:
-                def setting(fn, attr, value):
-                    def run():
-                        with patched(shrink_module, attr, value):
-                            return fn()
-                    return run
-                for name in ("shrink", "shrink_finish", "op"):
-                    fns[f"{name}_chunked"] = setting(fns[name], "FINISH_ONE_PASS", False)
-                    fns[f"{name}_{other_prec}"] = setting(fns[name], "FINISH_MAP_PREC", other_prec)
-            for bt in args.finish_rows:
-                def rows_of(fn, bt=bt):
-                    def run():
-                        with patched(shrink_module, "FINISH_BLOCK_T", bt):
-                            return fn()
-                    return run
-                for name in ("shrink", "shrink_finish", "op"):
-                    fns[f"{name}_bt{bt}"] = rows_of(fns[name])
+                fns["shrink_g1"] = with_setting(fns["shrink"], "SPLIT_GROUP", 1)
+                fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
+            for name in ("shrink", "shrink_finish", "op"):
+                if args.finish_ab:
+                    fns[f"{name}_chunked"] = with_setting(fns[name], "FINISH_ONE_PASS", False)
+                    fns[f"{name}_{other_prec}"] = with_setting(fns[name], "FINISH_MAP_PREC", other_prec)
+                for bt in args.finish_rows:
+                    fns[f"{name}_bt{bt}"] = with_setting(fns[name], "FINISH_BLOCK_T", bt)
             with torch.no_grad():
                 med, per_round = graph_rounds(fns, args.rounds)
             us = {k: v * 1e3 for k, v in med.items()}
