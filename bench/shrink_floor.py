@@ -23,7 +23,8 @@ median), once per round, the order reversed every other round; medians over roun
               (kernels.shrink.FINISH_BLOCK_T) at n
   shrink_chunked, op_chunked   with --finish-ab: the finishing kernel in its chunked form
               (kernels.shrink.FINISH_ONE_PASS off); shrink_<prec>, op_<prec>: the forward finishing
-              step's mapping products in the precision FINISH_MAP_PREC is not ("ieee" or "tf32x3")
+              step's mapping products in the precision FINISH_MAP_PREC is not ("ieee" or "tf32x3");
+              with --finish-rows too, shrink_chunked_bt<n> and so on: the chunked form at n rows
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
@@ -139,6 +140,8 @@ def main() -> None:
                     fns[f"{name}_{other_prec}"] = with_setting(fns[name], "FINISH_MAP_PREC", other_prec)
                 for bt in args.finish_rows:
                     fns[f"{name}_bt{bt}"] = with_setting(fns[name], "FINISH_BLOCK_T", bt)
+                    if args.finish_ab:
+                        fns[f"{name}_chunked_bt{bt}"] = with_setting(fns[f"{name}_chunked"], "FINISH_BLOCK_T", bt)
             with torch.no_grad():
                 med, per_round = graph_rounds(fns, args.rounds)
             us = {k: v * 1e3 for k, v in med.items()}
@@ -160,8 +163,9 @@ def main() -> None:
                             f"{us[f'shrink_finish_bt{bt}']:.1f}, op {us[f'op_bt{bt}'] / us['base']:.3f}x"
                             for bt in args.finish_rows)
                   + "".join(f" | {v}: shrink {us[f'shrink_{v}']:.1f}, finish {us[f'shrink_finish_{v}']:.1f}, op "
-                            f"{us[f'op_{v}'] / us['base']:.3f}x" for v in (("chunked", other_prec) if args.finish_ab
-                                                                             else ())), flush=True)
+                            f"{us[f'op_{v}'] / us['base']:.3f}x"
+                            for v in (("chunked", other_prec, *(f"chunked_bt{bt}" for bt in args.finish_rows))
+                                      if args.finish_ab else ())), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 
 

@@ -25,13 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .shrink import (FINISH_BLOCK_T, _mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config,
+from .shrink import (_mm_f32, _rows_partial, _sum_splits, alloc_rows, shrink_uses_cublas, split_config,
                      split_group)
 from .utils import (block_for, cdiv, check_runnable, check_tensors, dot_precision, is_interpreting, launch, new_empty,
                     split_range, unit_vector)
 
 # The gates of one row stay in registers: K up to this many adapters per layer.
 MAX_ROUTED_K = 256
+# Rows per program of the routed finishing kernel.
+ROUTED_FINISH_BLOCK_T = 32
 
 
 @triton.jit
@@ -347,7 +349,7 @@ def routed_shrink(
     g = new_empty((T, K), f32, x.device) if save else None
     dummy = part
     block_r = min(block_for(R), 32 if is_interpreting() else 64)
-    launch(_routed_finish_kernel, (cdiv(T, FINISH_BLOCK_T), cdiv(R, block_r)),
+    launch(_routed_finish_kernel, (cdiv(T, ROUTED_FINISH_BLOCK_T), cdiv(R, block_r)),
         part, scale, block_ids, router_bias if router_bias is not None else dummy,
         sp, s if (save and not direct) else dummy, z if save else dummy, g if save else dummy,
         T, R, K, splits, 1.0 / float(temperature),
@@ -356,7 +358,7 @@ def routed_shrink(
         z.stride(0) if save else 0, g.stride(0) if save else 0,
         ABS_LOGITS=bool(abs_logits), TOP_K=int(top_k or 0), HAS_RBIAS=router_bias is not None,
         SAVE_S=save and not direct, SAVE_GATES=save,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), SPLIT_GROUP=split_group(), num_warps=4,
+        BLOCK_T=ROUTED_FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_for(K), SPLIT_GROUP=split_group(), num_warps=4,
     )
     return sp, s, z, g
 

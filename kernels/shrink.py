@@ -728,7 +728,11 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
     return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
 
 
+# Rows per program of the forward finishing kernel (FINISH_BLOCK_T) and of the backward's
+# (BWD_FINISH_BLOCK_T; the routed layer's is kernels.routing.ROUTED_FINISH_BLOCK_T): separate
+# settings, since only the forward's has been timed at other values (bench/shrink_floor.py --finish-rows).
 FINISH_BLOCK_T = 32
+BWD_FINISH_BLOCK_T = 32
 # The finishing kernel in one pass where R fits one chunk of columns, and the precision of the forward
 # finishing step's two small mapping products, in the finishing kernel and in the copy-engine shrink's
 # last program per row block ("ieee" or "tf32x3": never "tf32", see map_and_scale). Module settings so
@@ -1059,7 +1063,7 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
     dev = dy.device
     cfg = config or split_config(T, N, R, dy.dtype, dev)
     part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
-    nprog = cdiv(T, FINISH_BLOCK_T)
+    nprog = cdiv(T, BWD_FINISH_BLOCK_T)
     dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
     da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
     db_p = new_empty((nprog, R, M), torch.float32, dev) if need_dmap else None
@@ -1078,7 +1082,7 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         s.stride(0) if s is not None else 0, u.stride(0) if u is not None else 0,
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
-        BLOCK_T=FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
+        BLOCK_T=BWD_FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
         SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
     )
     return (ds, *_program_totals(dscale_p, da_p, db_p))

@@ -340,17 +340,19 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
     assert rel_err(y2, y_ref - bias.double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("block_t", [16, 32])
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("R,m", [(48, 16), (100, 7), (5, None)])
-def test_shrink_finish_forms(R, m, one_pass, prec, monkeypatch, seeded):
+def test_shrink_finish_forms(R, m, one_pass, prec, block_t, monkeypatch, seeded):
     """The forward finishing kernel in one pass (R within one chunk of columns) and in chunks, its
-    mapping's products in "ieee" and "tf32x3": each against the float64 reference, float32 inputs.
-    R = 100 spans two chunks, so it takes the chunked form either way. The interpreter ignores the
-    products' precision: on the CPU prec changes nothing, on a GPU the float32 tolerance (2e-5)
-    separates tf32x3 from plain tf32."""
+    mapping's products in "ieee" and "tf32x3", 16 or 32 rows per program: each against the float64
+    reference, float32 inputs (T = 37: a short last row block either way). R = 100 spans two chunks,
+    so it takes the chunked form either way. The interpreter ignores the products' precision: on the
+    CPU prec changes nothing, on a GPU the float32 tolerance (2e-5) separates tf32x3 from plain tf32."""
     monkeypatch.setattr(shrink_module, "FINISH_ONE_PASS", one_pass)
     monkeypatch.setattr(shrink_module, "FINISH_MAP_PREC", prec)
+    monkeypatch.setattr(shrink_module, "FINISH_BLOCK_T", block_t)
     x, a_cat, _, scale, a_map, b_map = _inputs(37, 200, 8, R, m, torch.float32)
     s_ref, u_ref, _, sp_ref = _ref_shrink(x, a_cat, scale, a_map, b_map)
     sp, s, u = shrink(x, a_cat, scale, a_map, b_map, save=True)
