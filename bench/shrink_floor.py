@@ -21,10 +21,8 @@ median), once per round, the order reversed every other round; medians over roun
   op          lorafuse.lora_linear forward (no grad), LoraMap
   shrink_bt<n>, shrink_finish_bt<n>, op_bt<n>   with --finish-rows n: the finishing kernel's row block
               (kernels.shrink.FINISH_BLOCK_T) at n
-  shrink_chunked, op_chunked   with --finish-ab: the finishing kernel in its chunked form
-              (kernels.shrink.FINISH_ONE_PASS off); shrink_<prec>, op_<prec>: the forward finishing
-              step's mapping products in the precision FINISH_MAP_PREC is not ("ieee" or "tf32x3");
-              with --finish-rows too, shrink_chunked_bt<n> and so on: the chunked form at n rows
+  shrink_<prec>, op_<prec>   with --finish-ab: the forward finishing step's mapping products in the
+              precision kernels.shrink.FINISH_MAP_PREC is not ("ieee" or "tf32x3")
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
 Writes shrink-floor-<gpu>-<date>.json.
@@ -90,7 +88,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--split-group-ab", action="store_true", help="also time shrink and op with SPLIT_GROUP = 1")
     p.add_argument("--finish-rows", type=int, nargs="*", default=[], help="also time FINISH_BLOCK_T at these")
-    p.add_argument("--finish-ab", action="store_true", help="also time the finishing kernel's other forms")
+    p.add_argument("--finish-ab", action="store_true", help="also time the finishing step in the other precision")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -136,12 +134,9 @@ def main() -> None:
                 fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
             for name in ("shrink", "shrink_finish", "op"):
                 if args.finish_ab:
-                    fns[f"{name}_chunked"] = with_setting(fns[name], "FINISH_ONE_PASS", False)
                     fns[f"{name}_{other_prec}"] = with_setting(fns[name], "FINISH_MAP_PREC", other_prec)
                 for bt in args.finish_rows:
                     fns[f"{name}_bt{bt}"] = with_setting(fns[name], "FINISH_BLOCK_T", bt)
-                    if args.finish_ab:
-                        fns[f"{name}_chunked_bt{bt}"] = with_setting(fns[f"{name}_chunked"], "FINISH_BLOCK_T", bt)
             with torch.no_grad():
                 med, per_round = graph_rounds(fns, args.rounds)
             us = {k: v * 1e3 for k, v in med.items()}
@@ -164,8 +159,7 @@ def main() -> None:
                             for bt in args.finish_rows)
                   + "".join(f" | {v}: shrink {us[f'shrink_{v}']:.1f}, finish {us[f'shrink_finish_{v}']:.1f}, op "
                             f"{us[f'op_{v}'] / us['base']:.3f}x"
-                            for v in (("chunked", other_prec, *(f"chunked_bt{bt}" for bt in args.finish_rows))
-                                      if args.finish_ab else ())), flush=True)
+                            for v in ((other_prec,) if args.finish_ab else ())), flush=True)
     print("wrote", save_json({"env": env_info(sys.argv), "rows": rows}, args.out, "shrink-floor"))
 
 

@@ -52,40 +52,6 @@ def sum_partials(ptrs, n, stride, mask, GROUP: tl.constexpr, CACHE: tl.constexpr
 
 
 @triton.jit
-def map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr, stride_bmr, stride_bmm,
-                 HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """For rank columns offs_r, in float32: (a_map^T (BLOCK_R, BLOCK_M), b_map^T (BLOCK_M, BLOCK_R),
-    scale (BLOCK_R,)); without a mapping the first two are scale as well (unused)."""
-    r_mask = offs_r < R
-    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    if HAS_MAP:
-        offs_m = tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        # a_map is (m, R) and b_map (R, m): both read transposed.
-        am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
-                       mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
-        bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
-                       mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
-    else:
-        am_t = scale
-        bm_t = scale
-    return am_t, bm_t, scale
-
-
-@triton.jit
-def apply_map(s, am_t, bm_t, scale, HAS_MAP: tl.constexpr, PREC: tl.constexpr):
-    """s: (BLOCK_T, BLOCK_R) float32 rows of x a_cat^T, and map_operands' tensors. Returns (u, v, s')
-    where u = s a_map^T (BLOCK_T, BLOCK_M), v = u b_map^T (or s without a mapping), s' = v * scale."""
-    if HAS_MAP:
-        u = tl.dot(s, am_t, input_precision=PREC)
-        v = tl.dot(u, bm_t, input_precision=PREC)
-    else:
-        u = s
-        v = s
-    return u, v, v * scale[None, :]
-
-
-@triton.jit
 def map_and_scale(
     s,
     offs_r,
@@ -109,9 +75,22 @@ def map_and_scale(
     bits (~1e-3 error). The forward shrink's finishing steps take FINISH_MAP_PREC, the small products
     of the backward and the opt-in persistent layer "ieee", the decode layer "tf32x3"
     (kernels.lora_gemm.MAP_PRECISION)."""
-    am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
-                                     stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
-    return apply_map(s, am_t, bm_t, scale, HAS_MAP, PREC)
+    r_mask = offs_r < R
+    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    if HAS_MAP:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        # a_map is (m, R) and b_map (R, m): both read transposed.
+        am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+                       mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
+        bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+                       mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
+        u = tl.dot(s, am_t, input_precision=PREC)
+        v = tl.dot(u, bm_t, input_precision=PREC)
+    else:
+        u = s
+        v = s
+    return u, v, v * scale[None, :]
 
 
 def _row_configs(inner: str):
@@ -584,59 +563,43 @@ def _shrink_finish_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
-    ONE_PASS: tl.constexpr = False,
     MAP_PREC: tl.constexpr = "ieee",
 ):
-    """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks.
-    ONE_PASS (R <= BLOCK_R): the mapping's and the scale's loads issued before the partials' sum, one
-    chain of round trips instead of one per phase."""
+    """S = sum of the partials; [U = S a_map^T; V = U b_map^T | V = S]; S' = V * scale, R in chunks."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    if ONE_PASS:
-        offs_r = tl.arange(0, BLOCK_R)
-        tr_mask = t_mask[:, None] & (offs_r < R)[None, :]
-        am_t, bm_t, scale = map_operands(offs_r, scale_ptr, a_map_ptr, b_map_ptr, R, M, stride_amm, stride_amr,
-                                         stride_bmr, stride_bmm, HAS_MAP, BLOCK_M)
+    u = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        tr_mask = t_mask[:, None] & r_mask[None, :]
         s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
         if SAVE_S:
             tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
-        u, _, sp = apply_map(s, am_t, bm_t, scale, HAS_MAP, MAP_PREC)
+        if HAS_MAP:
+            am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
+                           mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
+            u = tl.dot(s, am_t, u, input_precision=MAP_PREC)
+        else:
+            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                     (s * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=tr_mask)
+    if HAS_MAP:
         if SAVE_U:
-            tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u, mask=t_mask[:, None] & m_mask[None, :])
-        tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :], sp.to(sp_ptr.dtype.element_ty), mask=tr_mask)
-    else:
-        u = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+            tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u,
+                     mask=t_mask[:, None] & m_mask[None, :])
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            tr_mask = t_mask[:, None] & r_mask[None, :]
-            s = _sum_splits(part_ptr, n_splits, stride_ps, stride_pt, offs_t, offs_r, tr_mask, SPLIT_GROUP)
-            if SAVE_S:
-                tl.store(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], s, mask=tr_mask)
-            if HAS_MAP:
-                am_t = tl.load(a_map_ptr + offs_m[None, :] * stride_amm + offs_r[:, None] * stride_amr,
-                               mask=m_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)
-                u = tl.dot(s, am_t, u, input_precision=MAP_PREC)
-            else:
-                scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-                tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
-                         (s * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=tr_mask)
-        if HAS_MAP:
-            if SAVE_U:
-                tl.store(u_ptr + offs_t[:, None] * stride_ut + offs_m[None, :], u,
-                         mask=t_mask[:, None] & m_mask[None, :])
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < R
-                bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
-                               mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
-                v = tl.dot(u, bm_t, input_precision=MAP_PREC)
-                scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-                tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
-                         (v * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
+            bm_t = tl.load(b_map_ptr + offs_r[None, :] * stride_bmr + offs_m[:, None] * stride_bmm,
+                           mask=r_mask[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
+            v = tl.dot(u, bm_t, input_precision=MAP_PREC)
+            scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+            tl.store(sp_ptr + offs_t[:, None] * stride_spt + offs_r[None, :],
+                     (v * scale[None, :]).to(sp_ptr.dtype.element_ty), mask=t_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -729,22 +692,19 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 
 
 # Rows per program of the forward finishing kernel (FINISH_BLOCK_T) and of the backward's
-# (BWD_FINISH_BLOCK_T; the routed layer's is kernels.routing.ROUTED_FINISH_BLOCK_T): separate
-# settings, since only the forward's has been timed at other values (bench/shrink_floor.py --finish-rows).
-FINISH_BLOCK_T = 32
+# (BWD_FINISH_BLOCK_T; the routed layer's is kernels.routing.ROUTED_FINISH_BLOCK_T), and the precision
+# of the forward finishing step's two small mapping products, in the finishing kernel and in the
+# copy-engine shrink's last program per row block ("ieee" or "tf32x3": never "tf32", see
+# map_and_scale). Module settings so that bench/shrink_floor.py can time the other values (H200, bf16,
+# d = 4096, R = 48, m = 16, from graphs, 4 rounds; bench/NOTES.md, entries 31-32). tf32x3 (three
+# tensor-core products, the decode layer's choice; error near float32's) against "ieee" (FMA):
+# the finishing kernel alone 9.8 against 12.2 us at T = 1024, the op 1.316x against 1.353x the base
+# GEMM (shrink-floor-finish-73c344e-*.json). 16 rows per program against 32 (the kernel's R in
+# chunks of 64): the finishing kernel 7.5 against 8.6 us at T = 1024, the op 1.278x against 1.295x;
+# at T = 2048 7.5 against 8.2 us, the op 1.206x against 1.204x (shrink-floor-finish-bt16-5615a8b-*.json).
+# The backward's has been timed at 32 rows only.
+FINISH_BLOCK_T = 16
 BWD_FINISH_BLOCK_T = 32
-# The finishing kernel in one pass where R fits one chunk of columns, and the precision of the forward
-# finishing step's two small mapping products, in the finishing kernel and in the copy-engine shrink's
-# last program per row block ("ieee" or "tf32x3": never "tf32", see map_and_scale). Module settings so
-# that bench/shrink_floor.py can time the other forms. shrink-floor-finish-73c344e-*.json (H200, bf16,
-# d = 4096, R = 48, m = 16, from graphs, 4 rounds): the finishing kernel alone took 12.2 us at T = 1024
-# with "ieee" products (float32 on the CUDA cores) and 9.8 us with tf32x3 (three tensor-core products,
-# the decode layer's choice; error near float32's); the op 1.353x -> 1.316x the base GEMM, T = 2048
-# 1.212x -> 1.188x. The one pass against the chunks: within 0.3 us with "ieee"; with tf32x3 the chunks
-# read about 1 us faster in one run (shrink-floor-finish-0282d26-*.json), not yet GPU-tested as the
-# default for R <= 64. tf32x3 in the chunked form (64 < R <= 128) and in the copy-engine shrink has run
-# on the GPU in timings only (bench/NOTES.md, entry 31).
-FINISH_ONE_PASS = True
 FINISH_MAP_PREC = "tf32x3"
 
 
@@ -989,7 +949,7 @@ def finish(part: torch.Tensor, splits: int, scale: torch.Tensor, a_map: Optional
         sp.stride(0), s.stride(0) if save else 0, u.stride(0) if u is not None else 0,
         HAS_MAP=has_map, SAVE_S=save and part is not s, SAVE_U=u is not None,
         BLOCK_T=FINISH_BLOCK_T, BLOCK_R=block_r, BLOCK_M=block_for(M), SPLIT_GROUP=SPLIT_GROUP,
-        ONE_PASS=FINISH_ONE_PASS and R <= block_r, MAP_PREC=FINISH_MAP_PREC, num_warps=4,
+        MAP_PREC=FINISH_MAP_PREC, num_warps=4,
     )
 
 

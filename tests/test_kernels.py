@@ -341,16 +341,14 @@ def test_lora_gemm_fused(T, d_in, d_out, R, m, dtype, shrink_mode, seeded):
 
 
 @pytest.mark.parametrize("block_t", [16, 32])
-@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("R,m", [(48, 16), (100, 7), (5, None)])
-def test_shrink_finish_forms(R, m, one_pass, prec, block_t, monkeypatch, seeded):
-    """The forward finishing kernel in one pass (R within one chunk of columns) and in chunks, its
-    mapping's products in "ieee" and "tf32x3", 16 or 32 rows per program: each against the float64
-    reference, float32 inputs (T = 37: a short last row block either way). R = 100 spans two chunks,
-    so it takes the chunked form either way. The interpreter ignores the products' precision: on the
-    CPU prec changes nothing, on a GPU the float32 tolerance (2e-5) separates tf32x3 from plain tf32."""
-    monkeypatch.setattr(shrink_module, "FINISH_ONE_PASS", one_pass)
+def test_shrink_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
+    """The forward finishing kernel with its mapping's products in "ieee" and "tf32x3", 16 or 32 rows
+    per program: each against the float64 reference, float32 inputs (T = 37: a short last row block
+    either way; R = 100: two chunks of columns). The interpreter ignores the products' precision: on
+    the CPU prec changes nothing, on a GPU the float32 tolerance (2e-5) separates tf32x3 from plain
+    tf32."""
     monkeypatch.setattr(shrink_module, "FINISH_MAP_PREC", prec)
     monkeypatch.setattr(shrink_module, "FINISH_BLOCK_T", block_t)
     x, a_cat, _, scale, a_map, b_map = _inputs(37, 200, 8, R, m, torch.float32)
@@ -664,13 +662,11 @@ def compile_for_sm90(fn, types, consts, warps=4):
 f32 = {n: "*fp32" for n in ("part_ptr", "scale_ptr", "a_map_ptr", "b_map_ptr", "s_ptr", "u_ptr", "ds_ptr",
                             "dscale_ptr", "da_map_ptr", "db_map_ptr")}
 for group in (1, 8):
-    for one_pass in (False, True):
-        for prec in ("ieee", "tf32x3"):
-            for has_map in (False, True):
-                compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
-                                 {"HAS_MAP": has_map, "SAVE_S": True, "SAVE_U": has_map, "BLOCK_T": 32,
-                                  "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group, "ONE_PASS": one_pass,
-                                  "MAP_PREC": prec})
+    for prec in ("ieee", "tf32x3"):
+        for has_map in (False, True):
+            compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
+                             {"HAS_MAP": has_map, "SAVE_S": True, "SAVE_U": has_map, "BLOCK_T": 16,
+                              "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group, "MAP_PREC": prec})
     compile_for_sm90(S._shrink_bwd_finish_kernel, dict(f32, ds_ptr="*bf16"),
                      {"HAS_MAP": True, "NEED_DS": True, "NEED_DMAP": True, "NEED_DSCALE": True, "BLOCK_T": 32,
                       "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group})
