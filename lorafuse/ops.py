@@ -61,7 +61,7 @@ PERSISTENT = os.environ.get("LORAFUSE_PERSISTENT", "0") == "1"
 # (1.36 / 1.29 / 1.13x -> 1.46 / 1.19 / 1.18x); forward+backward likewise (-backward-t640-t1024-bb20100-*:
 # T = 768 1.74 / 1.41 / 1.32x -> 1.66 / 1.28 / 1.24x): up to 768 rows. The routed layer's expand takes the same
 # switch; at K = 16 top-1 (routed-expand-cublas-ab-t640-t768-e7c5fc8-*.json) T = 640 2.34 / 1.60 / 2.13x
-# -> 2.04 / 1.37 / 1.74x, T = 768 2.13 / 1.47 / 1.93x -> 2.03 / 1.39 / 1.73x. EXPAND_CUBLAS_MAX_T = 0
+# -> 2.04 / 1.36 / 1.74x, T = 768 2.13 / 1.46 / 1.93x -> 2.03 / 1.39 / 1.73x. EXPAND_CUBLAS_MAX_T = 0
 # turns it off.
 EXPAND_CUBLAS_MIN_T = 65
 try:
