@@ -25,6 +25,12 @@ median), once per round, the order reversed every other round; medians over roun
               precision kernels.shrink.FINISH_MAP_PREC is not ("ieee" or "tf32x3")
   shrink_g1, op_g1   with --split-group-ab: shrink and op with kernels.shrink.SPLIT_GROUP = 1 (the
               split partials summed one load per step, as before SPLIT_GROUP)
+  bwd, fb, base_fb   with --bwd-ab: shrink_backward as the LoraMap op's backward calls it (dS and
+              the mapping's gradients), the op's forward+backward (x, a_map, b_map requiring grad)
+              and the base's (x requiring grad); bwd_bt<n>, bwd_<prec>, bwd_bt<n>_<prec> and
+              fb_bt<n>_<prec>: the backward's finishing kernel at the other row block
+              (kernels.shrink.BWD_FINISH_BLOCK_T, 16 <-> 32) and the other precision
+              (BWD_FINISH_MAP_PREC). --bwd-only: only these, the no-op and the base
 Writes shrink-floor-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -41,7 +47,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import env_info, graph_rounds, layer_inputs, patched, save_json, warm_up  # noqa: E402
 
 import lorafuse  # noqa: E402
-from lorafuse.kernels import lora_gemm, shrink  # noqa: E402
+from lorafuse.kernels import lora_gemm, shrink, shrink_backward  # noqa: E402
 import importlib  # noqa: E402
 
 shrink_module = importlib.import_module("lorafuse.kernels.shrink")
@@ -79,6 +85,38 @@ def with_setting(fn, attr: str, value):
     return run
 
 
+def no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def backward_names(fns: dict) -> set:
+    return {k for k in fns if k == "base_fb" or k.startswith(("fb", "bwd"))}
+
+
+def add_backward(fns: dict, x, w, a, b, scale, am, bm) -> None:
+    """The backward variants of --bwd-ab (see the module's docstring) added to fns."""
+    dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        _, s, u = shrink(x, a, scale, am, bm, save=True)
+    xg = x.detach().requires_grad_(True)
+    amg, bmg = am.detach().requires_grad_(True), bm.detach().requires_grad_(True)
+    bt = 16 if shrink_module.BWD_FINISH_BLOCK_T != 16 else 32
+    prec = "tf32x3" if shrink_module.BWD_FINISH_MAP_PREC == "ieee" else "ieee"
+    bwd = no_grad(lambda: shrink_backward(dy, b, scale, s, u, am, bm, need_ds=True, need_dmap=True, check=False))
+    fb = lambda: torch.autograd.grad(lorafuse.lora_linear(xg, w, None, a, b, scale, amg, bmg),  # noqa: E731
+                                     [xg, amg, bmg], dy)
+    fns["base_fb"] = lambda: torch.autograd.grad(torch.mm(xg, w.t()), [xg], dy)
+    fns["fb"] = fb
+    fns[f"fb_bt{bt}_{prec}"] = with_setting(with_setting(fb, "BWD_FINISH_BLOCK_T", bt), "BWD_FINISH_MAP_PREC", prec)
+    fns["bwd"] = bwd
+    fns[f"bwd_bt{bt}"] = with_setting(bwd, "BWD_FINISH_BLOCK_T", bt)
+    fns[f"bwd_{prec}"] = with_setting(bwd, "BWD_FINISH_MAP_PREC", prec)
+    fns[f"bwd_bt{bt}_{prec}"] = with_setting(with_setting(bwd, "BWD_FINISH_BLOCK_T", bt), "BWD_FINISH_MAP_PREC", prec)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -89,6 +127,8 @@ def main() -> None:
     p.add_argument("--split-group-ab", action="store_true", help="also time shrink and op with SPLIT_GROUP = 1")
     p.add_argument("--finish-rows", type=int, nargs="*", default=[], help="also time FINISH_BLOCK_T at these")
     p.add_argument("--finish-ab", action="store_true", help="also time the finishing step in the other precision")
+    p.add_argument("--bwd-ab", action="store_true", help="also time the backward's finishing kernel's forms")
+    p.add_argument("--bwd-only", action="store_true", help="with --bwd-ab: only the backward variants")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -104,6 +144,17 @@ def main() -> None:
             assert x.shape[0] % 64 == 0 and d % 512 == 0, "the read kernel takes whole blocks only"
             out = torch.empty(4 * sms * 64, device=dev)
             fns = {"noop": lambda: tiny.add_(1), "noop2": lambda: (tiny.add_(1), tiny.add_(1))}
+            if args.bwd_only:
+                fns = {"noop": fns["noop"], "base": no_grad(lambda: torch.mm(x, w.t()))}
+                add_backward(fns, x, w, a, b, scale, am, bm)
+                med, per_round = graph_rounds(fns, args.rounds)
+                us = {k: v * 1e3 for k, v in med.items()}
+                rows.append({"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,
+                             "rounds_us": {k: [t * 1e3 for t in v] for k, v in per_round.items()},
+                             "timing": "cuda graph replay, L2 flushed, median over rounds"})
+                print(f"T={T} d={d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()) + " | fb over base_fb: "
+                      + ", ".join(f"{k} {us[k] / us['base_fb']:.3f}x" for k in us if k.startswith("fb")), flush=True)
+                continue
             reads = {}
             for bt, bd, w_, st in ((64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)):
                 for per_sm in (1, 2, 4):
@@ -132,13 +183,15 @@ def main() -> None:
             if args.split_group_ab:
                 fns["shrink_g1"] = with_setting(fns["shrink"], "SPLIT_GROUP", 1)
                 fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
+            if args.bwd_ab:
+                add_backward(fns, x, w, a, b, scale, am, bm)
+            fns = {k: (f if k in backward_names(fns) else no_grad(f)) for k, f in fns.items()}
             for name in ("shrink", "shrink_finish", "op"):
                 if args.finish_ab:
                     fns[f"{name}_{other_prec}"] = with_setting(fns[name], "FINISH_MAP_PREC", other_prec)
                 for bt in args.finish_rows:
                     fns[f"{name}_bt{bt}"] = with_setting(fns[name], "FINISH_BLOCK_T", bt)
-            with torch.no_grad():
-                med, per_round = graph_rounds(fns, args.rounds)
+            med, per_round = graph_rounds(fns, args.rounds)  # each variant sets its own grad mode
             us = {k: v * 1e3 for k, v in med.items()}
             best_read = min(reads, key=lambda k: us[k])
             row = {"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,

@@ -618,6 +618,7 @@ def _shrink_bwd_finish_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
+    MAP_PREC: tl.constexpr = "ieee",
 ):
     """From dS' (the summed partials of dY b_cat): dV = dS' * scale; [dB_map = dV^T U; dU = dV b_map;
     dA_map = dU^T S; dS = dU a_map | dS = dV]; dscale = sum_t dS' * V. The reductions over T are
@@ -643,12 +644,12 @@ def _shrink_bwd_finish_kernel(
             bm = tl.load(b_map_ptr + offs_r[:, None] * stride_bmr + offs_m[None, :] * stride_bmm,
                          mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
             if NEED_DSCALE:
-                v = tl.dot(u, tl.trans(bm), input_precision="ieee")
+                v = tl.dot(u, tl.trans(bm), input_precision=MAP_PREC)
                 tl.store(dscale_ptr + pid * R + offs_r, tl.sum(dsp * v, axis=0), mask=r_mask)
-            du = tl.dot(dv, bm, du, input_precision="ieee")
+            du = tl.dot(dv, bm, du, input_precision=MAP_PREC)
             if NEED_DMAP:
                 tl.store(db_map_ptr + pid * R * M + offs_r[:, None] * M + offs_m[None, :],
-                         tl.dot(tl.trans(dv), u, input_precision="ieee"), mask=r_mask[:, None] & m_mask[None, :])
+                         tl.dot(tl.trans(dv), u, input_precision=MAP_PREC), mask=r_mask[:, None] & m_mask[None, :])
         else:
             if NEED_DSCALE:
                 s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
@@ -664,13 +665,13 @@ def _shrink_bwd_finish_kernel(
             am = tl.load(a_map_ptr + offs_m[:, None] * stride_amm + offs_r[None, :] * stride_amr,
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             if NEED_DS:
-                ds = tl.dot(du, am, input_precision="ieee")
+                ds = tl.dot(du, am, input_precision=MAP_PREC)
                 tl.store(ds_ptr + offs_t[:, None] * stride_dst + offs_r[None, :], ds.to(ds_ptr.dtype.element_ty),
                          mask=tr_mask)
             if NEED_DMAP:
                 s = tl.load(s_ptr + offs_t[:, None] * stride_st + offs_r[None, :], mask=tr_mask, other=0.0)
                 tl.store(da_map_ptr + pid * M * R + offs_m[:, None] * R + offs_r[None, :],
-                         tl.dot(tl.trans(du), s, input_precision="ieee"), mask=m_mask[:, None] & r_mask[None, :])
+                         tl.dot(tl.trans(du), s, input_precision=MAP_PREC), mask=m_mask[:, None] & r_mask[None, :])
 
 
 def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -702,10 +703,12 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 # GEMM (shrink-floor-finish-73c344e-*.json). 16 rows per program against 32 (the kernel's R in
 # chunks of 64): the finishing kernel 7.5 against 8.6 us at T = 1024, the op 1.278x against 1.295x;
 # at T = 2048 7.5 against 8.2 us, the op 1.206x against 1.204x (shrink-floor-finish-bt16-5615a8b-*.json).
-# The backward's has been timed at 32 rows only.
+# The backward's finishing kernel (its five small products in BWD_FINISH_MAP_PREC) has been timed
+# at 32 rows and "ieee" only.
 FINISH_BLOCK_T = 16
 BWD_FINISH_BLOCK_T = 32
 FINISH_MAP_PREC = "tf32x3"
+BWD_FINISH_MAP_PREC = "ieee"
 
 
 # The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) where the operands
@@ -1043,6 +1046,6 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
         BLOCK_T=BWD_FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
-        SPLIT_GROUP=SPLIT_GROUP, num_warps=4,
+        SPLIT_GROUP=SPLIT_GROUP, MAP_PREC=BWD_FINISH_MAP_PREC, num_warps=4,
     )
     return (ds, *_program_totals(dscale_p, da_p, db_p))

@@ -358,6 +358,35 @@ def test_shrink_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
     assert (u is None) if m is None else rel_err(u, u_ref) < ACC_TOL[torch.float32]
 
 
+@pytest.mark.parametrize("block_t", [16, 32])
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("R,m", [(48, 16), (100, 7), (5, None)])
+def test_shrink_bwd_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
+    """The backward's finishing kernel with its products in "ieee" and "tf32x3", 16 or 32 rows per
+    program: dS, dscale, da_map and db_map against float64, float32 inputs (T = 37: a short last row
+    block; R = 100: two chunks of columns; per-program reductions summed over 2 or 3 programs). The
+    interpreter ignores the products' precision; on a GPU the float32 tolerances (2e-5 for dS, 1e-4
+    for the reductions) separate tf32x3 from plain tf32."""
+    monkeypatch.setattr(shrink_module, "BWD_FINISH_MAP_PREC", prec)
+    monkeypatch.setattr(shrink_module, "BWD_FINISH_BLOCK_T", block_t)
+    T, d_out = 37, 200
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 120, d_out, R, m, torch.float32)
+    s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    dy = torch.randn(T, d_out, device=DEVICE)
+    dsp = dy.double() @ b_cat.double()
+    dv = dsp * scale.double()
+    ds_ref = dv @ b_map.double() @ a_map.double() if m else dv
+    ds, dscale, da_map, db_map = shrink_backward(dy, b_cat, scale, s_ref.float(), u_ref.float() if m else None,
+                                                 a_map, b_map, need_ds=True, need_dmap=True, need_dscale=True)
+    assert rel_err(ds, ds_ref) < TOL[torch.float32]
+    assert rel_err(dscale, (dsp * v_ref).sum(0)) < 1e-4
+    if m:
+        assert rel_err(db_map, dv.t() @ u_ref) < 1e-4
+        assert rel_err(da_map, (dv @ b_map.double()).t() @ s_ref) < 1e-4
+    else:
+        assert da_map is None and db_map is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_split_sums_grouped(dtype, monkeypatch, seeded):
     """The finishing steps sum 5 split partials SPLIT_GROUP at a time (1: one per step, 3: two groups,
@@ -667,9 +696,9 @@ for group in (1, 8):
             compile_for_sm90(S._shrink_finish_kernel, dict(f32, sp_ptr="*bf16"),
                              {"HAS_MAP": has_map, "SAVE_S": True, "SAVE_U": has_map, "BLOCK_T": 16,
                               "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group, "MAP_PREC": prec})
-    compile_for_sm90(S._shrink_bwd_finish_kernel, dict(f32, ds_ptr="*bf16"),
-                     {"HAS_MAP": True, "NEED_DS": True, "NEED_DMAP": True, "NEED_DSCALE": True, "BLOCK_T": 32,
-                      "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group})
+        compile_for_sm90(S._shrink_bwd_finish_kernel, dict(f32, ds_ptr="*bf16"),
+                         {"HAS_MAP": True, "NEED_DS": True, "NEED_DMAP": True, "NEED_DSCALE": True, "BLOCK_T": 32,
+                          "BLOCK_R": 64, "BLOCK_M": 16, "SPLIT_GROUP": group, "MAP_PREC": prec})
     bf16 = {n: "*bf16" for n in ("a_ptr", "b_ptr", "s_ptr", "c_ptr", "bias_ptr", "out_ptr", "al_ptr", "save_sp_ptr")}
     compile_for_sm90(G._lora_gemm_kernel, dict(bf16, scale_ptr="*fp32", a_map_ptr="*fp32", b_map_ptr="*fp32",
                      save_s_ptr="*fp32", save_u_ptr="*fp32", flag_ptr="*i32", part_ptr="*fp32"),
