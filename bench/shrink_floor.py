@@ -27,9 +27,9 @@ median), once per round, the order reversed every other round; medians over roun
               split partials summed one load per step, as before SPLIT_GROUP)
   bwd, fb, base_fb   with --bwd-ab: shrink_backward as the LoraMap op's backward calls it (dS and
               the mapping's gradients), the op's forward+backward (x, a_map, b_map requiring grad)
-              and the base's (x requiring grad); bwd_bt<n>, bwd_<prec>, bwd_bt<n>_<prec> and
-              fb_bt<n>_<prec>: the backward's finishing kernel at the other row block
-              (kernels.shrink.BWD_FINISH_BLOCK_T, 16 <-> 32) and the other precision
+              and the base's (x requiring grad); bwd_bt<n> with --bwd-rows n: the backward's
+              finishing kernel at n rows per program (kernels.shrink.BWD_FINISH_BLOCK_T); with
+              --bwd-prec-ab also bwd_<prec>, bwd_bt<n>_<prec> in the other precision
               (BWD_FINISH_MAP_PREC). --bwd-only: only these, the no-op and the base
 Writes shrink-floor-<gpu>-<date>.json.
 """
@@ -96,25 +96,25 @@ def backward_names(fns: dict) -> set:
     return {k for k in fns if k == "base_fb" or k.startswith(("fb", "bwd"))}
 
 
-def add_backward(fns: dict, x, w, a, b, scale, am, bm) -> None:
+def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = False) -> None:
     """The backward variants of --bwd-ab (see the module's docstring) added to fns."""
     dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     with torch.no_grad():
         _, s, u = shrink(x, a, scale, am, bm, save=True)
     xg = x.detach().requires_grad_(True)
     amg, bmg = am.detach().requires_grad_(True), bm.detach().requires_grad_(True)
-    bt = 16 if shrink_module.BWD_FINISH_BLOCK_T != 16 else 32
     prec = "tf32x3" if shrink_module.BWD_FINISH_MAP_PREC == "ieee" else "ieee"
     bwd = no_grad(lambda: shrink_backward(dy, b, scale, s, u, am, bm, need_ds=True, need_dmap=True, check=False))
-    fb = lambda: torch.autograd.grad(lorafuse.lora_linear(xg, w, None, a, b, scale, amg, bmg),  # noqa: E731
-                                     [xg, amg, bmg], dy)
     fns["base_fb"] = lambda: torch.autograd.grad(torch.mm(xg, w.t()), [xg], dy)
-    fns["fb"] = fb
-    fns[f"fb_bt{bt}_{prec}"] = with_setting(with_setting(fb, "BWD_FINISH_BLOCK_T", bt), "BWD_FINISH_MAP_PREC", prec)
+    fns["fb"] = lambda: torch.autograd.grad(lorafuse.lora_linear(xg, w, None, a, b, scale, amg, bmg),
+                                            [xg, amg, bmg], dy)
     fns["bwd"] = bwd
-    fns[f"bwd_bt{bt}"] = with_setting(bwd, "BWD_FINISH_BLOCK_T", bt)
-    fns[f"bwd_{prec}"] = with_setting(bwd, "BWD_FINISH_MAP_PREC", prec)
-    fns[f"bwd_bt{bt}_{prec}"] = with_setting(with_setting(bwd, "BWD_FINISH_BLOCK_T", bt), "BWD_FINISH_MAP_PREC", prec)
+    if prec_ab:
+        fns[f"bwd_{prec}"] = with_setting(bwd, "BWD_FINISH_MAP_PREC", prec)
+    for bt in rows:
+        fns[f"bwd_bt{bt}"] = with_setting(bwd, "BWD_FINISH_BLOCK_T", bt)
+        if prec_ab:
+            fns[f"bwd_bt{bt}_{prec}"] = with_setting(fns[f"bwd_bt{bt}"], "BWD_FINISH_MAP_PREC", prec)
 
 
 def main() -> None:
@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--finish-ab", action="store_true", help="also time the finishing step in the other precision")
     p.add_argument("--bwd-ab", action="store_true", help="also time the backward's finishing kernel's forms")
     p.add_argument("--bwd-only", action="store_true", help="with --bwd-ab: only the backward variants")
+    p.add_argument("--bwd-rows", type=int, nargs="*", default=[], help="with --bwd-ab: BWD_FINISH_BLOCK_T at these")
+    p.add_argument("--bwd-prec-ab", action="store_true", help="with --bwd-ab: also the other precision")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -146,14 +148,14 @@ def main() -> None:
             fns = {"noop": lambda: tiny.add_(1), "noop2": lambda: (tiny.add_(1), tiny.add_(1))}
             if args.bwd_only:
                 fns = {"noop": fns["noop"], "base": no_grad(lambda: torch.mm(x, w.t()))}
-                add_backward(fns, x, w, a, b, scale, am, bm)
+                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab)
                 med, per_round = graph_rounds(fns, args.rounds)
                 us = {k: v * 1e3 for k, v in med.items()}
                 rows.append({"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,
                              "rounds_us": {k: [t * 1e3 for t in v] for k, v in per_round.items()},
                              "timing": "cuda graph replay, L2 flushed, median over rounds"})
-                print(f"T={T} d={d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()) + " | fb over base_fb: "
-                      + ", ".join(f"{k} {us[k] / us['base_fb']:.3f}x" for k in us if k.startswith("fb")), flush=True)
+                print(f"T={T} d={d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items())
+                      + f" | fb over base_fb: {us['fb'] / us['base_fb']:.3f}x", flush=True)
                 continue
             reads = {}
             for bt, bd, w_, st in ((64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)):
@@ -184,7 +186,7 @@ def main() -> None:
                 fns["shrink_g1"] = with_setting(fns["shrink"], "SPLIT_GROUP", 1)
                 fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
             if args.bwd_ab:
-                add_backward(fns, x, w, a, b, scale, am, bm)
+                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab)
             fns = {k: (f if k in backward_names(fns) else no_grad(f)) for k, f in fns.items()}
             for name in ("shrink", "shrink_finish", "op"):
                 if args.finish_ab:
