@@ -703,12 +703,24 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 # GEMM (shrink-floor-finish-73c344e-*.json). 16 rows per program against 32 (the kernel's R in
 # chunks of 64): the finishing kernel 7.5 against 8.6 us at T = 1024, the op 1.278x against 1.295x;
 # at T = 2048 7.5 against 8.2 us, the op 1.206x against 1.204x (shrink-floor-finish-bt16-5615a8b-*.json).
-# The backward's finishing kernel (its five small products in BWD_FINISH_MAP_PREC) has been timed
-# at 32 rows and "ieee" only.
+# The backward's finishing kernel: rows per program by bwd_finish_rows unless BWD_FINISH_BLOCK_T
+# fixes them; its five small products in BWD_FINISH_MAP_PREC ("ieee": tf32x3 took 0.1-0.7 us off
+# at T = 1024-8192 at 32 rows, and nothing at 16; shrink-floor-bwd-bd1150a-*.json).
 FINISH_BLOCK_T = 16
-BWD_FINISH_BLOCK_T = 32
+BWD_FINISH_BLOCK_T: Optional[int] = None
 FINISH_MAP_PREC = "tf32x3"
 BWD_FINISH_MAP_PREC = "ieee"
+
+
+def bwd_finish_rows(T: int) -> int:
+    """Rows per program of the backward's finishing kernel (BWD_FINISH_BLOCK_T where set). H200, bf16,
+    d = 4096, R = 48, m = 16, shrink_backward with the mapping's gradients, from graphs, 4 rounds
+    within 1.4 us each (shrink-floor-bwd-rows-2101f95-*.json), us at 16 / 32 / 64 / 128 rows:
+    T = 512 23.9 / 23.4 / 24.3 / 52.4; 1024 24.8 / 27.4 / 27.2 / 54.6; 2048 30.2 / 28.4 / 32.8 / 58.1;
+    4096 47.1 / 43.1 / 44.2 / 71.6; 8192 61.3 / 53.2 / 50.5 / 75.1; 16384 80.0 / 83.8 / 75.2 / 96.2."""
+    if BWD_FINISH_BLOCK_T is not None:
+        return BWD_FINISH_BLOCK_T
+    return 16 if T <= 1024 else 32 if T < 8192 else 64
 
 
 # The forward shrink runs as one copy-engine kernel on Hopper (_shrink_tma_kernel) where the operands
@@ -1026,7 +1038,8 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
     dev = dy.device
     cfg = config or split_config(T, N, R, dy.dtype, dev)
     part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
-    nprog = cdiv(T, BWD_FINISH_BLOCK_T)
+    block_t = bwd_finish_rows(T)
+    nprog = cdiv(T, block_t)
     dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
     da_p = new_empty((nprog, M, R), torch.float32, dev) if need_dmap else None
     db_p = new_empty((nprog, R, M), torch.float32, dev) if need_dmap else None
@@ -1045,7 +1058,7 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         s.stride(0) if s is not None else 0, u.stride(0) if u is not None else 0,
         ds.stride(0) if need_ds else 0,
         HAS_MAP=has_map, NEED_DS=need_ds, NEED_DMAP=need_dmap, NEED_DSCALE=need_dscale,
-        BLOCK_T=BWD_FINISH_BLOCK_T, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
+        BLOCK_T=block_t, BLOCK_R=min(block_for(R), 64), BLOCK_M=block_for(M),
         SPLIT_GROUP=SPLIT_GROUP, MAP_PREC=BWD_FINISH_MAP_PREC, num_warps=4,
     )
     return (ds, *_program_totals(dscale_p, da_p, db_p))

@@ -358,13 +358,13 @@ def test_shrink_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
     assert (u is None) if m is None else rel_err(u, u_ref) < ACC_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("block_t", [16, 32])
+@pytest.mark.parametrize("block_t", [16, 32, 64])
 @pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("R,m", [(48, 16), (100, 7), (5, None)])
 def test_shrink_bwd_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
-    """The backward's finishing kernel with its products in "ieee" and "tf32x3", 16 or 32 rows per
+    """The backward's finishing kernel with its products in "ieee" and "tf32x3", 16, 32 or 64 rows per
     program: dS, dscale, da_map and db_map against float64, float32 inputs (T = 37: a short last row
-    block; R = 100: two chunks of columns; per-program reductions summed over 2 or 3 programs). The
+    block; R = 100: two chunks of columns; per-program reductions summed over 1-3 programs). The
     interpreter ignores the products' precision; on a GPU the float32 tolerances (2e-5 for dS, 1e-4
     for the reductions) separate tf32x3 from plain tf32."""
     monkeypatch.setattr(shrink_module, "BWD_FINISH_MAP_PREC", prec)
@@ -385,6 +385,13 @@ def test_shrink_bwd_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
         assert rel_err(da_map, (dv @ b_map.double()).t() @ s_ref) < 1e-4
     else:
         assert da_map is None and db_map is None
+
+
+def test_bwd_finish_rows(monkeypatch):
+    """The backward finishing kernel's rows per program: the measured rule, or BWD_FINISH_BLOCK_T."""
+    assert [shrink_module.bwd_finish_rows(T) for T in (1, 1024, 1025, 8191, 8192, 16384)] == [16, 16, 32, 32, 64, 64]
+    monkeypatch.setattr(shrink_module, "BWD_FINISH_BLOCK_T", 32)
+    assert shrink_module.bwd_finish_rows(16384) == 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
