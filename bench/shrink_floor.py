@@ -30,7 +30,9 @@ median), once per round, the order reversed every other round; medians over roun
               and the base's (x requiring grad); bwd_bt<n> with --bwd-rows n: the backward's
               finishing kernel at n rows per program (kernels.shrink.BWD_FINISH_BLOCK_T); with
               --bwd-prec-ab also bwd_<prec>, bwd_bt<n>_<prec> in the other precision
-              (BWD_FINISH_MAP_PREC). --bwd-only: only these, the no-op and the base
+              (BWD_FINISH_MAP_PREC); with --bwd-cublas-ab bwd_cublas and fb_cublas: the backward's
+              partial product dY b_cat from cuBLAS (kernels.shrink.BWD_CUBLAS_MIN_T = 1).
+              --bwd-only: only these, the no-op and the base
 Writes shrink-floor-<gpu>-<date>.json.
 """
 from __future__ import annotations
@@ -96,7 +98,8 @@ def backward_names(fns: dict) -> set:
     return {k for k in fns if k == "base_fb" or k.startswith(("fb", "bwd"))}
 
 
-def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = False) -> None:
+def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = False,
+                 cublas_ab: bool = False) -> None:
     """The backward variants of --bwd-ab (see the module's docstring) added to fns."""
     dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     with torch.no_grad():
@@ -111,6 +114,9 @@ def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = 
     fns["bwd"] = bwd
     if prec_ab:
         fns[f"bwd_{prec}"] = with_setting(bwd, "BWD_FINISH_MAP_PREC", prec)
+    if cublas_ab:
+        fns["bwd_cublas"] = with_setting(bwd, "BWD_CUBLAS_MIN_T", 1)
+        fns["fb_cublas"] = with_setting(fns["fb"], "BWD_CUBLAS_MIN_T", 1)
     for bt in rows:
         fns[f"bwd_bt{bt}"] = with_setting(bwd, "BWD_FINISH_BLOCK_T", bt)
         if prec_ab:
@@ -131,6 +137,7 @@ def main() -> None:
     p.add_argument("--bwd-only", action="store_true", help="with --bwd-ab: only the backward variants")
     p.add_argument("--bwd-rows", type=int, nargs="*", default=[], help="with --bwd-ab: BWD_FINISH_BLOCK_T at these")
     p.add_argument("--bwd-prec-ab", action="store_true", help="with --bwd-ab: also the other precision")
+    p.add_argument("--bwd-cublas-ab", action="store_true", help="with --bwd-ab: also dY b_cat from cuBLAS")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -148,7 +155,8 @@ def main() -> None:
             fns = {"noop": lambda: tiny.add_(1), "noop2": lambda: (tiny.add_(1), tiny.add_(1))}
             if args.bwd_only:
                 fns = {"noop": fns["noop"], "base": no_grad(lambda: torch.mm(x, w.t()))}
-                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab)
+                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab,
+                             args.bwd_cublas_ab)
                 med, per_round = graph_rounds(fns, args.rounds)
                 us = {k: v * 1e3 for k, v in med.items()}
                 rows.append({"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,
@@ -186,7 +194,8 @@ def main() -> None:
                 fns["shrink_g1"] = with_setting(fns["shrink"], "SPLIT_GROUP", 1)
                 fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
             if args.bwd_ab:
-                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab)
+                add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab,
+                             args.bwd_cublas_ab)
             fns = {k: (f if k in backward_names(fns) else no_grad(f)) for k, f in fns.items()}
             for name in ("shrink", "shrink_finish", "op"):
                 if args.finish_ab:

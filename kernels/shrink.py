@@ -790,6 +790,17 @@ def shrink_uses_cublas(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
             and _MM_OUT_DTYPE is not False)
 
 
+# From this many rows the backward's partial product dY b_cat runs on cuBLAS (float32 out, then the
+# finishing kernel); 0 turns it off.
+BWD_CUBLAS_MIN_T = 0
+
+
+def bwd_partial_uses_cublas(dy: torch.Tensor, b_cat: torch.Tensor) -> bool:
+    """Whether shrink_backward takes dY b_cat from cuBLAS: dy (T, d_out), b_cat (d_out, R)."""
+    return (BWD_CUBLAS_MIN_T > 0 and dy.shape[0] >= BWD_CUBLAS_MIN_T and dy.dtype != torch.float32
+            and _MM_OUT_DTYPE is not False)
+
+
 def shrink_uses_tma(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
     """Whether shrink(x, a_cat, ...) runs the copy-engine kernel: x (T, d_in), a_cat (R, d_in)."""
     min_t = min(TMA_MIN_T, TMA_MIN_T_WIDE) if x.shape[1] >= TMA_WIDE_D_IN else TMA_MIN_T
@@ -1036,8 +1047,12 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
     has_map = a_map is not None
     M = a_map.shape[0] if has_map else 1
     dev = dy.device
-    cfg = config or split_config(T, N, R, dy.dtype, dev)
-    part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
+    part = _mm_f32(dy, b_cat.t()) if (config is None and bwd_partial_uses_cublas(dy, b_cat)) else None
+    if part is not None:
+        splits = 1
+    else:
+        cfg = config or split_config(T, N, R, dy.dtype, dev)
+        part, splits = _rows_partial(dy, b_cat, T, N, R, cfg)
     block_t = bwd_finish_rows(T)
     nprog = cdiv(T, block_t)
     dscale_p = new_empty((nprog, R), torch.float32, dev) if need_dscale else None
@@ -1052,7 +1067,7 @@ def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, ne
         ds if need_ds else dummy, dscale_p if need_dscale else dummy,
         da_p if need_dmap else dummy, db_p if need_dmap else dummy,
         T, R, M, splits,
-        part.stride(0), part.stride(1),
+        part.stride(0) if part.dim() == 3 else 0, part.stride(-2),
         am.stride(0) if has_map else 0, am.stride(1) if has_map else 0,
         bm.stride(0) if has_map else 0, bm.stride(1) if has_map else 0,
         s.stride(0) if s is not None else 0, u.stride(0) if u is not None else 0,

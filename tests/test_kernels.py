@@ -387,6 +387,34 @@ def test_shrink_bwd_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
         assert da_map is None and db_map is None
 
 
+@pytest.mark.parametrize("m", [16, None])
+def test_shrink_backward_cublas_partial(m, monkeypatch, seeded):
+    """dY b_cat from cuBLAS (BWD_CUBLAS_MIN_T; 16-bit inputs, one float32 partial) and then the
+    finishing kernel: every gradient against float64 and the path taken checked."""
+    dtype = torch.float16
+    T, d_out, R = 37, 200, 48
+    x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 120, d_out, R, m, dtype)
+    s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
+    dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    dsp = dy.double() @ b_cat.double()
+    dv = dsp * scale.double()
+    ds_ref = dv @ b_map.double() @ a_map.double() if m else dv
+    calls = []
+    mm = shrink_module._mm_f32
+    monkeypatch.setattr(shrink_module, "_mm_f32", lambda a, b: calls.append(a.shape) or mm(a, b))
+    monkeypatch.setattr(shrink_module, "BWD_CUBLAS_MIN_T", T)
+    ds, dscale, da_map, db_map = shrink_backward(dy, b_cat, scale, s_ref.float(), u_ref.float() if m else None,
+                                                 a_map, b_map, need_ds=True, need_dmap=True, need_dscale=True)
+    assert calls == [(T, d_out)]
+    assert rel_err(ds, ds_ref) < TOL[dtype] and rel_err(dscale, (dsp * v_ref).sum(0)) < 2 * ACC_TOL[dtype]
+    if m:
+        assert rel_err(db_map, dv.t() @ u_ref) < 2 * ACC_TOL[dtype]
+        assert rel_err(da_map, (dv @ b_map.double()).t() @ s_ref) < 2 * ACC_TOL[dtype]
+    monkeypatch.setattr(shrink_module, "BWD_CUBLAS_MIN_T", T + 1)  # one row short: the Triton partial
+    shrink_backward(dy, b_cat, scale, None, None, need_ds=True)
+    assert len(calls) == 1
+
+
 def test_bwd_finish_rows(monkeypatch):
     """The backward finishing kernel's rows per program: the measured rule, or BWD_FINISH_BLOCK_T."""
     assert [shrink_module.bwd_finish_rows(T) for T in (1, 1024, 1025, 8191, 8192, 16384)] == [16, 16, 32, 32, 64, 64]
