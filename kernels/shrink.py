@@ -790,14 +790,21 @@ def shrink_uses_cublas(x: torch.Tensor, a_cat: torch.Tensor) -> bool:
             and _MM_OUT_DTYPE is not False)
 
 
-# From this many rows the backward's partial product dY b_cat runs on cuBLAS (float32 out, then the
-# finishing kernel); 0 turns it off.
-BWD_CUBLAS_MIN_T = 0
+# From BWD_CUBLAS_MIN_T rows (BWD_CUBLAS_MIN_T_WIDE where d_out >= BWD_CUBLAS_WIDE) the backward's
+# partial product dY b_cat runs on cuBLAS (float32 out, one partial, then the finishing kernel); 0
+# turns it off. H200, bf16, R = 48, m = 16, shrink_backward with the mapping's gradients, from graphs,
+# 4 rounds in alternating order (shrink-floor-bwd-cublas-ef1c1fb-d*-*.json), us, Triton / cuBLAS partial:
+# d_out = 4096, T = 512 23.6 / 24.5, 1024 24.3 / 24.0, 2048 28.8 / 29.1, 4096 43.5 / 35.6,
+# 8192 50.6 / 47.8, 16384 76.4 / 71.9; d_out = 14336, T = 2048 57.5 / 43.6, 8192 95.2 / 93.6.
+BWD_CUBLAS_MIN_T = 4096
+BWD_CUBLAS_MIN_T_WIDE = 2048
+BWD_CUBLAS_WIDE = 8192
 
 
 def bwd_partial_uses_cublas(dy: torch.Tensor, b_cat: torch.Tensor) -> bool:
     """Whether shrink_backward takes dY b_cat from cuBLAS: dy (T, d_out), b_cat (d_out, R)."""
-    return (BWD_CUBLAS_MIN_T > 0 and dy.shape[0] >= BWD_CUBLAS_MIN_T and dy.dtype != torch.float32
+    min_t = BWD_CUBLAS_MIN_T_WIDE if dy.shape[1] >= BWD_CUBLAS_WIDE else BWD_CUBLAS_MIN_T
+    return (BWD_CUBLAS_MIN_T > 0 and dy.shape[0] >= min_t and dy.dtype != torch.float32
             and _MM_OUT_DTYPE is not False)
 
 

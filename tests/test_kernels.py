@@ -415,6 +415,19 @@ def test_shrink_backward_cublas_partial(m, monkeypatch, seeded):
     assert len(calls) == 1
 
 
+def test_bwd_partial_cublas_rule(monkeypatch):
+    """Where the backward's dY b_cat goes to cuBLAS: 16-bit rows from 4096 (2048 at 8192 columns and
+    wider); never float32, never with BWD_CUBLAS_MIN_T = 0."""
+    b = torch.empty(4096, 48, dtype=torch.bfloat16, device="meta")
+    rows = lambda T, n, dt=torch.bfloat16: torch.empty(T, n, dtype=dt, device="meta")  # noqa: E731
+    use = shrink_module.bwd_partial_uses_cublas
+    assert use(rows(4096, 4096), b) and not use(rows(4095, 4096), b) and not use(rows(2048, 4096), b)
+    assert use(rows(2048, 14336), b) and not use(rows(2047, 14336), b)
+    assert not use(rows(8192, 4096, torch.float32), b)
+    monkeypatch.setattr(shrink_module, "BWD_CUBLAS_MIN_T", 0)
+    assert not use(rows(8192, 14336), b)
+
+
 def test_bwd_finish_rows(monkeypatch):
     """The backward finishing kernel's rows per program: the measured rule, or BWD_FINISH_BLOCK_T."""
     assert [shrink_module.bwd_finish_rows(T) for T in (1, 1024, 1025, 8191, 8192, 16384)] == [16, 16, 32, 32, 64, 64]
