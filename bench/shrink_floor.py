@@ -31,7 +31,9 @@ median), once per round, the order reversed every other round; medians over roun
               finishing kernel at n rows per program (kernels.shrink.BWD_FINISH_BLOCK_T); with
               --bwd-prec-ab also bwd_<prec>, bwd_bt<n>_<prec> in the other precision
               (BWD_FINISH_MAP_PREC); with --bwd-cublas-ab bwd_cublas and fb_cublas: the backward's
-              partial product dY b_cat from cuBLAS (kernels.shrink.BWD_CUBLAS_MIN_T = 1).
+              partial product dY b_cat from cuBLAS (kernels.shrink.BWD_CUBLAS_MIN_T = 1); with
+              --bwd-before bwd_before and fb_before: the Triton partial and 32-row finishing programs
+              everywhere (BWD_CUBLAS_MIN_T = 0, BWD_FINISH_BLOCK_T = 32).
               --bwd-only: only these, the no-op and the base
 Writes shrink-floor-<gpu>-<date>.json.
 """
@@ -99,7 +101,7 @@ def backward_names(fns: dict) -> set:
 
 
 def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = False,
-                 cublas_ab: bool = False) -> None:
+                 cublas_ab: bool = False, before: bool = False) -> None:
     """The backward variants of --bwd-ab (see the module's docstring) added to fns."""
     dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     with torch.no_grad():
@@ -114,6 +116,9 @@ def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = 
     fns["bwd"] = bwd
     if prec_ab:
         fns[f"bwd_{prec}"] = with_setting(bwd, "BWD_FINISH_MAP_PREC", prec)
+    if before:  # the backward as it was before bwd_finish_rows and the cuBLAS partial
+        for name, fn in (("bwd_before", bwd), ("fb_before", fns["fb"])):
+            fns[name] = with_setting(with_setting(fn, "BWD_CUBLAS_MIN_T", 0), "BWD_FINISH_BLOCK_T", 32)
     if cublas_ab:
         fns["bwd_cublas"] = with_setting(bwd, "BWD_CUBLAS_MIN_T", 1)
         fns["fb_cublas"] = with_setting(fns["fb"], "BWD_CUBLAS_MIN_T", 1)
@@ -138,6 +143,8 @@ def main() -> None:
     p.add_argument("--bwd-rows", type=int, nargs="*", default=[], help="with --bwd-ab: BWD_FINISH_BLOCK_T at these")
     p.add_argument("--bwd-prec-ab", action="store_true", help="with --bwd-ab: also the other precision")
     p.add_argument("--bwd-cublas-ab", action="store_true", help="with --bwd-ab: also dY b_cat from cuBLAS")
+    p.add_argument("--bwd-before", action="store_true",
+                   help="with --bwd-ab: also the backward with a Triton partial and 32-row finishing programs")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     assert torch.cuda.is_available(), "shrink_floor.py needs a GPU"
@@ -156,14 +163,15 @@ def main() -> None:
             if args.bwd_only:
                 fns = {"noop": fns["noop"], "base": no_grad(lambda: torch.mm(x, w.t()))}
                 add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab,
-                             args.bwd_cublas_ab)
+                             args.bwd_cublas_ab, args.bwd_before)
                 med, per_round = graph_rounds(fns, args.rounds)
                 us = {k: v * 1e3 for k, v in med.items()}
                 rows.append({"T": T, "d_in": d, "d_out": d, "R": args.R, "m": args.m, "us": us,
                              "rounds_us": {k: [t * 1e3 for t in v] for k, v in per_round.items()},
                              "timing": "cuda graph replay, L2 flushed, median over rounds"})
                 print(f"T={T} d={d}: " + ", ".join(f"{k} {v:.1f}" for k, v in us.items())
-                      + f" | fb over base_fb: {us['fb'] / us['base_fb']:.3f}x", flush=True)
+                      + " | over base_fb: " + ", ".join(f"{k} {us[k] / us['base_fb']:.3f}x" for k in us
+                                                        if k.startswith("fb")), flush=True)
                 continue
             reads = {}
             for bt, bd, w_, st in ((64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)):
@@ -195,7 +203,7 @@ def main() -> None:
                 fns["op_g1"] = with_setting(fns["op"], "SPLIT_GROUP", 1)
             if args.bwd_ab:
                 add_backward(fns, x, w, a, b, scale, am, bm, args.bwd_rows, args.bwd_prec_ab,
-                             args.bwd_cublas_ab)
+                             args.bwd_cublas_ab, args.bwd_before)
             fns = {k: (f if k in backward_names(fns) else no_grad(f)) for k, f in fns.items()}
             for name in ("shrink", "shrink_finish", "op"):
                 if args.finish_ab:
