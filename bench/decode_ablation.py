@@ -15,6 +15,7 @@ Variants per (shape, T), each checked against a float32 reference:
   epi<L>_chunk<C>, chunk<C>: CHUNK_T = C rows per epilogue dot
   previous    distinct, the epilogue's loop and chunk as before decode_epilogue_loop (1daeacc)
   shrink      the gathered row shrink alone (distinct)
+  k<K>_s<S>   distinct, W's tiles BLOCK_K = K deep with S pipeline stages (TILES)
 Rounds run the variants in alternating order; the mean of the rounds' medians is reported.
 Writes decode-ablation-<commit>-<gpu>-<date>.json.
 """
@@ -37,6 +38,10 @@ from segmented_decode import layer_and_library  # noqa: E402
 
 import lorafuse.kernels.segmented as S  # noqa: E402
 from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
+
+
+# (BLOCK_K, stages) of W's tiles tried beside decode_config's (the same BLOCK_N, warps and kernel).
+TILES = ((64, 10), (128, 4), (128, 8), (256, 3), (256, 4), (256, 5))
 
 
 def main(argv=None) -> None:
@@ -79,8 +84,9 @@ def main(argv=None) -> None:
             def with_cfg(**kw):
                 c = dict(heur.kwargs)
                 warps = kw.pop("num_warps", heur.num_warps)
+                stages = kw.pop("num_stages", heur.num_stages)
                 c.update(kw)
-                return triton.Config(c, num_warps=warps, num_stages=heur.num_stages)
+                return triton.Config(c, num_warps=warps, num_stages=stages)
 
             def dec(which, **kw):
                 cfg = with_cfg(**kw) if kw else None
@@ -98,6 +104,8 @@ def main(argv=None) -> None:
             # The epilogue as before decode_chunk_rows / decode_epilogue_loop (1daeacc).
             variants["previous"] = dec("distinct", EPI_LOOP=0, CHUNK_T=min(block_for(T), 256 // block_for(args.r)))
             variants["shrink"] = (lambda xx: S._gathered_shrink(xx, lib.a, lib.ranks, ids["distinct"]), None)
+            for bk, st in TILES:
+                variants[f"k{bk}_s{st}"] = dec("distinct", BLOCK_K=bk, num_stages=st)
             if args.variants:
                 variants = {k: v for k, v in variants.items() if k in args.variants or k == "base"}
             row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": dict(heur.kwargs, num_warps=heur.num_warps,
