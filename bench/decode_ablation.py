@@ -41,7 +41,7 @@ from lorafuse.kernels.utils import block_for, num_sms  # noqa: E402
 
 
 # (BLOCK_K, stages) of W's tiles tried beside decode_config's (the same BLOCK_N, warps and kernel).
-TILES = ((64, 10), (128, 4), (128, 8), (256, 3), (256, 4), (256, 5))
+TILES = ((64, 10), (128, 4), (128, 6), (128, 8), (256, 3), (256, 4), (256, 5))
 
 
 def main(argv=None) -> None:
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
 
             refs = {k: ref(k) for k in ids}
             tma = S.decode_uses_tma(x, W)
-            heur = S.decode_config(T, d_out, d_in, dt, num_sms(x.device), tma)
+            heur = S.decode_config(T, d_out, d_in, dt, num_sms(x.device), tma, args.r)
 
             def with_cfg(**kw):
                 c = dict(heur.kwargs)

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
                 y = xx.new_empty((T, d_out))
                 return segmented_lora_(y, xx, *lib_args, ids, "gathered", base=lambda: torch.mm(xx, W.t(), out=y))
 
-            heur = decode_config(T, d_out, d_in, dt, num_sms(x.device), S.decode_uses_tma(x, W))
+            heur = decode_config(T, d_out, d_in, dt, num_sms(x.device), S.decode_uses_tma(x, W), lib.a.shape[1])
             row = {"T": T, "d_in": d_in, "d_out": d_out, "heuristic": cfg_dict(heur)}
             with torch.no_grad():
                 g_base = _graphed(lambda xx: F.linear(xx, W), x)

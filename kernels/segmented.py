@@ -890,9 +890,10 @@ def decode_uses_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _tma_available(x.device) and _tma_compatible(x, weight)
 
 
-def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int, tma: bool = False) -> triton.Config:
+def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int, tma: bool = False,
+                  r_max: int = 16) -> triton.Config:
     """Launch config of the decode GEMM (BLOCK_N x BLOCK_K tiles of W, one program per column block);
-    tma: whether the TMA kernel can run (decode_uses_tma).
+    tma: whether the TMA kernel can run (decode_uses_tma); r_max: the library's largest rank.
 
     The layer is bound by reading W once. The sweeps on the H100 (bench/segmented_decode.py): with
     at least one column block of 64 per SM (4096 x 14336) the pointer kernel's 64 x 128 tiles with 3
@@ -903,6 +904,15 @@ def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int, tma: boo
     if is_interpreting():
         return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
     if tma and cdiv(N, 64) < sms:
+        if T <= 16 and block_for(r_max) <= 256:
+            # One 16-row block: 256-deep tiles of W, five stages (160 KB of W in flight per program
+            # against 96 KB) fit in shared memory beside the epilogue's 256 (row, rank) pairs. H200,
+            # bf16, 64 adapters of rank 16, from graphs, 4 rounds within 0.1 us
+            # (decode-ablation-a850ed2-*.json), us against 128 x 6: 4096 x 4096 T = 1 19.9 / 20.6,
+            # T = 16 24.2 / 24.9 (cuBLAS 19.2-19.7); 14336 x 4096 T = 1 43.0 / 45.2, T = 16 52.9 / 54.7
+            # (cuBLAS 42.3). 32 or 64 rows do not fit so deep.
+            return triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "TMA": True, "SWAP": True}, num_warps=4,
+                                 num_stages=5)
         return triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "TMA": True, "SWAP": True}, num_warps=4,
                              num_stages=6)
     bn = 64 if cdiv(N, 64) >= sms // 2 else 32
@@ -957,7 +967,7 @@ def segmented_linear_decode(
             check_ids_on_device(idx, num_slots)
         return torch.nn.functional.linear(x, weight, bias)
     tma = decode_uses_tma(x, weight)
-    cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device), tma)
+    cfg = config or decode_config(T, N, D, x.dtype, num_sms(x.device), tma, r_max)
     block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     pdl = x.is_cuda and not is_interpreting() and _pdl_supported(x.device.index if x.device.index is not None
                                                                   else torch.cuda.current_device())

@@ -443,6 +443,38 @@ def test_decode_tma_kernel(seeded, monkeypatch, swap, block_n, block_k, stages, 
     assert rel_err(y2, expected(x2, w2, None, a2, ids2)) < TOL[dtype], f"seed {seeded}"
 
 
+def test_decode_config_deep_tiles_for_one_row_block(monkeypatch):
+    """The TMA decode kernel takes 256-deep tiles of W in five stages up to 16 rows (one row block)
+    at ranks up to 256, and 128 x 6 otherwise; the pointer kernel's table is unchanged."""
+    import lorafuse.kernels.segmented as S
+    monkeypatch.setattr(S, "is_interpreting", lambda: False)
+    deep = lambda c: (c.kwargs["BLOCK_K"], c.num_stages) == (256, 5)  # noqa: E731
+    for T in (1, 4, 16):
+        for r in (1, 16, 256):
+            assert deep(S.decode_config(T, 4096, 4096, torch.bfloat16, 132, tma=True, r_max=r)), (T, r)
+        assert not deep(S.decode_config(T, 4096, 4096, torch.bfloat16, 132, tma=True, r_max=257))
+    for T in (17, 32, 64):
+        c = S.decode_config(T, 4096, 4096, torch.bfloat16, 132, tma=True, r_max=16)
+        assert (c.kwargs["BLOCK_K"], c.num_stages) == (128, 6)
+    assert not deep(S.decode_config(16, 4096, 4096, torch.bfloat16, 132, tma=False, r_max=16))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
+@pytest.mark.parametrize("T", [1, 4, 16])
+@pytest.mark.parametrize("ranks", [[16, 5, 8], [256, 3]])
+def test_decode_default_config_fits(seeded, T, ranks):
+    """The default decode config (deep tiles up to 16 rows) compiles within shared memory and matches
+    float64 on Hopper, at the largest rank it takes (256: one row per epilogue chunk) and a small one."""
+    d_in, d_out = 1000, 520
+    adapters = make_adapters(d_in, d_out, ranks, torch.bfloat16)
+    lib, scales, _ = _library_tensors(adapters, len(ranks) + 1, False)
+    w, b = make_layer(d_in, d_out, torch.bfloat16)
+    x = torch.randn(T, d_in, device=DEVICE).to(torch.bfloat16)
+    ids = random_ids(T, lib.num_slots, len(ranks))
+    y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids)
+    assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.bfloat16], f"seed {seeded}"
+
+
 @pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
 def test_narrow_layers_take_the_tma_decode_kernel_on_hopper(seeded, monkeypatch):
     """With 16-bit inputs on Hopper, few rows of any layer (here d_out = d_in) run the TMA decode
