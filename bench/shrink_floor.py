@@ -31,7 +31,8 @@ median), once per round, the order reversed every other round; medians over roun
               finishing kernel at n rows per program (kernels.shrink.BWD_FINISH_BLOCK_T); with
               --bwd-prec-ab also bwd_<prec>, bwd_bt<n>_<prec> in the other precision
               (BWD_FINISH_MAP_PREC); with --bwd-cublas-ab bwd_cublas and fb_cublas: the backward's
-              partial product dY b_cat from cuBLAS (kernels.shrink.BWD_CUBLAS_MIN_T = 1); with
+              partial product dY b_cat from cuBLAS at any row count (kernels.shrink.BWD_CUBLAS_MIN_T
+              and BWD_CUBLAS_MIN_T_WIDE = 1); with
               --bwd-before bwd_before and fb_before: the Triton partial and 32-row finishing programs
               everywhere (BWD_CUBLAS_MIN_T = 0, BWD_FINISH_BLOCK_T = 32).
               --bwd-only: only these, the no-op and the base
@@ -120,8 +121,8 @@ def add_backward(fns: dict, x, w, a, b, scale, am, bm, rows=(), prec_ab: bool = 
         for name, fn in (("bwd_before", bwd), ("fb_before", fns["fb"])):
             fns[name] = with_setting(with_setting(fn, "BWD_CUBLAS_MIN_T", 0), "BWD_FINISH_BLOCK_T", 32)
     if cublas_ab:
-        fns["bwd_cublas"] = with_setting(bwd, "BWD_CUBLAS_MIN_T", 1)
-        fns["fb_cublas"] = with_setting(fns["fb"], "BWD_CUBLAS_MIN_T", 1)
+        for name, fn in (("bwd_cublas", bwd), ("fb_cublas", fns["fb"])):
+            fns[name] = with_setting(with_setting(fn, "BWD_CUBLAS_MIN_T", 1), "BWD_CUBLAS_MIN_T_WIDE", 1)
     for bt in rows:
         fns[f"bwd_bt{bt}"] = with_setting(bwd, "BWD_FINISH_BLOCK_T", bt)
         if prec_ab:

@@ -837,8 +837,8 @@ def segmented_lora_(
 # (bench/results/segmented-decode-*.json): at 4096 x 14336 the pointer kernel beats the unfused path
 # (T = 16 71 -> 64 us, T = 64 106 -> 81 us); at 4096 x 4096 and 14336 x 4096 it is slower than
 # cuBLAS's split-K GEMM by about what the fused epilogue saves, and only the TMA kernel's deeper
-# pipeline (6 stages of 64 x 128 tiles of W in flight) brings it ahead (4096 x 4096, T = 16:
-# 33.2 -> 30.0 us).
+# pipeline (then 6 stages of 64 x 128 tiles of W in flight; decode_config has the current tiles) brings
+# it ahead (4096 x 4096, T = 16: 33.2 -> 30.0 us).
 DECODE_MAX_T = 64
 DECODE_MIN_WIDTH = 2
 
@@ -900,17 +900,20 @@ def decode_config(T: int, N: int, D: int, dtype: torch.dtype, sms: int, tma: boo
     stages are best or within 1 % of the best at T = 16 and 64, and the TMA kernel is no faster;
     with fewer blocks (4096 x 4096, 14336 x 4096) each program must keep more of W in flight, and
     the TMA kernel with 6 stages of 64 x 128 tiles, W's rows on the MMA's M side, is best or within
-    5 % of the best at T = 16 and 64."""
+    5 % of the best at T = 16 and 64. On the H200, up to 16 rows (one row block) at ranks up to 256,
+    5 stages of 64 x 256 tiles are faster still (below)."""
     if is_interpreting():
         return triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
     if tma and cdiv(N, 64) < sms:
         if T <= 16 and block_for(r_max) <= 256:
             # One 16-row block: 256-deep tiles of W, five stages (160 KB of W in flight per program
             # against 96 KB) fit in shared memory beside the epilogue's 256 (row, rank) pairs. H200,
-            # bf16, 64 adapters of rank 16, from graphs, 4 rounds within 0.1 us
+            # bf16, 64 adapters of rank 16, from graphs, 4 rounds within 0.26 us
             # (decode-ablation-a850ed2-*.json), us against 128 x 6: 4096 x 4096 T = 1 19.9 / 20.6,
             # T = 16 24.2 / 24.9 (cuBLAS 19.2-19.7); 14336 x 4096 T = 1 43.0 / 45.2, T = 16 52.9 / 54.7
-            # (cuBLAS 42.3). 32 or 64 rows do not fit so deep.
+            # (cuBLAS 42.3-42.4); T = 4 and 8 on 4096 x 4096 21.2 / 21.6, 23.0 / 23.9
+            # (decode-ablation-t4-t8-1c24b92-*.json). 64 rows ran out of shared memory, and 32 rows'
+            # x tiles would too by arithmetic (5 x (32 + 16) KB).
             return triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "TMA": True, "SWAP": True}, num_warps=4,
                                  num_stages=5)
         return triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "TMA": True, "SWAP": True}, num_warps=4,

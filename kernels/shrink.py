@@ -692,12 +692,12 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
     return {"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_R": br, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
 
 
-# Rows per program of the forward finishing kernel (FINISH_BLOCK_T) and of the backward's
-# (BWD_FINISH_BLOCK_T; the routed layer's is kernels.routing.ROUTED_FINISH_BLOCK_T), and the precision
+# Rows per program of the forward finishing kernel (FINISH_BLOCK_T; the backward's by bwd_finish_rows
+# below, the routed layer's kernels.routing.ROUTED_FINISH_BLOCK_T), and the precision
 # of the forward finishing step's two small mapping products, in the finishing kernel and in the
 # copy-engine shrink's last program per row block ("ieee" or "tf32x3": never "tf32", see
 # map_and_scale). Module settings so that bench/shrink_floor.py can time the other values (H200, bf16,
-# d = 4096, R = 48, m = 16, from graphs, 4 rounds; bench/NOTES.md, entries 31-32). tf32x3 (three
+# d = 4096, R = 48, m = 16, from graphs, 4 rounds; bench/NOTES.md, entries 31-33). tf32x3 (three
 # tensor-core products, the decode layer's choice; error near float32's) against "ieee" (FMA):
 # the finishing kernel alone 9.8 against 12.2 us at T = 1024, the op 1.316x against 1.353x the base
 # GEMM (shrink-floor-finish-73c344e-*.json). 16 rows per program against 32 (the kernel's R in
@@ -705,7 +705,8 @@ def split_config(T: int, K: int, R: int, dtype: torch.dtype, device: torch.devic
 # at T = 2048 7.5 against 8.2 us, the op 1.206x against 1.204x (shrink-floor-finish-bt16-5615a8b-*.json).
 # The backward's finishing kernel: rows per program by bwd_finish_rows unless BWD_FINISH_BLOCK_T
 # fixes them; its five small products in BWD_FINISH_MAP_PREC ("ieee": tf32x3 took 0.1-0.7 us off
-# at T = 1024-8192 at 32 rows, and nothing at 16; shrink-floor-bwd-bd1150a-*.json).
+# at T = 1024-8192 at 32 rows, and at 16 rows nothing at T = 1024 and 0.5-0.7 us more at 2048 and
+# 8192; shrink-floor-bwd-bd1150a-*.json).
 FINISH_BLOCK_T = 16
 BWD_FINISH_BLOCK_T: Optional[int] = None
 FINISH_MAP_PREC = "tf32x3"
@@ -717,7 +718,9 @@ def bwd_finish_rows(T: int) -> int:
     d = 4096, R = 48, m = 16, shrink_backward with the mapping's gradients, from graphs, 4 rounds
     within 1.4 us each (shrink-floor-bwd-rows-2101f95-*.json), us at 16 / 32 / 64 / 128 rows:
     T = 512 23.9 / 23.4 / 24.3 / 52.4; 1024 24.8 / 27.4 / 27.2 / 54.6; 2048 30.2 / 28.4 / 32.8 / 58.1;
-    4096 47.1 / 43.1 / 44.2 / 71.6; 8192 61.3 / 53.2 / 50.5 / 75.1; 16384 80.0 / 83.8 / 75.2 / 96.2."""
+    4096 47.1 / 43.1 / 44.2 / 71.6; 8192 61.3 / 53.2 / 50.5 / 75.1; 16384 80.0 / 83.8 / 75.2 / 96.2.
+    The rule against 32 rows everywhere, again (shrink-floor-bwd-confirm-611d980-*.json): T = 1024
+    24.2 / 27.0, 8192 51.1 / 53.3, 16384 75.9 / 83.4. Below 1024 rows 16 and 32 are within 0.5 us."""
     if BWD_FINISH_BLOCK_T is not None:
         return BWD_FINISH_BLOCK_T
     return 16 if T <= 1024 else 32 if T < 8192 else 64
@@ -1048,7 +1051,8 @@ def _check_backward_operands(dy, b_cat, scale, s, u, a_map, b_map, need_dmap, ne
 
 
 def _shrink_backward_split(dy, b_cat, scale, s, u, a_map, b_map, ds, need_ds, need_dmap, need_dscale, config):
-    """The split grid's backward (T > 0): partial products dy b_cat, then the finishing kernel."""
+    """The split grid's backward (T > 0): dy b_cat (cuBLAS where bwd_partial_uses_cublas and no config
+    is given, else the Triton partial kernel), then the finishing kernel."""
     T, N = dy.shape
     R = b_cat.shape[1]
     has_map = a_map is not None

@@ -462,16 +462,23 @@ def test_decode_config_deep_tiles_for_one_row_block(monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="the tensor-memory-accelerator decode kernel needs a Hopper GPU")
 @pytest.mark.parametrize("T", [1, 4, 16])
 @pytest.mark.parametrize("ranks", [[16, 5, 8], [256, 3]])
-def test_decode_default_config_fits(seeded, T, ranks):
-    """The default decode config (deep tiles up to 16 rows) compiles within shared memory and matches
-    float64 on Hopper, at the largest rank it takes (256: one row per epilogue chunk) and a small one."""
+def test_decode_default_config_fits(seeded, monkeypatch, T, ranks):
+    """The default decode config (deep tiles up to 16 rows) runs within shared memory and matches
+    float64 on Hopper, at the largest rank it takes (256: one row per epilogue chunk) and a small one;
+    the launch is checked to be the TMA kernel with 256-deep tiles in five stages."""
+    import lorafuse.kernels.segmented as S
     d_in, d_out = 1000, 520
     adapters = make_adapters(d_in, d_out, ranks, torch.bfloat16)
     lib, scales, _ = _library_tensors(adapters, len(ranks) + 1, False)
     w, b = make_layer(d_in, d_out, torch.bfloat16)
     x = torch.randn(T, d_in, device=DEVICE).to(torch.bfloat16)
     ids = random_ids(T, lib.num_slots, len(ranks))
+    launched = []
+    real = S.launch
+    monkeypatch.setattr(S, "launch", lambda fn, *a, **k: launched.append((fn, k)) or real(fn, *a, **k))
     y = segmented_linear_decode(x, w, b, lib.a, lib.b, lib.ranks, scales, ids)
+    tma = [k for fn, k in launched if fn is S._decode_tma_kernel]
+    assert len(tma) == 1 and (tma[0]["BLOCK_K"], tma[0]["num_stages"]) == (256, 5), launched
     assert rel_err(y, expected(x, w, b, adapters, ids)) < TOL[torch.bfloat16], f"seed {seeded}"
 
 
@@ -911,11 +918,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import lorafuse.kernels.segmented as S
 
-def compile_for_sm90(fn, types, consts, warps=4):
+def compile_for_sm90(fn, types, consts, warps=4, stages=3):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps})
+                            options={"num_warps": warps, "num_stages": stages})
     assert "cubin" in kernel.asm, fn.__name__
+    return kernel
 
 plan = {"blk_slot_ptr": "*i32", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32", "blk_end_ptr": "*i32",
         "perm_ptr": "*i32"}
@@ -957,6 +965,18 @@ for swap, bn in ((True, 64), (False, 32)):
                      "idx_ptr": "*i64"},
                      {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": bn, "BLOCK_K": 128,
                       "BLOCK_SPLITS": 16, "BLOCK_R": 16, "CHUNK_T": 16, "SWAP": swap, "PDL": True})
+# decode_config's tiles up to 16 rows (64 x 256 of W, 5 stages) at the epilogue's two extreme chunks
+# (16 rows of rank 16; one row of rank 256) fit in the H100/H200's 227 KB of shared memory.
+for block_r, chunk in ((16, 16), (256, 1)):
+    k = compile_for_sm90(S._decode_tma_kernel, {"x_desc": "tensordesc<bf16[16,256]>",
+                         "w_desc": "tensordesc<bf16[64,256]>", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                         "part_ptr": "*fp32", "fac_ptr": "*bf16", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
+                         "idx_ptr": "*i64"},
+                         {"HAS_BIAS": True, "PREC": "tf32", "BLOCK_T": 16, "BLOCK_N": 64, "BLOCK_K": 256,
+                          "BLOCK_SPLITS": 16, "BLOCK_R": block_r, "CHUNK_T": chunk, "EPI_LOOP": 1, "SWAP": True,
+                          "PDL": True}, stages=5)
+    assert k.metadata.shared <= 232448, (block_r, k.metadata.shared)
+    print("shared", block_r, k.metadata.shared)
 print("compiled")
 """
 
