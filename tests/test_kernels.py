@@ -74,6 +74,19 @@ def _ref_shrink(x, a_cat, scale, a_map, b_map):
     return s, u, v, v * d(scale)
 
 
+def _ref_shrink_backward(dy, b_cat, scale, a_map, b_map, s_ref, u_ref, v_ref):
+    """float64 (dS, dscale, da_map, db_map) of shrink_backward from _ref_shrink's S, U, V (the map's
+    two None without a mapping)."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    dsp = d(dy) @ d(b_cat)
+    dv = dsp * d(scale)
+    dscale = (dsp * v_ref).sum(0)
+    if a_map is None:
+        return dv, dscale, None, None
+    du = dv @ d(b_map)
+    return du @ d(a_map), dscale, du.t() @ s_ref, dv.t() @ u_ref
+
+
 def s_err(s, s_ref, x, a_cat) -> float:
     """Error of S = x a_cat^T against the size of its summed terms, ||S - S_ref|| / || |x| |a_cat|^T ||:
     a summation-order difference scales with the terms, not with S, which cancellation can make
@@ -155,17 +168,8 @@ def test_shrink_backward(T, d_in, d_out, R, m, dtype, shrink_impl, seeded):
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, d_in, d_out, R, m, dtype)
     s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
     dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    dsp = d(dy) @ d(b_cat)
-    dv = dsp * d(scale)
-    dscale_ref = (dsp * v_ref).sum(0)
-    if m:
-        db_map_ref = dv.t() @ u_ref
-        du = dv @ d(b_map)
-        da_map_ref = du.t() @ s_ref
-        ds_ref = du @ d(a_map)
-    else:
-        ds_ref = dv
+    ds_ref, dscale_ref, da_map_ref, db_map_ref = _ref_shrink_backward(dy, b_cat, scale, a_map, b_map, s_ref, u_ref,
+                                                                      v_ref)
     s32 = s_ref.float()
     u32 = u_ref.float() if m else None
     ds, dscale, da_map, db_map = shrink_backward(dy, b_cat, scale, s32, u32, a_map, b_map,
@@ -373,16 +377,15 @@ def test_shrink_bwd_finish_forms(R, m, prec, block_t, monkeypatch, seeded):
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 120, d_out, R, m, torch.float32)
     s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
     dy = torch.randn(T, d_out, device=DEVICE)
-    dsp = dy.double() @ b_cat.double()
-    dv = dsp * scale.double()
-    ds_ref = dv @ b_map.double() @ a_map.double() if m else dv
+    ds_ref, dscale_ref, da_map_ref, db_map_ref = _ref_shrink_backward(dy, b_cat, scale, a_map, b_map, s_ref, u_ref,
+                                                                      v_ref)
     ds, dscale, da_map, db_map = shrink_backward(dy, b_cat, scale, s_ref.float(), u_ref.float() if m else None,
                                                  a_map, b_map, need_ds=True, need_dmap=True, need_dscale=True)
     assert rel_err(ds, ds_ref) < TOL[torch.float32]
-    assert rel_err(dscale, (dsp * v_ref).sum(0)) < 1e-4
+    assert rel_err(dscale, dscale_ref) < 1e-4
     if m:
-        assert rel_err(db_map, dv.t() @ u_ref) < 1e-4
-        assert rel_err(da_map, (dv @ b_map.double()).t() @ s_ref) < 1e-4
+        assert rel_err(db_map, db_map_ref) < 1e-4
+        assert rel_err(da_map, da_map_ref) < 1e-4
     else:
         assert da_map is None and db_map is None
 
@@ -396,9 +399,8 @@ def test_shrink_backward_cublas_partial(m, monkeypatch, seeded):
     x, a_cat, b_cat, scale, a_map, b_map = _inputs(T, 120, d_out, R, m, dtype)
     s_ref, u_ref, v_ref, _ = _ref_shrink(x, a_cat, scale, a_map, b_map)
     dy = torch.randn(T, d_out, device=DEVICE).to(dtype)
-    dsp = dy.double() @ b_cat.double()
-    dv = dsp * scale.double()
-    ds_ref = dv @ b_map.double() @ a_map.double() if m else dv
+    ds_ref, dscale_ref, da_map_ref, db_map_ref = _ref_shrink_backward(dy, b_cat, scale, a_map, b_map, s_ref, u_ref,
+                                                                      v_ref)
     calls = []
     mm = shrink_module._mm_f32
 
@@ -415,10 +417,10 @@ def test_shrink_backward_cublas_partial(m, monkeypatch, seeded):
     if calls[0] is None:
         pytest.skip("this torch has no mm(..., out_dtype=float32) here: the Triton partial ran")
     assert calls[0].shape == (T, R) and calls[0].dtype == torch.float32
-    assert rel_err(ds, ds_ref) < TOL[dtype] and rel_err(dscale, (dsp * v_ref).sum(0)) < 2 * ACC_TOL[dtype]
+    assert rel_err(ds, ds_ref) < TOL[dtype] and rel_err(dscale, dscale_ref) < 2 * ACC_TOL[dtype]
     if m:
-        assert rel_err(db_map, dv.t() @ u_ref) < 2 * ACC_TOL[dtype]
-        assert rel_err(da_map, (dv @ b_map.double()).t() @ s_ref) < 2 * ACC_TOL[dtype]
+        assert rel_err(db_map, db_map_ref) < 2 * ACC_TOL[dtype]
+        assert rel_err(da_map, da_map_ref) < 2 * ACC_TOL[dtype]
     monkeypatch.setattr(shrink_module, "BWD_CUBLAS_MIN_T", T + 1)  # one row short: the Triton partial
     shrink_backward(dy, b_cat, scale, None, None, need_ds=True)
     assert len(calls) == 1
